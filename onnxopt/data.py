@@ -1,0 +1,214 @@
+"""Feeds for validation and calibration: .npz files, ONNX test-data folders, Python data, or seeded random.
+
+The sample-major convention everywhere: an array's first axis indexes samples and sample ``i`` is
+fed as ``{name: arr[i]}`` (so each sample keeps the model's own batch axis).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+
+Feed = dict[str, np.ndarray]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs a caller must feed (initializers listed as inputs are optional)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def input_dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+
+
+def input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+
+
+class FeedSet:
+    """A re-iterable, sample-major set of feeds: ``{input name: array (N, *sample shape)}``."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], origin: str) -> None:
+        self.arrays = {name: np.asarray(arr) for name, arr in arrays.items()}
+        self.origin = origin
+        counts = {name: arr.shape[0] if arr.ndim else 0 for name, arr in self.arrays.items()}
+        if len(set(counts.values())) > 1:
+            raise InputError(f"{origin}: arrays hold different sample counts {counts}")
+        self.count = next(iter(counts.values()), 0)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Feed]:
+        for i in range(self.count):
+            yield {name: arr[i] for name, arr in self.arrays.items()}
+
+    def head(self, n: int) -> FeedSet:
+        return FeedSet({name: arr[:n] for name, arr in self.arrays.items()}, f"{self.origin}[:{n}]")
+
+    def batches(self, size: int) -> Iterator[Feed]:
+        """Consecutive samples joined along the model's batch axis (axis 0 of each sample)."""
+        for start in range(0, self.count, size):
+            yield {
+                name: arr[start : start + size].reshape(-1, *arr.shape[2:])
+                for name, arr in self.arrays.items()
+            }
+
+    def check(self, model: onnx.ModelProto) -> None:
+        """Every required input present with the right dtype, rank and fixed dims; values finite."""
+        if self.count == 0:
+            raise InputError(f"{self.origin}: no samples")
+        for value in model_inputs(model):
+            if value.name not in self.arrays:
+                raise InputError(
+                    f"{self.origin}: no array for model input '{value.name}' "
+                    f"(has: {', '.join(sorted(self.arrays)) or 'nothing'})"
+                )
+            arr = self.arrays[value.name]
+            want = input_dtype(value)
+            if arr.dtype != want:
+                raise InputError(f"{self.origin}: input '{value.name}' is {arr.dtype}, the model wants {want}")
+            dims = input_dims(value)
+            if dims is None:
+                continue
+            sample_shape = arr.shape[1:]
+            if len(sample_shape) != len(dims):
+                raise InputError(
+                    f"{self.origin}: input '{value.name}' samples have rank {len(sample_shape)} "
+                    f"{tuple(sample_shape)}, the model wants rank {len(dims)} {tuple(dims)} "
+                    "(arrays are sample-major: (N, *input_shape))"
+                )
+            for axis, (have, fixed) in enumerate(zip(sample_shape, dims)):
+                if isinstance(fixed, int) and fixed > 0 and have != fixed:
+                    raise InputError(
+                        f"{self.origin}: input '{value.name}' axis {axis} is {have}, the model wants {fixed}"
+                    )
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise InputError(f"{self.origin}: input '{value.name}' holds NaN or Inf")
+
+
+def load_feeds(path: str | Path) -> FeedSet:
+    """Read an ``.npz`` file or a folder of ONNX ``test_data_set_*/input_*.pb``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data file not found: {path}")
+    if path.is_dir():
+        return _load_test_data_folder(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    if not arrays:
+        raise InputError(f"{path}: the .npz file holds no arrays")
+    return FeedSet(arrays, str(path))
+
+
+def _load_test_data_folder(folder: Path) -> FeedSet:
+    sets = sorted(folder.glob("test_data_set_*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    if not sets:
+        raise InputError(f"{folder}: no test_data_set_* folders")
+    samples: dict[str, list[np.ndarray]] = {}
+    for data_set in sets:
+        files = sorted(data_set.glob("input_*.pb"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        for position, file in enumerate(files):
+            tensor = onnx.TensorProto()
+            try:
+                tensor.ParseFromString(file.read_bytes())
+            except Exception:
+                raise InputError(f"{file}: not a serialized TensorProto") from None
+            samples.setdefault(tensor.name or f"#{position}", []).append(numpy_helper.to_array(tensor))
+    return FeedSet({name: np.stack(arrs) for name, arrs in samples.items()}, str(folder))
+
+
+def name_positional_inputs(feeds: FeedSet, model: onnx.ModelProto) -> FeedSet:
+    """Test-data tensors without names are fed by position."""
+    inputs = model_inputs(model)
+    renamed = {}
+    for name, arr in feeds.arrays.items():
+        if name.startswith("#") and int(name[1:]) < len(inputs):
+            name = inputs[int(name[1:])].name
+        renamed[name] = arr
+    return FeedSet(renamed, feeds.origin)
+
+
+def random_feeds(
+    model: onnx.ModelProto,
+    count: int = 4,
+    seed: int = 0,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[FeedSet, list[str]]:
+    """Seeded random samples of the right dtype and shape, and notes on every assumed dimension."""
+    rng = np.random.default_rng(seed)
+    input_shapes = dict(input_shapes or {})
+    arrays: dict[str, np.ndarray] = {}
+    notes: list[str] = []
+    for value in model_inputs(model):
+        if value.name in input_shapes:
+            shape = tuple(input_shapes[value.name])
+        else:
+            dims = input_dims(value) or []
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims)
+            assumed = [str(d) for d in dims if not (isinstance(d, int) and d > 0)]
+            if assumed:
+                notes.append(f"input '{value.name}': symbolic dims {', '.join(assumed)} taken as 1")
+        dtype = input_dtype(value)
+        if dtype.kind == "f":
+            arr = rng.standard_normal((count, *shape)).astype(dtype)
+        elif dtype.kind == "b":
+            arr = rng.integers(0, 2, (count, *shape)).astype(dtype)
+        elif dtype.kind in "iu":
+            arr = rng.integers(0, 8, (count, *shape)).astype(dtype)
+        else:
+            raise InputError(f"input '{value.name}' has dtype {dtype}: pass --data for it")
+        arrays[value.name] = arr
+    notes.insert(0, f"random feeds: {count} samples, seed {seed}")
+    return FeedSet(arrays, "random"), notes
+
+
+def as_feeds(source: object, model: onnx.ModelProto) -> FeedSet:
+    """Accept a path, a FeedSet, a mapping of sample-major arrays, or an iterable of feed dicts."""
+    if isinstance(source, FeedSet):
+        feeds = source
+    elif isinstance(source, (str, Path)):
+        feeds = name_positional_inputs(load_feeds(source), model)
+    elif isinstance(source, Mapping):
+        feeds = FeedSet(source, "data")
+    elif isinstance(source, Iterable) or callable(source):
+        samples = list(source() if callable(source) else source)
+        if not samples:
+            raise InputError("data: no samples")
+        names = samples[0].keys()
+        feeds = FeedSet({n: np.stack([np.asarray(s[n]) for s in samples]) for n in names}, "data")
+    else:
+        raise InputError(f"data: cannot use a {type(source).__name__} as feeds")
+    feeds.check(model)
+    return feeds
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """``NAME=1,3,224,224`` strings to a mapping (the CLI's --input-shape)."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise InputError(f"--input-shape '{spec}': expected NAME=D1,D2,... with whole numbers") from None
+    return shapes
+
+
+FeedSource = FeedSet | str | Path | Mapping[str, np.ndarray] | Iterable[Feed] | Callable[[], Iterable[Feed]]

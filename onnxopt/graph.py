@@ -1,0 +1,298 @@
+"""Graph helpers every pass shares: indices built once, subgraph walks, and one weight accessor.
+
+Weights live in initializers or in ``Constant`` nodes (paddle2onnx and many exporters use the
+latter). :class:`WeightStore` hides the difference so a weight pass reads and writes both alike.
+Tensors whose data is external are read lazily from disk (see :mod:`onnxopt.modelio`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values; external data is read from its (absolute, in memory) location."""
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    info = external_info(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    offset = int(info.get("offset", 0))
+    with open(info["location"], "rb") as f:
+        f.seek(offset)
+        data = np.fromfile(f, dtype=dtype, count=count)
+    if data.size != count:
+        from .errors import InputError
+
+        raise InputError(
+            f"external data of tensor '{tensor.name}' in {info['location']} is truncated "
+            f"({data.size} of {count} values)"
+        )
+    return data.reshape(tuple(tensor.dims))
+
+
+def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
+    """Replace a tensor's values (and shape) in place, keeping its name; the data becomes internal."""
+    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), tensor.name))
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+# --------------------------------------------------------------------------- walks
+
+
+def node_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """Bodies held by a node's attributes (If branches, Loop/Scan bodies, ...)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def walk_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every graph nested in it, outer before inner."""
+    stack = [graph]
+    while stack:
+        current = stack.pop()
+        yield current
+        for node in current.node:
+            stack.extend(node_subgraphs(node))
+
+
+def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for g in walk_graphs(graph):
+        yield from g.node
+
+
+def model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    yield from walk_graphs(model.graph)
+
+
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in graph.input}
+    names.update(t.name for t in graph.initializer)
+    names.update(t.name for t in graph.sparse_initializer if t.values.name)
+    for node in graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads from its enclosing scopes: its outer-scope references."""
+    defined = defined_names(graph)
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node_uses(node))
+    used.update(o.name for o in graph.output)
+    return {n for n in used if n and n not in defined}
+
+
+def node_uses(node: onnx.NodeProto) -> list[str]:
+    """Every value a node reads: its inputs plus outer-scope references of its subgraphs."""
+    uses = [i for i in node.input if i]
+    for sub in node_subgraphs(node):
+        uses.extend(free_names(sub))
+    return uses
+
+
+# --------------------------------------------------------------------------- index
+
+
+@dataclass
+class GraphIndex:
+    """Producer and consumer indices of one graph, built once (node positions, not copies)."""
+
+    graph: onnx.GraphProto
+    nodes: list[onnx.NodeProto] = field(init=False)
+    producer: dict[str, int] = field(init=False)
+    consumers: dict[str, list[int]] = field(init=False)
+    uses: list[list[str]] = field(init=False)
+    output_names: set[str] = field(init=False)
+    input_names: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = list(self.graph.node)
+        self.producer = {}
+        self.consumers = {}
+        self.uses = []
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            node_use = node_uses(node)
+            self.uses.append(node_use)
+            for name in dict.fromkeys(node_use):
+                self.consumers.setdefault(name, []).append(i)
+        self.output_names = {o.name for o in self.graph.output}
+        self.input_names = {i.name for i in self.graph.input}
+
+    def consumer_nodes(self, name: str) -> list[onnx.NodeProto]:
+        return [self.nodes[i] for i in self.consumers.get(name, ())]
+
+    def producer_node(self, name: str) -> onnx.NodeProto | None:
+        i = self.producer.get(name)
+        return None if i is None else self.nodes[i]
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.output_names
+
+    def topological_order(self) -> list[int]:
+        """Node positions in an order where producers come before consumers (Kahn)."""
+        pending = [0] * len(self.nodes)
+        for i, node_use in enumerate(self.uses):
+            pending[i] = sum(1 for n in set(node_use) if n in self.producer)
+        ready = deque(i for i, count in enumerate(pending) if count == 0)
+        order: list[int] = []
+        while ready:
+            i = ready.popleft()
+            order.append(i)
+            for out in {o for o in self.nodes[i].output if o}:
+                for j in self.consumers.get(out, ()):
+                    pending[j] -= 1
+                    if pending[j] == 0:
+                        ready.append(j)
+        if len(order) != len(self.nodes):
+            from .errors import InputError
+
+            raise InputError("the graph has a cycle: no topological order exists")
+        return order
+
+
+def replace_nodes(graph: onnx.GraphProto, nodes: Iterable[onnx.NodeProto]) -> None:
+    """Rebuild ``graph.node`` once (never remove elements one by one)."""
+    kept = list(nodes)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a standard ``Constant`` node produces (``value`` or the scalar/list forms)."""
+    if node.op_type != "Constant" or node.domain not in STANDARD_DOMAINS:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32), node.output[0])
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(attr.floats, dtype=np.float32), node.output[0])
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64), node.output[0])
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(attr.ints, dtype=np.int64), node.output[0])
+    return None
+
+
+class WeightStore:
+    """Constant tensors of one graph by value name: initializers and ``Constant`` outputs alike.
+
+    Initializers that are also graph inputs can be overridden at run time, so they are not weights.
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        overridable = {i.name for i in graph.input}
+        self._initializers = {t.name: t for t in graph.initializer if t.name not in overridable}
+        self._constants: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS and node.output:
+                self._constants[node.output[0]] = node
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._initializers or name in self._constants
+
+    def names(self) -> list[str]:
+        return [*self._initializers, *self._constants]
+
+    def is_constant_node(self, name: str) -> bool:
+        return name in self._constants
+
+    def tensor(self, name: str) -> onnx.TensorProto | None:
+        if name in self._initializers:
+            return self._initializers[name]
+        node = self._constants.get(name)
+        return None if node is None else constant_tensor(node)
+
+    def array(self, name: str) -> np.ndarray | None:
+        tensor = self.tensor(name)
+        return None if tensor is None else tensor_to_array(tensor)
+
+    def set_array(self, name: str, array: np.ndarray) -> None:
+        """Write new values for a weight where it lives (initializer or Constant ``value``)."""
+        if name in self._initializers:
+            set_tensor_array(self._initializers[name], array)
+            return
+        node = self._constants[name]
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array))
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", tensor))
+
+    def add_initializer(self, name: str, array: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.graph.initializer.append(tensor)
+        self._initializers[name] = self.graph.initializer[-1]
+
+
+def unique_name_factory(model: onnx.ModelProto):
+    """A function giving names that collide with no value or node name anywhere in the model."""
+    taken: set[str] = set()
+    for g in model_graphs(model):
+        taken |= defined_names(g)
+        taken.update(n.name for n in g.node if n.name)
+        taken.update(o.name for o in g.output)
+    counter = [0]
+
+    def make(base: str) -> str:
+        candidate = base
+        while candidate in taken:
+            counter[0] += 1
+            candidate = f"{base}_{counter[0]}"
+        taken.add(candidate)
+        return candidate
+
+    return make
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Static shapes known after shape inference (symbolic dims as strings, unknown as None)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # shape inference is a hint; a pass must still work without it
+        inferred = model
+    shapes: dict[str, tuple] = {}
+    g = inferred.graph
+    for info in [*g.input, *g.value_info, *g.output]:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+            )
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes

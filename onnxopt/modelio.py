@@ -1,0 +1,231 @@
+"""Loading and saving models: external data read lazily, written by streaming, files replaced atomically.
+
+In memory, a tensor with external data keeps ``data_location=EXTERNAL`` and an *absolute*
+``location``; its bytes are read only when a pass asks for them (:func:`graph.tensor_to_array`).
+So a pass that never looks at weights (``dce``) costs no memory for them, and saving copies the
+bytes from file to file in chunks. Files written to disk always carry relative locations.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import InputError
+from .graph import external_info, is_external, model_graphs
+
+TWO_GB = 2**31
+EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this large go to the data file when saving externally
+ALIGNMENT = 4096  # data offsets aligned for mmap-friendly loading in onnxruntime
+COPY_CHUNK = 64 * 2**20
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that holds weights: initializers and Constant/attribute tensors, in all graphs."""
+    for graph in model_graphs(model):
+        yield from graph.initializer
+        yield from (s.values for s in graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(is_external(t) for t in model_tensors(model))
+
+
+def _set_location(tensor: onnx.TensorProto, location: str, offset: int | None = None, length: int | None = None) -> None:
+    entries = external_info(tensor)
+    entries["location"] = location
+    if offset is not None:
+        entries["offset"] = str(offset)
+    if length is not None:
+        entries["length"] = str(length)
+    del tensor.external_data[:]
+    for key, value in entries.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse a model; external data stays on disk, checked to exist and to stay inside the model's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty")
+    model = onnx.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            model.ParseFromString(f.read())
+    except DecodeError:
+        raise InputError(f"{path}: not an ONNX model, or the file is truncated (protobuf parse failed)") from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise InputError(f"{path}: not an ONNX model (no graph or no opset import)")
+    folder = path.resolve().parent
+    for tensor in model_tensors(model):
+        if is_external(tensor):
+            _resolve_external(tensor, folder, path)
+    try:
+        onnx.checker.check_model(_without_external(model) if has_external_data(model) else model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{path}: not a valid ONNX model, or the file is truncated: {first}") from None
+    return model
+
+
+def _resolve_external(tensor: onnx.TensorProto, folder: Path, model_path: Path) -> None:
+    info = external_info(tensor)
+    location = info.get("location", "")
+    if not location or os.path.isabs(location) or Path(location).is_absolute():
+        raise InputError(f"{model_path}: tensor '{tensor.name}' has external data at '{location}': "
+                         "an absolute or empty path is refused (locations must stay inside the model's folder)")
+    resolved = (folder / location).resolve()
+    if folder not in resolved.parents:
+        raise InputError(f"{model_path}: tensor '{tensor.name}' has external data at '{location}', "
+                         "which escapes the model's folder: refused")
+    if not resolved.is_file():
+        raise InputError(f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' is missing")
+    from .graph import tensor_nbytes
+
+    end = int(info.get("offset", 0)) + int(info.get("length", tensor_nbytes(tensor)))
+    if resolved.stat().st_size < end:
+        raise InputError(f"{model_path}: external-data file '{location}' is truncated "
+                         f"(tensor '{tensor.name}' needs {end} bytes, the file has {resolved.stat().st_size})")
+    _set_location(tensor, str(resolved))
+
+
+def _without_external(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for the structural checker whose external tensors point nowhere (the checker reads no data)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in model_tensors(copy):
+        if is_external(tensor):
+            _set_location(tensor, "checked-separately")
+    return copy
+
+
+def check_writable_target(path: Path) -> None:
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    if path.is_dir():
+        raise InputError(f"output path is a folder: {path}")
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external: bool | None = None,
+    input_path: str | os.PathLike | None = None,
+    overwrite_input: bool = False,
+) -> Path:
+    """Write ``model`` to ``path`` completely or not at all.
+
+    ``external=None`` chooses external data when the model already has some or would pass 2 GB.
+    After an external save the in-memory external tensors refer to the new data file.
+    Writing over ``input_path`` is refused unless ``overwrite_input``.
+    """
+    path = Path(path)
+    check_writable_target(path)
+    if input_path is not None and not overwrite_input and path.resolve() == Path(input_path).resolve():
+        raise InputError(f"output {path} is the input file: choose another path or pass --overwrite-input")
+    if external is None:
+        external = has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24
+    if not external:
+        with _atomic_file(path) as f:
+            f.write(model.SerializeToString())
+        return path
+    _save_external(model, path)
+    return path
+
+
+@contextmanager
+def _atomic_file(path: Path):
+    """A temporary file beside ``path`` that replaces it only when the block completes."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    data_name = f"{path.name}.data"
+    data_path = (path.parent / data_name).resolve()
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    with _atomic_file(data_path) as data:
+        offset = 0
+        for tensor in model_tensors(model):
+            if not is_external(tensor) and len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+                continue
+            if not is_external(tensor) and not tensor.raw_data:
+                continue  # typed fields (float_data, ...) are small in practice: leave them inline
+            pad = -offset % ALIGNMENT
+            data.write(b"\0" * pad)
+            offset += pad
+            length = _write_tensor_bytes(tensor, data)
+            moved.append((tensor, offset, length))
+            offset += length
+        # Point every moved tensor at the new file (relative), serialize, then keep it there (absolute).
+        for tensor, start, length in moved:
+            if not is_external(tensor):
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            _set_location(tensor, data_name, start, length)
+        skeleton = model.SerializeToString()
+        data.flush()
+    with _atomic_file(path) as f:
+        f.write(skeleton)
+    for tensor, _, _ in moved:
+        _set_location(tensor, str(data_path))
+
+
+def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> int:
+    if not is_external(tensor):
+        out.write(tensor.raw_data)
+        return len(tensor.raw_data)
+    info = external_info(tensor)
+    from .graph import tensor_nbytes
+
+    length = int(info.get("length", tensor_nbytes(tensor)))
+    remaining = length
+    with open(info["location"], "rb") as src:
+        src.seek(int(info.get("offset", 0)))
+        while remaining:
+            chunk = src.read(min(COPY_CHUNK, remaining))
+            if not chunk:
+                raise InputError(f"external data of tensor '{tensor.name}' ends early in {info['location']}")
+            out.write(chunk)
+            remaining -= len(chunk)
+    return length
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy that shares nothing with ``model`` (external tensors still point to the same files)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

@@ -1,0 +1,1 @@
+"""One module per pass; :mod:`onnxopt.registry` maps pipeline names to them."""

@@ -1,0 +1,80 @@
+"""The pass contract: a small stateless class, options from a frozen dataclass, a result with stats.
+
+A pass receives a model the pass manager owns and may change it in place; it returns the model
+(the same object or a new one), whether it changed anything, and named counters (skip reasons
+included, as ``skipped_<reason>``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnx
+
+from ..errors import InputError
+
+Feed = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For passes without options."""
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may need beyond its options: calibration feeds and a statistics cache.
+
+    ``calib`` is re-iterable (each ``iter()`` starts again at the first sample), so a pass may
+    stream the data more than once without keeping it.
+    """
+
+    calib: Iterable[Feed] | None = None
+    calib_cache: Path | None = None
+    progress: bool = False
+
+    def calibration_feeds(self, pass_name: str) -> Iterable[Feed]:
+        if self.calib is None:
+            raise InputError(f"{pass_name} needs calibration data: pass --calib DATA (or calib= in the API)")
+        return self.calib
+
+
+class Pass:
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    exact: ClassVar[bool] = True
+
+    def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
+        self.options = self.Options() if options is None else options
+        self.context = context or PassContext()
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        """Raise a clear error before any work when the model or options cannot be handled."""
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        return self.run(model)
+
+
+def option_fields(options_type: type) -> Iterator[dataclasses.Field]:
+    yield from dataclasses.fields(options_type)
+
+
+def count(stats: dict[str, int | float], key: str, n: int | float = 1) -> None:
+    """Add to a named counter."""
+    stats[key] = stats.get(key, 0) + n
