@@ -1,0 +1,86 @@
+"""dce: remove nodes whose outputs reach no graph output, and what only they used.
+
+Liveness runs backwards from the graph outputs through a producer index built once. Subgraphs
+are cleaned first (inner before outer) so that an outer value read only by a dead node inside
+an If/Loop body also dies. Graph inputs and outputs are never removed.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..graph import GraphIndex, defined_names, node_subgraphs, replace_nodes
+from .base import Pass, PassResult, count
+
+
+class DeadCodeElimination(Pass):
+    name = "dce"
+    summary = "remove nodes, initializers, value_info and local functions that no graph output needs"
+    exact = True
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        stats: dict[str, int | float] = {
+            "nodes_removed": 0, "initializers_removed": 0, "value_info_removed": 0, "functions_removed": 0,
+        }
+        _eliminate(model.graph, stats)
+        stats["functions_removed"] = _drop_unused_functions(model)
+        modified = any(stats[k] for k in ("nodes_removed", "initializers_removed", "value_info_removed",
+                                            "functions_removed"))
+        return PassResult(model, modified, stats)
+
+
+def _eliminate(graph: onnx.GraphProto, stats: dict[str, int | float]) -> None:
+    for node in graph.node:
+        for sub in node_subgraphs(node):
+            count(stats, "subgraphs_visited")
+            _eliminate(sub, stats)
+    index = GraphIndex(graph)
+    live_names = set(index.output_names)
+    live_nodes: set[int] = set()
+    stack = list(live_names)
+    while stack:
+        i = index.producer.get(stack.pop())
+        if i is None or i in live_nodes:
+            continue
+        live_nodes.add(i)
+        for name in index.uses[i]:
+            if name not in live_names:
+                live_names.add(name)
+                stack.append(name)
+    if len(live_nodes) < len(index.nodes):
+        stats["nodes_removed"] += len(index.nodes) - len(live_nodes)
+        replace_nodes(graph, (n for i, n in enumerate(index.nodes) if i in live_nodes))
+    keep = live_names | index.input_names
+    _filter_field(graph.initializer, lambda t: t.name in keep, stats, "initializers_removed")
+    _filter_field(graph.sparse_initializer, lambda t: t.values.name in keep, stats, "initializers_removed")
+    present = defined_names(graph) | live_names
+    _filter_field(graph.value_info, lambda v: v.name in present, stats, "value_info_removed")
+
+
+def _filter_field(field, keep, stats: dict[str, int | float], counter: str) -> None:
+    """Rebuild a repeated field once if anything goes."""
+    kept = [item for item in field if keep(item)]
+    if len(kept) == len(field):
+        return
+    stats[counter] += len(field) - len(kept)
+    del field[:]
+    field.extend(kept)
+
+
+def _drop_unused_functions(model: onnx.ModelProto) -> int:
+    """Local functions called by no node (directly or through another used function)."""
+    functions = {(f.domain, f.name): f for f in model.functions}
+    if not functions:
+        return 0
+    from ..graph import walk_nodes
+
+    used: set[tuple[str, str]] = set()
+    stack = [(n.domain, n.op_type) for n in walk_nodes(model.graph)]
+    while stack:
+        key = stack.pop()
+        if key in functions and key not in used:
+            used.add(key)
+            stack.extend((n.domain, n.op_type) for n in functions[key].node)
+    before = len(model.functions)
+    _filter_field(model.functions, lambda f: (f.domain, f.name) in used, {"n": 0}, "n")
+    return before - len(model.functions)

@@ -1,0 +1,15 @@
+"""Pipeline names to passes: one explicit table, no registration by import side effects."""
+
+from __future__ import annotations
+
+from .passes.base import Pass
+from .passes.dce import DeadCodeElimination
+from .passes.lift_constants import LiftConstants
+
+PASSES: dict[str, type[Pass]] = {
+    p.name: p
+    for p in (
+        DeadCodeElimination,
+        LiftConstants,
+    )
+}
