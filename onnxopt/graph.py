@@ -15,49 +15,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .tensors import external_info, is_external, set_tensor_array, tensor_nbytes, tensor_to_array  # noqa: F401  (re-exported)
+
 STANDARD_DOMAINS = ("", "ai.onnx")
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-def is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
-def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; external data is read from its (absolute, in memory) location."""
-    if not is_external(tensor):
-        return numpy_helper.to_array(tensor)
-    info = external_info(tensor)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    offset = int(info.get("offset", 0))
-    with open(info["location"], "rb") as f:
-        f.seek(offset)
-        data = np.fromfile(f, dtype=dtype, count=count)
-    if data.size != count:
-        from .errors import InputError
-
-        raise InputError(
-            f"external data of tensor '{tensor.name}' in {info['location']} is truncated "
-            f"({data.size} of {count} values)"
-        )
-    return data.reshape(tuple(tensor.dims))
-
-
-def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
-    """Replace a tensor's values (and shape) in place, keeping its name; the data becomes internal."""
-    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), tensor.name))
-
-
-def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 # --------------------------------------------------------------------------- walks

@@ -18,7 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import InputError
-from .graph import external_info, is_external, model_graphs
+from .graph import model_graphs
+from .tensors import SPILL, external_info, is_external, set_external_location, tensor_nbytes
 
 TWO_GB = 2**31
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this large go to the data file when saving externally
@@ -46,19 +47,6 @@ def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in model_tensors(model))
-
-
-def _set_location(tensor: onnx.TensorProto, location: str, offset: int | None = None, length: int | None = None) -> None:
-    entries = external_info(tensor)
-    entries["location"] = location
-    if offset is not None:
-        entries["offset"] = str(offset)
-    if length is not None:
-        entries["length"] = str(length)
-    del tensor.external_data[:]
-    for key, value in entries.items():
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -100,13 +88,11 @@ def _resolve_external(tensor: onnx.TensorProto, folder: Path, model_path: Path) 
                          "which escapes the model's folder: refused")
     if not resolved.is_file():
         raise InputError(f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' is missing")
-    from .graph import tensor_nbytes
-
     end = int(info.get("offset", 0)) + int(info.get("length", tensor_nbytes(tensor)))
     if resolved.stat().st_size < end:
         raise InputError(f"{model_path}: external-data file '{location}' is truncated "
                          f"(tensor '{tensor.name}' needs {end} bytes, the file has {resolved.stat().st_size})")
-    _set_location(tensor, str(resolved))
+    set_external_location(tensor, str(resolved))
 
 
 def _without_external(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -115,7 +101,7 @@ def _without_external(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.CopyFrom(model)
     for tensor in model_tensors(copy):
         if is_external(tensor):
-            _set_location(tensor, "checked-separately")
+            set_external_location(tensor, "checked-separately")
     return copy
 
 
@@ -140,7 +126,7 @@ def save_model(
     """Write ``model`` to ``path`` completely or not at all.
 
     ``external=None`` chooses external data when the model already has some or would pass 2 GB.
-    After an external save the in-memory external tensors refer to the new data file.
+    The in-memory model stays valid whatever happens to the written files later.
     Writing over ``input_path`` is refused unless ``overwrite_input``.
     """
     path = Path(path)
@@ -172,36 +158,52 @@ def _atomic_file(path: Path):
         raise
 
 
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Reports and other outputs: complete or absent, never half-written."""
+    path = Path(path)
+    check_writable_target(path)
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
 def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    """Stream every big tensor into ``<name>.data``, then write the skeleton that points at it.
+
+    Inline tensors are first moved to the spill file, so the in-memory model never points at the
+    file just written (which the caller may delete); afterwards every tensor points where it did,
+    except those read from the very data file this save replaced, which take their new offsets.
+    """
     data_name = f"{path.name}.data"
     data_path = (path.parent / data_name).resolve()
-    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    moved: list[tuple[onnx.TensorProto, dict[str, str], int, int]] = []
     with _atomic_file(data_path) as data:
         offset = 0
         for tensor in model_tensors(model):
-            if not is_external(tensor) and len(tensor.raw_data) < EXTERNAL_THRESHOLD:
-                continue
-            if not is_external(tensor) and not tensor.raw_data:
-                continue  # typed fields (float_data, ...) are small in practice: leave them inline
+            if not is_external(tensor):
+                if len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+                    continue  # small tensors and typed fields (float_data, ...) stay inline
+                raw = tensor.raw_data
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                SPILL.append(tensor, raw)
+                del raw
             pad = -offset % ALIGNMENT
             data.write(b"\0" * pad)
             offset += pad
             length = _write_tensor_bytes(tensor, data)
-            moved.append((tensor, offset, length))
+            moved.append((tensor, external_info(tensor), offset, length))
             offset += length
-        # Point every moved tensor at the new file (relative), serialize, then keep it there (absolute).
-        for tensor, start, length in moved:
-            if not is_external(tensor):
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            _set_location(tensor, data_name, start, length)
+        for tensor, _, start, length in moved:
+            set_external_location(tensor, data_name, start, length)
         skeleton = model.SerializeToString()
-        data.flush()
     with _atomic_file(path) as f:
         f.write(skeleton)
-    for tensor, _, _ in moved:
-        _set_location(tensor, str(data_path))
+    for tensor, before, start, length in moved:
+        if Path(before["location"]) == data_path:
+            set_external_location(tensor, str(data_path), start, length)
+        else:
+            set_external_location(tensor, before["location"], int(before.get("offset", 0)),
+                                  int(before.get("length", length)))
 
 
 def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> int:
@@ -209,8 +211,6 @@ def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> int:
         out.write(tensor.raw_data)
         return len(tensor.raw_data)
     info = external_info(tensor)
-    from .graph import tensor_nbytes
-
     length = int(info.get("length", tensor_nbytes(tensor)))
     remaining = length
     with open(info["location"], "rb") as src:

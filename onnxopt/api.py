@@ -1,0 +1,97 @@
+"""The Python API; the CLI calls exactly these functions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .data import as_feeds, random_feeds
+from .manager import Result, check_paths, run_pipeline
+from .modelio import copy_model, load_model, save_model
+from .pipeline import Step
+from .report import model_info
+from .validate import Comparison, Tolerances, compare_outputs, run_model
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+def _owned_model(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
+    """A model this call may change: loaded from a path, or a copy of the caller's proto."""
+    if isinstance(model, onnx.ModelProto):
+        return copy_model(model), None
+    return load_model(model), Path(model)
+
+
+def optimize(
+    model: ModelLike,
+    pipeline: str | list[Step],
+    *,
+    output: str | os.PathLike | None = None,
+    data: Any = None,
+    calib: Any = None,
+    validate: bool = True,
+    min_cosine: float | None = None,
+    max_abs: float | None = None,
+    exact_rtol: float = 1e-5,
+    exact_atol: float = 1e-6,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    calib_cache: str | os.PathLike | None = None,
+    repro_dir: str | os.PathLike | None = None,
+    keep_failed: bool = False,
+    overwrite_input: bool = False,
+    external_data: bool | None = None,
+    progress: bool = False,
+) -> Result:
+    """Run a pipeline; validate every step; write ``output`` only if every step passed (or ``keep_failed``).
+
+    ``data`` feeds validation and ``calib`` feeds calibrating passes: an .npz path, a folder of
+    ONNX test data, a mapping of sample-major arrays, or an iterable of feed dicts. The caller's
+    model object and input file are never changed. Check ``result.report.passed``.
+    """
+    out_path = Path(output) if output is not None else None
+    if out_path is not None and not isinstance(model, onnx.ModelProto):
+        check_paths(Path(model), out_path, overwrite_input)
+    owned, input_path = _owned_model(model)
+    result = run_pipeline(
+        owned, pipeline, data=data, calib=calib, validate=validate,
+        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs), input_shapes=input_shapes,
+        calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
+    )
+    if out_path is not None and (result.report.passed or keep_failed):
+        save_model(result.model, out_path, external=external_data, input_path=input_path,
+                   overwrite_input=overwrite_input)
+        result.report.output = str(out_path)
+    return result
+
+
+def compare(
+    reference: ModelLike,
+    candidate: ModelLike,
+    *,
+    data: Any = None,
+    min_cosine: float | None = None,
+    max_abs: float | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[Comparison, dict[str, Any]]:
+    """Run both models on the same feeds; per-output metrics and a verdict against the thresholds."""
+    ref_model = reference if isinstance(reference, onnx.ModelProto) else load_model(reference)
+    cand_model = candidate if isinstance(candidate, onnx.ModelProto) else load_model(candidate)
+    if data is not None:
+        feeds, notes = as_feeds(data, ref_model), []
+    else:
+        feeds, notes = random_feeds(ref_model, input_shapes=input_shapes)
+    comparison = compare_outputs(
+        run_model(ref_model, feeds), run_model(cand_model, feeds),
+        Tolerances(min_cosine=min_cosine, max_abs=max_abs), exact=False,
+    )
+    return comparison, {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
+
+
+def info(model: ModelLike) -> dict[str, Any]:
+    """Opset, interface, op histogram, parameters, bytes, sparsity, subgraphs, external data."""
+    if isinstance(model, onnx.ModelProto):
+        return model_info(model)
+    return model_info(load_model(model), model)

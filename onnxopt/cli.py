@@ -1,0 +1,158 @@
+"""Command line: parses, calls the Python API, prints. Exit codes: 0 ok, 1 validation failed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import click
+
+from . import api
+from .data import parse_input_shapes
+from .errors import OnnxoptError
+from .modelio import write_file_atomically
+from .pipeline import describe_options
+from .registry import PASSES
+from .report import jsonable, format_info
+
+
+class _Group(click.Group):
+    """Turns onnxopt errors into one line on stderr and their exit code (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OnnxoptError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug of ours: say so in one line, keep the traceback for --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"internal error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="onnxopt")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Make ONNX models smaller and faster, and prove they still compute what they computed."""
+    ctx.obj = {"debug": debug}
+
+
+_input_shape = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+                            help="Shape for random feeds where the model's dims are symbolic (repeatable).")
+_thresholds = [
+    click.option("--min-cosine", type=float, help="Fail if any output's cosine to the original falls below this."),
+    click.option("--max-abs", type=float, help="Fail if any output's max abs error to the original exceeds this."),
+]
+
+
+def _apply(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the result (nothing is written without it).")
+@click.option("-p", "--pipeline", required=True, help='Passes to run, e.g. "prune(sparsity=0.5),zero-rows,dce".')
+@click.option("--data", type=click.Path(), help="Validation feeds: .npz (sample-major) or a folder of test_data_set_*.")
+@click.option("--calib", type=click.Path(), help="Calibration feeds for passes that need them (same formats).")
+@click.option("--calib-cache", type=click.Path(dir_okay=False), help="Save/reuse calibration statistics here.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--no-validate", is_flag=True, help="Skip the onnxruntime runs (checker and interface checks still run).")
+@_apply(_thresholds)
+@click.option("--exact-rtol", type=float, default=1e-5, show_default=True, help="Tolerance gating exact passes.")
+@click.option("--exact-atol", type=float, default=1e-6, show_default=True, help="Tolerance gating exact passes.")
+@_input_shape
+@click.option("--keep-failed", is_flag=True, help="Write the output even if a step failed validation.")
+@click.option("--overwrite-input", is_flag=True, help="Allow -o to name the input file.")
+@click.option("--repro-dir", type=click.Path(file_okay=False), help="Where a failing step leaves its reproducer.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Force weights into MODEL.data or inline (default: external if the input had it or > 2 GB).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+def optimize(model, output, pipeline, data, calib, calib_cache, report_path, no_validate, min_cosine, max_abs,
+             exact_rtol, exact_atol, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
+             progress, quiet) -> None:
+    """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result."""
+    result = api.optimize(
+        model, pipeline, output=output, data=data, calib=calib, validate=not no_validate,
+        min_cosine=min_cosine, max_abs=max_abs, exact_rtol=exact_rtol, exact_atol=exact_atol,
+        input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
+        keep_failed=keep_failed, overwrite_input=overwrite_input, external_data=external_data,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    report = result.report
+    if report_path:
+        report.write_json(report_path)
+    click.echo(report.table().splitlines()[-1] if quiet else report.table())
+    if output and report.output:
+        click.echo(f"wrote {report.output}")
+    elif output:
+        click.echo(f"nothing written to {output} (use --keep-failed to write it anyway)", err=True)
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def passes(as_json: bool) -> None:
+    """List every registered pass with its options."""
+    rows = [
+        {"name": p.name, "exact": p.exact, "summary": p.summary,
+         "options": [{"name": n, "type": t, "default": d} for n, t, d in describe_options(p.Options)]}
+        for p in PASSES.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']:<16} {'exact' if row['exact'] else 'lossy'}  {row['summary']}")
+        for opt in row["options"]:
+            click.echo(f"    {opt['name']}: {opt['type']} = {opt['default']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(model: str, as_json: bool) -> None:
+    """Opset, inputs/outputs, op histogram, parameters, bytes, sparsity, subgraphs, external data."""
+    details = api.info(model)
+    click.echo(json.dumps(details, indent=2) if as_json else format_info(details))
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--data", type=click.Path(), help="Feeds: .npz (sample-major) or a folder of test_data_set_*.")
+@_apply(_thresholds)
+@_input_shape
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON comparison here.")
+def compare(reference, candidate, data, min_cosine, max_abs, input_shapes, report_path) -> None:
+    """Run REFERENCE and CANDIDATE on the same feeds and compare every output (exit 1 if a threshold fails)."""
+    comparison, feeds = api.compare(reference, candidate, data=data, min_cosine=min_cosine, max_abs=max_abs,
+                                    input_shapes=parse_input_shapes(input_shapes))
+    document = {"reference": reference, "candidate": candidate, "feeds": feeds, **comparison.to_dict()}
+    if report_path:
+        write_file_atomically(report_path, json.dumps(jsonable(document), indent=2).encode())
+    click.echo(f"feeds: {feeds['origin']} ({feeds['samples']} samples)")
+    click.echo(f"{'output':<24} {'max abs':>10} {'max rel':>10} {'rel L2':>10} {'cosine':>10} {'SNR dB':>8} {'top-1':>7}")
+    for name, m in comparison.outputs.items():
+        top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.1%}"
+        click.echo(f"{name:<24} {m.max_abs:>10.3g} {m.max_rel:>10.3g} {m.rel_l2:>10.3g} {m.cosine:>10.6f} "
+                   f"{m.snr_db:>8.1f} {top1:>7}")
+    click.echo("verdict: PASSED" if comparison.passed else "verdict: FAILED: " + "; ".join(comparison.failures))
+    if not comparison.passed:
+        sys.exit(1)

@@ -1,0 +1,181 @@
+"""The pass manager: run each step, verify it, compare it, record it; leave a reproducer on failure.
+
+After every step: the ONNX checker (full), the interface check, and, when validating, an
+onnxruntime run on the validation feeds compared with the previous step (exact passes are
+gated near bit-exactness) and with the original (lossy passes gated by user thresholds).
+Outputs are kept, models are not: the original model is never copied.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .data import FeedSet, as_feeds, random_feeds
+from .errors import InputError, OnnxoptError, ValidationError
+from .modelio import TWO_GB, has_external_data, save_model
+from .passes.base import PassContext
+from .pipeline import Step, format_pipeline, format_step, parse_pipeline
+from .report import Report, StepRecord, size_summary
+from .validate import Comparison, Tolerances, check_interface, check_structure, compare_outputs, run_model
+
+REPRO_COPY_LIMIT = 256 * 2**20  # models up to this size are kept (serialized) before each step for a reproducer
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    report: Report
+
+
+def run_pipeline(
+    model: onnx.ModelProto,
+    pipeline: str | list[Step],
+    *,
+    data=None,
+    calib=None,
+    validate: bool = True,
+    tolerances: Tolerances = Tolerances(),
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    calib_cache: str | Path | None = None,
+    repro_dir: str | Path | None = None,
+    input_path: str | Path | None = None,
+    progress: bool = False,
+) -> Result:
+    """Run ``pipeline`` on ``model`` (changed in place: the caller passes a model it owns)."""
+    steps = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    report = Report(pipeline=format_pipeline(steps), input=str(input_path) if input_path else None)
+    original_interface = _interface_copy(model)
+    calib_feeds = as_feeds(calib, model) if calib is not None else None
+    context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None, progress=progress)
+    feeds: FeedSet | None = None
+    reference = previous = None
+    if validate:
+        if data is not None:
+            feeds = as_feeds(data, model)
+            notes = []
+        else:
+            feeds, notes = random_feeds(model, input_shapes=input_shapes)
+        report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
+        reference = previous = run_model(model, feeds)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
+        for index, step in enumerate(steps, start=1):
+            before_bytes = _snapshot(model) if validate else None
+            before = size_summary(model)
+            pass_ = step.pass_type(step.options, context)
+            start = time.perf_counter()
+            try:
+                result = pass_(model)
+            except OnnxoptError as exc:
+                raise type(exc)(f"step {index} '{step.name}': {exc}") from None
+            except Exception as exc:
+                report.failure = f"step {index} '{step.name}' crashed: {exc.__class__.__name__}: {exc}"
+                report.reproducer = _write_reproducer(repro_dir, steps, index, before_bytes, feeds, calib_feeds,
+                                                      input_path, traceback.format_exc())
+                raise ValidationError(report.failure + (f" (reproducer: {report.reproducer})" if report.reproducer else "")) from exc
+            seconds = time.perf_counter() - start
+            model = result.model
+            record = StepRecord(index, step.name, format_step(step), pass_.exact, round(seconds, 6), result.modified,
+                                before, size_summary(model), dict(result.stats))
+            report.steps.append(record)
+            problems = _verify(model, original_interface, Path(scratch) / f"step{index}.onnx", record)
+            if validate and not problems:
+                outputs = run_model(model, feeds)
+                vs_previous = compare_outputs(previous, outputs, tolerances if pass_.exact else Tolerances(), exact=pass_.exact)
+                lossy_gate = Tolerances(min_cosine=tolerances.min_cosine, max_abs=tolerances.max_abs)
+                vs_original = compare_outputs(reference, outputs, lossy_gate, exact=False)
+                record.vs_previous, record.vs_original = vs_previous.to_dict(), vs_original.to_dict()
+                problems += _failures(pass_.exact, vs_previous, vs_original)
+                previous = outputs
+            if problems:
+                record.passed = False
+                report.failure = f"step {index} '{step.name}': " + "; ".join(problems)
+                report.reproducer = _write_reproducer(repro_dir, steps, index, before_bytes, feeds, calib_feeds,
+                                                      input_path, None)
+                return Result(model, report)
+    return Result(model, report)
+
+
+def _failures(exact: bool, vs_previous: Comparison, vs_original: Comparison) -> list[str]:
+    problems = [f"not exact: {f}" for f in vs_previous.failures] if exact else []
+    problems += vs_original.failures
+    return problems
+
+
+def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Just the graph's inputs, outputs and initializer names: what the interface check compares."""
+    copy = onnx.ModelProto()
+    copy.graph.input.extend(model.graph.input)
+    copy.graph.output.extend(model.graph.output)
+    initializers = {t.name for t in model.graph.initializer}
+    copy.graph.initializer.extend(onnx.TensorProto(name=v.name) for v in model.graph.input if v.name in initializers)
+    return copy
+
+
+def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Path, record: StepRecord) -> list[str]:
+    """Checker and interface check; a big or external model is checked from a file, as the checker needs."""
+    problems = check_interface(original, model)
+    if has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24:
+        save_model(model, scratch_path, external=True)
+        complaint = check_structure(model, scratch_path)
+    else:
+        complaint = check_structure(model)
+    record.checks = {"checker": complaint or "ok", "interface": "; ".join(problems) or "ok"}
+    if complaint:
+        problems.append(f"ONNX checker: {complaint}")
+    return problems
+
+
+def _snapshot(model: onnx.ModelProto) -> bytes | None:
+    """The model before a step, for a reproducer, when that is cheap enough to keep."""
+    if has_external_data(model) or model.ByteSize() > REPRO_COPY_LIMIT:
+        return None
+    return model.SerializeToString()
+
+
+def _write_reproducer(
+    repro_dir, steps: list[Step], index: int, before: bytes | None, feeds: FeedSet | None,
+    calib: FeedSet | None, input_path, trace: str | None,
+) -> str | None:
+    """A folder that replays the failing step: model before it, one-step pipeline, feeds, command."""
+    folder = Path(repro_dir) if repro_dir else Path.cwd() / f"onnxopt-repro-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if before is not None:
+            model_arg, pipeline = "model.onnx", format_step(steps[index - 1])
+            (folder / "model.onnx").write_bytes(before)
+        elif input_path is not None:
+            # Too big to keep a copy: replay every step up to the failing one from the original input.
+            model_arg, pipeline = str(Path(input_path).resolve()), format_pipeline(steps[:index])
+        else:
+            return None
+        (folder / "pipeline.txt").write_text(pipeline + "\n")
+        command = ["onnxopt", "optimize", model_arg, "-o", "replayed.onnx", "-p", pipeline]
+        for name, feed_set in (("feeds", feeds), ("calib", calib)):
+            if feed_set is not None:
+                np.savez(folder / f"{name}.npz", **feed_set.arrays)
+                command += ["--data" if name == "feeds" else "--calib", f"{name}.npz"]
+        (folder / "command.sh").write_text("#!/bin/sh\ncd \"$(dirname \"$0\")\"\n" + shlex.join(command) + "\n")
+        if trace:
+            (folder / "traceback.txt").write_text(trace)
+    except OSError:
+        return None
+    return str(folder)
+
+
+def check_paths(input_path: Path, output_path: Path | None, overwrite_input: bool) -> None:
+    """Refuse an output that would overwrite the input or cannot be written, before any work."""
+    from .modelio import check_writable_target
+
+    if output_path is None:
+        return
+    check_writable_target(output_path)
+    if not overwrite_input and output_path.resolve() == input_path.resolve():
+        raise InputError(f"output {output_path} is the input file: choose another path or pass --overwrite-input")

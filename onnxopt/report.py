@@ -1,0 +1,210 @@
+"""Model summaries (`onnxopt info`), step records, and their JSON / terminal renderings."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .graph import constant_tensor, external_info, is_external, model_graphs, tensor_to_array, walk_nodes
+from .modelio import model_tensors, write_file_atomically
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers and Constant-node tensors of every graph (each weight once)."""
+    tensors = []
+    for graph in model_graphs(model):
+        tensors.extend(graph.initializer)
+        for node in graph.node:
+            tensor = constant_tensor(node)
+            if tensor is not None:
+                tensors.append(tensor)
+    return tensors
+
+
+def size_summary(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes, parameters and weight bytes: cheap, reads no external data."""
+    weights = weight_tensors(model)
+    return {
+        "nodes": sum(1 for _ in walk_nodes(model.graph)),
+        "params": sum(int(np.prod(t.dims, dtype=np.int64)) for t in weights),
+        "weight_bytes": sum(_tensor_bytes(t) for t in weights),
+    }
+
+
+def model_info(model: onnx.ModelProto, path: str | Path | None = None) -> dict[str, Any]:
+    """Everything `onnxopt info` shows, as JSON-ready data."""
+    weights = weight_tensors(model)
+    float_weights = [t for t in weights if t.data_type in FLOAT_TYPES]
+    zeros = total = 0
+    for tensor in float_weights:  # one tensor at a time: memory stays flat on big models
+        values = tensor_to_array(tensor)
+        zeros += int(np.count_nonzero(values == 0))
+        total += values.size
+    external_files: Counter[str] = Counter()
+    for tensor in model_tensors(model):
+        if is_external(tensor):
+            info = external_info(tensor)
+            external_files[Path(info["location"]).name] += int(info.get("length", _tensor_bytes(tensor)))
+    graphs = list(model_graphs(model))
+    return {
+        "path": str(path) if path else None,
+        "ir_version": model.ir_version,
+        "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [_value_info(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}],
+        "outputs": [_value_info(v) for v in model.graph.output],
+        "ops": dict(sorted(Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}"
+                                   for n in walk_nodes(model.graph)).items(), key=lambda kv: (-kv[1], kv[0]))),
+        **size_summary(model),
+        "initializers": len(model.graph.initializer),
+        "constant_nodes": sum(1 for n in walk_nodes(model.graph) if n.op_type == "Constant"),
+        "weight_sparsity": zeros / total if total else 0.0,
+        "subgraphs": len(graphs) - 1,
+        "functions": [f"{f.domain}.{f.name}" if f.domain else f.name for f in model.functions],
+        "external_data": dict(external_files),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim] if t.HasField("shape") else None
+    return {"name": value.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [
+        f"model       {info['path'] or '(in memory)'}",
+        f"ir/opset    IR {info['ir_version']}, " + ", ".join(f"{d} {v}" for d, v in info["opset"].items()),
+    ]
+    if info["producer"]:
+        lines.append(f"producer    {info['producer']}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            lines.append(f"{kind[:-1]:<11} {v['name']}: {v['dtype']} {v['shape']}")
+    lines.append(f"nodes       {info['nodes']} ({info['subgraphs']} subgraphs, {info['constant_nodes']} Constant)")
+    lines.append(f"params      {info['params']:,} in {human_bytes(info['weight_bytes'])} "
+                 f"({info['initializers']} initializers), sparsity {info['weight_sparsity']:.1%}")
+    for name, size in info["external_data"].items():
+        lines.append(f"external    {name}: {human_bytes(size)}")
+    if info["functions"]:
+        lines.append(f"functions   {', '.join(info['functions'])}")
+    lines.append("ops         " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class StepRecord:
+    index: int
+    name: str
+    step: str
+    exact: bool
+    seconds: float
+    modified: bool
+    before: dict[str, int]
+    after: dict[str, int]
+    stats: dict[str, int | float]
+    checks: dict[str, Any] = field(default_factory=dict)
+    vs_previous: dict[str, Any] | None = None
+    vs_original: dict[str, Any] | None = None
+    passed: bool = True
+
+
+@dataclass
+class Report:
+    pipeline: str
+    input: str | None = None
+    output: str | None = None
+    feeds: dict[str, Any] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
+    failure: str | None = None
+    reproducer: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return jsonable({
+            "onnxopt_version": __version__,
+            "pipeline": self.pipeline,
+            "input": self.input,
+            "output": self.output,
+            "passed": self.passed,
+            "failure": self.failure,
+            "reproducer": self.reproducer,
+            "feeds": self.feeds,
+            "steps": [asdict(s) for s in self.steps],
+        })
+
+    def write_json(self, path: str | Path) -> None:
+        write_file_atomically(path, json.dumps(self.to_dict(), indent=2).encode())
+
+    def table(self) -> str:
+        """One line per step: what changed, how long, and how close the outputs stayed."""
+        header = f"{'#':>2}  {'step':<28} {'nodes':>13} {'params':>21} {'bytes':>23} {'sec':>7}  {'cosine':>9} {'max abs':>9}  verdict"
+        rows = [header, "-" * len(header)]
+        for s in self.steps:
+            metrics = s.vs_original or {}
+            outputs = metrics.get("outputs", {})
+            cosine = min((o["cosine"] for o in outputs.values()), default=None)
+            max_abs = max((float(o["max_abs"]) for o in outputs.values()), default=None)
+            rows.append(
+                f"{s.index:>2}  {s.name:<28} {s.before['nodes']:>6}>{s.after['nodes']:<6} "
+                f"{s.before['params']:>10}>{s.after['params']:<10} "
+                f"{human_bytes(s.before['weight_bytes']):>11}>{human_bytes(s.after['weight_bytes']):<11} "
+                f"{s.seconds:>7.3f}  {'-' if cosine is None else f'{cosine:.6f}':>9} "
+                f"{'-' if max_abs is None else f'{max_abs:.2e}':>9}  {'ok' if s.passed else 'FAILED'}"
+            )
+        for s in self.steps:
+            interesting = {k: v for k, v in s.stats.items() if v}
+            if interesting:
+                rows.append(f"    {s.name}: " + ", ".join(f"{k}={_short(v)}" for k, v in interesting.items()))
+        if self.feeds:
+            rows.append(f"feeds: {self.feeds.get('origin')} ({self.feeds.get('samples')} samples)"
+                        + "".join(f"; {n}" for n in self.feeds.get("notes", [])[1:]))
+        rows.append(f"verdict: {'PASSED' if self.passed else 'FAILED: ' + str(self.failure)}")
+        if self.reproducer:
+            rows.append(f"reproducer: {self.reproducer}")
+        return "\n".join(rows)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if math.isfinite(f) else ("inf" if f > 0 else "-inf" if f < 0 else "nan")
+    return value
