@@ -166,9 +166,11 @@ def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
-        return "|".join(_format_value(v) for v in value)
-    text = repr(value) if isinstance(value, float) else str(value)
-    return f'"{text}"' if re.search(r'[\s(),="|]', text) or text == "" else text
+        text = "|".join(_format_value(v) for v in value)
+    else:
+        text = repr(value) if isinstance(value, float) else str(value)
+    special = r'[\s(),="]' if isinstance(value, tuple) else r'[\s(),="|]'
+    return f'"{text}"' if text == "" or re.search(special, text) else text
 
 
 def format_step(step: Step) -> str:
@@ -201,4 +203,6 @@ def _type_name(annotation: Any) -> str:
         return f"list of {_type_name(typing.get_args(annotation)[0])} (a|b)"
     if origin is typing.Literal:
         return "|".join(map(str, typing.get_args(annotation)))
+    if annotation is type(None):
+        return "None"
     return getattr(annotation, "__name__", str(annotation))
