@@ -1,0 +1,177 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnxopt import modelio
+from onnxopt.errors import InputError
+from onnxopt.graph import WeightStore, is_external, tensor_to_array
+from onnxopt.modelio import load_model, save_model
+
+from conftest import assert_same_outputs, feeds_for, mlp
+
+
+def save_external(model, path: Path) -> None:
+    """onnx's own external-data writer (it empties the proto it saves, so it gets a copy)."""
+    model = modelio.copy_model(model)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=0)
+
+
+def test_load_keeps_external_data_on_disk_and_reads_it_lazily(tmp_path):
+    model = mlp(hidden=64)
+    save_external(model, tmp_path / "m.onnx")
+    loaded = load_model(tmp_path / "m.onnx")
+    w1 = next(t for t in loaded.graph.initializer if t.name == "w1")
+    assert is_external(w1) and not w1.raw_data
+    np.testing.assert_array_equal(WeightStore(loaded.graph).array("w1"),
+                                  onnx.numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_external_model_round_trips_and_outputs_match(tmp_path):
+    model = mlp(hidden=64)
+    save_external(model, tmp_path / "in.onnx")
+    loaded = load_model(tmp_path / "in.onnx")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    save_model(loaded, out_dir / "out.onnx")
+    assert (out_dir / "out.onnx.data").is_file()
+    reread = onnx.load(str(out_dir / "out.onnx"))
+    assert_same_outputs(model, reread, feeds_for(model))
+    # the in-memory model still reads from the input's data file, which the save did not touch
+    (out_dir / "out.onnx.data").unlink()
+    assert tensor_to_array(loaded.graph.initializer[0]).shape == (64, 8)
+
+
+def test_rewritten_external_tensor_goes_to_spill_not_memory(tmp_path):
+    model = mlp(hidden=64)
+    save_external(model, tmp_path / "m.onnx")
+    loaded = load_model(tmp_path / "m.onnx")
+    store = WeightStore(loaded.graph)
+    store.set_array("w1", np.zeros((64, 8), np.float32))
+    w1 = next(t for t in loaded.graph.initializer if t.name == "w1")
+    assert is_external(w1) and not w1.raw_data
+    assert not store.array("w1").any()
+    save_model(loaded, tmp_path / "z.onnx")
+    assert not onnx.numpy_helper.to_array(
+        next(t for t in onnx.load(str(tmp_path / "z.onnx")).graph.initializer if t.name == "w1")).any()
+
+
+def test_overwriting_the_input_in_place_keeps_the_model_readable(tmp_path):
+    model = mlp(hidden=64)
+    path = tmp_path / "m.onnx"
+    save_external(model, path)
+    loaded = load_model(path)
+    with pytest.raises(InputError, match="is the input file"):
+        save_model(loaded, path, input_path=path)
+    save_model(loaded, path, input_path=path, overwrite_input=True)
+    assert_same_outputs(model, onnx.load(str(path)), feeds_for(model))
+    np.testing.assert_array_equal(tensor_to_array(loaded.graph.initializer[0]),
+                                  onnx.numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_models_over_two_gigabytes_are_saved_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(modelio, "TWO_GB", 2**24 + 100)  # pretend the limit is tiny
+    model = mlp(hidden=64)
+    save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert all(not t.raw_data for t in onnx.load(str(tmp_path / "big.onnx"), load_external_data=False).graph.initializer
+               if t.name in ("w1", "w2"))
+    assert not any(is_external(t) and t.external_data[0].value.endswith("big.onnx.data")
+                   for t in model.graph.initializer)  # the in-memory model does not point at the new file
+
+
+def test_metadata_docs_producer_opsets_and_functions_survive(tmp_path):
+    model = mlp()
+    model.doc_string = "model doc"
+    model.producer_name, model.producer_version = "exporter", "9.9"
+    onnx.helper.set_model_props(model, {"author": "me"})
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.functions.append(helper.make_function("local", "F", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                                [helper.make_opsetid("", 17)]))
+    save_model(model, tmp_path / "m.onnx")
+    back = load_model(tmp_path / "m.onnx")
+    assert back.doc_string == "model doc" and back.producer_name == "exporter"
+    assert {p.key: p.value for p in back.metadata_props} == {"author": "me"}
+    assert [f.name for f in back.functions] == ["F"]
+    assert {o.domain for o in back.opset_import} == {"", "local"}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (b"this is not a model at all", "not an ONNX model"),
+    ],
+)
+def test_bad_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9, 0.99])
+def test_truncated_files_are_refused(tmp_path, keep):
+    model = mlp(hidden=64)
+    data = model.SerializeToString()
+    path = tmp_path / "trunc.onnx"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(InputError, match="truncated"):
+        load_model(path)
+
+
+def test_missing_external_data_file_is_refused(tmp_path):
+    save_external(mlp(), tmp_path / "m.onnx")
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(InputError, match="external-data file 'm.onnx.data' .* is missing"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_truncated_external_data_file_is_refused(tmp_path):
+    save_external(mlp(hidden=64), tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(InputError, match="truncated"):
+        load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "sub/../../x.data"])
+def test_external_locations_that_escape_the_folder_are_refused(tmp_path, location):
+    model = mlp()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "outside.data").write_bytes(b"\0" * 1024)
+    path = tmp_path / "inner" / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(InputError, match="refused"):
+        load_model(path)
+
+
+def test_output_folder_must_exist(tmp_path):
+    with pytest.raises(InputError, match="output folder does not exist"):
+        save_model(mlp(), tmp_path / "missing" / "m.onnx")
+
+
+def test_interrupted_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    save_model(mlp(seed=1), path)
+    before = path.read_bytes()
+
+    class Interrupted(Exception):
+        pass
+
+    def fail(*_):
+        raise Interrupted
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(Interrupted):
+        save_model(mlp(seed=2), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary left behind
