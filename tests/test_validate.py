@@ -1,0 +1,66 @@
+import math
+
+import numpy as np
+import pytest
+
+from onnxopt.validate import Tolerances, check_interface, compare_outputs, output_metrics
+
+from conftest import mlp, value
+
+
+def test_metrics_on_known_values():
+    ref = [np.array([[3.0, 4.0]], np.float32)]
+    cand = [np.array([[3.0, 4.5]], np.float32)]
+    m = output_metrics(ref, cand, Tolerances())
+    assert m.max_abs == pytest.approx(0.5)
+    assert m.max_rel == pytest.approx(0.125)
+    assert m.rel_l2 == pytest.approx(0.5 / 5)
+    assert m.cosine == pytest.approx((9 + 18) / (5 * math.hypot(3, 4.5)))
+    assert m.snr_db == pytest.approx(20 * math.log10(5 / 0.5))
+    assert m.top1_agreement == 1.0
+    assert m.mismatches == 1 and not m.within_exact_tolerance
+
+
+def test_identical_outputs_are_exact():
+    ref = [np.arange(6, dtype=np.float32).reshape(2, 3)]
+    m = output_metrics(ref, [r.copy() for r in ref], Tolerances())
+    assert (m.max_abs, m.cosine, m.snr_db, m.mismatches) == (0.0, 1.0, math.inf, 0)
+
+
+def test_top1_counts_disagreeing_rows():
+    ref = [np.array([[1.0, 0.0], [0.0, 1.0]])]
+    cand = [np.array([[1.0, 0.0], [1.0, 0.0]])]
+    assert output_metrics(ref, cand, Tolerances()).top1_agreement == 0.5
+
+
+def test_exact_gate_fails_beyond_tolerance_and_passes_within():
+    ref = {"y": [np.ones(4, np.float32)]}
+    near = {"y": [np.ones(4, np.float32) * (1 + 1e-7)]}
+    far = {"y": [np.ones(4, np.float32) * 1.001]}
+    assert compare_outputs(ref, near, Tolerances(), exact=True).passed
+    failed = compare_outputs(ref, far, Tolerances(), exact=True)
+    assert not failed.passed and "4 values outside" in failed.failures[0]
+    assert compare_outputs(ref, far, Tolerances(), exact=False).passed
+
+
+def test_lossy_thresholds_gate_cosine_and_max_abs():
+    ref = {"y": [np.array([1.0, 2.0, 3.0])]}
+    cand = {"y": [np.array([1.0, 2.0, 2.0])]}
+    assert not compare_outputs(ref, cand, Tolerances(min_cosine=0.999), exact=False).passed
+    assert compare_outputs(ref, cand, Tolerances(min_cosine=0.9), exact=False).passed
+    assert not compare_outputs(ref, cand, Tolerances(max_abs=0.5), exact=False).passed
+    assert compare_outputs(ref, cand, Tolerances(max_abs=1.0), exact=False).passed
+
+
+def test_interface_check_catches_renames_dtype_and_rank_changes():
+    a = mlp()
+    assert check_interface(a, mlp()) == []
+    renamed = mlp()
+    renamed.graph.output[0].name = "z"
+    assert "graph outputs changed" in check_interface(a, renamed)[0]
+    recast = mlp()
+    recast.graph.input[0].CopyFrom(value("x", ["batch", 8], dtype=10))
+    assert "changed dtype" in check_interface(a, recast)[0]
+    reranked = mlp()
+    reranked.graph.input[0].CopyFrom(value("x", ["batch", 8, 1]))
+    assert "changed rank" in check_interface(a, reranked)[0]
