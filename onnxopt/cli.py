@@ -108,15 +108,15 @@ def optimize(model, output, pipeline, data, calib, calib_cache, report_path, no_
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def passes(as_json: bool) -> None:
+@click.option("--markdown", is_flag=True, help="The README's pass table.")
+def passes(as_json: bool, markdown: bool) -> None:
     """List every registered pass with its options."""
-    rows = [
-        {"name": p.name, "exact": p.exact, "summary": p.summary,
-         "options": [{"name": n, "type": t, "default": d} for n, t, d in describe_options(p.Options)]}
-        for p in PASSES.values()
-    ]
+    rows = pass_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    if markdown:
+        click.echo(pass_table_markdown(rows))
         return
     for row in rows:
         click.echo(f"{row['name']:<16} {'exact' if row['exact'] else 'lossy'}  {row['summary']}")
@@ -156,3 +156,21 @@ def compare(reference, candidate, data, min_cosine, max_abs, input_shapes, repor
     click.echo("verdict: PASSED" if comparison.passed else "verdict: FAILED: " + "; ".join(comparison.failures))
     if not comparison.passed:
         sys.exit(1)
+
+
+def pass_rows() -> list[dict]:
+    return [
+        {"name": p.name, "exact": p.exact, "summary": p.summary,
+         "options": [{"name": n, "type": t, "default": d} for n, t, d in describe_options(p.Options)]}
+        for p in PASSES.values()
+    ]
+
+
+def pass_table_markdown(rows: list[dict]) -> str:
+    lines = ["| pass | kind | what it does | options (type = default) |", "|---|---|---|---|"]
+    for row in rows:
+        options = "<br>".join(
+            "`{}`: {} = `{}`".format(o["name"], o["type"].replace("|", "\\|"), o["default"]) for o in row["options"]
+        )
+        lines.append(f"| `{row['name']}` | {'exact' if row['exact'] else 'lossy'} | {row['summary']} | {options or 'none'} |")
+    return "\n".join(lines)
