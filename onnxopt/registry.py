@@ -5,11 +5,13 @@ from __future__ import annotations
 from .passes.base import Pass
 from .passes.dce import DeadCodeElimination
 from .passes.lift_constants import LiftConstants
+from .passes.quantize import QuantizePass
 
 PASSES: dict[str, type[Pass]] = {
     p.name: p
     for p in (
         DeadCodeElimination,
         LiftConstants,
+        QuantizePass,
     )
 }

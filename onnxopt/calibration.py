@@ -1,0 +1,261 @@
+"""Streaming calibration: each batch runs through onnxruntime once and is reduced at once.
+
+Statistics are mergeable (shards merge into the same result as one run) and keep nothing
+per sample, so memory does not grow with the number of samples.
+
+Histograms use a *fixed, data-independent grid* instead of a min/max pass followed by a
+fixed-range histogram pass: a value's bin is the top 16 bits of its float32 pattern (sign,
+exponent, 7 mantissa bits: the bfloat16 grid, 0.8 % relative resolution). Counting is an
+exact ``bincount``, so the histogram is identical for any batch size, chunking or order,
+and one pass suffices (calibration costs one inference pass, not two). Uniform histograms
+over ``[min, max]`` are derived from it on demand (:meth:`TensorStats.histogram`), equal to
+a direct fixed-range histogram within the grid's rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .data import FeedSet
+from .errors import InputError
+from .graph import defined_names, model_graphs
+from .validate import Session
+
+GRID_SIZE = 1 << 16
+
+
+def _grid_centers() -> np.ndarray:
+    """Value at the centre of each bfloat16 bin (NaN for the Inf/NaN codes)."""
+    codes = np.arange(GRID_SIZE, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):  # the NaN codes
+        lower = (codes << 16).view(np.float32).astype(np.float64)
+        upper = ((codes + 1) << 16).view(np.float32).astype(np.float64)
+    exponent = (codes >> 7) & 0xFF
+    centers = (lower + upper) / 2
+    centers[exponent == 0xFF] = np.nan
+    centers[(codes & 0x7FFF) == 0x7F7F] = lower[(codes & 0x7FFF) == 0x7F7F]  # last finite bin
+    return centers
+
+
+GRID_CENTERS = _grid_centers()
+
+
+@dataclass
+class TensorStats:
+    """Mergeable statistics of one tensor over every calibration value seen.
+
+    ``count`` values in all; ``codes`` counts values per bfloat16 grid bin (when histograms are
+    on); ``channel_sum`` / ``channel_sumsq`` sum values and squares per channel over all other
+    axes (``channel_count`` values per channel), when a channel axis was asked for.
+    """
+
+    count: int = 0
+    min: float = np.inf
+    max: float = -np.inf
+    bins: int = 0
+    codes: np.ndarray | None = None
+    channel_sum: np.ndarray | None = None
+    channel_sumsq: np.ndarray | None = None
+    channel_count: int = 0
+
+    def update(self, values: np.ndarray, channel_axis: int | None = None) -> None:
+        """Fold one batch of values in (vectorised; nothing of the batch is kept)."""
+        x = np.ascontiguousarray(values, dtype=np.float32)
+        if x.size == 0:
+            return
+        self.count += x.size
+        # +0.0 turns -0.0 into 0.0, so the result does not depend on which zero came first
+        self.min = min(self.min, float(x.min()) + 0.0)
+        self.max = max(self.max, float(x.max()) + 0.0)
+        if self.bins:
+            counts = np.bincount((x.reshape(-1).view(np.uint32) >> 16), minlength=GRID_SIZE)
+            self.codes = counts if self.codes is None else self.codes + counts
+        if channel_axis is not None:
+            per_channel = np.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1).astype(np.float64)
+            s, sq = per_channel.sum(axis=1), np.einsum("ij,ij->i", per_channel, per_channel)
+            if self.channel_sum is None:
+                self.channel_sum, self.channel_sumsq = s, sq
+            else:
+                self.channel_sum, self.channel_sumsq = self.channel_sum + s, self.channel_sumsq + sq
+            self.channel_count += per_channel.shape[1]
+
+    def merge(self, other: TensorStats) -> TensorStats:
+        """Statistics of both value sets together (shards merge into the one-run result)."""
+        def add(a, b):
+            return b if a is None else a if b is None else a + b
+
+        return TensorStats(
+            count=self.count + other.count,
+            min=min(self.min, other.min),
+            max=max(self.max, other.max),
+            bins=max(self.bins, other.bins),
+            codes=add(self.codes, other.codes),
+            channel_sum=add(self.channel_sum, other.channel_sum),
+            channel_sumsq=add(self.channel_sumsq, other.channel_sumsq),
+            channel_count=self.channel_count + other.channel_count,
+        )
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        return None if self.channel_sum is None else self.channel_sum / max(self.channel_count, 1)
+
+    def distribution(self) -> tuple[np.ndarray, np.ndarray]:
+        """Occupied grid bins as (value, count), ascending by value; values clipped to [min, max]."""
+        if self.codes is None:
+            raise ValueError("no histogram was collected for this tensor (histogram_bins=0)")
+        nonzero = np.flatnonzero(self.codes)
+        values = GRID_CENTERS[nonzero]
+        keep = np.isfinite(values)
+        values, counts = np.clip(values[keep], self.min, self.max), self.codes[nonzero][keep]
+        order = np.argsort(values, kind="stable")
+        return values[order], counts[order]
+
+    @property
+    def histogram(self) -> np.ndarray | None:
+        """Counts in ``bins`` uniform bins over [min, max] (see :attr:`edges`)."""
+        if self.codes is None:
+            return None
+        values, counts = self.distribution()
+        return np.histogram(values, self.bins, range=(self.min, self.max), weights=counts)[0].astype(np.int64)
+
+    @property
+    def edges(self) -> np.ndarray | None:
+        return None if self.codes is None else np.linspace(self.min, self.max, self.bins + 1)
+
+
+def _batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Join ``size`` consecutive sample feeds along the batch axis (FeedSet does it without copies)."""
+    if size <= 1:
+        yield from (dict(f) for f in feeds)
+        return
+    if isinstance(feeds, FeedSet):
+        yield from feeds.batches(size)
+        return
+    group: list[Mapping[str, np.ndarray]] = []
+    for feed in feeds:
+        group.append(feed)
+        if len(group) == size:
+            yield {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+            group = []
+    if group:
+        yield {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+
+
+def collect(
+    model: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    tensors: Iterable[str],
+    *,
+    histogram_bins: int = 0,
+    sumsq_axes: Mapping[str, int] | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict[str, TensorStats]:
+    """Statistics of the named values over all feeds; each batch runs once.
+
+    ``histogram_bins > 0`` keeps a grid histogram (one pass, see the module notes) exposed as
+    that many uniform bins; ``sumsq_axes`` maps a value to its channel axis for per-channel
+    sums of squares (and sums). Graph inputs are read from the feeds directly.
+    """
+    names = list(dict.fromkeys(tensors))
+    sumsq_axes = dict(sumsq_axes or {})
+    known = defined_names(model.graph)
+    unknown = [n for n in [*names, *sumsq_axes] if n not in known]
+    if unknown:
+        raise InputError(f"calibration: the model has no value named {', '.join(map(repr, unknown[:5]))}")
+    names.extend(n for n in sumsq_axes if n not in names)
+    inputs = {v.name for v in model.graph.input}
+    fetched = [n for n in names if n not in inputs]
+    stats = {n: TensorStats(bins=histogram_bins) for n in names}
+    length = len(feeds) if hasattr(feeds, "__len__") else None
+    batches = _batched(feeds, batch_size)
+    with Session(model, extra_outputs=fetched) as session:
+        if progress:
+            import click
+
+            bar_length = None if length is None else -(-length // max(batch_size, 1))
+            with click.progressbar(batches, length=bar_length, label="calibrating", file=None) as bar:
+                seen = _reduce(session, bar, fetched, stats, sumsq_axes)
+        else:
+            seen = _reduce(session, batches, fetched, stats, sumsq_axes)
+    if not seen:
+        raise InputError("calibration: no samples")
+    return stats
+
+
+def _reduce(session: Session, batches, fetched, stats, sumsq_axes) -> int:
+    seen = 0
+    for feed in batches:
+        seen += 1
+        values = session.run(feed, fetched) if fetched else {}
+        for name, st in stats.items():
+            value = values[name] if name in values else feed.get(name)
+            if value is None:
+                raise InputError(f"calibration: the feeds have no array for graph input '{name}'")
+            axis = sumsq_axes.get(name)
+            st.update(value, None if axis is None else axis % np.ndim(value))
+    return seen
+
+
+# --------------------------------------------------------------------------- cache files
+
+_FIELDS = ("count", "min", "max", "bins", "channel_sum", "channel_sumsq", "channel_count")
+
+
+def model_fingerprint(model: onnx.ModelProto) -> str:
+    """A hash of every graph's nodes and interface: statistics are tied to the model they came from."""
+    digest = hashlib.sha256()
+    for g in model_graphs(model):
+        for part in (*g.node, *g.input, *g.output):
+            digest.update(part.SerializeToString(deterministic=True))
+        for t in g.initializer:
+            digest.update(t.name.encode())
+            digest.update(t.raw_data[:4096])
+    return digest.hexdigest()
+
+
+def save_stats(path: str | Path, stats: Mapping[str, TensorStats], fingerprint: str = "") -> None:
+    """Write statistics to an ``.npz`` (no pickle); histograms are stored sparsely."""
+    arrays: dict[str, np.ndarray] = {
+        "names": np.array(list(stats), dtype=str),
+        "fingerprint": np.array(fingerprint),
+    }
+    for i, st in enumerate(stats.values()):
+        for f in _FIELDS:
+            value = getattr(st, f)
+            if value is not None:
+                arrays[f"{i}.{f}"] = np.asarray(value)
+        if st.codes is not None:
+            nonzero = np.flatnonzero(st.codes)
+            arrays[f"{i}.codes_at"], arrays[f"{i}.codes_n"] = nonzero, st.codes[nonzero]
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_stats(path: str | Path) -> tuple[dict[str, TensorStats], str]:
+    """Statistics and the fingerprint saved with them."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+        stats = {}
+        for i, name in enumerate(data["names"].tolist()):
+            st = TensorStats()
+            for f in _FIELDS:
+                if f"{i}.{f}" in data:
+                    value = data[f"{i}.{f}"]
+                    setattr(st, f, value if value.ndim else value.item())
+            if f"{i}.codes_at" in data:
+                st.codes = np.zeros(GRID_SIZE, dtype=np.int64)
+                st.codes[data[f"{i}.codes_at"]] = data[f"{i}.codes_n"]
+            stats[name] = st
+        return stats, str(data["fingerprint"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: not a calibration cache ({exc.__class__.__name__}: {exc})") from None

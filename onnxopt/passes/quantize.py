@@ -1,0 +1,644 @@
+"""quantize: static int8 QDQ quantization that onnxruntime's CPU EP fuses into integer kernels.
+
+Placement follows what onnxruntime's QDQ fusions need (checked on the optimized session graph):
+- Conv / MatMul / Gemm: DequantizeLinear on int8 weights (per output channel; the float weight is
+  replaced, so the file shrinks ~4x), int32 bias for Conv/Gemm, a Q/DQ pair on each activation
+  input and on the output -> QLinearConv, QLinearMatMul / MatMulIntegerToFloat, QGemm.
+- Relu / Clip(0, x) after such an op: the pair goes after the activation instead (uint8 zero point
+  0), which onnxruntime folds away (Relu/Clip + QuantizeLinear fusion).
+- MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze on a quantized tensor: the output gets
+  the *same* scale and zero point, so onnxruntime runs them on int8 data (its DropQDQ rule).
+Everything else stays float. Weights inside subgraphs (If/Loop bodies) get int8 + DQ as well
+(weight-only: their activations cannot be observed from outside the body).
+
+Ranges come from one streaming calibration pass (:mod:`onnxopt.calibration`): min/max, or a
+histogram-based choice (percentile, entropy, mse). Bias correction removes the mean shift that
+weight rounding causes, ``E[(Wq - W) x]``, using per-channel input means from the same pass.
+``min_cosine`` measures each quantized layer alone on calibration data and keeps the most
+sensitive ones in float until the whole model reaches the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
+from ..data import FeedSet
+from ..errors import InputError
+from ..graph import GraphIndex, WeightStore, model_graphs, replace_nodes, unique_name_factory, walk_graphs
+from ..validate import Session
+from .base import Pass, PassResult, count
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+HEAVY = ("Conv", "MatMul", "Gemm")
+PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    method: str = "mse"
+    per_channel: bool = True
+    activation_type: str = "uint8"  # uint8 asymmetric | int8 symmetric
+    reduce_range: bool = False  # 7-bit weights, for CPUs without VNNI
+    percentile: float = 99.999
+    op_types: tuple[str, ...] = HEAVY
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    bias_correction: bool = True
+    fold_batchnorm: bool = True
+    min_cosine: float = 0.0  # > 0: accuracy-aware mode
+    sensitivity_samples: int = 32
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"quantize: method must be one of {'|'.join(METHODS)}, not '{self.method}'")
+        if self.activation_type not in ("uint8", "int8"):
+            raise InputError(f"quantize: activation_type must be uint8 or int8, not '{self.activation_type}'")
+        if not 50.0 < self.percentile <= 100.0:
+            raise InputError(f"quantize: percentile must be in (50, 100], not {self.percentile}")
+        unknown = [t for t in self.op_types if t not in HEAVY]
+        if unknown:
+            raise InputError(f"quantize: op_types can hold {'|'.join(HEAVY)}, not {'|'.join(unknown)}")
+        if not 0.0 <= self.min_cosine <= 1.0:
+            raise InputError(f"quantize: min_cosine must be in [0, 1], not {self.min_cosine}")
+        if self.sensitivity_samples < 1 or self.batch_size < 1:
+            raise InputError("quantize: sensitivity_samples and batch_size must be at least 1")
+
+
+@dataclass
+class _Unit:
+    """One quantizable heavy node: where its weight, bias and activations are."""
+
+    node: onnx.NodeProto
+    weight: str | None  # constant operand name (None: both operands are activations)
+    axis: int | None  # per-channel axis of the weight
+    activations: list[str]
+    bias: str | None  # float bias to turn into int32 (Conv B, Gemm C)
+    channel_axis: int | None  # channel axis of activations[0], for bias correction
+    output: str | None  # tensor that gets the output Q/DQ (after a folded Relu/Clip)
+    add_bias: str | None = None  # MatMul's following Add constant, corrected in float
+
+
+@dataclass
+class _Plan:
+    units: list[_Unit] = field(default_factory=list)
+    acts: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
+
+
+class QuantizePass(Pass):
+    name = "quantize"
+    summary = "static int8 QDQ quantization (Conv/MatMul/Gemm) from streamed calibration data"
+    Options = QuantizeOptions
+    exact = False
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        feeds = self.context.calibration_feeds(self.name)
+        if isinstance(feeds, FeedSet):
+            feeds.check(model)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        opt = self.options
+        stats: dict[str, int | float] = {"nodes_quantized": 0, "weights_quantized": 0, "activations_quantized": 0}
+        before = _opset(model)
+        if before < QDQ_OPSET:
+            model = _upgrade(model, before)
+            stats["opset_upgraded_from"] = before
+        make_name = unique_name_factory(model)
+        _name_heavy_nodes(model.graph, make_name)
+        if opt.fold_batchnorm:
+            stats["batchnorm_folded"] = sum(_fold_batchnorm(g, make_name) for g in model_graphs(model))
+        float_nodes = set(opt.exclude_nodes)
+        plan = _plan(model.graph, opt, float_nodes, stats)
+        if not plan.units and not any(units for _, units in _subgraph_units(model, opt)):
+            return PassResult(model, bool(stats.get("batchnorm_folded")), stats)
+        feeds = _checked(self.context.calibration_feeds(self.name), model)
+        tensor_stats = self._calibrate(model, plan, feeds, stats)
+        if opt.min_cosine > 0 and plan.units:
+            kept = _keep_sensitive(model, plan, tensor_stats, opt, feeds, float_nodes, stats)
+            plan = _plan(model.graph, opt, float_nodes | kept, {})
+            stats["kept_float"] = len(kept)
+            stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
+        _apply(model, plan, tensor_stats, opt, stats)
+        return PassResult(model, True, stats)
+
+    def _calibrate(self, model, plan: _Plan, feeds, stats) -> dict[str, TensorStats]:
+        """Stream the calibration data once, or reuse a cache made for this model."""
+        opt = self.options
+        wanted = sorted({src for src in plan.acts.values()})
+        axes = {u.activations[0]: u.channel_axis for u in plan.units
+                if u.weight and u.channel_axis is not None} if opt.bias_correction else {}
+        bins = 0 if opt.method == "minmax" else 2048
+        fingerprint = model_fingerprint(model)
+        cache = self.context.calib_cache
+        if cache is not None and cache.exists():
+            cached, saved_for = load_stats(cache)
+            usable = saved_for == fingerprint and all(
+                n in cached and (not bins or cached[n].codes is not None) for n in wanted
+            ) and all(cached[n].channel_sum is not None for n in axes if n in cached)
+            if usable and all(n in cached for n in axes):
+                stats["calib_cache_hit"] = 1
+                return cached
+        result = collect(model, feeds, wanted, histogram_bins=bins, sumsq_axes=axes,
+                         batch_size=opt.batch_size, progress=self.context.progress)
+        if cache is not None:
+            save_stats(cache, result, fingerprint)
+        stats["calib_cache_hit"] = 0
+        return result
+
+
+# --------------------------------------------------------------------------- model preparation
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _upgrade(model: onnx.ModelProto, before: int) -> onnx.ModelProto:
+    """Per-channel QDQ needs opset 13; the converter returns a new model (the one needed copy)."""
+    try:
+        upgraded = onnx.version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as exc:  # the converter raises several types
+        raise InputError(f"quantize needs opset >= {QDQ_OPSET} for per-channel QDQ; the model has opset "
+                         f"{before} and upgrading it failed: {str(exc).splitlines()[0]}") from None
+    return upgraded
+
+
+def _name_heavy_nodes(graph: onnx.GraphProto, make_name) -> None:
+    """Exclusion, sensitivity and the kept_float report go by node name: give unnamed heavy nodes one."""
+    for node in graph.node:
+        if node.op_type in HEAVY and not node.name:
+            node.name = make_name(f"{node.op_type}_{node.output[0]}")
+
+
+def _fold_batchnorm(graph: onnx.GraphProto, make_name) -> int:
+    """Fold BatchNormalization into the Conv before it, so weights are quantized as they are used.
+
+    The BN parameters used by nothing else go too (no float leftovers in the file).
+    """
+    index, store = GraphIndex(graph), WeightStore(graph)
+    drop: set[int] = set()
+    dead: set[str] = set()
+    for i, bn in enumerate(index.nodes):
+        if bn.op_type != "BatchNormalization" or any(bn.output[1:]):
+            continue
+        conv = index.producer_node(bn.input[0])
+        params = [store.array(n) for n in bn.input[1:5]]
+        has_bias = conv is not None and len(conv.input) > 2 and bool(conv.input[2])
+        if (conv is None or conv.op_type != "Conv" or conv.input[1] not in store or any(p is None for p in params)
+                or len(index.consumers.get(bn.input[0], ())) != 1 or index.is_graph_output(bn.input[0])
+                or len(index.consumers.get(conv.input[1], ())) != 1
+                or has_bias and (conv.input[2] not in store or len(index.consumers.get(conv.input[2], ())) != 1)):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        factor = gamma / np.sqrt(var + eps)
+        w = store.array(conv.input[1])
+        bias = store.array(conv.input[2]) if has_bias else np.zeros(w.shape[0])
+        store.set_array(conv.input[1], (w * factor.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype))
+        folded_bias = ((bias - mean) * factor + beta).astype(w.dtype)
+        if has_bias:
+            store.set_array(conv.input[2], folded_bias)
+        else:
+            name = make_name(f"{conv.input[1]}_bias")
+            store.add_initializer(name, folded_bias)
+            del conv.input[2:]
+            conv.input.append(name)
+        conv.output[0] = bn.output[0]
+        drop.add(i)
+        dead.update(n for n in bn.input[1:5] if len(index.consumers.get(n, ())) == 1 and not index.is_graph_output(n))
+    if drop:
+        drop.update(index.producer[n] for n in dead if n in index.producer)
+        replace_nodes(graph, (n for i, n in enumerate(index.nodes) if i not in drop))
+        kept = [t for t in graph.initializer if t.name not in dead]
+        if len(kept) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+    return len([i for i in drop if index.nodes[i].op_type == "BatchNormalization"])
+
+
+def _checked(feeds, model: onnx.ModelProto):
+    """A FeedSet is checked whole (in requires); other iterables one sample at a time as they stream."""
+    if isinstance(feeds, FeedSet):
+        return feeds
+
+    class Checked:
+        def __iter__(self):
+            seen = False
+            for feed in feeds:
+                FeedSet({k: np.asarray(v)[None] for k, v in feed.items()}, "calibration sample").check(model)
+                seen = True
+                yield feed
+            if not seen:
+                raise InputError("calibration data: no samples")
+
+    return Checked()
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _gemm_attrs(node: onnx.NodeProto) -> dict[str, float]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: QuantizeOptions,
+          stats: dict) -> _Unit | None:
+    """How to quantize one heavy node, or None (the reason is counted)."""
+    inputs = list(node.input)
+    if node.op_type == "Conv":
+        if inputs[1] not in store:
+            count(stats, "skipped_dynamic_weight")
+            return None
+        weight, axis, acts, channel_axis = inputs[1], 0, [inputs[0]], 1
+    elif node.op_type == "Gemm":
+        attrs = _gemm_attrs(node)
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            count(stats, "skipped_gemm_attributes")
+            return None
+        weight = inputs[1] if inputs[1] in store else None
+        axis = (0 if attrs.get("transB", 0) else 1) if weight else None
+        acts, channel_axis = [inputs[0]] + ([] if weight else [inputs[1]]), 1
+    else:
+        constant = [n for n in inputs if n in store]
+        if len(constant) == 2:
+            count(stats, "skipped_constant_operands")
+            return None
+        weight = constant[0] if constant else None
+        w = store.tensor(weight) if weight else None
+        axis = 1 if weight == inputs[1] and w is not None and len(w.dims) == 2 else None
+        # bias correction needs x @ W with W the second operand
+        acts, channel_axis = [n for n in inputs if n != weight], -1 if weight == inputs[1] else None
+    if weight is not None and store.tensor(weight).data_type != onnx.TensorProto.FLOAT:
+        count(stats, "skipped_not_float32")
+        return None
+    bias = None
+    if node.op_type in ("Conv", "Gemm") and len(inputs) > 2 and inputs[2]:
+        b = store.tensor(inputs[2])
+        shared = len(index.consumers.get(inputs[2], ())) != 1
+        if b is None or shared or len(b.dims) != 1 or weight is None:
+            count(stats, "skipped_int32_bias")
+        else:
+            bias = inputs[2]
+    out = node.output[0]
+    consumers = index.consumer_nodes(out)
+    add_bias = None
+    if node.op_type == "MatMul" and weight and len(consumers) == 1 and consumers[0].op_type == "Add":
+        other = [n for n in consumers[0].input if n != out]
+        t = store.tensor(other[0]) if len(other) == 1 else None
+        if t is not None and len(t.dims) == 1 and len(index.consumers.get(other[0], ())) == 1:
+            add_bias = other[0]
+    if index.is_graph_output(out) or not consumers:
+        output = None
+    elif (opt.activation_type == "uint8" and len(consumers) == 1 and _relu_like(consumers[0], store)
+          and not index.is_graph_output(consumers[0].output[0])):
+        output = consumers[0].output[0]
+    else:
+        output = out
+    return _Unit(node, weight, axis if opt.per_channel else None, acts, bias, channel_axis, output, add_bias)
+
+
+def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
+    """Relu, or Clip with a lower bound of 0: a uint8 zero point of 0 makes it a no-op after Q."""
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    if len(node.input) > 1 and node.input[1]:
+        low = store.array(node.input[1])
+        return low is not None and float(low) == 0.0
+    return any(a.name == "min" and a.f == 0.0 for a in node.attribute)
+
+
+def _plan(graph: onnx.GraphProto, opt: QuantizeOptions, float_nodes: set[str], stats: dict) -> _Plan:
+    """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size)."""
+    index, store = GraphIndex(graph), WeightStore(graph)
+    plan = _Plan()
+    for i in index.topological_order():
+        node = index.nodes[i]
+        if node.domain not in ("", "ai.onnx") or node.name in float_nodes or node.op_type in opt.exclude_op_types:
+            continue
+        if node.op_type in opt.op_types:
+            unit = _unit(node, index, store, opt, stats)
+            if unit is None:
+                continue
+            plan.units.append(unit)
+            for name in [*unit.activations, *([unit.output] if unit.output else [])]:
+                plan.acts.setdefault(name, name)
+        elif node.op_type in PASS_THROUGH and node.input[0] in plan.acts and node.output[0] not in plan.acts:
+            plan.acts[node.output[0]] = plan.acts[node.input[0]]
+    return plan
+
+
+def _subgraph_units(model: onnx.ModelProto, opt: QuantizeOptions):
+    """Per subgraph (If/Loop bodies, nested too): its heavy nodes' own float weights and their axes.
+
+    Only weights are quantized there: body activations cannot be observed from outside.
+    """
+    for g in walk_graphs(model.graph):
+        if g is model.graph:
+            continue
+        store = WeightStore(g)
+        units = []
+        for node in g.node:
+            if (node.op_type not in opt.op_types or node.name in opt.exclude_nodes
+                    or node.op_type in opt.exclude_op_types or len(node.input) < 2):
+                continue
+            t = store.tensor(node.input[1]) if node.input[1] in store else None
+            if t is None or t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            if node.op_type == "Conv":
+                axis = 0
+            elif node.op_type == "Gemm":
+                axis = 0 if _gemm_attrs(node).get("transB", 0) else 1
+            else:
+                axis = 1 if len(t.dims) == 2 else None
+            units.append((node.input[1], axis if opt.per_channel else None))
+        yield g, units
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def _choose_range(st: TensorStats, opt: QuantizeOptions) -> tuple[float, float]:
+    """Clipping range of one activation tensor by the chosen method (always includes 0)."""
+    lo, hi = min(st.min, 0.0), max(st.max, 0.0)
+    if opt.method == "minmax" or hi - lo <= 0 or st.codes is None:
+        return lo, hi
+    symmetric = opt.activation_type == "int8"
+    values, counts = st.distribution()
+    if symmetric:
+        mags = np.abs(values)
+        order = np.argsort(mags, kind="stable")
+        values, counts = mags[order], counts[order]
+    if opt.method == "percentile":
+        cdf = np.cumsum(counts) / counts.sum()
+        q = opt.percentile / 100.0
+        top = float(values[min(np.searchsorted(cdf, q), len(values) - 1)])
+        if symmetric:
+            return -top, top
+        bottom = float(values[min(np.searchsorted(cdf, 1.0 - q), len(values) - 1)])
+        return min(bottom, 0.0), max(top, 0.0)
+    if symmetric:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    if opt.method == "mse":
+        return _mse_range(values, counts, lo, hi, 254 if symmetric else 255)
+    return _entropy_range(values, counts, lo, hi, symmetric)
+
+
+def _mse_range(values, counts, lo, hi, levels) -> tuple[float, float]:
+    """Shrink [lo, hi] by the factor minimising expected error: clipping error outside, step^2/12 inside."""
+    alphas = np.geomspace(1e-3, 1.0, 256)[:, None]
+    lows, highs = alphas * lo, alphas * hi
+    step = (highs - lows) / levels
+    outside = np.maximum(values[None] - highs, 0) + np.maximum(lows - values[None], 0)
+    inside = outside == 0
+    err = (counts * np.where(inside, step**2 / 12, outside**2)).sum(axis=1)
+    best = int(np.argmin(err))
+    return float(lows[best, 0]), float(highs[best, 0])
+
+
+def _entropy_range(values, counts, lo, hi, symmetric) -> tuple[float, float]:
+    """TensorRT-style KL threshold on |x| over 2048 bins, candidates every 16 bins."""
+    mags = np.abs(values)
+    top = float(mags.max())
+    if top == 0:
+        return lo, hi
+    hist = np.histogram(mags, 2048, range=(0, top), weights=counts)[0]
+    best, best_kl = 2048, np.inf
+    for i in range(128, 2049, 16):
+        p = hist[:i].astype(np.float64)
+        p[-1] += hist[i:].sum()
+        chunk = np.arange(i) * 128 // i
+        nonzero = hist[:i] > 0
+        sums = np.bincount(chunk, weights=hist[:i], minlength=128)
+        nz = np.bincount(chunk, weights=nonzero, minlength=128)
+        q = np.where(nonzero, sums[chunk] / np.maximum(nz[chunk], 1), 0.0)
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-12)
+        mask = ps > 0
+        kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    t = best / 2048 * top
+    return (-t, t) if symmetric else (max(lo, -t), min(hi, t))
+
+
+def _activation_params(st: TensorStats, opt: QuantizeOptions) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = _choose_range(st, opt)
+    if opt.activation_type == "int8":
+        scale = np.float32(max(-lo, hi) / 127.0 or 1.0)
+        return np.array(scale, np.float32), np.array(0, np.int8)
+    scale = np.float32((hi - lo) / 255.0 or 1.0)
+    zp = np.clip(np.round(-lo / scale), 0, 255)
+    return np.array(scale, np.float32), np.array(zp, np.uint8)
+
+
+def _quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 (zero point 0), per channel along ``axis`` or per tensor."""
+    qmax = 63 if reduce_range else 127
+    if axis is None:
+        absmax = np.abs(w).max(initial=0.0)
+    else:
+        absmax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1, initial=0.0)
+    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    shaped = scale if axis is None else scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])
+    q = np.clip(np.round(w / shaped), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+class _Writer:
+    """Adds scale/zero-point initializers and Q/DQ nodes to one graph; the node list is rebuilt once."""
+
+    def __init__(self, graph: onnx.GraphProto, make_name) -> None:
+        self.graph, self.name = graph, make_name
+        self.store = WeightStore(graph)
+        self.constants = {n.output[0]: n for n in graph.node if self.store.is_constant_node(n.output[0] if n.output else "")}
+        self.front: list[onnx.NodeProto] = []  # DQ of initializer weights and of graph inputs
+        self.after: dict[str, list[onnx.NodeProto]] = {}  # produced value -> nodes to put after its producer
+
+    def initializer(self, base: str, array: np.ndarray) -> str:
+        name = self.name(base)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None) -> None:
+        """Store ``q`` where the float weight was, under a new name; a DQ gives back the old name."""
+        stored = self.name(f"{weight}_quantized")
+        tensor = numpy_helper.from_array(q, stored)
+        if self.store.is_constant_node(weight):
+            node = self.constants[weight]
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", tensor))
+            node.output[0] = stored
+            where = self.after.setdefault(stored, [])
+        else:
+            self.store.tensor(weight).CopyFrom(tensor)
+            where = self.front
+        s = self.initializer(f"{weight}_scale", scale)
+        z = self.initializer(f"{weight}_zero_point", np.zeros(scale.shape, q.dtype))
+        attrs = {} if axis is None or scale.ndim == 0 else {"axis": axis}
+        where.append(onnx.helper.make_node("DequantizeLinear", [stored, s, z], [weight],
+                                           name=self.name(f"{weight}_DequantizeLinear"), **attrs))
+
+
+def _apply(model: onnx.ModelProto, plan: _Plan, tensor_stats: dict[str, TensorStats], opt: QuantizeOptions,
+           stats: dict) -> None:
+    """Rewrite the model in place by the plan."""
+    make_name = unique_name_factory(model)
+    graph = model.graph
+    writer = _Writer(graph, make_name)
+    index = GraphIndex(graph)
+    params = {src: _activation_params(tensor_stats[src], opt) for src in set(plan.acts.values())}
+    param_names: dict[str, tuple[str, str]] = {}
+    rename: dict[str, str] = {}
+    for tensor, src in plan.acts.items():
+        if src not in param_names:
+            scale, zp = params[src]
+            param_names[src] = (writer.initializer(f"{src}_scale", scale), writer.initializer(f"{src}_zero_point", zp))
+        s, z = param_names[src]
+        quantized, dequantized = make_name(f"{tensor}_quantized"), make_name(f"{tensor}_dequantized")
+        pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [quantized], name=make_name(f"{tensor}_QuantizeLinear")),
+                onnx.helper.make_node("DequantizeLinear", [quantized, s, z], [dequantized],
+                                      name=make_name(f"{tensor}_DequantizeLinear"))]
+        (writer.after.setdefault(tensor, []) if tensor in index.producer else writer.front).extend(pair)
+        rename[tensor] = dequantized
+    stats["activations_quantized"] = len(plan.acts)
+    done: set[str] = set()
+    for unit in plan.units:
+        _quantize_unit(unit, writer, params[plan.acts[unit.activations[0]]][0] if unit.activations else None,
+                       tensor_stats, opt, done, stats)
+    stats["nodes_quantized"] = len(plan.units)
+    for sub, units in list(_subgraph_units(model, opt)):
+        sub_writer, sub_done = _Writer(sub, make_name), set()
+        for weight, axis in units:
+            count(stats, "weight_only_nodes")
+            if weight not in sub_done:
+                sub_done.add(weight)
+                q, scale = _quantize_weight(sub_writer.store.array(weight), axis, opt.reduce_range)
+                sub_writer.weight_to_int(weight, q, scale, axis)
+                count(stats, "weights_quantized")
+        if units:
+            _rebuild(sub, sub_writer, {})
+    _rebuild(graph, writer, rename)
+
+
+def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, tensor_stats, opt, done: set[str], stats) -> None:
+    """Weight to int8 (with bias correction), bias to int32 when the input scale is known."""
+    if unit.weight is None or unit.weight in done:
+        return
+    done.add(unit.weight)
+    w = writer.store.array(unit.weight)
+    q, scale = _quantize_weight(w, unit.axis, opt.reduce_range)
+    writer.weight_to_int(unit.weight, q, scale, unit.axis)
+    count(stats, "weights_quantized")
+    bias = writer.store.array(unit.bias) if unit.bias else None
+    mean = tensor_stats[unit.activations[0]].channel_mean if opt.bias_correction and unit.channel_axis is not None else None
+    if mean is not None:
+        shaped = scale if unit.axis is None else scale.reshape([-1 if d == unit.axis else 1 for d in range(w.ndim)])
+        shift = _output_shift(unit, q.astype(np.float64) * shaped - w, mean)
+        if shift is not None and unit.bias:
+            bias = (bias - shift).astype(np.float32)
+            count(stats, "bias_corrected")
+        elif shift is not None and unit.add_bias:
+            writer.store.set_array(unit.add_bias, (writer.store.array(unit.add_bias) - shift).astype(np.float32))
+            count(stats, "bias_corrected")
+    if bias is None:
+        return
+    if x_scale is None:
+        writer.store.set_array(unit.bias, bias)
+        return
+    bias_scale = (np.float64(x_scale) * scale).astype(np.float32)
+    qb = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+    writer.weight_to_int(unit.bias, qb, bias_scale, 0)
+    count(stats, "biases_int32")
+
+
+def _output_shift(unit: _Unit, dw: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """E[(Wq - W) x] per output channel from the input's per-channel mean."""
+    op = unit.node.op_type
+    if op == "Conv":
+        group = next((a.i for a in unit.node.attribute if a.name == "group"), 1)
+        per_in = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # [M, C/g]
+        m = mean.reshape(group, -1)[np.arange(dw.shape[0]) // (dw.shape[0] // group)]
+        return np.einsum("mc,mc->m", per_in, m)
+    if dw.ndim != 2:
+        return None
+    if op == "Gemm" and _gemm_attrs(unit.node).get("transB", 0):
+        return dw @ mean
+    return mean @ dw
+
+
+def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) -> None:
+    """One pass over the nodes: consumers read the dequantized values, new nodes go after producers."""
+    nodes = list(writer.front)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+        nodes.append(node)
+        for out in node.output:
+            nodes.extend(writer.after.get(out, ()))
+    replace_nodes(graph, nodes)
+
+
+# --------------------------------------------------------------------------- accuracy-aware mode
+
+
+def _keep_sensitive(model, plan: _Plan, tensor_stats, opt: QuantizeOptions, feeds, excluded: set[str],
+                    stats) -> set[str]:
+    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine."""
+    subset = _first_samples(feeds, opt.sensitivity_samples)
+    reference = _outputs(model, subset)
+
+    def cosine(float_nodes: set[str]) -> float:
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        _apply(trial, _plan(trial.graph, opt, excluded | float_nodes, {}), tensor_stats, opt, {})
+        return _cosine(reference, _outputs(trial, subset))
+
+    names = [u.node.name for u in plan.units]
+    everything = set(names)
+    alone = {n: cosine(everything - {n}) for n in names}
+    order = sorted(names, key=lambda n: alone[n])
+    kept: set[str] = set()
+    score = cosine(set())
+    for n in order:
+        if score >= opt.min_cosine:
+            break
+        kept.add(n)
+        score = cosine(kept)
+    stats["calib_cosine"] = score
+    return kept
+
+
+def _first_samples(feeds, n: int) -> list[dict]:
+    out = []
+    for feed in feeds:
+        if len(out) == n:
+            break
+        out.append(feed)
+    return out
+
+
+def _outputs(model, samples) -> list[list[np.ndarray]]:
+    with Session(model) as session:
+        return [list(session.run(s).values()) for s in samples]
+
+
+def _cosine(reference, candidate) -> float:
+    """Worst output cosine, each output flattened over all samples."""
+    worst = 1.0
+    for k in range(len(reference[0])):
+        r = np.concatenate([np.ravel(s[k]).astype(np.float64) for s in reference])
+        c = np.concatenate([np.ravel(s[k]).astype(np.float64) for s in candidate])
+        denom = np.linalg.norm(r) * np.linalg.norm(c)
+        worst = min(worst, float(r @ c / denom) if denom else float(np.array_equal(r, c)))
+    return worst
