@@ -8,12 +8,12 @@ from typing import Any
 
 import onnx
 
-from .data import as_feeds, random_feeds
+from .data import as_feeds, load_labels, random_feeds
 from .manager import Result, check_paths, run_pipeline
 from .modelio import copy_model, load_model, save_model
 from .pipeline import Step
 from .report import model_info
-from .validate import Comparison, Tolerances, compare_outputs, run_model
+from .validate import Comparison, Tolerances, compare_outputs, run_model, task_accuracy
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -31,10 +31,12 @@ def optimize(
     *,
     output: str | os.PathLike | None = None,
     data: Any = None,
+    labels: Any = None,
     calib: Any = None,
     validate: bool = True,
     min_cosine: float | None = None,
     max_abs: float | None = None,
+    max_accuracy_drop: float | None = None,
     exact_rtol: float = 1e-5,
     exact_atol: float = 1e-6,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -48,7 +50,8 @@ def optimize(
     """Run a pipeline; validate every step; write ``output`` only if every step passed (or ``keep_failed``).
 
     ``data`` feeds validation and ``calib`` feeds calibrating passes: an .npz path, a folder of
-    ONNX test data, a mapping of sample-major arrays, or an iterable of feed dicts. The caller's
+    ONNX test data, a mapping of sample-major arrays, or an iterable of feed dicts; ``labels``
+    (one class per validation sample) adds task accuracy to the report. The caller's
     model object and input file are never changed. Check ``result.report.passed``.
     """
     out_path = Path(output) if output is not None else None
@@ -56,8 +59,9 @@ def optimize(
         check_paths(Path(model), out_path, overwrite_input)
     owned, input_path = _owned_model(model)
     result = run_pipeline(
-        owned, pipeline, data=data, calib=calib, validate=validate,
-        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs), input_shapes=input_shapes,
+        owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
+        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop),
+        input_shapes=input_shapes,
         calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
     )
     if out_path is not None and (result.report.passed or keep_failed):
@@ -72,6 +76,7 @@ def compare(
     candidate: ModelLike,
     *,
     data: Any = None,
+    labels: Any = None,
     min_cosine: float | None = None,
     max_abs: float | None = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -83,11 +88,14 @@ def compare(
         feeds, notes = as_feeds(data, ref_model), []
     else:
         feeds, notes = random_feeds(ref_model, input_shapes=input_shapes)
-    comparison = compare_outputs(
-        run_model(ref_model, feeds), run_model(cand_model, feeds),
-        Tolerances(min_cosine=min_cosine, max_abs=max_abs), exact=False,
-    )
-    return comparison, {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
+    reference, candidate = run_model(ref_model, feeds), run_model(cand_model, feeds)
+    comparison = compare_outputs(reference, candidate, Tolerances(min_cosine=min_cosine, max_abs=max_abs), exact=False)
+    details = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
+    if labels is not None:
+        labels = load_labels(labels, len(feeds))
+        details["accuracy"] = {"reference": task_accuracy(reference, labels),
+                               "candidate": task_accuracy(candidate, labels)}
+    return comparison, details
 
 
 def info(model: ModelLike) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def _apply(options):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the result (nothing is written without it).")
 @click.option("-p", "--pipeline", required=True, help='Passes to run, e.g. "prune(sparsity=0.5),zero-rows,dce".')
 @click.option("--data", type=click.Path(), help="Validation feeds: .npz (sample-major) or a folder of test_data_set_*.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class labels of the --data samples (.npz 'labels'): adds task accuracy.")
+@click.option("--max-accuracy-drop", type=float, help="Fail a step whose accuracy falls more than this many points below the original's.")
 @click.option("--calib", type=click.Path(), help="Calibration feeds for passes that need them (same formats).")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Save/reuse calibration statistics here.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
@@ -83,13 +85,13 @@ def _apply(options):
               help="Force weights into MODEL.data or inline (default: external if the input had it or > 2 GB).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
-def optimize(model, output, pipeline, data, calib, calib_cache, report_path, no_validate, min_cosine, max_abs,
+def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, calib_cache, report_path, no_validate, min_cosine, max_abs,
              exact_rtol, exact_atol, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
              progress, quiet) -> None:
     """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result."""
     result = api.optimize(
-        model, pipeline, output=output, data=data, calib=calib, validate=not no_validate,
-        min_cosine=min_cosine, max_abs=max_abs, exact_rtol=exact_rtol, exact_atol=exact_atol,
+        model, pipeline, output=output, data=data, labels=labels, calib=calib, validate=not no_validate,
+        min_cosine=min_cosine, max_abs=max_abs, max_accuracy_drop=max_accuracy_drop, exact_rtol=exact_rtol, exact_atol=exact_atol,
         input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
         keep_failed=keep_failed, overwrite_input=overwrite_input, external_data=external_data,
         progress=sys.stderr.isatty() if progress is None else progress,
@@ -137,12 +139,13 @@ def info(model: str, as_json: bool) -> None:
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.argument("candidate", type=click.Path(dir_okay=False))
 @click.option("--data", type=click.Path(), help="Feeds: .npz (sample-major) or a folder of test_data_set_*.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Class labels of the --data samples: adds task accuracy.")
 @_apply(_thresholds)
 @_input_shape
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON comparison here.")
-def compare(reference, candidate, data, min_cosine, max_abs, input_shapes, report_path) -> None:
+def compare(reference, candidate, data, labels, min_cosine, max_abs, input_shapes, report_path) -> None:
     """Run REFERENCE and CANDIDATE on the same feeds and compare every output (exit 1 if a threshold fails)."""
-    comparison, feeds = api.compare(reference, candidate, data=data, min_cosine=min_cosine, max_abs=max_abs,
+    comparison, feeds = api.compare(reference, candidate, data=data, labels=labels, min_cosine=min_cosine, max_abs=max_abs,
                                     input_shapes=parse_input_shapes(input_shapes))
     document = {"reference": reference, "candidate": candidate, "feeds": feeds, **comparison.to_dict()}
     if report_path:
@@ -153,6 +156,9 @@ def compare(reference, candidate, data, min_cosine, max_abs, input_shapes, repor
         top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.1%}"
         click.echo(f"{name:<24} {m.max_abs:>10.3g} {m.max_rel:>10.3g} {m.rel_l2:>10.3g} {m.cosine:>10.6f} "
                    f"{m.snr_db:>8.1f} {top1:>7}")
+    if "accuracy" in feeds:
+        click.echo(f"accuracy: reference {feeds['accuracy']['reference']:.2%}, "
+                   f"candidate {feeds['accuracy']['candidate']:.2%}")
     click.echo("verdict: PASSED" if comparison.passed else "verdict: FAILED: " + "; ".join(comparison.failures))
     if not comparison.passed:
         sys.exit(1)

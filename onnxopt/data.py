@@ -197,6 +197,30 @@ def as_feeds(source: object, model: onnx.ModelProto) -> FeedSet:
     return feeds
 
 
+def load_labels(source: object, count: int) -> np.ndarray:
+    """Class labels for the validation samples: an .npz (key ``labels`` or its only array) or an array."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"labels file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                key = "labels" if "labels" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
+                if key is None:
+                    raise InputError(f"{path}: expected an array named 'labels' (has {', '.join(npz.files)})")
+                labels = npz[key]
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
+    else:
+        labels = np.asarray(source)
+    if labels.dtype.kind not in "iu" or labels.ndim == 0 or labels.shape[0] != count:
+        raise InputError(f"labels: expected {count} integer class labels (one per validation sample), "
+                         f"got {labels.dtype} {labels.shape}")
+    return labels
+
+
 def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
     """``NAME=1,3,224,224`` strings to a mapping (the CLI's --input-shape)."""
     shapes = {}

@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import FeedSet, as_feeds, random_feeds
+from .data import FeedSet, as_feeds, load_labels, random_feeds
 from .errors import InputError, OnnxoptError, ValidationError
 from .modelio import TWO_GB, has_external_data, save_model
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
-from .validate import Comparison, Tolerances, check_interface, check_structure, compare_outputs, run_model
+from .validate import (
+    Comparison, Tolerances, check_interface, check_structure, compare_outputs, run_model, task_accuracy,
+)
 
 REPRO_COPY_LIMIT = 256 * 2**20  # models up to this size are kept (serialized) before each step for a reproducer
 
@@ -40,6 +42,7 @@ def run_pipeline(
     pipeline: str | list[Step],
     *,
     data=None,
+    labels=None,
     calib=None,
     validate: bool = True,
     tolerances: Tolerances = Tolerances(),
@@ -65,6 +68,9 @@ def run_pipeline(
             feeds, notes = random_feeds(model, input_shapes=input_shapes)
         report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
         reference = previous = run_model(model, feeds)
+        if labels is not None:
+            labels = load_labels(labels, len(feeds))
+            report.feeds["accuracy"] = reference_accuracy = task_accuracy(reference, labels)
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
         for index, step in enumerate(steps, start=1):
             before_bytes = _snapshot(model) if validate else None
@@ -93,6 +99,12 @@ def run_pipeline(
                 vs_original = compare_outputs(reference, outputs, lossy_gate, exact=False)
                 record.vs_previous, record.vs_original = vs_previous.to_dict(), vs_original.to_dict()
                 problems += _failures(pass_.exact, vs_previous, vs_original)
+                if labels is not None:
+                    record.accuracy = task_accuracy(outputs, labels)
+                    drop = 100 * (reference_accuracy - record.accuracy)
+                    if tolerances.max_accuracy_drop is not None and drop > tolerances.max_accuracy_drop:
+                        problems.append(f"accuracy {record.accuracy:.2%} is {drop:.2f} points below the original's "
+                                        f"{reference_accuracy:.2%} (max-accuracy-drop {tolerances.max_accuracy_drop})")
                 previous = outputs
             if problems:
                 record.passed = False

@@ -129,6 +129,7 @@ class StepRecord:
     checks: dict[str, Any] = field(default_factory=dict)
     vs_previous: dict[str, Any] | None = None
     vs_original: dict[str, Any] | None = None
+    accuracy: float | None = None
     passed: bool = True
 
 
@@ -166,7 +167,8 @@ class Report:
 
     def table(self) -> str:
         """One line per step: what changed, how long, and how close the outputs stayed."""
-        header = f"{'#':>2}  {'step':<28} {'nodes':>13} {'params':>21} {'bytes':>23} {'sec':>7}  {'cosine':>9} {'max abs':>9}  verdict"
+        header = (f"{'#':>2}  {'step':<28} {'nodes':>13} {'params':>21} {'bytes':>23} {'sec':>7}  {'cosine':>9} "
+                  f"{'max abs':>9} {'accuracy':>8}  verdict")
         rows = [header, "-" * len(header)]
         for s in self.steps:
             metrics = s.vs_original or {}
@@ -178,14 +180,17 @@ class Report:
                 f"{s.before['params']:>10}>{s.after['params']:<10} "
                 f"{human_bytes(s.before['weight_bytes']):>11}>{human_bytes(s.after['weight_bytes']):<11} "
                 f"{s.seconds:>7.3f}  {'-' if cosine is None else f'{cosine:.6f}':>9} "
-                f"{'-' if max_abs is None else f'{max_abs:.2e}':>9}  {'ok' if s.passed else 'FAILED'}"
+                f"{'-' if max_abs is None else f'{max_abs:.2e}':>9} "
+                f"{'-' if s.accuracy is None else f'{s.accuracy:.2%}':>8}  {'ok' if s.passed else 'FAILED'}"
             )
         for s in self.steps:
             interesting = {k: v for k, v in s.stats.items() if v}
             if interesting:
                 rows.append(f"    {s.name}: " + ", ".join(f"{k}={_short(v)}" for k, v in interesting.items()))
         if self.feeds:
+            accuracy = self.feeds.get("accuracy")
             rows.append(f"feeds: {self.feeds.get('origin')} ({self.feeds.get('samples')} samples)"
+                        + ("" if accuracy is None else f"; original accuracy {accuracy:.2%}")
                         + "".join(f"; {n}" for n in self.feeds.get("notes", [])[1:]))
         rows.append(f"verdict: {'PASSED' if self.passed else 'FAILED: ' + str(self.failure)}")
         if self.reproducer:

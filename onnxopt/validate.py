@@ -27,6 +27,7 @@ class Tolerances:
     exact_atol: float = 1e-6
     min_cosine: float | None = None
     max_abs: float | None = None
+    max_accuracy_drop: float | None = None  # in points (percent), needs labels
 
 
 class Session:
@@ -197,6 +198,16 @@ def _top1(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | N
         agree += int(np.count_nonzero(a == b))
         total += a.size
     return agree / total if total else None
+
+
+def task_accuracy(outputs: dict[str, list[np.ndarray]], labels: np.ndarray) -> float:
+    """Top-1 accuracy of the first output (argmax over its last axis) against per-sample labels."""
+    scores = next(iter(outputs.values()))
+    predicted = np.concatenate([np.asarray(s).argmax(axis=-1).ravel() for s in scores])
+    expected = labels.reshape(-1)
+    if predicted.shape != expected.shape:
+        raise InputError(f"labels: {expected.size} labels for {predicted.size} predictions")
+    return float(np.mean(predicted == expected))
 
 
 def compare_outputs(

@@ -203,3 +203,32 @@ def test_compare_reports_metrics_and_gates(model_path, tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["outputs"]["y"]["max_abs"] == 0.0
     different = invoke("compare", model_path, other, "--min-cosine", "0.9999")
     assert different.exit_code == 1 and "cosine" in different.output
+
+
+class _NegateWeights(_ScaleWeights):
+    name = "negate-test"
+    exact = False
+
+    def run(self, model):
+        store = WeightStore(model.graph)
+        store.set_array("w2", -store.array("w2"))
+        return PassResult(model, True, {})
+
+
+def test_labels_add_accuracy_and_gate_its_drop(model_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(registry.PASSES, _NegateWeights.name, _NegateWeights)
+    data, labels = tmp_path / "d.npz", tmp_path / "l.npz"
+    x = np.random.default_rng(0).standard_normal((20, 1, 8)).astype(np.float32)
+    np.savez(data, x=x)
+    predicted = [int(np.argmax(y)) for y in onnxopt.api.run_model(mlp(), [{"x": s} for s in x])["y"]]
+    np.savez(labels, labels=np.array(predicted))
+    ok = invoke("optimize", model_path, "-p", "dce", "--data", data, "--labels", labels, "--report", tmp_path / "r.json")
+    assert ok.exit_code == 0 and "original accuracy 100.00%" in ok.output
+    assert json.loads((tmp_path / "r.json").read_text())["steps"][0]["accuracy"] == 1.0
+    dropped = invoke("optimize", model_path, "-p", "negate-test", "--data", data, "--labels", labels,
+                     "--max-accuracy-drop", "1", "--repro-dir", tmp_path / "r")
+    assert dropped.exit_code == 1 and "points below the original's 100.00%" in dropped.output
+    wrong_count = tmp_path / "w.npz"
+    np.savez(wrong_count, labels=np.zeros(3, np.int64))
+    refused = invoke("optimize", model_path, "-p", "dce", "--data", data, "--labels", wrong_count)
+    assert refused.exit_code == 2 and "expected 20 integer class labels" in refused.output
