@@ -1,0 +1,78 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnxopt.errors import InputError
+from onnxopt.graph import GraphIndex, WeightStore, free_names, unique_name_factory, walk_graphs
+
+from conftest import make_model, mlp, tensor, value
+
+
+def test_index_knows_producers_and_consumers():
+    index = GraphIndex(mlp().graph)
+    assert index.producer_node("r").name == "relu"
+    assert [n.name for n in index.consumer_nodes("r")] == ["fc2"]
+    assert index.producer_node("x") is None and index.is_graph_output("y")
+
+
+def test_topological_order_puts_producers_first():
+    nodes = [
+        helper.make_node("Relu", ["b"], ["c"], name="third"),
+        helper.make_node("Neg", ["x"], ["a"], name="first"),
+        helper.make_node("Abs", ["a"], ["b"], name="second"),
+    ]
+    index = GraphIndex(make_model(nodes, [value("x", [1])], [value("c", [1])]).graph)
+    assert [index.nodes[i].name for i in index.topological_order()] == ["first", "second", "third"]
+
+
+def test_cycles_are_reported():
+    nodes = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Neg", ["a"], ["b"])]
+    index = GraphIndex(make_model(nodes, [value("x", [1])], [value("a", [1])]).graph)
+    with pytest.raises(InputError, match="cycle"):
+        index.topological_order()
+
+
+def test_subgraph_outer_references_are_uses_of_the_containing_node():
+    body = helper.make_graph([helper.make_node("Add", ["outer", "inner_in"], ["o"])], "body",
+                             [value("inner_in", [1])], [value("o", [1])])
+    assert free_names(body) == {"outer"}
+    nodes = [
+        helper.make_node("Neg", ["x"], ["outer"], name="producer"),
+        helper.make_node("Identity", ["x"], ["cond"]),
+        helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body, name="if"),
+    ]
+    model = make_model(nodes, [value("x", [1])], [value("y", [1])])
+    index = GraphIndex(model.graph)
+    assert [n.name for n in index.consumer_nodes("outer")] == ["if"]
+    assert len(list(walk_graphs(model.graph))) == 3
+
+
+def test_weight_store_sees_initializers_and_constant_nodes_alike():
+    nodes = [helper.make_node("Constant", [], ["c"], value=tensor("", np.ones((2, 2), np.float32))),
+             helper.make_node("MatMul", ["x", "c"], ["y"])]
+    model = make_model(nodes, [value("x", [1, 2])], [value("y", [1, 2])], [tensor("i", np.zeros(3, np.float32))])
+    store = WeightStore(model.graph)
+    assert set(store.names()) == {"i", "c"} and store.is_constant_node("c")
+    store.set_array("c", np.full((2, 2), 3, np.float32))
+    store.set_array("i", np.ones(3, np.float32))
+    fresh = WeightStore(model.graph)
+    assert fresh.array("c").tolist() == [[3, 3], [3, 3]] and fresh.array("i").tolist() == [1, 1, 1]
+
+
+def test_initializers_that_are_graph_inputs_are_not_weights():
+    model = mlp()
+    model.graph.input.append(value("w1", [16, 8]))
+    assert "w1" not in WeightStore(model.graph)
+
+
+def test_unique_names_avoid_every_existing_name():
+    make = unique_name_factory(mlp())
+    assert make("w1") == "w1_1" and make("w1") == "w1_2" and make("fresh") == "fresh"
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "onnxopt", "passes"], capture_output=True, text=True)
+    assert result.returncode == 0 and "dce" in result.stdout
