@@ -8,6 +8,7 @@ Outputs are kept, models are not: the original model is never copied.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import tempfile
 import time
@@ -88,7 +89,8 @@ def run_pipeline(
                 raise ValidationError(report.failure + (f" (reproducer: {report.reproducer})" if report.reproducer else "")) from exc
             seconds = time.perf_counter() - start
             model = result.model
-            record = StepRecord(index, step.name, format_step(step), pass_.exact, round(seconds, 6), result.modified,
+            record = StepRecord(index, step.name, format_step(step), dataclasses.asdict(step.options), pass_.exact,
+                                round(seconds, 6), result.modified,
                                 before, size_summary(model), dict(result.stats))
             report.steps.append(record)
             problems = _verify(model, original_interface, Path(scratch) / f"step{index}.onnx", record)

@@ -120,6 +120,7 @@ class StepRecord:
     index: int
     name: str
     step: str
+    options: dict[str, Any]
     exact: bool
     seconds: float
     modified: bool
