@@ -1,0 +1,170 @@
+"""prune: zero the least important weights of MatMul / Gemm / Conv (lossy; pair with zero-rows).
+
+Importance is ``|w|`` (magnitude) or ``|w| * ||x_in||_2`` (Wanda: the L2 norm of the input feature
+or channel the weight multiplies, over the calibration data, from one streaming calibration run).
+Targets are met exactly, ties included: existing zeros rank first, then exactly
+``round(sparsity * size)`` weights are zero per tensor (layer scope) or over all eligible tensors
+(global scope). ``N:M`` patterns keep the N most important of every M consecutive weights along
+the input axis (input channels for Conv), the layout sparse tensor cores accelerate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import InputError
+from .base import Pass, PassResult, count
+from .weights import PrunableTensor, find_prunable, input_norm_for
+
+METHODS = ("magnitude", "wanda")
+SCOPES = ("layer", "global")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``unstructured`` -> None; ``"2:4"`` -> (2, 4)."""
+    if pattern == "unstructured":
+        return None
+    keep, sep, group = pattern.partition(":")
+    if sep and keep.isdigit() and group.isdigit() and 0 < int(keep) < int(group):
+        return int(keep), int(group)
+    raise InputError(f"prune: pattern must be 'unstructured' or N:M with 0 < N < M (like 2:4), not '{pattern}'")
+
+
+def check_choice(pass_name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{pass_name}: {option} must be one of {'|'.join(choices)}, not '{value}'")
+
+
+def target_count(fraction: float, size: int) -> int:
+    """How many of ``size`` items a fraction names, rounded half up (the exact target)."""
+    return int(math.floor(fraction * size + 0.5))
+
+
+def activation_norms(pass_: Pass, model: onnx.ModelProto, tensors: list[PrunableTensor],
+                     stats: dict[str, int | float]) -> dict[str, np.ndarray]:
+    """L2 norm of each weight's input channels over the calibration data, by weight name.
+
+    One streaming calibration run collects every data input at once; a tied weight sums the
+    squares of all its inputs. Weights inside subgraphs have no observable input: they are
+    ranked by magnitude and counted.
+    """
+    from ..calibration import collect
+
+    feeds = pass_.context.calibration_feeds(pass_.name)
+    axes = {u.data: u.data_axis for t in tensors if t.top_level for u in t.uses}
+    collected = collect(model, feeds, [], sumsq_axes=axes) if axes else {}
+    norms = {}
+    for t in tensors:
+        if not t.top_level:
+            count(stats, "wanda_fallback_magnitude_in_subgraph")
+            continue
+        norms[t.name] = np.sqrt(sum(collected[u.data].channel_sumsq for u in t.uses))
+    return norms
+
+
+def importance(tensor: PrunableTensor, canonical: np.ndarray, norm: np.ndarray | None) -> np.ndarray:
+    """Importance on the canonical ``(out, ..., in)`` view; weights already zero rank below all others."""
+    score = np.abs(canonical.astype(np.float64))
+    if norm is not None:
+        score = score * input_norm_for(canonical.shape, norm, tensor.use.groups)
+    score[canonical == 0] = -1.0
+    return score
+
+
+def smallest_mask(score: np.ndarray, k: int) -> np.ndarray:
+    """True at exactly ``k`` positions holding the smallest scores (ties broken arbitrarily)."""
+    mask = np.zeros(score.size, dtype=bool)
+    if k > 0:
+        mask[np.argpartition(score.ravel(), k - 1)[:k]] = True
+    return mask.reshape(score.shape)
+
+
+def n_m_mask(score: np.ndarray, keep: int, group: int) -> np.ndarray:
+    """True at the ``group - keep`` smallest of every ``group`` consecutive scores along the last axis."""
+    blocks = score.reshape(*score.shape[:-1], score.shape[-1] // group, group)
+    drop = np.argsort(blocks, axis=-1, kind="stable")[..., : group - keep]
+    mask = np.zeros(blocks.shape, dtype=bool)
+    np.put_along_axis(mask, drop, True, axis=-1)
+    return mask.reshape(score.shape)
+
+
+class Prune(Pass):
+    name = "prune"
+    summary = "zero the least important MatMul/Gemm/Conv weights (magnitude or Wanda; unstructured or N:M)"
+    exact = False
+
+    @dataclass(frozen=True)
+    class Options:
+        sparsity: float = 0.5
+        method: str = "magnitude"
+        scope: str = "layer"
+        pattern: str = "unstructured"
+        exclude: tuple[str, ...] = ()
+        min_size: int = 0
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.sparsity < 1.0:
+                raise InputError(f"prune: sparsity must be in [0, 1), not {self.sparsity}")
+            check_choice("prune", "method", self.method, METHODS)
+            check_choice("prune", "scope", self.scope, SCOPES)
+            n_m = parse_pattern(self.pattern)
+            if n_m is not None:
+                if self.scope == "global":
+                    raise InputError("prune: scope=global works with pattern=unstructured only")
+                if not math.isclose(self.sparsity, 1 - n_m[0] / n_m[1]):
+                    raise InputError(f"prune: pattern {self.pattern} fixes sparsity at {1 - n_m[0] / n_m[1]:g}; "
+                                     f"got sparsity={self.sparsity}")
+            if self.min_size < 0:
+                raise InputError(f"prune: min_size must be >= 0, not {self.min_size}")
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if self.options.method == "wanda":
+            self.context.calibration_feeds(self.name)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        opts = self.options
+        stats: dict[str, int | float] = {"tensors_pruned": 0, "weights_eligible": 0, "weights_zero_before": 0,
+                                         "weights_zero_after": 0}
+        tensors = find_prunable(model, stats, exclude=opts.exclude, min_size=opts.min_size)
+        n_m = parse_pattern(opts.pattern)
+        if n_m is not None:
+            tensors = self._divisible(tensors, n_m[1], stats)
+        if not tensors:
+            stats["skipped_nothing_prunable"] = 1
+            return PassResult(model, False, stats)
+        norms = activation_norms(self, model, tensors, stats) if opts.method == "wanda" else {}
+        canonicals = [t.canonical() for t in tensors]
+        scores = [importance(t, w, norms.get(t.name)) for t, w in zip(tensors, canonicals)]
+        masks = self._masks(scores, n_m)
+        for tensor, weight, mask in zip(tensors, canonicals, masks):
+            stats["weights_eligible"] += weight.size
+            before = weight.size - np.count_nonzero(weight)
+            stats["weights_zero_before"] += before
+            pruned = np.where(mask, np.zeros((), weight.dtype), weight)
+            after = pruned.size - np.count_nonzero(pruned)
+            stats["weights_zero_after"] += after
+            if after > before:
+                tensor.write_canonical(pruned)
+                stats["tensors_pruned"] += 1
+        stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
+        return PassResult(model, stats["tensors_pruned"] > 0, stats)
+
+    def _divisible(self, tensors: list[PrunableTensor], group: int, stats) -> list[PrunableTensor]:
+        kept = [t for t in tensors if t.store.tensor(t.name).dims[t.use.in_axis] % group == 0]
+        count(stats, "skipped_inputs_not_divisible_by_m", len(tensors) - len(kept))
+        return kept
+
+    def _masks(self, scores: list[np.ndarray], n_m: tuple[int, int] | None) -> list[np.ndarray]:
+        sparsity = self.options.sparsity
+        if n_m is not None:
+            return [n_m_mask(s, *n_m) for s in scores]
+        if self.options.scope == "layer":
+            return [smallest_mask(s, target_count(sparsity, s.size)) for s in scores]
+        flat = np.concatenate([s.ravel() for s in scores])
+        mask = smallest_mask(flat, target_count(sparsity, flat.size))
+        splits = np.cumsum([s.size for s in scores])[:-1]
+        return [m.reshape(s.shape) for m, s in zip(np.split(mask, splits), scores)]

@@ -1,0 +1,152 @@
+"""Prunable weights and their layout, shared by prune and prune-neurons (and zero-rows' layouts).
+
+A weight is the constant operand of a MatMul, Gemm or Conv. Its layout says which axis holds
+output neurons / channels and which holds input features, so pruning code can work on one
+canonical view, ``(out, ..., in)``, whatever the op and its ``transB``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, walk_graphs
+from .base import count
+
+
+@dataclass(eq=False)
+class WeightUse:
+    """One node reading a constant weight: where the weight, its bias and its data input are."""
+
+    node: onnx.NodeProto
+    weight: str
+    bias: str | None      # Gemm C / Conv B (may be absent or a runtime value)
+    data: str             # the activation multiplied by the weight
+    out_axis: int         # weight axis of output neurons / channels
+    in_axis: int          # weight axis of input features / channels
+    data_axis: int        # axis of ``data`` holding the input features
+    groups: int = 1       # Conv groups
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return self.out_axis, self.in_axis, self.groups
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def weight_use(node: onnx.NodeProto, store: WeightStore, ranks: dict[str, int] | None = None) -> WeightUse | None:
+    """The layout of a MatMul / Gemm / Conv whose second input is a constant weight, else None.
+
+    ``ranks`` gives weight ranks when known already (avoids reading the tensor).
+    """
+    if node.domain not in STANDARD_DOMAINS or len(node.input) < 2:
+        return None
+    data, weight = node.input[0], node.input[1]
+    if not data or weight not in store or data in store:
+        return None
+    rank = ranks[weight] if ranks and weight in ranks else len(store.tensor(weight).dims)
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "MatMul" and rank == 2:
+        return WeightUse(node, weight, None, data, out_axis=1, in_axis=0, data_axis=-1)
+    if node.op_type == "Gemm" and rank == 2:
+        trans_b = attribute(node, "transB", 0)
+        data_axis = 0 if attribute(node, "transA", 0) else 1
+        return WeightUse(node, weight, bias, data, out_axis=0 if trans_b else 1, in_axis=1 if trans_b else 0,
+                         data_axis=data_axis)
+    if node.op_type == "Conv" and rank >= 3:
+        return WeightUse(node, weight, bias, data, out_axis=0, in_axis=1, data_axis=1,
+                         groups=attribute(node, "group", 1))
+    return None
+
+
+def to_canonical(array: np.ndarray, use: WeightUse) -> np.ndarray:
+    """The weight as ``(out, ..., in)``: output axis first, input axis last (Conv kernels between)."""
+    return np.moveaxis(array, (use.out_axis, use.in_axis), (0, -1))
+
+
+def from_canonical(array: np.ndarray, use: WeightUse) -> np.ndarray:
+    return np.moveaxis(array, (0, -1), (use.out_axis, use.in_axis))
+
+
+def input_norm_for(canonical_shape: tuple[int, ...], norm: np.ndarray, groups: int) -> np.ndarray:
+    """Per input channel activation norms broadcast onto a canonical weight (grouped Conv aware).
+
+    In a grouped Conv, output channel ``m`` reads input channels of group ``m // (M / groups)``.
+    """
+    out, per_group = canonical_shape[0], canonical_shape[-1]
+    by_group = norm.reshape(groups, per_group)
+    per_out = np.repeat(by_group, out // groups, axis=0)
+    return per_out.reshape(out, *([1] * (len(canonical_shape) - 2)), per_group)
+
+
+@dataclass(eq=False)
+class PrunableTensor:
+    """A weight tensor with every node using it (tied weights are pruned once, consistently)."""
+
+    graph: onnx.GraphProto
+    store: WeightStore
+    name: str
+    uses: list[WeightUse] = field(default_factory=list)
+    top_level: bool = True
+
+    @property
+    def use(self) -> WeightUse:
+        """The layout (identical for every use: tensors with conflicting layouts are not prunable)."""
+        return self.uses[0]
+
+    def canonical(self) -> np.ndarray:
+        return to_canonical(self.store.array(self.name), self.use)
+
+    def write_canonical(self, array: np.ndarray) -> None:
+        self.store.set_array(self.name, from_canonical(array, self.use))
+
+
+def find_prunable(
+    model: onnx.ModelProto,
+    stats: dict[str, int | float],
+    *,
+    exclude: tuple[str, ...] = (),
+    min_size: int = 0,
+) -> list[PrunableTensor]:
+    """Float weights of MatMul / Gemm / Conv in every graph, with the reason each other one is skipped.
+
+    A weight is skipped when excluded by name (node or tensor, fnmatch patterns), smaller than
+    ``min_size`` elements, read by a node that is not a prunable slot, or tied across nodes
+    with different layouts.
+    """
+    found: list[PrunableTensor] = []
+    for graph in walk_graphs(model.graph):
+        store = WeightStore(graph)
+        index = GraphIndex(graph)
+        by_name: dict[str, PrunableTensor] = {}
+        for node in graph.node:
+            use = weight_use(node, store)
+            if use is not None:
+                by_name.setdefault(use.weight, PrunableTensor(graph, store, use.weight,
+                                                              top_level=graph is model.graph)).uses.append(use)
+        for name, tensor in by_name.items():
+            proto = store.tensor(name)
+            size = int(np.prod(proto.dims, dtype=np.int64))
+            readers = index.consumers.get(name, [])
+            if proto.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                       onnx.TensorProto.BFLOAT16):
+                count(stats, "skipped_not_float")
+            elif any(fnmatch.fnmatchcase(n, p) for p in exclude for n in (name, *(u.node.name for u in tensor.uses))):
+                count(stats, "skipped_excluded")
+            elif size < min_size:
+                count(stats, "skipped_below_min_size")
+            elif len(readers) != len(tensor.uses) or index.is_graph_output(name):
+                count(stats, "skipped_weight_has_other_uses")
+            elif len({u.layout for u in tensor.uses}) > 1:
+                count(stats, "skipped_tied_layouts_differ")
+            else:
+                found.append(tensor)
+    return found
