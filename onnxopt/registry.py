@@ -5,7 +5,10 @@ from __future__ import annotations
 from .passes.base import Pass
 from .passes.dce import DeadCodeElimination
 from .passes.lift_constants import LiftConstants
+from .passes.prune import Prune
+from .passes.prune_neurons import PruneNeurons
 from .passes.quantize import QuantizePass
+from .passes.zero_rows import ZeroRows
 
 PASSES: dict[str, type[Pass]] = {
     p.name: p
@@ -13,5 +16,8 @@ PASSES: dict[str, type[Pass]] = {
         DeadCodeElimination,
         LiftConstants,
         QuantizePass,
+        Prune,
+        PruneNeurons,
+        ZeroRows,
     )
 }

@@ -141,11 +141,11 @@ class Prune(Pass):
         scores = [importance(t, w, norms.get(t.name)) for t, w in zip(tensors, canonicals)]
         masks = self._masks(scores, n_m)
         for tensor, weight, mask in zip(tensors, canonicals, masks):
-            stats["weights_eligible"] += weight.size
-            before = weight.size - np.count_nonzero(weight)
+            stats["weights_eligible"] += int(weight.size)
+            before = int(weight.size - np.count_nonzero(weight))
             stats["weights_zero_before"] += before
             pruned = np.where(mask, np.zeros((), weight.dtype), weight)
-            after = pruned.size - np.count_nonzero(pruned)
+            after = int(pruned.size - np.count_nonzero(pruned))
             stats["weights_zero_after"] += after
             if after > before:
                 tensor.write_canonical(pruned)

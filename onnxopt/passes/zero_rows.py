@@ -376,7 +376,7 @@ class ChannelGraph:
         else:
             target = self.constant(node.input[1])
             ok = (target is not None and target.shape == (2,) and target[1] in (-1, data.size * block)
-                  and (target[0] in (0, -1) or target[0] == shape[0]) and not attribute(node, "allowzero", 0))
+                  and (target[0] == -1 or target[0] == shape[0] or (target[0] == 0 and not attribute(node, "allowzero", 0))))
             if ok and target[1] != -1:
                 if node.input[1] in self.store and self.readers(node.input[1]) > 1:
                     return self._pin(node.input[0], "shared_constant")
@@ -394,20 +394,7 @@ class ChannelGraph:
 
     def _resolve(self) -> np.ndarray:
         """Root variable of each variable after joining the groups of element-wise operands."""
-        parent = list(range(self._variables))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for a_ids, b_ids in self._unions:
-            for a, b in zip(a_ids.tolist(), b_ids.tolist()):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-        return np.array([find(x) for x in range(self._variables)], dtype=np.int64)
+        return union_roots(self._variables, self._unions)
 
     def _blocked(self) -> np.ndarray:
         """Variables that must stay: pinned, or not a foldable constant at some consumer."""
@@ -438,6 +425,24 @@ class ChannelGraph:
             if removed[roots].all():
                 removed[roots[0]] = False
         return removed
+
+
+def union_roots(count: int, links: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Union-find over ``count`` items joined pairwise by ``links``: the smallest member of each set, per item."""
+    parent = list(range(count))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a_ids, b_ids in links:
+        for a, b in zip(a_ids.tolist(), b_ids.tolist()):
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(x) for x in range(count)], dtype=np.int64)
 
 
 def _has_padding(node: onnx.NodeProto) -> bool:

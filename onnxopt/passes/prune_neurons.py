@@ -1,0 +1,121 @@
+"""prune-neurons: zero whole output neurons / channels so that zero-rows can remove them (lossy).
+
+Channels are taken from zero-rows' own dependency analysis run as if every producer row were
+already zero: only channels it would then remove are candidates, so every neuron zeroed here
+really goes away in ``zero-rows``. A channel shared by several producers (a residual group, a
+depthwise chain) is one neuron: its importance sums over all its producer rows, and all of them
+(weights and bias) are zeroed together. In each group of connected channels the ``ratio`` least
+important are zeroed, always leaving one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import InputError
+from ..graph import model_graphs, unique_name_factory, value_shapes, walk_graphs
+from .base import Pass, PassResult
+from .prune import activation_norms, check_choice, importance, target_count
+from .weights import PrunableTensor
+from .zero_rows import ChannelGraph, Producer, opset_version, union_roots
+
+METHODS = ("l2", "wanda")
+
+
+class PruneNeurons(Pass):
+    name = "prune-neurons"
+    summary = "zero the least important whole neurons/channels (with bias) where zero-rows can remove them"
+    exact = False
+
+    @dataclass(frozen=True)
+    class Options:
+        ratio: float = 0.5
+        method: str = "l2"
+        exclude: tuple[str, ...] = ()
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.ratio < 1.0:
+                raise InputError(f"prune-neurons: ratio must be in [0, 1), not {self.ratio}")
+            check_choice("prune-neurons", "method", self.method, METHODS)
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if self.options.method == "wanda":
+            self.context.calibration_feeds(self.name)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        stats: dict[str, int | float] = {"neurons_zeroed": 0, "neurons_removable": 0, "neuron_groups": 0}
+        shapes = value_shapes(model)
+        opset = opset_version(model)
+        excluded = frozenset(n.name for g in model_graphs(model) for n in g.node
+                             if n.name and any(fnmatch.fnmatchcase(n.name, p) for p in self.options.exclude))
+        analyses = [ChannelGraph(g, opset, shapes if g is model.graph else {}, assume_dead=True,
+                                 exclude_nodes=excluded) for g in walk_graphs(model.graph)]
+        tensors = [PrunableTensor(a.graph, a.store, p.use.weight, [p.use], a.graph is model.graph)
+                   for a in analyses for p in a.producers]
+        if not tensors:
+            stats["skipped_nothing_prunable"] = 1
+            return PassResult(model, False, stats)
+        norms = activation_norms(self, model, tensors, stats) if self.options.method == "wanda" else {}
+        tensor_of = {id(t.use.node): t for t in tensors}
+        new_name = unique_name_factory(model)
+        for analysis in analyses:
+            for reason, n in sorted(analysis.skips.items()):
+                stats[f"skipped_{reason}"] = stats.get(f"skipped_{reason}", 0) + n
+            self._prune_graph(analysis, tensor_of, norms, stats, new_name)
+        return PassResult(model, stats["neurons_zeroed"] > 0, stats)
+
+    def _prune_graph(self, analysis: ChannelGraph, tensor_of: dict, norms: dict, stats: dict, new_name) -> None:
+        roots = analysis.roots
+        scores = np.zeros(len(roots))
+        links = []
+        for producer in analysis.producers:
+            tensor = tensor_of[id(producer.node)]
+            canonical = tensor.canonical()
+            if self.options.method == "l2":
+                row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
+            else:
+                score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0)
+                row = score.reshape(len(canonical), -1).sum(axis=1)
+            producer_roots = roots[analysis.values[producer.output].ids]
+            np.add.at(scores, producer_roots, row)
+            links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
+        group_of = union_roots(len(roots), links)
+        produced = np.unique(np.concatenate([link[0] for link in links]))
+        chosen = np.zeros(len(roots), bool)
+        for group in np.unique(group_of[produced]):
+            members = produced[group_of[produced] == group]
+            candidates = members[~analysis.blocked[members]]
+            k = min(target_count(self.options.ratio, len(members)), len(candidates), len(members) - 1)
+            stats["neuron_groups"] += 1
+            stats["neurons_removable"] += len(candidates)
+            if k > 0:
+                order = np.argsort(scores[candidates], kind="stable")
+                chosen[candidates[order[:k]]] = True
+        stats["neurons_zeroed"] += int(chosen.sum())
+        for producer in analysis.producers:
+            rows = chosen[roots[analysis.values[producer.output].ids]]
+            if rows.any():
+                _zero_rows(analysis, producer, tensor_of[id(producer.node)], rows, new_name)
+
+
+def _zero_rows(analysis: ChannelGraph, producer: Producer, tensor: PrunableTensor, rows: np.ndarray, new_name) -> None:
+    """Zero a producer's weight rows and their bias entries."""
+    canonical = tensor.canonical().copy()
+    canonical[rows] = 0
+    tensor.write_canonical(canonical)
+    bias_name = producer.use.bias
+    bias = analysis.constant(bias_name) if bias_name else None
+    if bias is None or not bias.ndim or bias.shape[-1] != len(rows):
+        return
+    bias = bias.copy()
+    bias[..., rows] = 0
+    if bias_name in analysis.store:
+        analysis.store.set_array(bias_name, bias)
+    else:  # a bias computed from constants (Reshape of a Constant): give the node its own
+        fresh = new_name(f"{producer.node.output[0]}_bias")
+        analysis.store.add_initializer(fresh, bias)
+        producer.node.input[2] = fresh
