@@ -132,7 +132,7 @@ class TensorStats:
 def _batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
     """Join ``size`` consecutive sample feeds along the batch axis (FeedSet does it without copies)."""
     if size <= 1:
-        yield from (dict(f) for f in feeds)
+        yield from ({k: np.asarray(v) for k, v in f.items()} for f in feeds)  # 0-d samples come as numpy scalars
         return
     if isinstance(feeds, FeedSet):
         yield from feeds.batches(size)

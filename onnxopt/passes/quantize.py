@@ -404,20 +404,24 @@ def _mse_range(values, counts, lo, hi, levels) -> tuple[float, float]:
 
 
 def _entropy_range(values, counts, lo, hi, symmetric) -> tuple[float, float]:
-    """TensorRT-style KL threshold on |x| over 2048 bins, candidates every 16 bins."""
+    """TensorRT-style KL threshold on |x| over 2048 bins, candidates every 16 bins.
+
+    Levels: 128 per side for signed data, 256 for non-negative data under uint8 (it gets them all).
+    """
+    levels = 256 if lo == 0 and not symmetric else 128
     mags = np.abs(values)
     top = float(mags.max())
     if top == 0:
         return lo, hi
     hist = np.histogram(mags, 2048, range=(0, top), weights=counts)[0]
     best, best_kl = 2048, np.inf
-    for i in range(128, 2049, 16):
+    for i in range(levels, 2049, 16):
         p = hist[:i].astype(np.float64)
         p[-1] += hist[i:].sum()
-        chunk = np.arange(i) * 128 // i
+        chunk = np.arange(i) * levels // i
         nonzero = hist[:i] > 0
-        sums = np.bincount(chunk, weights=hist[:i], minlength=128)
-        nz = np.bincount(chunk, weights=nonzero, minlength=128)
+        sums = np.bincount(chunk, weights=hist[:i], minlength=levels)
+        nz = np.bincount(chunk, weights=nonzero, minlength=levels)
         q = np.where(nonzero, sums[chunk] / np.maximum(nz[chunk], 1), 0.0)
         ps, qs = p / p.sum(), q / max(q.sum(), 1e-12)
         mask = ps > 0

@@ -1,0 +1,152 @@
+"""Streaming calibration statistics: exact values, invariance to batching and sharding, memory, cache files."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from onnxopt.calibration import TensorStats, collect, load_stats, save_stats
+from onnxopt.data import FeedSet
+from onnxopt.errors import InputError
+
+from conftest import make_model, mlp, tensor, value
+
+
+def scaled_relu():
+    """x[batch,3,4] -> Mul(2) -> h -> Relu -> y: values numpy reproduces bit for bit."""
+    nodes = [helper.make_node("Mul", ["x", "two"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    return make_model(nodes, [value("x", ["batch", 3, 4])], [value("y", ["batch", 3, 4])],
+                      [tensor("two", np.array(2.0, np.float32))])
+
+
+def data(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 1, 3, 4)).astype(np.float32) * 3
+
+
+def test_exact_statistics_of_inputs_and_intermediates():
+    x = data(10)
+    stats = collect(scaled_relu(), FeedSet({"x": x}, "t"), ["x", "h", "y"], histogram_bins=16,
+                    sumsq_axes={"h": 1})
+    h = x * 2
+    assert stats["x"].count == x.size and stats["x"].min == x.min() and stats["x"].max == x.max()
+    assert stats["h"].min == h.min() and stats["h"].max == h.max()
+    assert stats["y"].min == 0.0 and stats["y"].max == h.max()
+    np.testing.assert_allclose(stats["h"].channel_sumsq, (h.astype(np.float64) ** 2).sum(axis=(0, 1, 3)))
+    np.testing.assert_allclose(stats["h"].channel_mean, h.astype(np.float64).mean(axis=(0, 1, 3)), rtol=1e-12)
+    assert stats["h"].channel_count == 10 * 4
+    assert stats["x"].channel_sum is None and stats["y"].codes is not None
+
+
+def test_histogram_matches_a_direct_fixed_range_histogram_within_grid_rounding():
+    x = data(50)
+    st_ = collect(scaled_relu(), FeedSet({"x": x}, "t"), ["x"], histogram_bins=32)["x"]
+    direct, edges = np.histogram(x.astype(np.float64), 32, range=(float(x.min()), float(x.max())))
+    assert st_.histogram.sum() == x.size
+    np.testing.assert_array_equal(st_.edges, edges)
+    # a value moves at most one bin (the grid's 2^-8 relative rounding)
+    assert np.abs(np.cumsum(st_.histogram) - np.cumsum(direct)).max() <= 0.03 * x.size
+
+
+def test_no_histogram_unless_asked():
+    stats = collect(scaled_relu(), FeedSet({"x": data(2)}, "t"), ["h"])
+    assert stats["h"].codes is None and stats["h"].histogram is None
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 12), batch=st.integers(1, 8), cut=st.integers(1, 11), seed=st.integers(0, 99))
+def test_same_statistics_for_any_batch_size_and_sharding(n, batch, cut, seed):
+    """min/max, counts and histograms exactly equal across batch sizes and shard merges."""
+    cut = min(cut, n - 1)
+    model, x = scaled_relu(), data(n, seed)
+    args = dict(tensors=["x", "h", "y"], histogram_bins=8, sumsq_axes={"h": 1})
+    one = collect(model, FeedSet({"x": x}, "t"), **args)
+    batched = collect(model, FeedSet({"x": x}, "t"), **args, batch_size=batch)
+    sample_dicts = collect(model, [{"x": s} for s in x], **args, batch_size=batch)
+    left = collect(model, FeedSet({"x": x[:cut]}, "t"), **args)
+    right = collect(model, FeedSet({"x": x[cut:]}, "t"), **args)
+    for name in args["tensors"]:
+        for other in (batched[name], sample_dicts[name], left[name].merge(right[name]), right[name].merge(left[name])):
+            assert (other.count, other.min, other.max) == (one[name].count, one[name].min, one[name].max)
+            np.testing.assert_array_equal(other.codes, one[name].codes)
+            if name == "h":
+                np.testing.assert_allclose(other.channel_sumsq, one[name].channel_sumsq, rtol=1e-12)
+
+
+def test_matmul_ranges_identical_for_batch_sizes_1_and_8():
+    model = mlp(hidden=32)
+    x = np.random.default_rng(3).standard_normal((16, 1, 8)).astype(np.float32)
+    a = collect(model, FeedSet({"x": x}, "t"), ["h", "r", "m", "y"])
+    b = collect(model, FeedSet({"x": x}, "t"), ["h", "r", "m", "y"], batch_size=8)
+    assert {k: (v.min, v.max) for k, v in a.items()} == {k: (v.min, v.max) for k, v in b.items()}
+
+
+def test_peak_memory_does_not_grow_with_sample_count():
+    model = mlp(hidden=64)
+
+    def samples(n):
+        rng = np.random.default_rng(0)
+        return ({"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(n))
+
+    def peak(n):
+        tracemalloc.start()
+        collect(model, samples(n), ["x", "h", "r", "m"], histogram_bins=64, sumsq_axes={"r": 1})
+        result = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return result
+
+    peak(4)  # warm caches (imports, onnxruntime)
+    small, large = peak(16), peak(256)
+    assert large <= small * 1.1 + 64 * 1024
+
+
+def test_cache_file_round_trip(tmp_path):
+    stats = collect(scaled_relu(), FeedSet({"x": data(5)}, "t"), ["x", "h"], histogram_bins=8, sumsq_axes={"h": 1})
+    save_stats(tmp_path / "c.npz", stats, "abc")
+    loaded, fingerprint = load_stats(tmp_path / "c.npz")
+    assert fingerprint == "abc" and list(loaded) == ["x", "h"]
+    for name in stats:
+        a, b = stats[name], loaded[name]
+        assert (a.count, a.min, a.max, a.bins, a.channel_count) == (b.count, b.min, b.max, b.bins, b.channel_count)
+        np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(loaded["h"].channel_sumsq, stats["h"].channel_sumsq)
+    assert loaded["x"].channel_sum is None
+
+
+def test_merge_of_empty_stats_is_identity():
+    st_ = TensorStats(bins=4)
+    st_.update(np.array([-0.0, 1.5, -2.0], np.float32))
+    merged = TensorStats().merge(st_)
+    assert (merged.count, merged.min, merged.max) == (3, -2.0, 1.5)
+    np.testing.assert_array_equal(merged.codes, st_.codes)
+
+
+def test_negative_zero_does_not_make_min_order_dependent():
+    a, b = TensorStats(), TensorStats()
+    a.update(np.array([0.0, -0.0, 1.0], np.float32))
+    b.update(np.array([-0.0, 0.0, 1.0], np.float32))
+    assert str(a.min) == str(b.min) == "0.0"
+
+
+def test_progress_bar_runs(capsys):
+    stats = collect(scaled_relu(), FeedSet({"x": data(3)}, "t"), ["y"], progress=True)
+    assert stats["y"].count == 36
+
+
+@pytest.mark.parametrize("tensors, feeds, message", [
+    (["nope"], FeedSet({"x": data(2)}, "t"), "no value named 'nope'"),
+    (["h"], FeedSet({"x": data(0)}, "t"), "no samples"),
+    (["x"], [{"other": data(1)[0]}], "no array for graph input 'x'"),
+])
+def test_bad_input_is_a_clear_input_error(tensors, feeds, message):
+    with pytest.raises(InputError, match=message):
+        collect(scaled_relu(), feeds, tensors)
+
+
+def test_unreadable_cache_is_an_input_error(tmp_path):
+    bad = tmp_path / "c.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a calibration cache"):
+        load_stats(bad)

@@ -1,0 +1,346 @@
+"""quantize: QDQ structure and scales, onnxruntime fusions, weights everywhere, accuracy, bad input."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+from onnxopt.data import FeedSet, load_feeds
+from onnxopt.errors import InputError
+from onnxopt.passes.base import PassContext
+from onnxopt.passes.quantize import QuantizePass
+from onnxopt.validate import check_interface, check_structure
+
+from conftest import make_model, mlp, run, tensor, value
+
+
+def copy(model):
+    c = onnx.ModelProto()
+    c.CopyFrom(model)
+    return c
+
+
+def cnn(seed=0, opset=17, constants=False):
+    """x[b,3,8,8] -> Conv(+B) -> BatchNorm -> Relu -> MaxPool -> Flatten -> Gemm(transB) -> y[b,5]."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32),
+        "gamma": rng.uniform(0.5, 2, 4).astype(np.float32), "beta": rng.standard_normal(4).astype(np.float32),
+        "mean": rng.standard_normal(4).astype(np.float32), "var": rng.uniform(0.5, 2, 4).astype(np.float32),
+        "fw": rng.standard_normal((5, 16)).astype(np.float32), "fb": rng.standard_normal(5).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["n"], name="bn"),
+        helper.make_node("Relu", ["n"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[3, 3], strides=[3, 3]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1),
+    ]
+    inits = [tensor(k, v) for k, v in arrays.items()]
+    if constants:
+        nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in inits] + nodes
+        inits = []
+    return make_model(nodes, [value("x", ["batch", 3, 8, 8])], [value("y", ["batch", 5])], inits, opset=opset)
+
+
+def samples(model, n=16, seed=1):
+    """Random samples for the single input x (batch axis 1 per sample)."""
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = np.random.default_rng(seed).standard_normal((n, 1, *dims)).astype(np.float32)
+    return FeedSet({"x": x}, "calib")
+
+
+def quantize(model, feeds=None, **options):
+    return QuantizePass(QuantizePass.Options(**options), PassContext(calib=samples(model) if feeds is None else feeds))(copy(model))
+
+
+def cosine(a, b, feeds):
+    r = np.concatenate([run(a, f)[0].ravel() for f in feeds])
+    c = np.concatenate([run(b, f)[0].ravel() for f in feeds])
+    return float(r @ c / np.linalg.norm(r) / np.linalg.norm(c))
+
+
+def fused_ops(model, tmp_path):
+    """Op types onnxruntime runs after its graph optimizations (QDQ fusions included)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def initializers(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# --------------------------------------------------------------------------- structure and scales
+
+
+def test_cnn_qdq_structure_stats_and_fusion(tmp_path):
+    model = cnn()
+    result = quantize(model, method="minmax")
+    assert result.modified
+    assert result.stats == {"nodes_quantized": 2, "weights_quantized": 2, "activations_quantized": 4,
+                            "batchnorm_folded": 1, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2}
+    q = result.model
+    assert check_structure(q) is None and check_interface(model, q) == []
+    ops = Counter(n.op_type for n in q.graph.node)
+    # x, relu output, maxpool output, flatten output: one Q/DQ pair each; DQ for 2 weights + 2 biases
+    assert ops == {"QuantizeLinear": 4, "DequantizeLinear": 8, "Conv": 1, "Relu": 1, "MaxPool": 1, "Flatten": 1,
+                   "Gemm": 1}
+    dtypes = {t.name: t.data_type for t in q.graph.initializer}
+    assert dtypes["w_quantized"] == dtypes["fw_quantized"] == onnx.TensorProto.INT8
+    assert dtypes["b_quantized"] == dtypes["fb_quantized"] == onnx.TensorProto.INT32
+    assert not {"w", "fw", "b", "fb", "gamma", "beta", "mean", "var"} & set(dtypes)  # no float copies left
+    fused = fused_ops(q, tmp_path)
+    assert fused["QLinearConv"] == 1 and fused["QGemm"] == 1 and "Conv" not in fused and "Gemm" not in fused
+
+
+def test_weight_scales_are_symmetric_per_channel_and_biases_use_input_times_weight_scale():
+    model = cnn()
+    q = quantize(model, method="minmax").model
+    inits = initializers(q)
+    folded = quantize(model, method="minmax", bias_correction=False)
+    w = inits["w_quantized"].astype(np.float32) * inits["w_scale"][:, None, None, None]
+    assert np.array_equal(inits["w_zero_point"], np.zeros(4, np.int8))
+    np.testing.assert_allclose(np.abs(inits["w_quantized"]).max(axis=(1, 2, 3)), 127)
+    assert w.shape == (4, 3, 3, 3)
+    np.testing.assert_allclose(inits["b_scale"], inits["x_scale"] * inits["w_scale"], rtol=1e-6)
+    assert folded.stats.get("bias_corrected") is None
+
+
+def test_per_tensor_option_gives_scalar_weight_scales():
+    q = quantize(cnn(), per_channel=False).model
+    assert initializers(q)["w_scale"].shape == ()
+    assert all(not any(a.name == "axis" for a in n.attribute) for n in q.graph.node if n.input[0] == "w_quantized")
+
+
+def test_int8_symmetric_activations_and_reduce_range():
+    q = quantize(cnn(), activation_type="int8", reduce_range=True).model
+    inits = initializers(q)
+    assert inits["x_zero_point"].dtype == np.int8 and inits["x_zero_point"] == 0
+    assert np.abs(inits["w_quantized"]).max() == 63
+
+
+def test_activation_scales_match_onnxruntime_quantize_static_minmax(tmp_path):
+    """onnxruntime's own quantizer as an oracle for plain min/max, per-tensor, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model = mlp(hidden=16)
+    feeds = samples(model)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    onnx.save(model, tmp_path / "m.onnx")
+    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
+                    op_types_to_quantize=["Gemm", "MatMul"])
+    theirs = initializers(onnx.load(tmp_path / "q.onnx"))
+    ours = initializers(quantize(model, feeds, method="minmax", bias_correction=False).model)
+    for name in ("x", "r"):
+        np.testing.assert_allclose(ours[f"{name}_scale"], theirs[f"{name}_scale"], rtol=1e-6)
+        assert ours[f"{name}_zero_point"] == theirs[f"{name}_zero_point"]
+
+
+def test_relu_is_folded_into_the_output_pair_only_for_uint8():
+    asym = quantize(cnn()).model
+    sym = quantize(cnn(), activation_type="int8").model
+    assert "n_quantized" not in {o for n in asym.graph.node for o in n.output}
+    assert "n_quantized" in {o for n in sym.graph.node for o in n.output}
+
+
+def test_graph_output_of_last_layer_stays_float():
+    q = quantize(cnn()).model
+    assert q.graph.output[0].name == "y"
+    assert next(n for n in q.graph.node if "y" in n.output).op_type == "Gemm"
+
+
+# --------------------------------------------------------------------------- where weights live
+
+
+def test_weights_in_constant_nodes_and_opset_11_upgrade():
+    model = cnn(opset=11, constants=True)
+    result = quantize(model)
+    assert result.stats["opset_upgraded_from"] == 11 and result.stats["weights_quantized"] == 2
+    q = result.model
+    consts = {n.output[0]: n.attribute[0].t.data_type for n in q.graph.node if n.op_type == "Constant"}
+    assert consts["w_quantized"] == onnx.TensorProto.INT8 and "w" not in consts
+    assert not {"gamma", "beta", "mean", "var"} & set(consts)  # folded BN parameters are gone
+    assert check_structure(q) is None
+    assert cosine(model, q, samples(model, 8, seed=5)) > 0.99
+
+
+def if_model():
+    """y = If(cond, then: x @ W1, else: x @ W2), weights inside the branches."""
+    rng = np.random.default_rng(0)
+
+    def branch(name):
+        w = tensor(f"{name}_w", rng.standard_normal((8, 4)).astype(np.float32))
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"], name=f"{name}_mm")],
+                                 name, [], [value(f"{name}_y", ["batch", 4])], initializer=[w])
+
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    return make_model(nodes, [value("x", ["batch", 8]), value("cond", [], onnx.TensorProto.BOOL)],
+                      [value("y", ["batch", 4])])
+
+
+def test_weights_inside_if_branches_are_quantized():
+    model = if_model()
+    feeds = FeedSet({"x": np.random.default_rng(1).standard_normal((4, 1, 8)).astype(np.float32),
+                     "cond": np.array([True, False, True, False])}, "calib")
+    result = quantize(model, feeds)
+    assert result.stats["weights_quantized"] == 2 and result.stats["weight_only_nodes"] == 2
+    for attr in result.model.graph.node[0].attribute:
+        branch = attr.g
+        assert {t.data_type for t in branch.initializer} >= {onnx.TensorProto.INT8}
+        assert onnx.TensorProto.FLOAT not in {t.data_type for t in branch.initializer if t.name.endswith("_w")}
+        assert branch.node[0].op_type == "DequantizeLinear"
+    assert check_structure(result.model) is None
+    for feed in feeds:
+        feed = {k: np.asarray(v) for k, v in feed.items()}
+        np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=0.1)
+
+
+def test_exclusion_by_name_and_op_type_keeps_float():
+    by_name = quantize(cnn(), exclude_nodes=("conv",))
+    by_type = quantize(cnn(), exclude_op_types=("Gemm",))
+    assert by_name.stats["nodes_quantized"] == 1 and "w" in initializers(by_name.model)
+    assert by_type.stats["nodes_quantized"] == 1 and "fw" in initializers(by_type.model)
+    assert "w_quantized" in initializers(by_type.model)
+
+
+def test_dynamic_weight_is_skipped_and_counted():
+    nodes = [helper.make_node("Conv", ["x", "wx"], ["y"], name="conv")]
+    model = make_model(nodes, [value("x", [1, 3, 8, 8]), value("wx", [2, 3, 3, 3])], [value("y", [1, 2, 6, 6])])
+    feeds = FeedSet({"x": np.ones((2, 1, 3, 8, 8), np.float32), "wx": np.ones((2, 2, 3, 3, 3), np.float32)}, "c")
+    result = quantize(model, feeds)
+    assert result.stats["skipped_dynamic_weight"] == 1 and not result.modified
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("method, bound", [("minmax", 0.99), ("percentile", 0.99), ("mse", 0.99),
+                                           ("entropy", 0.98)])  # KL clips hard on 16 samples, by design
+def test_every_method_keeps_accuracy(method, bound):
+    model = cnn()
+    assert cosine(model, quantize(model, method=method).model, samples(model, 8, seed=7)) > bound
+
+
+def outlier_mlp():
+    """Two MatMul layers where a few input channels are 100x larger: per-tensor ranges suffer."""
+    rng = np.random.default_rng(0)
+    scale = np.ones(16, np.float32)
+    scale[[2, 9]] = 100
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"], name="amplify"),
+             helper.make_node("MatMul", ["xs", "w1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    inits = [tensor("s", scale), tensor("w1", rng.standard_normal((16, 16)).astype(np.float32) / scale[:, None]),
+             tensor("w2", rng.standard_normal((16, 4)).astype(np.float32))]
+    return make_model(nodes, [value("x", ["batch", 8, 16])], [value("y", ["batch", 8, 4])], inits)
+
+
+def test_accuracy_aware_mode_keeps_the_most_sensitive_layers_float_until_target():
+    model = outlier_mlp()
+    feeds = FeedSet({"x": np.random.default_rng(1).standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
+    plain = quantize(model, feeds, method="minmax")
+    target = 0.9999
+    assert cosine(model, plain.model, feeds) < target
+    aware = quantize(model, feeds, method="minmax", min_cosine=target)
+    assert aware.stats["kept_float"] == 1 and aware.stats["kept_float:mm1"] == 1
+    assert aware.stats["calib_cosine"] >= target and cosine(model, aware.model, feeds) >= target
+    assert "kept_float" not in plain.stats
+
+
+def test_calibration_cache_is_reused_by_another_method(tmp_path):
+    model, cache = cnn(), tmp_path / "calib.npz"
+    first = QuantizePass(QuantizePass.Options(method="mse"), PassContext(calib=samples(model), calib_cache=cache))
+    assert first(copy(model)).stats["calib_cache_hit"] == 0 and cache.exists()
+    second = QuantizePass(QuantizePass.Options(method="entropy"),
+                          PassContext(calib=samples(model), calib_cache=cache))
+    assert second(copy(model)).stats["calib_cache_hit"] == 1
+    other = QuantizePass(QuantizePass.Options(), PassContext(calib=samples(model), calib_cache=cache))
+    assert other(cnn(seed=3)).stats["calib_cache_hit"] == 0  # another model: not reused
+
+
+def test_iterable_of_feed_dicts_is_accepted():
+    model = cnn()
+    result = quantize(model, [dict(f) for f in samples(model)])
+    assert result.stats["nodes_quantized"] == 2
+
+
+@settings(max_examples=6, deadline=None)
+@given(hidden=st.integers(2, 24), seed=st.integers(0, 50), per_channel=st.booleans())
+def test_quantize_keeps_the_float_interface_and_passes_the_checker(hidden, seed, per_channel):
+    model = mlp(seed=seed, hidden=hidden)
+    q = quantize(model, per_channel=per_channel).model
+    assert check_interface(model, q) == [] and check_structure(q) is None
+    assert not {"w1", "w2"} & {t.name for t in q.graph.initializer}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "kl"}, "method must be one of"),
+    ({"activation_type": "int4"}, "activation_type"),
+    ({"percentile": 20.0}, "percentile"),
+    ({"op_types": ("Conv", "Add")}, "op_types"),
+    ({"min_cosine": 1.5}, "min_cosine"),
+    ({"batch_size": 0}, "at least 1"),
+])
+def test_bad_options_are_input_errors(options, message):
+    with pytest.raises(InputError, match=message):
+        QuantizePass.Options(**options)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.zeros((2, 1, 3, 8, 8), np.float32)}, "no array for model input 'x'"),
+    ({"x": np.zeros((2, 1, 3, 8, 8), np.float64)}, "float64"),
+    ({"x": np.zeros((2, 3, 8, 8), np.float32)}, "rank"),
+    ({"x": np.full((2, 1, 3, 8, 8), np.nan, np.float32)}, "NaN"),
+    ({"x": np.zeros((0, 1, 3, 8, 8), np.float32)}, "no samples"),
+])
+def test_calibration_data_not_matching_the_model_is_an_input_error(arrays, message):
+    model = cnn()
+    with pytest.raises(InputError, match=message):
+        quantize(model, FeedSet(arrays, "calib"))
+
+
+def test_missing_calibration_and_bad_samples_in_an_iterable():
+    with pytest.raises(InputError, match="needs calibration data"):
+        QuantizePass()(cnn())
+    bad = [{"x": np.full((1, 3, 8, 8), np.inf, np.float32)}]
+    with pytest.raises(InputError, match="NaN or Inf"):
+        quantize(cnn(), bad)
+    with pytest.raises(InputError, match="no samples"):
+        quantize(cnn(), [])
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "ppocr_cls"])
+def test_real_models_lose_at_most_half_a_point(shared_models, name):
+    folder = shared_models / name
+    model = onnx.load(folder / "model.onnx")
+    result = QuantizePass(None, PassContext(calib=load_feeds(folder / "calib.npz")))(copy(model))
+    evals, labels = load_feeds(folder / "eval.npz"), np.load(folder / "labels.npz")["labels"]
+
+    def accuracy(m):
+        return np.mean([run(m, f)[0].argmax() == label for f, label in zip(evals, labels)])
+
+    assert accuracy(result.model) >= accuracy(model) - 0.005
+    assert result.model.ByteSize() < model.ByteSize() * 0.55
