@@ -1,0 +1,232 @@
+"""prune and prune-neurons: exact targets, patterns, Wanda ranking, tied weights, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from test_zero_rows import make_model, node, weight, zero_rows_exact
+
+from onnxopt.data import FeedSet
+from onnxopt.errors import InputError
+from onnxopt.passes.base import PassContext
+from onnxopt.passes.prune import Prune
+from onnxopt.passes.prune_neurons import PruneNeurons
+from onnxopt.passes.zero_rows import ZeroRows
+
+
+def mlp(w1: np.ndarray, w2: np.ndarray, trans_b: int = 1) -> onnx.ModelProto:
+    n_in = w1.shape[1] if trans_b else w1.shape[0]
+    return make_model(
+        [node("Gemm", ["x", "w1", "b1"], "h", transB=trans_b), node("Relu", ["h"], "r"),
+         node("Gemm", ["r", "w2"], "y", transB=trans_b)],
+        {"x": [2, n_in]}, ["y"], {"w1": w1, "b1": weight(w1.shape[0] if trans_b else w1.shape[1]), "w2": w2})
+
+
+def array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def prune(model: onnx.ModelProto, calib=None, **options):
+    return Prune(Prune.Options(**options), PassContext(calib=calib))(model)
+
+
+def zeros(a: np.ndarray) -> int:
+    return int(a.size - np.count_nonzero(a))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7])
+def test_layer_scope_meets_target_per_tensor(sparsity):
+    model = mlp(weight(10, 7), weight(3, 10))
+    result = prune(model, sparsity=sparsity)
+    for name, size in (("w1", 70), ("w2", 30)):
+        assert zeros(array(result.model, name)) == int(np.floor(sparsity * size + 0.5))
+    assert result.stats["weights_eligible"] == 100 and result.stats["tensors_pruned"] == (2 if sparsity else 0)
+    assert zeros(array(result.model, "b1")) == 0  # biases are not weights
+
+
+def test_ties_and_existing_zeros_count():
+    w1 = np.ones((4, 5), np.float32)
+    w1[0, :3] = 0  # 3 zeros already
+    result = prune(mlp(w1, weight(2, 4)), sparsity=0.5)
+    pruned = array(result.model, "w1")
+    assert zeros(pruned) == 10 and (pruned[0, :3] == 0).all()  # 7 more among 17 equal values
+    assert result.stats["weights_zero_before"] == 3
+
+
+def test_global_scope_meets_overall_target_and_ranks_across_tensors():
+    small, large = weight(6, 5) * 0.01, weight(3, 6)
+    result = prune(mlp(small, large), sparsity=0.5, scope="global")
+    assert result.stats["weights_zero_after"] == 24 and result.stats["sparsity"] == 0.5
+    assert zeros(array(result.model, "w1")) > zeros(array(result.model, "w2"))
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_2_4_keeps_two_largest_of_every_four_inputs(trans_b):
+    w1 = weight(6, 8) if trans_b else weight(8, 6)
+    result = prune(mlp(w1, weight(3, 6) if trans_b else weight(6, 3), trans_b), sparsity=0.5, pattern="2:4")
+    pruned = array(result.model, "w1")
+    rows = pruned if trans_b else pruned.T  # (out, in)
+    original = w1 if trans_b else w1.T
+    blocks, kept_from = rows.reshape(6, 2, 4), np.abs(original).reshape(6, 2, 4)
+    assert ((blocks != 0).sum(axis=-1) == 2).all()
+    assert (np.sort(kept_from, axis=-1)[..., 2:] == np.sort(np.abs(blocks), axis=-1)[..., 2:]).all()
+    assert result.stats["skipped_inputs_not_divisible_by_m"] == 1  # w2's 6 inputs
+
+
+def test_2_4_on_conv_groups_input_channels():
+    w = weight(3, 8, 3, 3)
+    model = make_model([node("Conv", ["x", "w"], "y")], {"x": [1, 8, 5, 5]}, ["y"], {"w": w})
+    pruned = array(prune(model, sparsity=0.5, pattern="2:4").model, "w")
+    by_input = np.moveaxis(pruned, 1, -1).reshape(3, 3, 3, 2, 4)
+    assert ((by_input != 0).sum(axis=-1) == 2).all()
+
+
+def test_tied_weight_pruned_once_consistently():
+    shared = weight(5, 5)
+    model = make_model([node("MatMul", ["x", "w"], "a"), node("MatMul", ["a", "w"], "y")],
+                       {"x": [2, 5]}, ["y"], {"w": shared})
+    result = prune(model, sparsity=0.4)
+    assert result.stats["tensors_pruned"] == 1 and zeros(array(result.model, "w")) == 10
+
+
+def test_exclude_min_size_and_other_uses_are_counted():
+    model = make_model(
+        [node("MatMul", ["x", "big"], "a"), node("MatMul", ["a", "small"], "b"), node("MatMul", ["b", "skip"], "c"),
+         node("MatMul", ["c", "shared"], "d"), node("Add", ["d", "shared"], "y")],
+        {"x": [4, 6]}, ["y"], {"big": weight(6, 6), "small": weight(6, 2), "skip": weight(2, 4), "shared": weight(4, 4)})
+    result = prune(model, sparsity=0.5, exclude=("sk*",), min_size=13)
+    assert result.stats == {"tensors_pruned": 1, "weights_eligible": 36, "weights_zero_before": 0,
+                            "weights_zero_after": 18, "sparsity": 0.5, "skipped_excluded": 1,
+                            "skipped_below_min_size": 1, "skipped_weight_has_other_uses": 1}
+
+
+def test_constant_node_weights_inside_a_subgraph():
+    w = weight(4, 4)
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w)), node("MatMul", ["x", "w"], "yb")],
+        "b", [], [helper.make_tensor_value_info("yb", TensorProto.FLOAT, [2, 4])])
+    model = make_model([node("If", ["cond"], "y", then_branch=branch, else_branch=branch)],
+                       {"x": [2, 4]}, ["y"], {"cond": np.array(True)})
+    result = prune(model, sparsity=0.25)
+    const = model.graph.node[0].attribute[0].g.node[0]
+    assert result.stats["weights_zero_after"] == 8  # both branches hold a copy: 4 of 16 each
+    assert zeros(numpy_helper.to_array(const.attribute[0].t)) == 4
+
+
+# --------------------------------------------------------------------------- Wanda
+
+
+def test_wanda_protects_weights_on_loud_inputs():
+    """Input 0 is 100x louder: Wanda keeps its small weights, magnitude drops them."""
+    w = np.array([[0.1, 0.2], [1.0, 0.7], [0.9, 1.1], [0.8, 0.6]], np.float32)  # (in, out): input 0 weighs least
+    def model():
+        return make_model([node("MatMul", ["x", "w"], "y")], {"x": [1, 4]}, ["y"], {"w": w})
+
+    samples = np.random.default_rng(0).standard_normal((16, 1, 4)).astype(np.float32) * [100, 1, 1, 1]
+    calib = FeedSet({"x": samples.astype(np.float32)}, "test")
+    magnitude = array(prune(model(), sparsity=0.25).model, "w")
+    wanda = array(prune(model(), calib=calib, sparsity=0.25, method="wanda").model, "w")
+    assert (magnitude[0] == 0).all() and (wanda[0] != 0).all()
+    norms = np.sqrt((samples.reshape(-1, 4).astype(np.float64) ** 2).sum(axis=0))
+    score = np.abs(w) * norms[:, None]
+    assert set(zip(*np.nonzero(wanda == 0))) == set(zip(*np.unravel_index(np.argsort(score, axis=None)[:2], w.shape)))
+
+
+def test_wanda_without_calibration_is_an_input_error():
+    with pytest.raises(InputError, match="calibration"):
+        prune(mlp(weight(4, 3), weight(2, 4)), method="wanda")
+
+
+@pytest.mark.parametrize("options", [{"sparsity": 1.0}, {"sparsity": -0.1}, {"method": "random"},
+                                     {"scope": "model"}, {"pattern": "4:2"}, {"pattern": "2:4", "sparsity": 0.3},
+                                     {"pattern": "2:4", "scope": "global"}, {"min_size": -1}])
+def test_bad_options_are_one_line_input_errors(options):
+    with pytest.raises(InputError) as info:
+        Prune.Options(**options)
+    assert "\n" not in str(info.value) and str(info.value).startswith("prune:")
+
+
+def test_nothing_prunable_is_a_stat_not_an_error():
+    model = make_model([node("Relu", ["x"], "y")], {"x": [2, 3]}, ["y"], {})
+    result = prune(model, sparsity=0.5)
+    assert not result.modified and result.stats["skipped_nothing_prunable"] == 1
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 8), cols=st.integers(1, 8), sparsity=st.floats(0, 0.99), scope=st.sampled_from(["layer", "global"]),
+       quantized=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_prune_meets_target_and_keeps_the_largest(rows, cols, sparsity, scope, quantized, seed):
+    local = np.random.default_rng(seed)
+    w1, w2 = local.standard_normal((rows, cols)), local.standard_normal((2, rows))
+    if quantized:  # many ties
+        w1, w2 = np.round(w1), np.round(w2)
+    model = mlp(w1.astype(np.float32), w2.astype(np.float32))
+    result = prune(model, sparsity=sparsity, scope=scope)
+    before, after = [np.abs(w.astype(np.float32)).ravel() for w in (w1, w2)], [
+        np.abs(array(result.model, n)).ravel() for n in ("w1", "w2")]
+    scopes = [(np.concatenate(before), np.concatenate(after))] if scope == "global" else list(zip(before, after))
+    for old, new in scopes:
+        assert zeros(new) == max(int(np.floor(sparsity * old.size + 0.5)), zeros(old))
+        pruned, kept = old[(new == 0) & (old != 0)], new[new != 0]
+        assert pruned.size == 0 or kept.size == 0 or pruned.max() <= kept.min()
+
+
+# --------------------------------------------------------------------------- prune-neurons
+
+
+def test_prune_neurons_zeroes_rows_that_zero_rows_removes():
+    w1 = weight(8, 5)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5))(mlp(w1, weight(3, 8)))
+    assert result.stats == {"neurons_zeroed": 4, "neurons_removable": 8, "neuron_groups": 2,
+                            "skipped_graph_output": 1}
+    dead = ~array(result.model, "w1").any(axis=1)
+    assert set(np.flatnonzero(dead)) == set(np.argsort(np.linalg.norm(w1, axis=1))[:4])
+    assert (array(result.model, "b1")[dead] == 0).all()
+    out, stats = zero_rows_exact(result.model)
+    assert stats["channels_removed"] == 4 and array(out, "w2").shape == (3, 4)
+
+
+def test_prune_neurons_picks_the_weakest_neurons():
+    w1 = weight(6, 4)
+    w1[[1, 4]] *= 0.01
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.34))(mlp(w1, weight(2, 6)))
+    assert set(np.flatnonzero(~array(result.model, "w1").any(axis=1))) == {1, 4}
+
+
+def test_prune_neurons_skips_channels_zero_rows_could_not_remove():
+    """Conv -> BN -> padded Conv: a zeroed filter becomes BN's non-zero constant, which padding distorts."""
+    weights = {"w1": weight(4, 2, 1, 1), "s": np.ones(4, np.float32), "o": np.ones(4, np.float32),
+               "m": np.zeros(4, np.float32), "v": np.ones(4, np.float32), "w2": weight(3, 4, 3, 3)}
+    model = make_model([node("Conv", ["x", "w1"], "c"), node("BatchNormalization", ["c", "s", "o", "m", "v"], "bn"),
+                        node("Conv", ["bn", "w2"], "y", pads=[1] * 4)], {"x": [1, 2, 4, 4]}, ["y"], weights)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5))(model)
+    assert result.stats["neurons_zeroed"] == 0 and result.stats["neurons_removable"] == 0
+    assert not ZeroRows()(result.model).modified
+
+
+def test_prune_neurons_zeroes_a_residual_channel_in_every_branch():
+    weights = {"w0": weight(4, 2, 1, 1), "w1": weight(4, 4, 1, 1), "w2": weight(3, 4, 1, 1)}
+    model = make_model([node("Conv", ["x", "w0"], "s"), node("Conv", ["s", "w1"], "b"), node("Add", ["s", "b"], "sum"),
+                        node("Conv", ["sum", "w2"], "y")], {"x": [1, 2, 3, 3]}, ["y"], weights)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5))(model)
+    dead0 = ~array(result.model, "w0").reshape(4, -1).any(axis=1)
+    dead1 = ~array(result.model, "w1").reshape(4, -1).any(axis=1)
+    assert dead0.sum() == 2 and (dead0 == dead1).all()
+    _, stats = zero_rows_exact(result.model)
+    assert stats["channels_removed"] == 2
+
+
+def test_prune_neurons_bad_options():
+    with pytest.raises(InputError, match="ratio"):
+        PruneNeurons.Options(ratio=1.0)
+    with pytest.raises(InputError, match="method"):
+        PruneNeurons.Options(method="magnitude")
+    with pytest.raises(InputError, match="calibration"):
+        PruneNeurons(PruneNeurons.Options(method="wanda"))(mlp(weight(4, 3), weight(2, 4)))
