@@ -28,6 +28,7 @@ from .graph import defined_names, model_graphs
 from .validate import Session
 
 GRID_SIZE = 1 << 16
+FLUSH_AT = 1 << 18  # grid codes buffered per tensor before one bincount (bounded memory, fewer passes)
 
 
 def _grid_centers() -> np.ndarray:
@@ -63,6 +64,8 @@ class TensorStats:
     channel_sum: np.ndarray | None = None
     channel_sumsq: np.ndarray | None = None
     channel_count: int = 0
+    _pending: list = field(default_factory=list, repr=False, compare=False)
+    _pending_n: int = field(default=0, repr=False, compare=False)
 
     def update(self, values: np.ndarray, channel_axis: int | None = None) -> None:
         """Fold one batch of values in (vectorised; nothing of the batch is kept)."""
@@ -74,8 +77,10 @@ class TensorStats:
         self.min = min(self.min, float(x.min()) + 0.0)
         self.max = max(self.max, float(x.max()) + 0.0)
         if self.bins:
-            counts = np.bincount((x.reshape(-1).view(np.uint32) >> 16), minlength=GRID_SIZE)
-            self.codes = counts if self.codes is None else self.codes + counts
+            self._pending.append((x.reshape(-1).view(np.uint32) >> 16).astype(np.uint16))
+            self._pending_n += x.size
+            if self._pending_n >= FLUSH_AT:
+                self.flush()
         if channel_axis is not None:
             per_channel = np.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1).astype(np.float64)
             s, sq = per_channel.sum(axis=1), np.einsum("ij,ij->i", per_channel, per_channel)
@@ -85,8 +90,18 @@ class TensorStats:
                 self.channel_sum, self.channel_sumsq = self.channel_sum + s, self.channel_sumsq + sq
             self.channel_count += per_channel.shape[1]
 
+    def flush(self) -> None:
+        """Count buffered grid codes (one bincount for many small batches: counts are exact either way)."""
+        if self._pending:
+            counts = np.bincount(np.concatenate(self._pending), minlength=GRID_SIZE)
+            self.codes = counts if self.codes is None else self.codes + counts
+            self._pending, self._pending_n = [], 0
+
     def merge(self, other: TensorStats) -> TensorStats:
         """Statistics of both value sets together (shards merge into the one-run result)."""
+        self.flush()
+        other.flush()
+
         def add(a, b):
             return b if a is None else a if b is None else a + b
 
@@ -184,6 +199,8 @@ def collect(
                 seen = _reduce(session, bar, fetched, stats, sumsq_axes)
         else:
             seen = _reduce(session, batches, fetched, stats, sumsq_axes)
+    for st in stats.values():
+        st.flush()
     if not seen:
         raise InputError("calibration: no samples")
     return stats
@@ -227,6 +244,7 @@ def save_stats(path: str | Path, stats: Mapping[str, TensorStats], fingerprint: 
         "fingerprint": np.array(fingerprint),
     }
     for i, st in enumerate(stats.values()):
+        st.flush()
         for f in _FIELDS:
             value = getattr(st, f)
             if value is not None:
