@@ -28,7 +28,7 @@ from .graph import defined_names, model_graphs
 from .validate import Session
 
 GRID_SIZE = 1 << 16
-FLUSH_AT = 1 << 18  # grid codes buffered per tensor before one bincount (bounded memory, fewer passes)
+FLUSH_AT = 1 << 16  # grid codes buffered per tensor before one bincount (bounded memory, fewer passes)
 
 
 def _grid_centers() -> np.ndarray:

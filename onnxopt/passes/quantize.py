@@ -3,7 +3,8 @@
 Placement follows what onnxruntime's QDQ fusions need (checked on the optimized session graph):
 - Conv / MatMul / Gemm: DequantizeLinear on int8 weights (per output channel; the float weight is
   replaced, so the file shrinks ~4x), int32 bias for Conv/Gemm, a Q/DQ pair on each activation
-  input and on the output -> QLinearConv, QLinearMatMul / MatMulIntegerToFloat, QGemm.
+  input and on the output -> QLinearConv, QLinearMatMul, QGemm. A MatMul/Gemm whose consumers are
+  all float gets no output pair: MatMulIntegerToFloat / QGemm give float directly (less error, faster).
 - Relu / Clip(0, x) after such an op: the pair goes after the activation instead (uint8 zero point
   0), which onnxruntime folds away (Relu/Clip + QuantizeLinear fusion).
 - MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze on a quantized tensor: the output gets
@@ -293,11 +294,14 @@ def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: Quan
         t = store.tensor(other[0]) if len(other) == 1 else None
         if t is not None and len(t.dims) == 1 and len(index.consumers.get(other[0], ())) == 1:
             add_bias = other[0]
+    feeds_int8 = any(c.op_type in opt.op_types or c.op_type in PASS_THROUGH for c in consumers)
     if index.is_graph_output(out) or not consumers:
         output = None
     elif (opt.activation_type == "uint8" and len(consumers) == 1 and _relu_like(consumers[0], store)
           and not index.is_graph_output(consumers[0].output[0])):
         output = consumers[0].output[0]
+    elif node.op_type != "Conv" and not feeds_int8:
+        output = None  # float consumers only: QGemm / MatMulIntegerToFloat take float output, no extra Q/DQ
     else:
         output = out
     return _Unit(node, weight, axis if opt.per_channel else None, acts, bias, channel_axis, output, add_bias)
