@@ -100,7 +100,8 @@ def test_exclude_min_size_and_other_uses_are_counted():
     model = make_model(
         [node("MatMul", ["x", "big"], "a"), node("MatMul", ["a", "small"], "b"), node("MatMul", ["b", "skip"], "c"),
          node("MatMul", ["c", "shared"], "d"), node("Add", ["d", "shared"], "y")],
-        {"x": [4, 6]}, ["y"], {"big": weight(6, 6), "small": weight(6, 2), "skip": weight(2, 4), "shared": weight(4, 4)})
+        {"x": [4, 6]}, ["y"],
+        {"big": weight(6, 6), "small": weight(6, 2), "skip": weight(2, 4), "shared": weight(4, 4)})
     result = prune(model, sparsity=0.5, exclude=("sk*",), min_size=13)
     assert result.stats == {"tensors_pruned": 1, "weights_eligible": 36, "weights_zero_before": 0,
                             "weights_zero_after": 18, "sparsity": 0.5, "skipped_excluded": 1,
@@ -160,8 +161,8 @@ def test_nothing_prunable_is_a_stat_not_an_error():
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.integers(1, 8), cols=st.integers(1, 8), sparsity=st.floats(0, 0.99), scope=st.sampled_from(["layer", "global"]),
-       quantized=st.booleans(), seed=st.integers(0, 2**16))
+@given(rows=st.integers(1, 8), cols=st.integers(1, 8), sparsity=st.floats(0, 0.99),
+       scope=st.sampled_from(["layer", "global"]), quantized=st.booleans(), seed=st.integers(0, 2**16))
 def test_property_prune_meets_target_and_keeps_the_largest(rows, cols, sparsity, scope, quantized, seed):
     local = np.random.default_rng(seed)
     w1, w2 = local.standard_normal((rows, cols)), local.standard_normal((2, rows))
@@ -221,6 +222,12 @@ def test_prune_neurons_zeroes_a_residual_channel_in_every_branch():
     assert dead0.sum() == 2 and (dead0 == dead1).all()
     _, stats = zero_rows_exact(result.model)
     assert stats["channels_removed"] == 2
+
+
+def test_prune_neurons_exclude_keeps_a_layer_whole():
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, exclude=("h",)))(mlp(weight(8, 5), weight(3, 8)))
+    assert result.stats == {"neurons_zeroed": 0, "neurons_removable": 0, "neuron_groups": 2,
+                            "skipped_excluded": 1, "skipped_graph_output": 1}
 
 
 def test_prune_neurons_bad_options():

@@ -142,7 +142,7 @@ class ChannelGraph:
     def _visit(self, node: onnx.NodeProto, position: int) -> None:
         carried = [n for n in dict.fromkeys(self.index.uses[position]) if n in self.values]
         use = weight_use(node, self.store)
-        if any(True for _ in node_subgraphs(node)):
+        if next(node_subgraphs(node), None) is not None:
             for name in carried:
                 self._pin(name, "used_in_subgraph")
             return
@@ -253,12 +253,12 @@ class ChannelGraph:
             return self._pin(use.data, "runtime_bias")
         weight = self.store.array(use.weight).reshape(use.groups, -1).astype(np.float64)
         bias = self.constant(use.bias).astype(np.float64) if use.bias else np.zeros(use.groups)
-        zero_rows = np.ones(use.groups, bool) if self.assume_dead else ~weight.any(axis=1)
-        through = data.const & (data.value == 0 if _has_padding(node) else True)
-        const = zero_rows | through
-        value = np.where(zero_rows, bias, data.value * weight.sum(axis=1) + bias)
-        if self.assume_dead:
-            value = np.zeros(use.groups)
+        if self.assume_dead:  # weights and bias zeroed: every output channel is 0
+            const, value = np.ones(use.groups, bool), np.zeros(use.groups)
+        else:
+            zero_rows = ~weight.any(axis=1)
+            const = zero_rows | (data.const & (data.value == 0 if _has_padding(node) else True))
+            value = np.where(zero_rows, bias, data.value * weight.sum(axis=1) + bias)
         self.values[node.output[0]] = replace(data, const=const, value=np.where(const, value, 0.0))
         self.producers.append(Producer(node, use, node.output[0], depthwise=True))
 
@@ -376,7 +376,8 @@ class ChannelGraph:
         else:
             target = self.constant(node.input[1])
             ok = (target is not None and target.shape == (2,) and target[1] in (-1, data.size * block)
-                  and (target[0] == -1 or target[0] == shape[0] or (target[0] == 0 and not attribute(node, "allowzero", 0))))
+                  and (target[0] == -1 or target[0] == shape[0]
+                       or (target[0] == 0 and not attribute(node, "allowzero", 0))))
             if ok and target[1] != -1:
                 if node.input[1] in self.store and self.readers(node.input[1]) > 1:
                     return self._pin(node.input[0], "shared_constant")
