@@ -176,7 +176,8 @@ def pass_table_markdown(rows: list[dict]) -> str:
     lines = ["| pass | kind | what it does | options (type = default) |", "|---|---|---|---|"]
     for row in rows:
         options = "<br>".join(
-            "`{}`: {} = `{}`".format(o["name"], o["type"].replace("|", "\\|"), o["default"]) for o in row["options"]
+            "`{}`: {} = `{}`".format(o["name"], *(text.replace("|", "\\|") for text in (o["type"], o["default"])))
+            for o in row["options"]
         )
         lines.append(f"| `{row['name']}` | {'exact' if row['exact'] else 'lossy'} | {row['summary']} | {options or 'none'} |")
     return "\n".join(lines)
