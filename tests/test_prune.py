@@ -237,3 +237,16 @@ def test_prune_neurons_bad_options():
         PruneNeurons.Options(method="magnitude")
     with pytest.raises(InputError, match="calibration"):
         PruneNeurons(PruneNeurons.Options(method="wanda"))(mlp(weight(4, 3), weight(2, 4)))
+
+
+def test_prune_neurons_balances_grouped_conv_inputs():
+    weights = {"w1": weight(8, 2, 1, 1), "g": weight(4, 2, 1, 1), "w3": weight(3, 4, 1, 1)}
+    weights["w1"][:4] *= 0.01  # the weakest channels all sit in group 0 and 1 of the grouped Conv
+    model = make_model([node("Conv", ["x", "w1"], "e"), node("Relu", ["e"], "r"),
+                        node("Conv", ["r", "g"], "d", group=4), node("Conv", ["d", "w3"], "y")],
+                       {"x": [1, 2, 4, 4]}, ["y"], weights)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5))(model)
+    dead = ~array(result.model, "w1").reshape(8, -1).any(axis=1)
+    assert dead.reshape(4, 2).sum(axis=1).tolist() == [1, 1, 1, 1]
+    _, stats = zero_rows_exact(result.model)
+    assert stats["channels_removed"] == result.stats["neurons_zeroed"] == 4

@@ -209,14 +209,27 @@ def test_dead_depthwise_filter_removes_the_channel_upstream_too():
     assert stats["channels_removed"] == 1 and dims(out, "w1") == (3, 3, 1, 1)
 
 
-def test_grouped_conv_is_left_alone_and_counted():
-    weights = {"w1": weight(4, 2, 1, 1, dead=(0,)), "g": weight(4, 2, 3, 3), "w3": weight(3, 4, 1, 1)}
+@pytest.mark.parametrize(("dead", "removed"), [((0, 3), 2), ((0,), 0), ((0, 1, 3), 2)])
+def test_grouped_conv_consumer_loses_equally_many_inputs_per_group(dead, removed):
+    """Groups of 2 input channels: (0 | 3) is balanced; (0 | -) is not; (0, 1 | 3) keeps one of group 0."""
+    weights = {"w1": weight(4, 2, 1, 1, dead=dead), "b1": np.full(4, 0.3, np.float32),
+               "g": weight(6, 2, 1, 1), "w3": weight(3, 6, 1, 1)}
     model = make_model(
-        [node("Conv", ["x", "w1"], "e"), node("Conv", ["e", "g"], "d", group=2),
+        [node("Conv", ["x", "w1", "b1"], "e"), node("Sigmoid", ["e"], "s"), node("Conv", ["s", "g"], "d", group=2),
          node("Conv", ["d", "w3"], "y")], {"x": [1, 2, 5, 5]}, ["y"], weights)
-    _, stats = zero_rows_exact(model)
-    assert stats == {"channels_removed": 0, "parameters_removed": 0, "skipped_grouped_conv": 1,
-                     "skipped_graph_output": 1}
+    out, stats = zero_rows_exact(model)
+    assert stats["channels_removed"] == removed
+    assert dims(out, "g") == (6, 2 - removed // 2, 1, 1)
+
+
+@pytest.mark.parametrize(("dead", "removed"), [((1, 4), 2), ((1,), 0)])
+def test_grouped_conv_producer_loses_equally_many_outputs_per_group(dead, removed):
+    weights = {"g": weight(6, 2, 3, 3, dead=dead), "w3": weight(3, 6, 1, 1)}
+    model = make_model([node("Conv", ["x", "g"], "d", group=2, pads=[1] * 4), node("Relu", ["d"], "r"),
+                        node("Conv", ["r", "w3"], "y")], {"x": [1, 4, 5, 5]}, ["y"], weights)
+    out, stats = zero_rows_exact(model)
+    assert stats["channels_removed"] == removed
+    assert dims(out, "g") == (6 - removed, 2, 3, 3)
 
 
 @pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
@@ -355,18 +368,19 @@ def test_property_zero_rows_preserves_outputs_and_never_adds_parameters(widths, 
     zero_rows_exact(make_model(nodes, {"x": [3, widths[0]]}, ["y"], weights))
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(channels=st.integers(2, 6), dead=st.sets(st.integers(0, 5)), pads=st.integers(0, 1),
-       residual=st.booleans(), seed=st.integers(0, 2**16))
-def test_property_zero_rows_on_conv_blocks(channels, dead, pads, residual, seed):
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(channels=st.integers(1, 3), group=st.sampled_from([1, 2]), dead=st.sets(st.integers(0, 5)),
+       pads=st.integers(0, 1), residual=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_zero_rows_on_conv_blocks(channels, group, dead, pads, residual, seed):
     global rng
     rng = np.random.default_rng(seed)
+    channels *= 2
     dead = tuple(d for d in dead if d < channels)
     pads = 1 if residual else pads  # the residual Add needs equal shapes
     weights: dict = {}
     nodes = conv_bn("a", "x", channels, 2, dead=dead, weights=weights)
     nodes.append(node("Relu", ["a.bn"], "r"))
-    nodes += conv_bn("b", "r", channels, channels, dead=dead[:1], kernel=3, pads=pads, weights=weights)
+    nodes += conv_bn("b", "r", channels, channels, dead=dead[:1], kernel=3, pads=pads, group=group, weights=weights)
     last = "b.bn"
     if residual:
         nodes.append(node("Add", ["r", "b.bn"], "sum"))

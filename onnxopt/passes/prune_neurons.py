@@ -85,6 +85,7 @@ class PruneNeurons(Pass):
             links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
         group_of = union_roots(len(roots), links)
         produced = np.unique(np.concatenate([link[0] for link in links]))
+        conv_group = _conv_group_labels(analysis)
         chosen = np.zeros(len(roots), bool)
         for group in np.unique(group_of[produced]):
             members = produced[group_of[produced] == group]
@@ -92,14 +93,27 @@ class PruneNeurons(Pass):
             k = min(target_count(self.options.ratio, len(members)), len(candidates), len(members) - 1)
             stats["neuron_groups"] += 1
             stats["neurons_removable"] += len(candidates)
-            if k > 0:
-                order = np.argsort(scores[candidates], kind="stable")
-                chosen[candidates[order[:k]]] = True
+            labels = np.unique(conv_group[members])
+            quota = k // len(labels)  # a grouped Conv needs equally many from each of its groups
+            for label in labels:
+                pool = candidates[conv_group[candidates] == label]
+                chosen[pool[np.argsort(scores[pool], kind="stable")[:quota]]] = True
+        analysis.balance(chosen)  # where grouped Convs still disagree, zero-rows would keep the excess
         stats["neurons_zeroed"] += int(chosen.sum())
         for producer in analysis.producers:
             rows = chosen[roots[analysis.values[producer.output].ids]]
             if rows.any():
                 _zero_rows(analysis, producer, tensor_of[id(producer.node)], rows, new_name)
+
+
+def _conv_group_labels(analysis: ChannelGraph) -> np.ndarray:
+    """Per variable: which group of a grouped Conv it enters or leaves (-1 for none)."""
+    labels = np.full(len(analysis.roots), -1)
+    offset = 0
+    for ids, groups in analysis.balanced:
+        labels[analysis.roots[ids].reshape(groups, -1)] = offset + np.arange(groups)[:, None]
+        offset += groups
+    return labels
 
 
 def _zero_rows(analysis: ChannelGraph, producer: Producer, tensor: PrunableTensor, rows: np.ndarray, new_name) -> None:

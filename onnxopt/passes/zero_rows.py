@@ -11,9 +11,10 @@ correctly).
 
 A variable is removed when (a) it reaches no value the analysis does not understand (graph
 outputs, unknown consumers, grouped Conv, shared weights: those *pin* it, counted as
-``skipped_<reason>``), and (b) wherever it is contracted by a consumer MatMul / Gemm / Conv it
+``skipped_<reason>``), (b) wherever it is contracted by a consumer MatMul / Gemm / Conv it
 holds a constant the consumer can fold into its bias (any constant for Gemm / MatMul / unpadded
-Conv, only zero for a padded Conv). Removing it then slices the sources, every per-channel
+Conv, only zero for a padded Conv), and (c) a grouped Conv it enters or leaves loses equally many
+channels from every group. Removing it then slices the sources, every per-channel
 parameter and the consumers' input axes; no other channel changes, so outputs stay the same.
 """
 
@@ -29,7 +30,7 @@ from onnx.reference import ReferenceEvaluator
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, replace_nodes,
                      unique_name_factory, value_shapes, walk_graphs)
 from .base import Pass, PassResult
-from .weights import WeightUse, attribute, to_canonical, weight_use
+from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
 
 # Ops that map each channel to itself, element by element (extra inputs must be constants).
 CHANNELWISE_UNARY = {
@@ -95,6 +96,7 @@ class ChannelGraph:
         self.exits: list[tuple[onnx.NodeProto, WeightUse]] = []
         self.sliced_constants: list[tuple[onnx.NodeProto, int, str, int]] = []  # node, input, channel value, axis
         self.reshapes: list[tuple[onnx.NodeProto, str, int]] = []           # node, channel value, block size
+        self.balanced: list[tuple[np.ndarray, int]] = []  # grouped Conv sides: channels, groups
         self._derived: dict[str, np.ndarray | None] = {}
         self._unions: list[tuple[np.ndarray, np.ndarray]] = []
         self._pins: list[np.ndarray] = []
@@ -178,17 +180,15 @@ class ChannelGraph:
     def _visit_weighted(self, node: onnx.NodeProto, use: WeightUse) -> None:
         weight = self.store.tensor(use.weight)
         rank = len(weight.dims)
-        if node.op_type == "Conv" and use.groups > 1:
-            if use.data not in self.values:
-                return
-            if weight.dims[0] != use.groups or weight.dims[1] != 1:
-                return self._pin(use.data, "grouped_conv")
-            if not self._excluded_or_shared(node, use):
+        if node.op_type == "Conv" and use.groups == weight.dims[0] > 1 and weight.dims[1] == 1:
+            if use.data in self.values and not self._excluded_or_shared(node, use):
                 self._visit_depthwise(node, use, rank)
             return
         whole = self._excluded_or_shared(node, use)
         if use.data in self.values and not whole and self._check_exit(node, use, rank):
             self.exits.append((node, use))
+            if use.groups > 1:
+                self.balanced.append((self.values[use.data].ids, use.groups))
         out = node.output[0]
         if node.op_type == "Conv":
             axis, out_rank = -(rank - 1), rank
@@ -197,6 +197,8 @@ class ChannelGraph:
         const, value = self._source_constants(node, use)
         self.values[out] = Channels(self._fresh(len(const)), axis, out_rank, const, value)
         self.producers.append(Producer(node, use, out))
+        if use.groups > 1:
+            self.balanced.append((self.values[out].ids, use.groups))
         if use.bias and self.constant(use.bias) is None:
             self._pin(out, "runtime_bias")
         elif whole:
@@ -425,7 +427,26 @@ class ChannelGraph:
             roots = self.roots[channels.ids]
             if removed[roots].all():
                 removed[roots[0]] = False
+        self.balance(removed)
         return removed
+
+    def balance(self, removed: np.ndarray) -> None:
+        """Restore removed channels until each grouped Conv loses equally many from every group.
+
+        Restoring is always safe (a kept channel stays exact), so this only shrinks ``removed``
+        and ends; in each group the first ``min`` removed channels stay removed.
+        """
+        changed = True
+        while changed:
+            changed = False
+            for ids, groups in self.balanced:
+                roots = self.roots[ids]
+                blocks = removed[roots].reshape(groups, -1)
+                fewest = blocks.sum(axis=1).min()
+                restore = blocks & (np.cumsum(blocks, axis=1) > fewest)
+                if restore.any():
+                    removed[roots[restore.ravel()]] = False
+                    changed = True
 
 
 def union_roots(count: int, links: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -551,18 +572,21 @@ class ChannelRemoval:
                     attr.i = int(mask.sum())
 
     def _slice_consumer(self, node: onnx.NodeProto, use: WeightUse, mask: np.ndarray) -> None:
+        """Drop input channels; in a grouped Conv each output reads only its group's inputs."""
         weight = self.store.array(use.weight)
-        data = self.analysis.values[use.data]
-        dropped = ~mask
-        constants = data.value[dropped]
+        canonical = to_canonical(weight, use)  # (out, ..., in per group)
+        groups = use.groups
+        blocks = canonical.reshape(groups, canonical.shape[0] // groups, -1, canonical.shape[-1])
+        keep = mask.reshape(groups, -1)
+        constants = np.where(keep, 0.0, self.analysis.values[use.data].value.reshape(groups, -1))
         if constants.any():
-            canonical = to_canonical(weight, use).astype(np.float64)[..., dropped]
-            per_input = canonical.reshape(canonical.shape[0], -1, dropped.sum()).sum(axis=1)
-            delta = per_input @ constants
+            delta = np.einsum("gmc,gc->gm", blocks.astype(np.float64).sum(axis=2), constants).ravel()
             if node.op_type == "Gemm":
                 delta = delta * attribute(node, "alpha", 1.0)
             self._add_bias(node, delta.astype(weight.dtype))
-        self._write(node, 1, np.compress(mask, weight, axis=use.in_axis))
+        kept = np.argsort(~keep, axis=1, kind="stable")[:, : keep[0].sum()]  # kept positions, in order
+        sliced = np.take_along_axis(blocks, kept[:, None, None, :], axis=-1)
+        self._write(node, 1, from_canonical(sliced.reshape(*canonical.shape[:-1], kept.shape[1]), use))
 
     def _add_bias(self, node: onnx.NodeProto, delta: np.ndarray) -> None:
         """Add ``delta`` (one value per output channel) to what the node outputs."""
