@@ -126,9 +126,14 @@ class ChannelGraph:
     def readers(self, name: str) -> int:
         return len(self.index.consumers.get(name, ()))
 
-    def _evaluate(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        with np.errstate(all="ignore"):
-            return ReferenceEvaluator(node, opsets={"": self.opset}).run(None, {k: v for k, v in feeds.items() if k})[0]
+    def _evaluate(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The node's first output on constant inputs (ONNX reference semantics); None if it cannot run."""
+        try:
+            with np.errstate(all="ignore"):
+                evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
+                return evaluator.run(None, {k: v for k, v in feeds.items() if k})[0]
+        except Exception:  # an op or type combination the reference cannot evaluate: not a known constant
+            return None
 
     # ----------------------------------------------------------------------- analysis
 
@@ -270,8 +275,12 @@ class ChannelGraph:
         rank = data.rank if data.rank is not None else -data.axis
         shape = [1] * rank
         shape[rank + data.axis] = data.size
-        feeds = {**feeds, data_name: data.value.astype(np.float32).reshape(shape)}
-        result = np.asarray(self._evaluate(node, feeds), dtype=np.float64)
+        dtype = next((v.dtype for v in feeds.values() if v.dtype.kind == "f"), np.dtype(np.float32))
+        feeds = {**feeds, data_name: data.value.astype(dtype).reshape(shape)}
+        result = self._evaluate(node, feeds)
+        if result is None:
+            return np.zeros(data.size, bool), np.zeros(data.size)
+        result = np.asarray(result, dtype=np.float64)
         result = np.moveaxis(result, result.ndim + data.axis, 0).reshape(data.size, -1)
         uniform = (result == result[:, :1]).all(axis=1) & np.isfinite(result[:, 0])
         const = data.const & uniform
@@ -330,9 +339,8 @@ class ChannelGraph:
             if ca.axis != cb.axis or ca.size != cb.size:
                 return self._pin_all(carried, "operands_not_aligned")
             self._unions.append((ca.ids, cb.ids))
-            with np.errstate(all="ignore"):
-                value = np.asarray(self._evaluate(node, {a: ca.value.astype(np.float32),
-                                                         b: cb.value.astype(np.float32)}), np.float64)
+            result = self._evaluate(node, {a: ca.value.astype(np.float32), b: cb.value.astype(np.float32)})
+            value = np.full(ca.size, np.nan) if result is None else np.asarray(result, np.float64)
             const = ca.const & cb.const
             if node.op_type == "Mul":  # 0 * anything is 0: a zero channel annihilates the other side
                 const |= (ca.const & (ca.value == 0)) | (cb.const & (cb.value == 0))
