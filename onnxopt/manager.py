@@ -9,6 +9,7 @@ Outputs are kept, models are not: the original model is never copied.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import shlex
 import tempfile
 import time
@@ -21,7 +22,7 @@ import onnx
 
 from .data import FeedSet, as_feeds, load_labels, random_feeds
 from .errors import InputError, OnnxoptError, ValidationError
-from .modelio import TWO_GB, has_external_data, save_model
+from .modelio import TWO_GB, has_external_data, save_scratch
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
@@ -78,6 +79,7 @@ def run_pipeline(
             before = size_summary(model)
             pass_ = step.pass_type(step.options, context)
             start = time.perf_counter()
+            gc.disable()  # passes allocate many small objects and no cycles worth collecting mid-pass
             try:
                 result = pass_(model)
             except OnnxoptError as exc:
@@ -87,6 +89,8 @@ def run_pipeline(
                 report.reproducer = _write_reproducer(repro_dir, steps, index, before_bytes, feeds, calib_feeds,
                                                       input_path, traceback.format_exc())
                 raise ValidationError(report.failure + (f" (reproducer: {report.reproducer})" if report.reproducer else "")) from exc
+            finally:
+                gc.enable()
             seconds = time.perf_counter() - start
             model = result.model
             record = StepRecord(index, step.name, format_step(step), dataclasses.asdict(step.options), pass_.exact,
@@ -137,7 +141,7 @@ def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Pat
     """Checker and interface check; a big or external model is checked from a file, as the checker needs."""
     problems = check_interface(original, model)
     if has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24:
-        save_model(model, scratch_path, external=True)
+        save_scratch(model, scratch_path)
         complaint = check_structure(model, scratch_path)
     else:
         complaint = check_structure(model)

@@ -9,6 +9,7 @@ bytes from file to file in chunks. Files written to disk always carry relative l
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -213,6 +214,47 @@ def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> int:
             out.write(chunk)
             remaining -= len(chunk)
     return length
+
+
+def save_scratch(model: onnx.ModelProto, path: Path) -> None:
+    """Write a throwaway copy for onnxruntime or the checker without copying any weight bytes.
+
+    Only the graph is written; each external-data file is hard-linked beside it (copied where a
+    link is impossible) and tensors keep their offsets. A model too big to serialize inline first
+    moves its big inline tensors to the spill file.
+    """
+    if model.ByteSize() >= TWO_GB - 2**24:
+        for tensor in model_tensors(model):
+            if not is_external(tensor) and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                raw = tensor.raw_data
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                SPILL.append(tensor, raw)
+                del raw
+    links: dict[str, str] = {}
+    moved: list[tuple[onnx.TensorProto, str]] = []
+    for tensor in model_tensors(model):
+        if not is_external(tensor):
+            continue
+        source = external_info(tensor)["location"]
+        if source not in links:
+            links[source] = f"{len(links)}_{Path(source).name}"
+            _link_or_copy(Path(source), path.parent / links[source])
+        moved.append((tensor, source))
+        set_external_location(tensor, links[source])
+    try:
+        path.write_bytes(model.SerializeToString())
+    finally:
+        for tensor, source in moved:
+            set_external_location(tensor, source)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .modelio import TWO_GB, has_external_data, save_model
+from .modelio import TWO_GB, has_external_data, save_scratch
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Session:
             if has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24:
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
-                save_model(model, path, external=True)
+                save_scratch(model, path)
                 self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             else:
                 self.session = ort.InferenceSession(

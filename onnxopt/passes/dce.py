@@ -1,6 +1,6 @@
 """dce: remove nodes whose outputs reach no graph output, and what only they used.
 
-Liveness runs backwards from the graph outputs through a producer index built once. Subgraphs
+Liveness runs backwards from the graph outputs through a producer map built once. Subgraphs
 are cleaned first (inner before outer) so that an outer value read only by a dead node inside
 an If/Loop body also dies. Graph inputs and outputs are never removed.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..graph import GraphIndex, defined_names, node_subgraphs, replace_nodes
+from ..graph import defined_names, node_subgraphs, node_uses, replace_nodes
 from .base import Pass, PassResult, count
 
 
@@ -34,23 +34,25 @@ def _eliminate(graph: onnx.GraphProto, stats: dict[str, int | float]) -> None:
         for sub in node_subgraphs(node):
             count(stats, "subgraphs_visited")
             _eliminate(sub, stats)
-    index = GraphIndex(graph)
-    live_names = set(index.output_names)
+    # Only a producer map: a node's uses are read once, when it is found live.
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    live_names = {o.name for o in graph.output}
     live_nodes: set[int] = set()
     stack = list(live_names)
     while stack:
-        i = index.producer.get(stack.pop())
+        i = producer.get(stack.pop())
         if i is None or i in live_nodes:
             continue
         live_nodes.add(i)
-        for name in index.uses[i]:
+        for name in node_uses(nodes[i]):
             if name not in live_names:
                 live_names.add(name)
                 stack.append(name)
-    if len(live_nodes) < len(index.nodes):
-        stats["nodes_removed"] += len(index.nodes) - len(live_nodes)
-        replace_nodes(graph, (n for i, n in enumerate(index.nodes) if i in live_nodes))
-    keep = live_names | index.input_names
+    if len(live_nodes) < len(nodes):
+        stats["nodes_removed"] += len(nodes) - len(live_nodes)
+        replace_nodes(graph, (n for i, n in enumerate(nodes) if i in live_nodes))
+    keep = live_names | {i.name for i in graph.input}
     _filter_field(graph.initializer, lambda t: t.name in keep, stats, "initializers_removed")
     _filter_field(graph.sparse_initializer, lambda t: t.values.name in keep, stats, "initializers_removed")
     present = defined_names(graph) | live_names
