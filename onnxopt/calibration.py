@@ -9,12 +9,21 @@ exponent, 7 mantissa bits: the bfloat16 grid, 0.8 % relative resolution). Counti
 exact ``bincount``, so the histogram is identical for any batch size, chunking or order,
 and one pass suffices (calibration costs one inference pass, not two). Uniform histograms
 over ``[min, max]`` are derived from it on demand (:meth:`TensorStats.histogram`), equal to
-a direct fixed-range histogram within the grid's rounding.
+a direct fixed-range histogram within the grid's rounding. Tensors bigger than
+``HIST_PER_SAMPLE`` values per sample are histogrammed on a fixed systematic subsample of each
+sample (same stride for every sample, so still independent of batching); min/max and channel
+sums always see every value. Counting every value of a big activation costs more than the
+inference that produced it.
+
+By default samples of a :class:`FeedSet` run in joined batches when the model's batch axis is
+dynamic and a probe shows that joining changes no sample's values; per-run overhead (onnxruntime
+call, one numpy call per statistic and tensor) then falls on many samples at once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +31,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import FeedSet
+from .data import FeedSet, input_dims, model_inputs
 from .errors import InputError
 from .graph import defined_names, model_graphs
 from .validate import Session
 
 GRID_SIZE = 1 << 16
 FLUSH_AT = 1 << 16  # grid codes buffered per tensor before one bincount (bounded memory, fewer passes)
+HIST_PER_SAMPLE = 4096  # at most this many values per tensor and sample go into the histogram
+BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
+MAX_BATCH = 64  # automatic batching: samples per joined batch
 
 
 def _grid_centers() -> np.ndarray:
@@ -52,8 +64,9 @@ class TensorStats:
     """Mergeable statistics of one tensor over every calibration value seen.
 
     ``count`` values in all; ``codes`` counts values per bfloat16 grid bin (when histograms are
-    on); ``channel_sum`` / ``channel_sumsq`` sum values and squares per channel over all other
-    axes (``channel_count`` values per channel), when a channel axis was asked for.
+    on; every ``stride``-th value of each sample); ``channel_sum`` (and ``channel_sumsq`` when
+    asked for) sum values (and squares) per channel over all other axes (``channel_count``
+    values per channel), when a channel axis was asked for.
     """
 
     count: int = 0
@@ -64,11 +77,16 @@ class TensorStats:
     channel_sum: np.ndarray | None = None
     channel_sumsq: np.ndarray | None = None
     channel_count: int = 0
+    stride: int = 0
     _pending: list = field(default_factory=list, repr=False, compare=False)
     _pending_n: int = field(default=0, repr=False, compare=False)
 
-    def update(self, values: np.ndarray, channel_axis: int | None = None) -> None:
-        """Fold one batch of values in (vectorised; nothing of the batch is kept)."""
+    def update(self, values: np.ndarray, channel_axis: int | None = None, *, samples: int = 1,
+               squares: bool = True) -> None:
+        """Fold one batch of ``samples`` samples in (vectorised; nothing of the batch is kept).
+
+        ``squares=False`` skips the per-channel sums of squares (a mean needs only sums).
+        """
         x = np.ascontiguousarray(values, dtype=np.float32)
         if x.size == 0:
             return
@@ -77,18 +95,22 @@ class TensorStats:
         self.min = min(self.min, float(x.min()) + 0.0)
         self.max = max(self.max, float(x.max()) + 0.0)
         if self.bins:
-            self._pending.append((x.reshape(-1).view(np.uint32) >> 16).astype(np.uint16))
-            self._pending_n += x.size
+            rows = x.reshape(samples if x.size % samples == 0 else 1, -1)
+            self.stride = self.stride or _stride(rows.shape[1])
+            picked = rows if self.stride == 1 else np.ascontiguousarray(rows[:, :: self.stride])
+            self._pending.append((picked.reshape(-1).view(np.uint32) >> 16).astype(np.uint16))
+            self._pending_n += picked.size
             if self._pending_n >= FLUSH_AT:
                 self.flush()
         if channel_axis is not None:
-            per_channel = np.moveaxis(x, channel_axis, 0).reshape(x.shape[channel_axis], -1).astype(np.float64)
-            s, sq = per_channel.sum(axis=1), np.einsum("ij,ij->i", per_channel, per_channel)
-            if self.channel_sum is None:
-                self.channel_sum, self.channel_sumsq = s, sq
-            else:
-                self.channel_sum, self.channel_sumsq = self.channel_sum + s, self.channel_sumsq + sq
-            self.channel_count += per_channel.shape[1]
+            # (before, channel, after) without a copy; float32 sums per row, float64 across rows
+            x3 = x.reshape(math.prod(x.shape[:channel_axis]), x.shape[channel_axis], -1)
+            s = x3.sum(axis=2).sum(axis=0, dtype=np.float64)
+            self.channel_sum = s if self.channel_sum is None else self.channel_sum + s
+            if squares:
+                sq = np.einsum("pcq,pcq->c", x3, x3, dtype=np.float64)
+                self.channel_sumsq = sq if self.channel_sumsq is None else self.channel_sumsq + sq
+            self.channel_count += x3.shape[0] * x3.shape[2]
 
     def flush(self) -> None:
         """Count buffered grid codes (one bincount for many small batches: counts are exact either way)."""
@@ -114,6 +136,7 @@ class TensorStats:
             channel_sum=add(self.channel_sum, other.channel_sum),
             channel_sumsq=add(self.channel_sumsq, other.channel_sumsq),
             channel_count=self.channel_count + other.channel_count,
+            stride=self.stride or other.stride,
         )
 
     @property
@@ -144,22 +167,78 @@ class TensorStats:
         return None if self.codes is None else np.linspace(self.min, self.max, self.bins + 1)
 
 
-def _batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Join ``size`` consecutive sample feeds along the batch axis (FeedSet does it without copies)."""
+def _stride(n: int) -> int:
+    """Histogram stride within a sample of ``n`` values: at most HIST_PER_SAMPLE values, coprime
+    with ``n`` (so with every inner dimension: the picks walk all channels and positions)."""
+    k = -(-n // HIST_PER_SAMPLE)
+    while k > 1 and math.gcd(k, n) != 1:
+        k += 1
+    return k
+
+
+def _batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(samples, feed): ``size`` consecutive sample feeds joined along the batch axis (FeedSet: no copies)."""
     if size <= 1:
-        yield from ({k: np.asarray(v) for k, v in f.items()} for f in feeds)  # 0-d samples come as numpy scalars
+        yield from ((1, {k: np.asarray(v) for k, v in f.items()}) for f in feeds)  # 0-d samples come as numpy scalars
         return
     if isinstance(feeds, FeedSet):
-        yield from feeds.batches(size)
+        yield from ((min(size, len(feeds) - start), feed)
+                    for start, feed in zip(range(0, len(feeds), size), feeds.batches(size)))
         return
     group: list[Mapping[str, np.ndarray]] = []
     for feed in feeds:
         group.append(feed)
         if len(group) == size:
-            yield {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+            yield size, {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
             group = []
     if group:
-        yield {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+        yield len(group), {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+
+
+def _dynamic_batch(model: onnx.ModelProto) -> bool:
+    """Every input's first axis is symbolic (or unknown): samples can be joined along it."""
+    dims = [input_dims(v) for v in model_inputs(model)]
+    return all(d is None or (d and not (isinstance(d[0], int) and d[0] > 0)) for d in dims)
+
+
+def _same_rows(single: Mapping[str, np.ndarray], joined: Mapping[str, np.ndarray], size: int) -> bool:
+    """The joined run's first rows are the single run's values (batch-major, no mixing of samples)."""
+    for name, a in single.items():
+        b = joined[name]
+        if a.ndim == 0 or b.shape != (a.shape[0] * size, *a.shape[1:]):
+            return False
+        scale = float(np.abs(a).max(initial=0.0))
+        if not np.allclose(b[: a.shape[0]], a, rtol=1e-3, atol=1e-5 * max(scale, 1.0)):
+            return False
+    return True
+
+
+def _runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
+    """(samples, feed, fetched values) per run: ``batch_size`` samples a run, or automatic (0).
+
+    Automatic: a FeedSet of a model with a dynamic batch axis runs sample 0 alone, then a joined
+    batch (size from the bytes fetched per sample); if the joined batch reproduces sample 0 the
+    rest runs joined too, otherwise one sample a run. The probe costs one extra sample run.
+    """
+    if batch_size or not isinstance(feeds, FeedSet) or len(feeds) < 2 or not _dynamic_batch(model):
+        for samples, feed in _batched(feeds, batch_size or 1):
+            yield samples, feed, session.run(feed, fetched) if fetched else {}
+        return
+    first = next(iter(feeds))
+    single = session.run(first, fetched) if fetched else {}
+    per_sample = sum(v.nbytes for v in (*single.values(), *first.values()))
+    size = min(MAX_BATCH, len(feeds), max(1, BATCH_BYTES // max(per_sample, 1)))
+    if size > 1:
+        head = next(feeds.batches(size))
+        joined = session.run(head, fetched) if fetched else {}
+        if _same_rows(single, joined, size):
+            yield size, head, joined
+            rest = FeedSet({k: v[size:] for k, v in feeds.arrays.items()}, feeds.origin)
+            yield from _runs(session, model, rest, fetched, size) if len(rest) else ()
+            return
+    yield 1, first, single
+    yield from _runs(session, model, FeedSet({k: v[1:] for k, v in feeds.arrays.items()}, feeds.origin),
+                     fetched, 1)
 
 
 def collect(
@@ -169,36 +248,43 @@ def collect(
     *,
     histogram_bins: int = 0,
     sumsq_axes: Mapping[str, int] | None = None,
-    batch_size: int = 1,
+    mean_axes: Mapping[str, int] | None = None,
+    batch_size: int = 0,
     progress: bool = False,
 ) -> dict[str, TensorStats]:
-    """Statistics of the named values over all feeds; each batch runs once.
+    """Statistics of the named values over all feeds; each sample runs once.
 
     ``histogram_bins > 0`` keeps a grid histogram (one pass, see the module notes) exposed as
     that many uniform bins; ``sumsq_axes`` maps a value to its channel axis for per-channel
-    sums of squares (and sums). Graph inputs are read from the feeds directly.
+    sums and sums of squares, ``mean_axes`` for per-channel sums only. Graph inputs are read from
+    the feeds directly. ``batch_size`` samples run joined (0: automatic, see :func:`_runs`);
+    the statistics do not depend on it.
     """
     names = list(dict.fromkeys(tensors))
-    sumsq_axes = dict(sumsq_axes or {})
+    axes = {**dict(mean_axes or {}), **dict(sumsq_axes or {})}
+    squares = set(sumsq_axes or ())
     known = defined_names(model.graph)
-    unknown = [n for n in [*names, *sumsq_axes] if n not in known]
+    unknown = [n for n in [*names, *axes] if n not in known]
     if unknown:
         raise InputError(f"calibration: the model has no value named {', '.join(map(repr, unknown[:5]))}")
-    names.extend(n for n in sumsq_axes if n not in names)
+    names.extend(n for n in axes if n not in names)
     inputs = {v.name for v in model.graph.input}
     fetched = [n for n in names if n not in inputs]
     stats = {n: TensorStats(bins=histogram_bins) for n in names}
     length = len(feeds) if hasattr(feeds, "__len__") else None
-    batches = _batched(feeds, batch_size)
+    seen = 0
     with Session(model, extra_outputs=fetched) as session:
-        if progress:
+        runs = _runs(session, model, feeds, fetched, batch_size)
+        if progress and length:
             import click
 
-            bar_length = None if length is None else -(-length // max(batch_size, 1))
-            with click.progressbar(batches, length=bar_length, label="calibrating", file=None) as bar:
-                seen = _reduce(session, bar, fetched, stats, sumsq_axes)
+            with click.progressbar(length=length, label="calibrating", file=None) as bar:
+                for samples, feed, values in runs:
+                    seen += _fold(stats, samples, feed, values, axes, squares)
+                    bar.update(samples)
         else:
-            seen = _reduce(session, batches, fetched, stats, sumsq_axes)
+            for samples, feed, values in runs:
+                seen += _fold(stats, samples, feed, values, axes, squares)
     for st in stats.values():
         st.flush()
     if not seen:
@@ -206,18 +292,15 @@ def collect(
     return stats
 
 
-def _reduce(session: Session, batches, fetched, stats, sumsq_axes) -> int:
-    seen = 0
-    for feed in batches:
-        seen += 1
-        values = session.run(feed, fetched) if fetched else {}
-        for name, st in stats.items():
-            value = values[name] if name in values else feed.get(name)
-            if value is None:
-                raise InputError(f"calibration: the feeds have no array for graph input '{name}'")
-            axis = sumsq_axes.get(name)
-            st.update(value, None if axis is None else axis % np.ndim(value))
-    return seen
+def _fold(stats, samples: int, feed, values, axes, squares) -> int:
+    """Fold one run's values into the statistics; the number of samples it held."""
+    for name, st in stats.items():
+        value = values[name] if name in values else feed.get(name)
+        if value is None:
+            raise InputError(f"calibration: the feeds have no array for graph input '{name}'")
+        axis = axes.get(name)
+        st.update(value, None if axis is None else axis % np.ndim(value), samples=samples, squares=name in squares)
+    return samples
 
 
 # --------------------------------------------------------------------------- cache files

@@ -141,7 +141,7 @@ def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Pat
     """Checker and interface check; a big or external model is checked from a file, as the checker needs."""
     problems = check_interface(original, model)
     if has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24:
-        save_scratch(model, scratch_path)
+        save_scratch(model, scratch_path, placeholders=True)
         complaint = check_structure(model, scratch_path)
     else:
         complaint = check_structure(model)

@@ -216,12 +216,13 @@ def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> int:
     return length
 
 
-def save_scratch(model: onnx.ModelProto, path: Path) -> None:
+def save_scratch(model: onnx.ModelProto, path: Path, *, placeholders: bool = False) -> None:
     """Write a throwaway copy for onnxruntime or the checker without copying any weight bytes.
 
     Only the graph is written; each external-data file is hard-linked beside it (copied where a
-    link is impossible) and tensors keep their offsets. A model too big to serialize inline first
-    moves its big inline tensors to the spill file.
+    link is impossible) and tensors keep their offsets. The checker reads no weights but refuses
+    hard links, so for it ``placeholders`` writes sparse files of the same sizes instead. A model
+    too big to serialize inline first moves its big inline tensors to the spill file.
     """
     if model.ByteSize() >= TWO_GB - 2**24:
         for tensor in model_tensors(model):
@@ -239,7 +240,12 @@ def save_scratch(model: onnx.ModelProto, path: Path) -> None:
         source = external_info(tensor)["location"]
         if source not in links:
             links[source] = f"{len(links)}_{Path(source).name}"
-            _link_or_copy(Path(source), path.parent / links[source])
+            target = path.parent / links[source]
+            if placeholders:
+                with open(target, "wb") as f:
+                    f.truncate(Path(source).stat().st_size)
+            else:
+                _link_or_copy(Path(source), target)
         moved.append((tensor, source))
         set_external_location(tensor, links[source])
     try:

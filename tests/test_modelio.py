@@ -175,3 +175,17 @@ def test_interrupted_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
         save_model(mlp(seed=2), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no temporary left behind
+
+
+def test_optimize_validates_external_data_models_without_copying_their_weights(tmp_path):
+    import onnxopt
+
+    model = mlp(hidden=64, with_dead_branch=True)
+    save_external(model, tmp_path / "in.onnx")
+    before = (tmp_path / "in.onnx.data").read_bytes()
+    result = onnxopt.optimize(tmp_path / "in.onnx", "dce", output=tmp_path / "out.onnx")
+    assert result.report.passed, result.report.failure
+    assert result.report.steps[0].checks == {"checker": "ok", "interface": "ok"}
+    assert (tmp_path / "out.onnx.data").is_file()
+    assert (tmp_path / "in.onnx.data").read_bytes() == before
+    assert_same_outputs(model, onnx.load(str(tmp_path / "out.onnx")), feeds_for(model))
