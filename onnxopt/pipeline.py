@@ -112,7 +112,8 @@ def parse_pipeline(text: str) -> list[Step]:
         try:
             options = options_type(**given)
         except InputError as exc:
-            raise PipelineError(text, col, f"{name}: {exc}") from None
+            message = str(exc)
+            raise PipelineError(text, col, message if message.startswith(f"{name}:") else f"{name}: {message}") from None
         steps.append(Step(name, options))
         if i >= len(tokens):
             return steps
