@@ -35,7 +35,8 @@ from onnxopt.data import FeedSet, load_feeds, name_positional_inputs  # noqa: E4
 from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.prune import Prune  # noqa: E402
 from onnxopt.passes.prune_neurons import PruneNeurons  # noqa: E402
-from onnxopt.passes.zero_rows import ZeroRows, parameter_count  # noqa: E402
+from onnxopt.graph import parameter_count  # noqa: E402
+from onnxopt.passes.zero_rows import ZeroRows  # noqa: E402
 
 SPARSITIES = (0.3, 0.5, 0.7)
 CALIB_SAMPLES = 64

@@ -219,6 +219,17 @@ class WeightStore:
         self._initializers[name] = self.graph.initializer[-1]
 
 
+def parameter_count(graph: onnx.GraphProto) -> int:
+    """Elements of the graph's initializers and Constant tensors."""
+    store = WeightStore(graph)
+    return sum(int(np.prod(store.tensor(name).dims, dtype=np.int64)) for name in store.names())
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (1 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 1)
+
+
 def unique_name_factory(model: onnx.ModelProto):
     """A function giving names that collide with no value or node name anywhere in the model."""
     taken: set[str] = set()

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.data import load_feeds, random_feeds
+from onnxopt.graph import parameter_count
 from onnxopt.passes.prune_neurons import PruneNeurons
-from onnxopt.passes.zero_rows import ZeroRows, parameter_count
+from onnxopt.passes.zero_rows import ZeroRows
 from onnxopt.validate import run_model
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..graph import model_graphs, unique_name_factory, value_shapes, walk_graphs
+from ..graph import model_graphs, opset_version, unique_name_factory, value_shapes, walk_graphs
 from .base import Pass, PassResult
 from .prune import activation_norms, check_choice, importance, target_count
 from .weights import PrunableTensor
-from .zero_rows import ChannelGraph, Producer, opset_version, union_roots
+from .zero_rows import ChannelGraph, Producer, union_roots
 
 METHODS = ("l2", "wanda")
 

@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, replace_nodes,
-                     unique_name_factory, value_shapes, walk_graphs)
+from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, opset_version, parameter_count,
+                     replace_nodes, unique_name_factory, value_shapes, walk_graphs)
 from .base import Pass, PassResult
 from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
 
@@ -481,10 +481,6 @@ def _has_padding(node: onnx.NodeProto) -> bool:
     return auto_pad not in ("NOTSET", "VALID") or any(attribute(node, "pads", []) or [])
 
 
-def opset_version(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 1)
-
-
 class ZeroRows(Pass):
     name = "zero-rows"
     summary = "remove neurons/channels whose weight rows are zero, folding their constant into consumers"
@@ -506,12 +502,6 @@ class ZeroRows(Pass):
                 stats["channels_removed"] += int(removed.sum())
                 stats["parameters_removed"] += before - parameter_count(graph)
         return PassResult(model, stats["channels_removed"] > 0, stats)
-
-
-def parameter_count(graph: onnx.GraphProto) -> int:
-    """Elements of the graph's initializers and Constant tensors."""
-    store = WeightStore(graph)
-    return sum(int(np.prod(store.tensor(name).dims, dtype=np.int64)) for name in store.names())
 
 
 class ChannelRemoval:
