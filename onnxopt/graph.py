@@ -73,8 +73,9 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
 def node_uses(node: onnx.NodeProto) -> list[str]:
     """Every value a node reads: its inputs plus outer-scope references of its subgraphs."""
     uses = [i for i in node.input if i]
-    for sub in node_subgraphs(node):
-        uses.extend(free_names(sub))
+    if node.attribute:
+        for sub in node_subgraphs(node):
+            uses.extend(free_names(sub))
     return uses
 
 

@@ -9,7 +9,6 @@ Outputs are kept, models are not: the original model is never copied.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import shlex
 import tempfile
 import time
@@ -79,7 +78,6 @@ def run_pipeline(
             before = size_summary(model)
             pass_ = step.pass_type(step.options, context)
             start = time.perf_counter()
-            gc.disable()  # passes allocate many small objects and no cycles worth collecting mid-pass
             try:
                 result = pass_(model)
             except OnnxoptError as exc:
@@ -89,8 +87,6 @@ def run_pipeline(
                 report.reproducer = _write_reproducer(repro_dir, steps, index, before_bytes, feeds, calib_feeds,
                                                       input_path, traceback.format_exc())
                 raise ValidationError(report.failure + (f" (reproducer: {report.reproducer})" if report.reproducer else "")) from exc
-            finally:
-                gc.enable()
             seconds = time.perf_counter() - start
             model = result.model
             record = StepRecord(index, step.name, format_step(step), dataclasses.asdict(step.options), pass_.exact,

@@ -8,6 +8,7 @@ included, as ``skipped_<reason>``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,15 @@ class Pass:
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         self.requires(model)
-        return self.run(model)
+        # Indices over big graphs allocate many small objects with no cycles: full collections
+        # triggered mid-pass would cost more than the pass (measured: ~15% at 100k nodes).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self.run(model)
+        finally:
+            if collecting:
+                gc.enable()
 
 
 def option_fields(options_type: type) -> Iterator[dataclasses.Field]:

@@ -30,13 +30,16 @@ class DeadCodeElimination(Pass):
 
 
 def _eliminate(graph: onnx.GraphProto, stats: dict[str, int | float]) -> None:
-    for node in graph.node:
-        for sub in node_subgraphs(node):
-            count(stats, "subgraphs_visited")
-            _eliminate(sub, stats)
-    # Only a producer map: a node's uses are read once, when it is found live.
+    # One sweep: a producer map, and inner graphs cleaned first (their outer reads may shrink).
     nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            producer[out] = i
+        if node.attribute:
+            for sub in node_subgraphs(node):
+                count(stats, "subgraphs_visited")
+                _eliminate(sub, stats)
     live_names = {o.name for o in graph.output}
     live_nodes: set[int] = set()
     stack = list(live_names)
@@ -45,7 +48,7 @@ def _eliminate(graph: onnx.GraphProto, stats: dict[str, int | float]) -> None:
         if i is None or i in live_nodes:
             continue
         live_nodes.add(i)
-        for name in node_uses(nodes[i]):
+        for name in node_uses(nodes[i]):  # a node's uses are read only once it is found live
             if name not in live_names:
                 live_names.add(name)
                 stack.append(name)
@@ -55,8 +58,9 @@ def _eliminate(graph: onnx.GraphProto, stats: dict[str, int | float]) -> None:
     keep = live_names | {i.name for i in graph.input}
     _filter_field(graph.initializer, lambda t: t.name in keep, stats, "initializers_removed")
     _filter_field(graph.sparse_initializer, lambda t: t.values.name in keep, stats, "initializers_removed")
-    present = defined_names(graph) | live_names
-    _filter_field(graph.value_info, lambda v: v.name in present, stats, "value_info_removed")
+    if graph.value_info:
+        present = defined_names(graph) | live_names
+        _filter_field(graph.value_info, lambda v: v.name in present, stats, "value_info_removed")
 
 
 def _filter_field(field, keep, stats: dict[str, int | float], counter: str) -> None:
