@@ -63,6 +63,7 @@ def optimize(
         tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop),
         input_shapes=input_shapes,
         calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
+        teacher=(lambda: model) if input_path is None else (lambda: load_model(input_path)),
     )
     if out_path is not None and (result.report.passed or keep_failed):
         save_model(result.model, out_path, external=external_data, input_path=input_path,

@@ -52,13 +52,18 @@ def run_pipeline(
     repro_dir: str | Path | None = None,
     input_path: str | Path | None = None,
     progress: bool = False,
+    teacher=None,
 ) -> Result:
-    """Run ``pipeline`` on ``model`` (changed in place: the caller passes a model it owns)."""
+    """Run ``pipeline`` on ``model`` (changed in place: the caller passes a model it owns).
+
+    ``teacher`` returns the original model for passes that repair against it (loaded on demand).
+    """
     steps = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     report = Report(pipeline=format_pipeline(steps), input=str(input_path) if input_path else None)
     original_interface = _interface_copy(model)
     calib_feeds = as_feeds(calib, model) if calib is not None else None
-    context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None, progress=progress)
+    context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None,
+                          progress=progress, teacher=teacher)
     feeds: FeedSet | None = None
     reference = previous = None
     if validate:

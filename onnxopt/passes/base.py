@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,15 +35,22 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may need beyond its options: calibration feeds and a statistics cache.
+    """What a pass may need beyond its options: calibration feeds, a statistics cache, the original.
 
     ``calib`` is re-iterable (each ``iter()`` starts again at the first sample), so a pass may
-    stream the data more than once without keeping it.
+    stream the data more than once without keeping it. ``teacher`` returns the original model
+    (read only) for passes that repair the optimized model against it; it is loaded only when asked.
     """
 
     calib: Iterable[Feed] | None = None
     calib_cache: Path | None = None
     progress: bool = False
+    teacher: Callable[[], onnx.ModelProto] | None = None
+
+    def teacher_model(self, pass_name: str) -> onnx.ModelProto:
+        if self.teacher is None:
+            raise InputError(f"{pass_name} needs the original model as its teacher (run it through optimize)")
+        return self.teacher()
 
     def calibration_feeds(self, pass_name: str) -> Iterable[Feed]:
         if self.calib is None:
