@@ -1,12 +1,17 @@
 """Static int8 quantization side by side: onnxopt quantize vs onnxruntime quantize_static vs onnxsim.
 
-    python benchmarks/bench_quantize.py [--models ../shared/models] [--samples samples] [--runs 200]
+    python benchmarks/bench_quantize.py [--models ../shared/models] [--samples samples] [--runs 300]
 
 Per model: task accuracy (or cosine to fp32 without labels) on the eval data, file size, onnxruntime
-latency (all graph optimizations, 1 thread, batch 1,
-lower quartile of --runs) relative to fp32, calibration wall time.
-Then onnxopt's calibration peak RSS and wall time at 16, 64 and 256 samples, each in a fresh child
-process (samples repeat the calibration set cyclically), against one plain fp32 inference pass.
+latency relative to fp32 (all graph optimizations, 1 thread, batch 1; every candidate's session is
+timed round-robin, one run each per round over --runs rounds, median per candidate, so load on a
+shared machine hits all alike), quantize wall time.
+Calibration time: onnxopt's statistics pass (collect, default options, session creation included)
+against a plain fp32 pass over the same samples as a user would run it (onnxruntime session with all
+optimizations, 1 thread, created and run over the samples in the same joined batches as calibration),
+median of interleaved repeats. Calibration memory: quantize with 16, 64 and 256 samples (calibration
+set repeated), each in a fresh child process: total peak RSS, and the growth during quantize (peak
+minus RSS just before it: the data the child holds is not calibration's).
 Prints markdown tables and writes benchmarks/out/bench_quantize.json.
 """
 
@@ -15,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,16 +63,19 @@ def outputs(path: Path, feeds: FeedSet) -> list[np.ndarray]:
     return [s.run(None, {k: np.asarray(v) for k, v in f.items()})[0] for f in feeds]
 
 
-def latency_ms(path: Path, feed: dict, runs: int) -> float:
-    s = session(path, optimize=True)
-    for _ in range(10):
-        s.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        s.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.percentile(times, 25) * 1e3)  # lower quartile: robust to a busy shared machine
+def latencies_ms(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, float]:
+    """Median latency per model, the models timed round-robin (one run each per round)."""
+    sessions = {name: session(path, optimize=True) for name, path in paths.items()}
+    for s in sessions.values():
+        for _ in range(10):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
 def score(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict:
@@ -141,31 +148,26 @@ QUANTIZERS = {
 
 
 def child(model_path: str, calib_path: str, count: int) -> None:
-    """One calibration in this fresh process: wall time, peak RSS, and one plain fp32 pass for scale."""
+    """One quantize in this fresh process: wall time, total peak RSS and its growth during quantize."""
     base = load_feeds(calib_path)
     reps = -(-count // len(base))
     feeds = FeedSet({k: np.concatenate([v] * reps)[:count] for k, v in base.arrays.items()}, "calib")
     model = onnx.load(model_path)
-    s = session(Path(model_path), optimize=False)
-    t = time.perf_counter()
-    for f in feeds:
-        s.run(None, f)
-    plain = time.perf_counter() - t
-    del s
-    rss_before = peak_rss_mb()
+    rss_before = proc_status_mb("VmRSS")
     t = time.perf_counter()
     QuantizePass(None, PassContext(calib=feeds))(model)
     wall = time.perf_counter() - t
-    print(json.dumps({"wall_s": wall, "fp32_pass_s": plain, "peak_rss_mb": peak_rss_mb(),
-                      "rss_before_mb": rss_before}))
+    peak = proc_status_mb("VmHWM")
+    print(json.dumps({"wall_s": wall, "peak_rss_mb": peak, "rss_before_mb": rss_before,
+                      "growth_mb": peak - rss_before}))
 
 
-def peak_rss_mb() -> float:
-    """This process's RSS high-water mark (VmHWM: reset at exec, unlike ru_maxrss which a child inherits)."""
+def proc_status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (high-water mark, reset at exec) of this process, in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def calib_scaling(model_path: Path, calib_path: Path) -> dict:
@@ -177,26 +179,48 @@ def calib_scaling(model_path: Path, calib_path: Path) -> dict:
     return rows
 
 
-def calib_pass_time(model_path: Path, calib: FeedSet) -> float:
-    """Calibration time (statistics only) vs one plain fp32 inference pass over the same samples."""
-    from onnxopt.calibration import collect
-    from onnxopt.passes.quantize import _plan
+def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
+    """Statistics pass (as quantize runs it) vs a plain fp32 pass over the same samples, same batches."""
+    from onnxopt.calibration import _runs, collect
+    from onnxopt.passes.quantize import _fold_batchnorm, _name_heavy_nodes, _opset, _plan, _upgrade
+    from onnxopt.graph import unique_name_factory
+    from onnxopt.validate import Session
 
     model = onnx.load(model_path)
-    if model.opset_import[0].version < 13:
-        model = onnx.version_converter.convert_version(model, 13)
-    plan = _plan(model.graph, QuantizePass.Options(), set(), {})
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(model, Path(tmp) / "m.onnx")
-        s = session(Path(tmp) / "m.onnx", optimize=False)
-        t = time.perf_counter()
-        for f in calib:
-            s.run(None, {k: np.asarray(v) for k, v in f.items()})
-        plain = time.perf_counter() - t
-    t = time.perf_counter()
-    collect(model, calib, sorted(set(plan.acts.values())), histogram_bins=2048,
-            sumsq_axes={u.activations[0]: u.channel_axis for u in plan.units if u.channel_axis is not None})
-    return (time.perf_counter() - t) / plain
+    if _opset(model) < 13:
+        model = _upgrade(model, _opset(model))
+    make_name = unique_name_factory(model)
+    _name_heavy_nodes(model.graph, make_name)
+    _fold_batchnorm(model.graph, make_name)
+    opt = QuantizePass.Options()
+    plan = _plan(model.graph, opt, set(), {})
+    wanted = sorted(set(plan.acts.values()))
+    axes = {u.activations[0]: u.channel_axis for u in plan.units if u.weight and u.channel_axis is not None}
+    inputs = {v.name for v in model.graph.input}
+    fetched = [n for n in [*wanted, *axes] if n not in inputs]
+    with Session(model, extra_outputs=fetched, optimize=True) as s:
+        batch = next(_runs(s, model, calib, fetched, 0))[0]  # the batch size calibration chooses
+    data = model.SerializeToString()
+
+    def plain() -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        s = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        for feed in calib.batches(batch):
+            s.run(None, feed)
+
+    def stats() -> None:
+        collect(model, calib, wanted, histogram_bins=0 if opt.method == "minmax" else 2048, mean_axes=axes)
+
+    times: dict = {"plain": [], "calib": []}
+    for _ in range(repeats):
+        for name, f in (("plain", plain), ("calib", stats)):
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    plain_s, calib_s = (float(np.median(times[k])) for k in ("plain", "calib"))
+    return {"batch": batch, "samples": len(calib), "plain_s": plain_s, "calib_s": calib_s, "ratio": calib_s / plain_s}
 
 
 # --------------------------------------------------------------------------- main
@@ -206,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models")
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=300, help="latency rounds (one run per candidate each)")
     parser.add_argument("--child", nargs=3)
     args = parser.parse_args()
     if args.child:
@@ -221,9 +245,8 @@ def main() -> None:
             labels = np.load(labels_path)["labels"] if labels_path.exists() else None
             ref = outputs(model_path, evals)
             feed0 = {k: np.asarray(v) for k, v in next(iter(evals)).items()}
-            fp32_ms = latency_ms(model_path, feed0, args.runs)
-            rows = {"fp32": {"size_kb": model_path.stat().st_size / 1024, "latency_ms": fp32_ms,
-                             **score(ref, ref, labels)}}
+            rows = {"fp32": {"size_kb": model_path.stat().st_size / 1024, **score(ref, ref, labels)}}
+            paths = {"fp32": model_path}
             for qname, quantize in QUANTIZERS.items():
                 out = Path(tmp) / f"{name.replace('/', '_')}_{qname.replace(' ', '_')}.onnx"
                 t = time.perf_counter()
@@ -233,9 +256,11 @@ def main() -> None:
                     rows[qname] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
                     continue
                 wall = time.perf_counter() - t
-                ms = latency_ms(out, feed0, args.runs)
-                rows[qname] = {"size_kb": out.stat().st_size / 1024, "latency_ms": ms, "quantize_s": wall,
+                rows[qname] = {"size_kb": out.stat().st_size / 1024, "quantize_s": wall,
                                **score(ref, outputs(out, evals), labels), "stats": stats}
+                paths[qname] = out
+            for qname, ms in latencies_ms(paths, feed0, args.runs).items():
+                rows[qname]["latency_ms"] = ms
             results[name] = {"rows": rows, "calib": calib_scaling(model_path, calib_path),
                              "calib_vs_fp32_pass": calib_pass_time(model_path, calib)}
             print_model(name, results[name], labels is not None)
@@ -247,7 +272,7 @@ def print_model(name: str, result: dict, has_labels: bool) -> None:
     fp32 = rows["fp32"]
     print(f"\n### {name}\n")
     print("| quantizer | " + ("accuracy | " if has_labels else "") +
-          "cosine to fp32 | size KiB (x fp32) | latency ms (x fp32) | quantize s |")
+          "cosine to fp32 | size KiB (x fp32) | median latency ms, round-robin, 1 thread (x fp32) | quantize s |")
     print("|---|" + ("---|" if has_labels else "") + "---|---|---|---|")
     for qname, r in rows.items():
         if "error" in r:
@@ -256,12 +281,16 @@ def print_model(name: str, result: dict, has_labels: bool) -> None:
         acc = f"{r['accuracy'] * 100:.1f}% | " if has_labels else ""
         print(f"| {qname} | {acc}{r['cosine']:.5f} | {r['size_kb']:.0f} ({r['size_kb'] / fp32['size_kb']:.2f}) | "
               f"{r['latency_ms']:.3f} ({r['latency_ms'] / fp32['latency_ms']:.2f}) | {r.get('quantize_s', 0):.2f} |")
-    print("\nonnxopt calibration (default options, fresh process per size):\n")
-    print("| samples | quantize wall s | fp32 pass s | peak RSS MiB | peak RSS before quantize MiB |")
+    print("\nonnxopt quantize memory (default options, fresh process per size; growth = peak - RSS just before "
+          "quantize, the child's own copy of the data excluded):\n")
+    print("| samples | quantize wall s | RSS before MiB | total peak RSS MiB | growth during quantize MiB |")
     print("|---|---|---|---|---|")
     for n, c in result["calib"].items():
-        print(f"| {n} | {c['wall_s']:.2f} | {c['fp32_pass_s']:.2f} | {c['peak_rss_mb']:.0f} | {c['rss_before_mb']:.0f} |")
-    print(f"\nstatistics pass (histograms + channel sums) / plain fp32 pass: {result['calib_vs_fp32_pass']:.2f}x")
+        print(f"| {n} | {c['wall_s']:.2f} | {c['rss_before_mb']:.0f} | {c['peak_rss_mb']:.0f} | {c['growth_mb']:.1f} |")
+    t = result["calib_vs_fp32_pass"]
+    print(f"\nstatistics pass (default method, {t['samples']} samples in joined batches of {t['batch']}, session "
+          f"creation included) {t['calib_s'] * 1e3:.1f} ms / plain fp32 pass (ORT_ENABLE_ALL, 1 thread, same batches, "
+          f"session creation included) {t['plain_s'] * 1e3:.1f} ms = {t['ratio']:.2f}x")
     sys.stdout.flush()
 
 

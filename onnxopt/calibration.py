@@ -38,7 +38,7 @@ from .validate import Session
 
 GRID_SIZE = 1 << 16
 FLUSH_AT = 1 << 16  # grid codes buffered per tensor before one bincount (bounded memory, fewer passes)
-HIST_PER_SAMPLE = 4096  # at most this many values per tensor and sample go into the histogram
+HIST_PER_SAMPLE = 512  # at most this many values per tensor and sample go into the histogram
 BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
 MAX_BATCH = 64  # automatic batching: samples per joined batch
 
@@ -115,8 +115,10 @@ class TensorStats:
     def flush(self) -> None:
         """Count buffered grid codes (one bincount for many small batches: counts are exact either way)."""
         if self._pending:
-            counts = np.bincount(np.concatenate(self._pending), minlength=GRID_SIZE)
-            self.codes = counts if self.codes is None else self.codes + counts
+            counts = np.bincount(np.concatenate(self._pending))  # up to the highest code seen: often far fewer bins
+            if self.codes is None:
+                self.codes = np.zeros(GRID_SIZE, np.int64)
+            self.codes[: counts.size] += counts
             self._pending, self._pending_n = [], 0
 
     def merge(self, other: TensorStats) -> TensorStats:
@@ -273,7 +275,8 @@ def collect(
     stats = {n: TensorStats(bins=histogram_bins) for n in names}
     length = len(feeds) if hasattr(feeds, "__len__") else None
     seen = 0
-    with Session(model, extra_outputs=fetched) as session:
+    # graph optimizations keep every fetched value (fusions stop at graph outputs) and run faster
+    with Session(model, extra_outputs=fetched, optimize=True) as session:
         runs = _runs(session, model, feeds, fetched, batch_size)
         if progress and length:
             import click

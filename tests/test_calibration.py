@@ -151,3 +151,68 @@ def test_unreadable_cache_is_an_input_error(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a calibration cache"):
         load_stats(bad)
+
+
+# --------------------------------------------------------------------------- automatic batching, subsampled histograms
+
+
+def runs_of(model, feeds, fetched):
+    from onnxopt.calibration import _runs
+    from onnxopt.validate import Session
+
+    with Session(model, extra_outputs=fetched) as session:
+        return [samples for samples, _, _ in _runs(session, model, feeds, fetched, 0)]
+
+
+def test_automatic_batching_joins_samples_and_gives_the_statistics_of_one_sample_a_run():
+    model, x = scaled_relu(), data(70)
+    args = dict(tensors=["x", "h", "y"], histogram_bins=8, mean_axes={"h": 1})
+    auto = collect(model, FeedSet({"x": x}, "t"), **args)
+    one = collect(model, FeedSet({"x": x}, "t"), **args, batch_size=1)
+    for name in args["tensors"]:
+        assert (auto[name].count, auto[name].min, auto[name].max) == (one[name].count, one[name].min, one[name].max)
+        np.testing.assert_array_equal(auto[name].codes, one[name].codes)
+    np.testing.assert_allclose(auto["h"].channel_sum, one["h"].channel_sum, rtol=1e-12)
+    # probe (sample 0 alone, not folded), then joined batches of MAX_BATCH
+    assert runs_of(model, FeedSet({"x": x}, "t"), ["h", "y"]) == [64, 6]
+
+
+def test_automatic_batching_falls_back_when_joining_would_mix_samples():
+    """Reshape to [1, -1] puts every joined sample in one row: one sample a run instead."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Relu", ["flat"], ["y"])]
+    model = make_model(nodes, [value("x", ["batch", 3, 4])], [value("y", [1, "n"])],
+                       [tensor("shape", np.array([1, -1], np.int64))])
+    feeds = FeedSet({"x": data(5)}, "t")
+    assert runs_of(model, feeds, ["flat"]) == [1, 1, 1, 1, 1]
+    assert collect(model, feeds, ["flat"])["flat"].count == 5 * 12
+
+
+def test_fixed_batch_axis_runs_one_sample_a_run():
+    nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    model = make_model(nodes, [value("x", [1, 3, 4])], [value("y", [1, 3, 4])])
+    assert runs_of(model, FeedSet({"x": data(3)}, "t"), ["y"]) == [1, 1, 1]
+
+
+def test_big_tensors_histogram_a_per_sample_subsample_identical_for_any_batching():
+    from onnxopt.calibration import HIST_PER_SAMPLE, _stride
+
+    x = np.random.default_rng(4).standard_normal((6, 3, 700)).astype(np.float32)  # 2100 values per sample
+    stride = _stride(2100)
+    assert stride > 1 and np.gcd(stride, 2100) == 1 and -(-2100 // stride) <= HIST_PER_SAMPLE
+    whole, single, pairs = TensorStats(bins=8), TensorStats(bins=8), TensorStats(bins=8)
+    whole.update(x, samples=6)
+    for s in x:
+        single.update(s[None])
+    for i in range(0, 6, 2):
+        pairs.update(x[i:i + 2], samples=2)
+    for st_ in (whole, single, pairs):
+        st_.flush()
+        assert (st_.count, st_.min, st_.max) == (x.size, x.min(), x.max())  # min/max see every value
+        assert st_.codes.sum() == 6 * len(range(0, 2100, stride))
+        np.testing.assert_array_equal(st_.codes, whole.codes)
+
+
+def test_only_the_statistics_asked_for_are_kept():
+    stats = collect(scaled_relu(), FeedSet({"x": data(4)}, "t"), ["y"], mean_axes={"h": 1})
+    assert stats["h"].channel_sum is not None and stats["h"].channel_sumsq is None
+    assert stats["y"].channel_sum is None and stats["y"].codes is None

@@ -108,7 +108,8 @@ def test_weight_scales_are_symmetric_per_channel_and_biases_use_input_times_weig
     inits = initializers(q)
     folded = quantize(model, method="minmax", bias_correction=False)
     w = inits["w_quantized"].astype(np.float32) * inits["w_scale"][:, None, None, None]
-    assert np.array_equal(inits["w_zero_point"], np.zeros(4, np.int8))
+    assert "w_zero_point" not in inits and "b_zero_point" not in inits  # zero by default: not stored
+    assert np.array_equal(inits["fw_zero_point"], np.zeros(5, np.int8))  # QGemm fusion wants it
     np.testing.assert_allclose(np.abs(inits["w_quantized"]).max(axis=(1, 2, 3)), 127)
     assert w.shape == (4, 3, 3, 3)
     np.testing.assert_allclose(inits["b_scale"], inits["x_scale"] * inits["w_scale"], rtol=1e-6)
@@ -298,7 +299,8 @@ def test_quantize_keeps_the_float_interface_and_passes_the_checker(hidden, seed,
     ({"percentile": 20.0}, "percentile"),
     ({"op_types": ("Conv", "Add")}, "op_types"),
     ({"min_cosine": 1.5}, "min_cosine"),
-    ({"batch_size": 0}, "at least 1"),
+    ({"batch_size": -1}, "at least 0"),
+    ({"sensitivity_samples": 0}, "at least 1"),
 ])
 def test_bad_options_are_input_errors(options, message):
     with pytest.raises(InputError, match=message):
@@ -343,4 +345,22 @@ def test_real_models_lose_at_most_half_a_point(shared_models, name):
         return np.mean([run(m, f)[0].argmax() == label for f, label in zip(evals, labels)])
 
     assert accuracy(result.model) >= accuracy(model) - 0.005
-    assert result.model.ByteSize() < model.ByteSize() * 0.55
+    assert result.model.ByteSize() < model.ByteSize() * 0.45
+
+
+def test_minmax_calibration_keeps_no_histograms_and_no_squares(tmp_path):
+    model, cache = cnn(), tmp_path / "calib.npz"
+    QuantizePass(QuantizePass.Options(method="minmax"), PassContext(calib=samples(model), calib_cache=cache))(copy(model))
+    from onnxopt.calibration import load_stats
+
+    stats, _ = load_stats(cache)
+    assert all(st.codes is None and st.channel_sumsq is None for st in stats.values())
+    assert any(st.channel_sum is not None for st in stats.values())  # bias correction's means
+
+
+def test_matmul_add_bias_becomes_int32_so_onnxruntime_makes_a_qgemm(tmp_path):
+    q = quantize(mlp(hidden=16)).model
+    assert initializers(q)["b2_quantized"].dtype == np.int32
+    assert "b2" not in initializers(q)
+    fused = fused_ops(q, tmp_path)
+    assert fused["QGemm"] == 2 and "MatMul" not in fused and "Gemm" not in fused and "DequantizeLinear" not in fused

@@ -54,7 +54,7 @@ class QuantizeOptions:
     fold_batchnorm: bool = True
     min_cosine: float = 0.0  # > 0: accuracy-aware mode
     sensitivity_samples: int = 32
-    batch_size: int = 1
+    batch_size: int = 0  # samples per calibration run; 0: joined automatically where the batch axis allows
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,8 +68,10 @@ class QuantizeOptions:
             raise InputError(f"quantize: op_types can hold {'|'.join(HEAVY)}, not {'|'.join(unknown)}")
         if not 0.0 <= self.min_cosine <= 1.0:
             raise InputError(f"quantize: min_cosine must be in [0, 1], not {self.min_cosine}")
-        if self.sensitivity_samples < 1 or self.batch_size < 1:
-            raise InputError("quantize: sensitivity_samples and batch_size must be at least 1")
+        if self.sensitivity_samples < 1:
+            raise InputError("quantize: sensitivity_samples must be at least 1")
+        if self.batch_size < 0:
+            raise InputError("quantize: batch_size must be at least 0 (0: automatic)")
 
 
 @dataclass
@@ -145,7 +147,7 @@ class QuantizePass(Pass):
             if usable and all(n in cached for n in axes):
                 stats["calib_cache_hit"] = 1
                 return cached
-        result = collect(model, feeds, wanted, histogram_bins=bins, sumsq_axes=axes,
+        result = collect(model, feeds, wanted, histogram_bins=bins, mean_axes=axes,
                          batch_size=opt.batch_size, progress=self.context.progress)
         if cache is not None:
             save_stats(cache, result, fingerprint)
@@ -164,6 +166,8 @@ def _upgrade(model: onnx.ModelProto, before: int) -> onnx.ModelProto:
     """Per-channel QDQ needs opset 13; the converter returns a new model (the one needed copy)."""
     try:
         upgraded = onnx.version_converter.convert_version(model, QDQ_OPSET)
+        del upgraded.graph.value_info[:]  # the converter infers shapes of every value: file size, not needed
+        upgraded.graph.value_info.extend(model.graph.value_info)
     except Exception as exc:  # the converter raises several types
         raise InputError(f"quantize needs opset >= {QDQ_OPSET} for per-channel QDQ; the model has opset "
                          f"{before} and upgrading it failed: {str(exc).splitlines()[0]}") from None
@@ -477,8 +481,14 @@ class _Writer:
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None) -> None:
-        """Store ``q`` where the float weight was, under a new name; a DQ gives back the old name."""
+    def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None,
+                      zero_point: bool = True) -> None:
+        """Store ``q`` where the float weight was, under a new name; a DQ gives back the old name.
+
+        ``zero_point=False`` leaves the (all-zero) zero point out, where onnxruntime fuses without it
+        (Conv weights, int32 biases): per channel it would cost a quarter of the int8 weight of a
+        depthwise Conv, and as much as an int32 bias.
+        """
         stored = self.name(f"{weight}_quantized")
         tensor = numpy_helper.from_array(q, stored)
         if self.store.is_constant_node(weight):
@@ -490,10 +500,11 @@ class _Writer:
         else:
             self.store.tensor(weight).CopyFrom(tensor)
             where = self.front
-        s = self.initializer(f"{weight}_scale", scale)
-        z = self.initializer(f"{weight}_zero_point", np.zeros(scale.shape, q.dtype))
+        inputs = [stored, self.initializer(f"{weight}_scale", scale)]
+        if zero_point:
+            inputs.append(self.initializer(f"{weight}_zero_point", np.zeros(scale.shape, q.dtype)))
         attrs = {} if axis is None or scale.ndim == 0 else {"axis": axis}
-        where.append(onnx.helper.make_node("DequantizeLinear", [stored, s, z], [weight],
+        where.append(onnx.helper.make_node("DequantizeLinear", inputs, [weight],
                                            name=self.name(f"{weight}_DequantizeLinear"), **attrs))
 
 
@@ -545,27 +556,28 @@ def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, tensor_stats, opt, don
     done.add(unit.weight)
     w = writer.store.array(unit.weight)
     q, scale = _quantize_weight(w, unit.axis, opt.reduce_range)
-    writer.weight_to_int(unit.weight, q, scale, unit.axis)
+    # onnxruntime's QGemm / QLinearMatMul fusions want the weight's zero point, QLinearConv does not
+    writer.weight_to_int(unit.weight, q, scale, unit.axis, zero_point=unit.node.op_type != "Conv")
     count(stats, "weights_quantized")
-    bias = writer.store.array(unit.bias) if unit.bias else None
+    # MatMul's following Add constant is treated as its bias: int32 like a Gemm bias, so that
+    # onnxruntime's MatMul+Add -> Gemm fusion yields a QGemm (a float bias would leave a float Gemm)
+    bias_name = unit.bias or unit.add_bias
+    bias = writer.store.array(bias_name) if bias_name else None
     mean = tensor_stats[unit.activations[0]].channel_mean if opt.bias_correction and unit.channel_axis is not None else None
     if mean is not None:
         shaped = scale if unit.axis is None else scale.reshape([-1 if d == unit.axis else 1 for d in range(w.ndim)])
         shift = _output_shift(unit, q.astype(np.float64) * shaped - w, mean)
-        if shift is not None and unit.bias:
+        if shift is not None and bias is not None:
             bias = (bias - shift).astype(np.float32)
-            count(stats, "bias_corrected")
-        elif shift is not None and unit.add_bias:
-            writer.store.set_array(unit.add_bias, (writer.store.array(unit.add_bias) - shift).astype(np.float32))
             count(stats, "bias_corrected")
     if bias is None:
         return
     if x_scale is None:
-        writer.store.set_array(unit.bias, bias)
+        writer.store.set_array(bias_name, bias)
         return
     bias_scale = (np.float64(x_scale) * scale).astype(np.float32)
     qb = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
-    writer.weight_to_int(unit.bias, qb, bias_scale, 0)
+    writer.weight_to_int(bias_name, qb, bias_scale, 0, zero_point=False)
     count(stats, "biases_int32")
 
 
