@@ -7,7 +7,7 @@ fed as ``{name: arr[i]}`` (so each sample keeps the model's own batch axis).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -234,5 +234,3 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
             raise InputError(f"--input-shape '{spec}': expected NAME=D1,D2,... with whole numbers") from None
     return shapes
 
-
-FeedSource = FeedSet | str | Path | Mapping[str, np.ndarray] | Iterable[Feed] | Callable[[], Iterable[Feed]]

@@ -7,9 +7,8 @@ included, as ``skipped_<reason>``).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -85,10 +84,6 @@ class Pass:
         finally:
             if collecting:
                 gc.enable()
-
-
-def option_fields(options_type: type) -> Iterator[dataclasses.Field]:
-    yield from dataclasses.fields(options_type)
 
 
 def count(stats: dict[str, int | float], key: str, n: int | float = 1) -> None:
