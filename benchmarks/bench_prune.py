@@ -1,5 +1,6 @@
 """Pruning side by side: onnxopt prune (magnitude vs Wanda, unstructured vs 2:4) vs onnxsim's pruning,
 and prune-neurons + zero-rows (parameters, bytes, latency) against the dense model.
+Wanda runs with its default bias correction, prune-neurons with its default round_to=8.
 
     python benchmarks/bench_prune.py [--models ../shared/models] [--samples samples] [--runs 100]
 

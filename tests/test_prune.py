@@ -14,8 +14,9 @@ from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
 from onnxopt.passes.base import PassContext
 from onnxopt.passes.prune import Prune
-from onnxopt.passes.prune_neurons import PruneNeurons
+from onnxopt.passes.prune_neurons import PruneNeurons, rounded_count
 from onnxopt.passes.zero_rows import ZeroRows
+from onnxopt.validate import run_model
 
 
 def mlp(w1: np.ndarray, w2: np.ndarray, trans_b: int = 1) -> onnx.ModelProto:
@@ -133,11 +134,68 @@ def test_wanda_protects_weights_on_loud_inputs():
     samples = np.random.default_rng(0).standard_normal((16, 1, 4)).astype(np.float32) * [100, 1, 1, 1]
     calib = FeedSet({"x": samples.astype(np.float32)}, "test")
     magnitude = array(prune(model(), sparsity=0.25).model, "w")
-    wanda = array(prune(model(), calib=calib, sparsity=0.25, method="wanda").model, "w")
+    wanda = array(prune(model(), calib=calib, sparsity=0.25, method="wanda", bias_correction=False).model, "w")
     assert (magnitude[0] == 0).all() and (wanda[0] != 0).all()
     norms = np.sqrt((samples.reshape(-1, 4).astype(np.float64) ** 2).sum(axis=0))
     score = np.abs(w) * norms[:, None]
     assert set(zip(*np.nonzero(wanda == 0))) == set(zip(*np.unravel_index(np.argsort(score, axis=None)[:2], w.shape)))
+
+
+def linear_calib(means, stds, n=32, seed=0) -> FeedSet:
+    rng = np.random.default_rng(seed)
+    return FeedSet({"x": (rng.standard_normal((n, 1, len(means))) * stds + means).astype(np.float32)}, "test")
+
+
+def run_calib(model: onnx.ModelProto, calib: FeedSet) -> np.ndarray:
+    return np.concatenate(run_model(model, calib)[model.graph.output[0].name])
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul", "Conv"])
+def test_wanda_bias_correction_keeps_the_mean_output_on_the_calibration_data(op):
+    """Adding back sum(pruned w * mean(x)) makes a linear layer's mean output exactly the dense one."""
+    calib = linear_calib(means=[3.0, -2.0, 0.5, 4.0], stds=[1.0, 0.5, 2.0, 0.1])
+    if op == "Conv":  # unpadded 1x1: channels as features
+        calib = FeedSet({"x": calib.arrays["x"].reshape(32, 1, 4, 1, 1)}, "test")
+
+    w = weight(4, 5) if op == "MatMul" else weight(5, 4, 1, 1) if op == "Conv" else weight(5, 4)
+    weights = {"w": w} if op == "MatMul" else {"w": w, "b": weight(5)}
+
+    def model():
+        inputs = ["x", "w"] if op == "MatMul" else ["x", "w", "b"]
+        attrs = {"transB": 1, "alpha": 0.5} if op == "Gemm" else {}
+        return make_model([node(op, inputs, "y", **attrs)], {"x": [1, 4, 1, 1] if op == "Conv" else [1, 4]}, ["y"],
+                          {k: v.copy() for k, v in weights.items()})
+
+    dense = run_calib(model(), calib).mean(axis=0)
+    corrected = prune(model(), calib=calib, sparsity=0.5, method="wanda")
+    plain = prune(model(), calib=calib, sparsity=0.5, method="wanda", bias_correction=False)
+    assert corrected.stats["biases_corrected"] == 1 and "biases_corrected" not in plain.stats
+    np.testing.assert_allclose(run_calib(corrected.model, calib).mean(axis=0), dense, rtol=1e-5, atol=1e-5)
+    assert np.abs(run_calib(plain.model, calib).mean(axis=0) - dense).max() > 0.1
+    assert [n.op_type for n in corrected.model.graph.node] == ([op, "Add"] if op == "MatMul" else [op])
+    assert corrected.model.graph.node[-1].output[0] == "y"
+
+
+def test_wanda_bias_correction_ranks_by_spread_about_the_mean():
+    """Input 0 is loud but nearly constant: its mean goes into the bias, so its weights are cheap to prune."""
+    w = np.ones((2, 3), np.float32)  # (in, out)
+    calib = linear_calib(means=[10.0, 0.0], stds=[0.01, 1.0])
+
+    def pruned(**options):
+        model = make_model([node("MatMul", ["x", "w"], "y")], {"x": [1, 2]}, ["y"], {"w": w})
+        return array(prune(model, calib=calib, sparsity=0.5, method="wanda", **options).model, "w")
+
+    assert (pruned()[0] == 0).all() and (pruned()[1] != 0).all()
+    assert (pruned(bias_correction=False)[1] == 0).all() and (pruned(bias_correction=False)[0] != 0).all()
+
+
+def test_wanda_bias_correction_copies_a_shared_bias():
+    model = make_model([node("Gemm", ["x", "w1", "b"], "h", transB=1), node("Gemm", ["h", "w2", "b"], "y", transB=1)],
+                       {"x": [1, 4]}, ["y"], {"w1": weight(4, 4), "w2": weight(4, 4), "b": weight(4)})
+    bias = array(model, "b").copy()
+    result = prune(model, calib=linear_calib(means=[1.0] * 4, stds=[1.0] * 4), sparsity=0.5, method="wanda")
+    assert (array(result.model, "b") == bias).all()
+    assert [n.input[2] for n in result.model.graph.node] == ["b_bias", "b_bias_1"]
 
 
 def test_wanda_without_calibration_is_an_input_error():
@@ -184,7 +242,7 @@ def test_property_prune_meets_target_and_keeps_the_largest(rows, cols, sparsity,
 
 def test_prune_neurons_zeroes_rows_that_zero_rows_removes():
     w1 = weight(8, 5)
-    result = PruneNeurons(PruneNeurons.Options(ratio=0.5))(mlp(w1, weight(3, 8)))
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1))(mlp(w1, weight(3, 8)))
     assert result.stats == {"neurons_zeroed": 4, "neurons_removable": 8, "neuron_groups": 2,
                             "skipped_graph_output": 1}
     dead = ~array(result.model, "w1").any(axis=1)
@@ -230,7 +288,35 @@ def test_prune_neurons_exclude_keeps_a_layer_whole():
                             "skipped_excluded": 1, "skipped_graph_output": 1}
 
 
+@pytest.mark.parametrize(("asked", "size", "most", "step", "multiple", "expected"), [
+    (3, 12, 11, 1, 8, 4),     # 12 - 4 = 8 kept
+    (3, 12, 11, 1, 1, 3),     # no rounding
+    (4, 16, 15, 1, 8, 0),     # 16 or 8 kept: 0 and 8 are as near, the smaller wins
+    (6, 16, 15, 1, 8, 8),
+    (3, 12, 3, 1, 8, None),   # 4 would be needed, only 3 removable
+    (1, 6, 5, 1, 8, None),    # fewer channels than the multiple
+    (6, 24, 23, 4, 8, 8),     # grouped Conv: counts in steps of 4
+])
+def test_rounded_count(asked, size, most, step, multiple, expected):
+    assert rounded_count(asked, size, most, step, multiple) == expected
+
+
+@pytest.mark.parametrize(("round_to", "zeroed"), [(1, 3), (8, 4)])
+def test_prune_neurons_round_to_leaves_a_multiple(round_to, zeroed):
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.25, round_to=round_to))(mlp(weight(12, 5), weight(3, 12)))
+    assert result.stats["neurons_zeroed"] == zeroed and "groups_not_rounded" not in result.stats
+    out, _ = zero_rows_exact(result.model)
+    assert array(out, "w1").shape == (12 - zeroed, 5)
+
+
+def test_prune_neurons_too_few_channels_to_round_prunes_as_asked():
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=8))(mlp(weight(6, 5), weight(3, 6)))
+    assert result.stats["neurons_zeroed"] == 3 and result.stats["groups_not_rounded"] == 1
+
+
 def test_prune_neurons_bad_options():
+    with pytest.raises(InputError, match="round_to"):
+        PruneNeurons.Options(round_to=0)
     with pytest.raises(InputError, match="ratio"):
         PruneNeurons.Options(ratio=1.0)
     with pytest.raises(InputError, match="method"):
@@ -245,7 +331,7 @@ def test_prune_neurons_balances_grouped_conv_inputs():
     model = make_model([node("Conv", ["x", "w1"], "e"), node("Relu", ["e"], "r"),
                         node("Conv", ["r", "g"], "d", group=4), node("Conv", ["d", "w3"], "y")],
                        {"x": [1, 2, 4, 4]}, ["y"], weights)
-    result = PruneNeurons(PruneNeurons.Options(ratio=0.5))(model)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1))(model)
     dead = ~array(result.model, "w1").reshape(8, -1).any(axis=1)
     assert dead.reshape(4, 2).sum(axis=1).tolist() == [1, 1, 1, 1]
     _, stats = zero_rows_exact(result.model)

@@ -5,7 +5,10 @@ already zero: only channels it would then remove are candidates, so every neuron
 really goes away in ``zero-rows``. A channel shared by several producers (a residual group, a
 depthwise chain) is one neuron: its importance sums over all its producer rows, and all of them
 (weights and bias) are zeroed together. In each group of connected channels the ``ratio`` least
-important are zeroed, always leaving one.
+important are zeroed, always leaving one. With ``round_to=N`` the number zeroed is the nearest
+(fewer on a tie, never more than N - 1 above the ratio) that leaves a multiple of N channels:
+onnxruntime's Conv kernels can run slower on a channel count off a multiple of 8 than on more
+channels (ppocr_cls at ratio 0.25: 0.78x dense latency unrounded, 1.19x with the default 8).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import onnx
 
 from ..errors import InputError
 from ..graph import model_graphs, opset_version, unique_name_factory, value_shapes, walk_graphs
-from .base import Pass, PassResult
-from .prune import activation_norms, check_choice, importance, target_count
+from .base import Pass, PassResult, count
+from .prune import activation_stats, check_choice, importance, input_norm, target_count
 from .weights import PrunableTensor
 from .zero_rows import ChannelGraph, Producer, union_roots
 
@@ -36,10 +39,13 @@ class PruneNeurons(Pass):
         ratio: float = 0.5
         method: str = "l2"
         exclude: tuple[str, ...] = ()
+        round_to: int = 8
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.ratio < 1.0:
                 raise InputError(f"prune-neurons: ratio must be in [0, 1), not {self.ratio}")
+            if self.round_to < 1:
+                raise InputError(f"prune-neurons: round_to must be >= 1, not {self.round_to}")
             check_choice("prune-neurons", "method", self.method, METHODS)
 
     def requires(self, model: onnx.ModelProto) -> None:
@@ -59,7 +65,8 @@ class PruneNeurons(Pass):
         if not tensors:
             stats["skipped_nothing_prunable"] = 1
             return PassResult(model, False, stats)
-        norms = activation_norms(self, model, tensors, stats) if self.options.method == "wanda" else {}
+        norms = ({name: input_norm(inputs) for name, inputs in activation_stats(self, model, tensors, stats).items()}
+                 if self.options.method == "wanda" else {})
         tensor_of = {id(t.use.node): t for t in tensors}
         new_name = unique_name_factory(model)
         for analysis in analyses:
@@ -90,11 +97,17 @@ class PruneNeurons(Pass):
         for group in np.unique(group_of[produced]):
             members = produced[group_of[produced] == group]
             candidates = members[~analysis.blocked[members]]
-            k = min(target_count(self.options.ratio, len(members)), len(candidates), len(members) - 1)
+            labels = np.unique(conv_group[members])  # a grouped Conv needs equally many from each of its groups
+            asked = target_count(self.options.ratio, len(members))
+            most = min(len(candidates), len(members) - 1)
+            k = rounded_count(asked, len(members), most, len(labels), self.options.round_to)
+            if k is None:  # too few channels or candidates for any multiple: prune as asked
+                k = min(asked, most)
+                if k:
+                    count(stats, "groups_not_rounded")
             stats["neuron_groups"] += 1
             stats["neurons_removable"] += len(candidates)
-            labels = np.unique(conv_group[members])
-            quota = k // len(labels)  # a grouped Conv needs equally many from each of its groups
+            quota = k // len(labels)
             for label in labels:
                 pool = candidates[conv_group[candidates] == label]
                 chosen[pool[np.argsort(scores[pool], kind="stable")[:quota]]] = True
@@ -104,6 +117,16 @@ class PruneNeurons(Pass):
             rows = chosen[roots[analysis.values[producer.output].ids]]
             if rows.any():
                 _zero_rows(analysis, producer, tensor_of[id(producer.node)], rows, new_name)
+
+
+def rounded_count(asked: int, size: int, most: int, step: int, multiple: int) -> int | None:
+    """How many of ``size`` channels to remove so that a multiple of ``multiple`` stay; None if none fits.
+
+    Counts are multiples of ``step``, at most ``most`` and at most ``asked + multiple - 1``; the
+    one nearest ``asked`` wins, the smaller on a tie.
+    """
+    fits = [k for k in range(0, min(most, asked + multiple - 1) + 1, step) if (size - k) % multiple == 0]
+    return min(fits, key=lambda k: (abs(k - asked), k), default=None)
 
 
 def _conv_group_labels(analysis: ChannelGraph) -> np.ndarray:

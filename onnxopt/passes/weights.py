@@ -1,4 +1,4 @@
-"""Prunable weights and their layout, shared by prune and prune-neurons (and zero-rows' layouts).
+"""Prunable weights and their layout, shared by prune and prune-neurons (and zero-rows' layouts and biases).
 
 A weight is the constant operand of a MatMul, Gemm or Conv. Its layout says which axis holds
 output neurons / channels and which holds input features, so pruning code can work on one
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, walk_graphs
+from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, replace_nodes, walk_graphs
 from .base import count
 
 
@@ -76,15 +76,74 @@ def from_canonical(array: np.ndarray, use: WeightUse) -> np.ndarray:
     return np.moveaxis(array, (0, -1), (use.out_axis, use.in_axis))
 
 
-def input_norm_for(canonical_shape: tuple[int, ...], norm: np.ndarray, groups: int) -> np.ndarray:
-    """Per input channel activation norms broadcast onto a canonical weight (grouped Conv aware).
+def per_input_channel(canonical_shape: tuple[int, ...], values: np.ndarray, groups: int) -> np.ndarray:
+    """Per input channel values (activation norms, means) broadcast onto a canonical weight (grouped Conv aware).
 
     In a grouped Conv, output channel ``m`` reads input channels of group ``m // (M / groups)``.
     """
     out, per_group = canonical_shape[0], canonical_shape[-1]
-    by_group = norm.reshape(groups, per_group)
+    by_group = values.reshape(groups, per_group)
     per_out = np.repeat(by_group, out // groups, axis=0)
     return per_out.reshape(out, *([1] * (len(canonical_shape) - 2)), per_group)
+
+
+class BiasAdder:
+    """Adds a constant per output channel to MatMul / Gemm / Conv outputs, the node's outputs otherwise unchanged.
+
+    The sum goes into the bias input (in place when only this node reads it, else into a new
+    initializer); a MatMul, or a node whose bias is computed at run time, gets an ``Add`` after
+    it. ``constant`` reads a constant input (default: the store's weights). Call :meth:`finish`
+    once at the end to insert the new nodes.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, store: WeightStore, new_name, constant=None) -> None:
+        self.graph, self.store, self.new_name = graph, store, new_name
+        self.constant = constant or (lambda name: store.array(name) if name in store else None)
+        self.readers = GraphIndex(graph).consumers
+        self.after: dict[int, onnx.NodeProto] = {}  # Adds to insert, by the id of the node they follow
+
+    def add(self, node: onnx.NodeProto, delta: np.ndarray) -> None:
+        name = node.input[2] if len(node.input) > 2 else ""
+        old = self.constant(name) if name else None
+        if node.op_type == "MatMul" or (name and old is None):
+            return self._add_after(node, delta)
+        if node.op_type == "Gemm":
+            beta = attribute(node, "beta", 1.0)
+            if old is None or beta == 0:
+                old, beta = None, 1.0
+                _set_float_attribute(node, "beta", 1.0)
+            delta = delta / beta
+        value = delta if old is None else old + delta
+        value = value.astype(delta.dtype)
+        if name in self.store and len(self.readers.get(name, ())) <= 1:
+            self.store.set_array(name, value)
+            return
+        fresh = self.new_name(f"{name or node.name or node.op_type}_bias")
+        self.store.add_initializer(fresh, value)
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = fresh
+
+    def _add_after(self, node: onnx.NodeProto, delta: np.ndarray) -> None:
+        if node.op_type == "Conv":  # channels on axis 1: (C, 1, ..., 1)
+            delta = delta.reshape(-1, *[1] * (len(self.store.tensor(node.input[1]).dims) - 2))
+        output = node.output[0]
+        node.output[0] = self.new_name(f"{output}_before_bias")
+        bias = self.new_name(f"{output}_added_bias")
+        self.store.add_initializer(bias, delta)
+        self.after[id(node)] = onnx.helper.make_node("Add", [node.output[0], bias], [output],
+                                                     name=self.new_name(f"{node.name or output}_bias"))
+
+    def finish(self) -> None:
+        if self.after:
+            replace_nodes(self.graph, (n for node in self.graph.node
+                                       for n in (node, self.after.get(id(node))) if n is not None))
+
+
+def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
 
 
 @dataclass(eq=False)

@@ -28,9 +28,9 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, opset_version, parameter_count,
-                     replace_nodes, unique_name_factory, value_shapes, walk_graphs)
+                     unique_name_factory, value_shapes, walk_graphs)
 from .base import Pass, PassResult
-from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
+from .weights import BiasAdder, WeightUse, attribute, from_canonical, to_canonical, weight_use
 
 # Ops that map each channel to itself, element by element (extra inputs must be constants).
 CHANNELWISE_UNARY = {
@@ -512,7 +512,7 @@ class ChannelRemoval:
         self.store = analysis.store
         self.new_name = new_name
         self.keep = {name: analysis.keep_mask(name, removed) for name in analysis.values}
-        self.after: dict[int, onnx.NodeProto] = {}  # bias Adds inserted after MatMul nodes, by node id
+        self.bias = BiasAdder(analysis.graph, analysis.store, new_name, analysis.constant)
         self.resized: set[str] = set()  # constants rewritten in place (their value_info goes stale)
 
     def apply(self) -> None:
@@ -535,9 +535,8 @@ class ChannelRemoval:
                 target = self.analysis.constant(node.input[1]).copy()
                 target[1] = int(mask.sum()) * block
                 self._write(node, 1, target)
+        self.bias.finish()
         graph = self.analysis.graph
-        if self.after:
-            replace_nodes(graph, (n for node in graph.node for n in (node, self.after.get(id(node))) if n is not None))
         changed = {name for name, mask in keep.items() if not mask.all()} | self.resized
         stale = [v for v in graph.value_info if v.name in changed]
         if stale:
@@ -581,30 +580,10 @@ class ChannelRemoval:
             delta = np.einsum("gmc,gc->gm", blocks.astype(np.float64).sum(axis=2), constants).ravel()
             if node.op_type == "Gemm":
                 delta = delta * attribute(node, "alpha", 1.0)
-            self._add_bias(node, delta.astype(weight.dtype))
+            self.bias.add(node, delta.astype(weight.dtype))
         kept = np.argsort(~keep, axis=1, kind="stable")[:, : keep[0].sum()]  # kept positions, in order
         sliced = np.take_along_axis(blocks, kept[:, None, None, :], axis=-1)
         self._write(node, 1, from_canonical(sliced.reshape(*canonical.shape[:-1], kept.shape[1]), use))
-
-    def _add_bias(self, node: onnx.NodeProto, delta: np.ndarray) -> None:
-        """Add ``delta`` (one value per output channel) to what the node outputs."""
-        if node.op_type == "MatMul":
-            output = node.output[0]
-            node.output[0] = self.new_name(f"{output}_before_bias")
-            bias = self.new_name(f"{output}_folded_bias")
-            self.store.add_initializer(bias, delta)
-            self.after[id(node)] = onnx.helper.make_node("Add", [node.output[0], bias], [output],
-                                                         name=self.new_name(f"{node.name or output}_bias"))
-            return
-        old = _input_constant(self.analysis, node, 2)
-        if node.op_type == "Gemm":
-            beta = attribute(node, "beta", 1.0)
-            if old is None or beta == 0:
-                old, beta = np.zeros_like(delta), 1.0
-                _set_float_attribute(node, "beta", 1.0)
-            self._write(node, 2, (old + delta / beta).astype(delta.dtype))
-        else:
-            self._write(node, 2, delta if old is None else (old + delta).astype(delta.dtype))
 
 
 def _input_constant(analysis: ChannelGraph, node: onnx.NodeProto, position: int) -> np.ndarray | None:
@@ -612,8 +591,3 @@ def _input_constant(analysis: ChannelGraph, node: onnx.NodeProto, position: int)
     name = node.input[position] if position < len(node.input) else ""
     return analysis.constant(name) if name else None
 
-
-def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
