@@ -23,7 +23,7 @@ import onnx
 from ..errors import InputError
 from .base import Pass, PassResult, count
 from ..calibration import TensorStats
-from ..graph import unique_name_factory
+from ..graph import WeightStore, unique_name_factory
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, per_input_channel
 
 METHODS = ("magnitude", "wanda")
@@ -154,8 +154,7 @@ class Prune(Pass):
         scores = [importance(t, w, input_norm(inputs[t.name], correct) if t.name in inputs else None)
                   for t, w in zip(tensors, canonicals)]
         masks = self._masks(scores, n_m)
-        new_name = unique_name_factory(model) if correct else None
-        adders: dict[int, BiasAdder] = {}
+        adder = BiasAdder(model.graph, WeightStore(model.graph), unique_name_factory(model)) if correct else None
         for tensor, weight, mask in zip(tensors, canonicals, masks):
             stats["weights_eligible"] += int(weight.size)
             before = int(weight.size - np.count_nonzero(weight))
@@ -166,11 +165,10 @@ class Prune(Pass):
             if after > before:
                 tensor.write_canonical(pruned)
                 stats["tensors_pruned"] += 1
-                if correct and tensor.name in inputs:
-                    adder = adders.setdefault(id(tensor.graph), BiasAdder(tensor.graph, tensor.store, new_name))
+                if adder is not None and tensor.name in inputs:  # top-level weights only
                     _correct_bias(adder, tensor, weight - pruned, inputs[tensor.name])
                     count(stats, "biases_corrected", len(tensor.uses))
-        for adder in adders.values():
+        if adder is not None:
             adder.finish()
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
         return PassResult(model, stats["tensors_pruned"] > 0, stats)
