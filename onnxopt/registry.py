@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .passes.base import Pass
 from .passes.dce import DeadCodeElimination
+from .passes.distill import Distill
 from .passes.lift_constants import LiftConstants
 from .passes.prune import Prune
 from .passes.prune_neurons import PruneNeurons
@@ -19,5 +20,6 @@ PASSES: dict[str, type[Pass]] = {
         Prune,
         PruneNeurons,
         ZeroRows,
+        Distill,
     )
 }

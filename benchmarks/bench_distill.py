@@ -1,0 +1,119 @@
+"""distill: pruned models with and without repair against the original, scored on held-out eval data.
+
+    python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples]
+
+For samples/mlp, cnn, transformer and the shared digits_mlp / digits_cnn: prune 50 % and 70 %
+(magnitude) and prune-neurons 50 % + zero-rows, each as is and followed by ``distill``, run through
+``onnxopt.optimize`` with the model's calibration file. Scores are on the EVAL file (never seen by
+distill): top-1 accuracy (where labels exist) and output cosine to the dense model; plus distill's
+own calibration error before/after and its run time. Prints a markdown table and writes
+benchmarks/out/bench_distill.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxopt  # noqa: E402
+from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
+from onnxopt.validate import run_model  # noqa: E402
+
+SETTINGS = (("prune 50%", "prune(sparsity=0.5)"), ("prune 70%", "prune(sparsity=0.7)"),
+            ("neurons 50% + zero-rows", "prune-neurons(ratio=0.5),zero-rows"))
+
+
+def cases(models: Path, samples: Path):
+    """(name, model, calib, eval, labels or None) for the sample models and the shared digits models."""
+    for stem in ("mlp", "cnn", "transformer"):
+        labels = samples / f"{stem}.labels.npz"
+        yield (f"samples/{stem}", samples / f"{stem}.onnx", samples / f"{stem}.calib.npz",
+               samples / f"{stem}.eval.npz", labels if labels.exists() else None)
+    for name in ("digits_mlp", "digits_cnn"):
+        folder = models / name
+        if (folder / "model.onnx").exists():
+            yield name, folder / "model.onnx", folder / "calib.npz", folder / "eval.npz", folder / "labels.npz"
+
+
+def score(dense: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> dict:
+    r, c = dense.ravel().astype(np.float64), out.ravel().astype(np.float64)
+    result = {"cosine": float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c)))}
+    if labels is not None:
+        result["accuracy"] = float(np.mean(out.reshape(len(labels), -1).argmax(axis=1) == labels))
+    return result
+
+
+def first_output(model: onnx.ModelProto, feeds) -> np.ndarray:
+    return np.stack(next(iter(run_model(model, feeds).values())))
+
+
+def rows_for(name, path, calib_path, eval_path, labels_path) -> list[dict]:
+    model = onnx.load(path)
+    calib = name_positional_inputs(load_feeds(calib_path), model)
+    evals = name_positional_inputs(load_feeds(eval_path), model)
+    labels = np.load(labels_path)["labels"] if labels_path else None
+    dense = first_output(model, evals)
+    rows = [{"model": name, "setting": "dense", "distill": False, **score(dense, dense, labels)}]
+    for setting, pipeline in SETTINGS:
+        for repaired in (False, True):
+            result = onnxopt.optimize(model, pipeline + (",distill" if repaired else ""), calib=calib,
+                                      validate=False)
+            row = {"model": name, "setting": setting, "distill": repaired,
+                   **score(dense, first_output(result.model, evals), labels)}
+            if repaired:
+                row.update(stats=result.report.steps[-1].stats, seconds=result.report.steps[-1].seconds)
+            rows.append(row)
+    return rows
+
+
+def fmt(value, digits=4) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | setting | acc | acc + distill | cosine | cosine + distill | "
+             "distill calib rel err (before → after) | layers refit / biases corrected / reverted | distill s |",
+             "|---" * 9 + "|"]
+    by = {(r["model"], r["setting"], r["distill"]): r for r in rows}
+    for (model, setting, repaired), plain in by.items():
+        if repaired or setting == "dense":
+            continue
+        fixed = by[(model, setting, True)]
+        st = fixed["stats"]
+        lines.append(
+            f"| {model} | {setting} | {fmt(plain.get('accuracy'), 3)} | {fmt(fixed.get('accuracy'), 3)} | "
+            f"{fmt(plain['cosine'])} | {fmt(fixed['cosine'])} | "
+            f"{st['calib_rel_err_before']:.3f} → {st['calib_rel_err_after']:.3f} | "
+            f"{st['layers_refit']} / {st['biases_corrected']} / {st['layers_reverted']} | "
+            f"{fixed['seconds']:.2f} |")
+    dense = [r for r in rows if r["setting"] == "dense" and "accuracy" in r]
+    lines.append("")
+    lines.append("Dense accuracy: " + ", ".join(f"{r['model']} {r['accuracy']:.3f}" for r in dense))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models")
+    parser.add_argument("--samples", type=Path, default=ROOT / "samples")
+    args = parser.parse_args()
+    rows = []
+    for case in cases(args.models, args.samples):
+        print(case[0], file=sys.stderr)
+        rows += rows_for(*case)
+    print(table(rows))
+    out = ROOT / "benchmarks" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_distill.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""distill: layer-wise repair of a pruned student against its dense teacher, on real onnxruntime runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from conftest import make_model, tensor, value
+from onnxopt.data import FeedSet
+from onnxopt.errors import InputError
+from onnxopt.passes.base import PassContext
+from onnxopt.passes.distill import Distill, NormalEquations
+from onnxopt.passes.prune import Prune
+from onnxopt.passes.prune_neurons import PruneNeurons
+from onnxopt.passes.zero_rows import ZeroRows
+from onnxopt.validate import run_model
+
+
+def mlp(seed: int = 0) -> onnx.ModelProto:
+    """x[batch,16] -> Gemm(transB) 32 -> Relu -> MatMul+Add 24 -> Relu -> MatMul+Add 6 -> y."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="fc2"),
+             helper.make_node("Add", ["m2", "b2"], ["h2"], name="bias2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("MatMul", ["r2", "w3"], ["m3"], name="fc3"),
+             helper.make_node("Add", ["b3", "m3"], ["y"], name="bias3")]
+    inits = [tensor("w1", rng.standard_normal((32, 16)).astype(np.float32) / 4),
+             tensor("b1", rng.standard_normal(32).astype(np.float32) / 4),
+             tensor("w2", rng.standard_normal((32, 24)).astype(np.float32) / 6),
+             tensor("b2", rng.standard_normal(24).astype(np.float32) / 4),
+             tensor("w3", rng.standard_normal((24, 6)).astype(np.float32) / 5),
+             tensor("b3", rng.standard_normal(6).astype(np.float32))]
+    return make_model(nodes, [value("x", ["batch", 16])], [value("y", ["batch", 6])], inits)
+
+
+def data(count: int, seed: int, shape=(1, 16)) -> FeedSet:
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((count, *shape)) @ np.diag(np.linspace(0.3, 2.0, shape[-1]))  # uneven input scales
+    return FeedSet({"x": mix.astype(np.float32)}, f"seed{seed}")
+
+
+CALIB, HELD_OUT = data(256, 1), data(128, 2)
+
+
+def copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def distill(student, teacher, calib=CALIB, **options):
+    return Distill(Distill.Options(**options), PassContext(calib=calib, teacher=lambda: teacher))(copy(student))
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def rel_err(student: onnx.ModelProto, teacher: onnx.ModelProto, feeds: FeedSet = HELD_OUT) -> float:
+    s, t = (np.concatenate(run_model(m, feeds)["y"]) for m in (student, teacher))
+    return float(np.linalg.norm(s - t) / np.linalg.norm(t))
+
+
+# --------------------------------------------------------------------------- repairs
+
+
+def test_pruned_student_gets_closer_on_held_out_data_and_keeps_every_zero():
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    result = distill(pruned, teacher)
+    assert result.modified and result.stats["layers_refit"] == 3 and result.stats["layers_reverted"] == 0
+    assert result.stats["calib_rel_err_after"] < 0.7 * result.stats["calib_rel_err_before"]
+    assert rel_err(result.model, teacher) < 0.7 * rel_err(pruned, teacher)
+    before, after = weights(pruned), weights(result.model)
+    for name in ("w1", "w2", "w3"):
+        assert ((after[name] == 0) == (before[name] == 0)).all()  # pruned zeros stay, no new ones
+        assert not np.array_equal(after[name], before[name])
+
+
+def test_without_keep_zeros_the_pruned_weights_come_back():
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    result = distill(pruned, teacher, keep_zeros=False)
+    assert all(np.count_nonzero(weights(result.model)[n] == 0) == 0 for n in ("w1", "w2", "w3"))
+    assert result.stats["layers_refit"] == 3
+
+
+def test_removed_neurons_skip_their_layer_and_the_next_layer_is_refit():
+    teacher = mlp()
+    context = PassContext(calib=CALIB)
+    zeroed = PruneNeurons(PruneNeurons.Options(ratio=0.5), context)(copy(teacher)).model
+    slim = ZeroRows()(zeroed).model
+    result = distill(slim, teacher)
+    assert result.stats["skipped_width_mismatch"] == 2  # fc1 and fc2 lost outputs
+    assert result.stats["layers_refit"] == 1
+    assert not np.array_equal(weights(result.model)["w3"], weights(slim)["w3"])
+    assert rel_err(result.model, teacher) < 0.7 * rel_err(slim, teacher)
+
+
+def test_gemm_alpha_beta_and_trans_a_are_respected():
+    rng = np.random.default_rng(6)
+    teacher = make_model([helper.make_node("Gemm", ["x", "w", "c"], ["y"], transA=1, alpha=0.5, beta=2.0)],
+                         [value("x", [16, "batch"])], [value("y", ["batch", 6])],
+                         [tensor("w", rng.standard_normal((16, 6)).astype(np.float32)),
+                          tensor("c", rng.standard_normal((1, 6)).astype(np.float32))])
+    mixing = rng.standard_normal((4, 16))  # correlated inputs: kept weights can stand in for pruned ones
+
+    def feeds(count):
+        x = rng.standard_normal((count, 1, 4)) @ mixing + 0.05 * rng.standard_normal((count, 1, 16))
+        return FeedSet({"x": np.swapaxes(x, 1, 2).astype(np.float32)}, "correlated")
+
+    calib, held_out = feeds(256), feeds(128)
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    result = distill(pruned, teacher, calib=calib, damping=1e-6)
+    assert result.stats["layers_refit"] == 1
+    assert rel_err(result.model, teacher, held_out) < 0.5 * rel_err(pruned, teacher, held_out)
+    assert ((weights(result.model)["w"] == 0) == (weights(pruned)["w"] == 0)).all()
+
+
+def test_conv_biases_are_corrected_and_a_conv_without_bias_gets_one():
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "cw1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "cw2", "cb2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    teacher = make_model(nodes, [value("x", ["batch", 3, 6, 6])], [value("y", ["batch", 4, 6, 6])],
+                         [tensor("cw1", rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 4),
+                          tensor("cw2", rng.standard_normal((4, 8, 3, 3)).astype(np.float32) / 8),
+                          tensor("cb2", rng.standard_normal(4).astype(np.float32))])
+    calib = FeedSet({"x": (rng.standard_normal((32, 1, 3, 6, 6)) + 1).astype(np.float32)}, "images")
+    pruned = Prune(Prune.Options(sparsity=0.6))(copy(teacher)).model
+    result = distill(pruned, teacher, calib=calib)
+    assert result.stats["biases_corrected"] == 2 and result.stats["layers_refit"] == 0
+    assert [len(n.input) for n in result.model.graph.node if n.op_type == "Conv"] == [3, 3]
+    assert result.stats["calib_rel_err_after"] < result.stats["calib_rel_err_before"]
+    assert onnx.checker.check_model(result.model, full_check=True) is None
+
+
+def test_a_refit_that_makes_the_output_worse_is_undone():
+    """Two errors that cancel: restoring fc1 alone breaks the cancellation, so it is reverted."""
+    teacher = mlp()
+    student = copy(teacher)
+    w = weights(teacher)
+    noise = np.random.default_rng(5).standard_normal(w["w3"].shape).astype(np.float32) * 0.01
+    for init in student.graph.initializer:
+        scale = {"w1": 2, "b1": 2, "w2": 0.5}.get(init.name)  # Relu(2h) = 2 Relu(h): cancelled by w2 / 2
+        if scale is not None:
+            init.CopyFrom(numpy_helper.from_array(w[init.name] * np.float32(scale), init.name))
+        if init.name == "w3":
+            init.CopyFrom(numpy_helper.from_array(w["w3"] + noise, "w3"))
+    result = distill(student, teacher)
+    assert result.stats["layers_reverted"] >= 1
+    assert np.array_equal(weights(result.model)["w1"], w["w1"] * 2)  # reverted, bit for bit
+    assert result.stats["calib_rel_err_after"] < result.stats["calib_rel_err_before"]
+
+
+# --------------------------------------------------------------------------- negative twin
+
+
+def test_an_unchanged_student_is_left_exactly_as_it_is():
+    teacher = mlp()
+    result = distill(copy(teacher), teacher)
+    assert not result.modified
+    assert result.stats == {"layers_refit": 0, "biases_corrected": 0, "layers_reverted": 0,
+                            "calib_rel_err_before": 0.0, "calib_rel_err_after": 0.0}
+    assert result.model.SerializeToString() == teacher.SerializeToString()
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_batch_size_and_shards_do_not_change_the_result():
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    one = weights(distill(pruned, teacher, batch_size=1).model)
+    four = weights(distill(pruned, teacher, batch_size=4).model)
+
+    class Shards:
+        """The same samples as two stored shards, one after the other (re-iterable)."""
+
+        def __iter__(self):
+            for part in (CALIB.arrays["x"][:100], CALIB.arrays["x"][100:]):
+                yield from FeedSet({"x": part}, "shard")
+
+    sharded = weights(distill(pruned, teacher, calib=Shards()).model)
+    for name in one:
+        np.testing.assert_allclose(four[name], one[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(sharded[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_normal_equations_of_shards_merge_into_those_of_the_whole():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((3, 5, 4)), rng.standard_normal((3, 5, 2))
+    whole = NormalEquations.empty(4, 2, -1, bias=True)
+    assert whole.update(x, y)
+    first, second = NormalEquations.empty(4, 2, -1, bias=True), NormalEquations.empty(4, 2, -1, bias=True)
+    assert first.update(x[:1], y[:1]) and second.update(x[1:], y[1:])
+    merged = first.merge(second)
+    np.testing.assert_allclose(merged.gram, whole.gram)
+    np.testing.assert_allclose(merged.cross, whole.cross)
+    a = np.hstack([x.reshape(-1, 4), np.ones((15, 1))])
+    np.testing.assert_allclose(whole.gram, a.T @ a)
+    assert not whole.update(x, y[..., :1])  # another width: not this layer's target
+
+
+def test_masked_solve_equals_per_column_least_squares():
+    rng = np.random.default_rng(1)
+    a, y = rng.standard_normal((40, 6)), rng.standard_normal((40, 3))
+    sums = NormalEquations(a.T @ a, a.T @ y, -1, bias=False)
+    keep = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 1], [1, 0, 1], [1, 1, 1]], bool)
+    start = np.where(keep, 1.0, 0.0)
+    solved = sums.solve(start, keep, damping=1e-9)
+    for j in range(3):
+        rows = keep[:, j]
+        expected = np.linalg.lstsq(a[:, rows], y[:, j], rcond=None)[0]
+        np.testing.assert_allclose(solved[rows, j], expected, rtol=1e-6, atol=1e-8)
+        assert (solved[~rows, j] == 0).all()
+
+
+# --------------------------------------------------------------------------- skips
+
+
+def test_skip_reasons_are_counted_exactly():
+    """Student vs teacher: a quantized weight, a narrower layer, a shared weight, a value the
+    teacher lacks, and MatMuls inside If branches; only the layer after the narrow one is refit."""
+    rng = np.random.default_rng(4)
+
+    def w(*shape):
+        return rng.standard_normal(shape).astype(np.float32) / 4
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", "wt"], [f"{name}_out"])], name, [],
+                                 [value(f"{name}_out", ["batch", 8])])
+
+    def model(student: bool):
+        nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"]),
+                 helper.make_node("MatMul", ["x", "wb"], ["b"]),
+                 helper.make_node("MatMul", ["b", "wbb"], ["bb"]),
+                 helper.make_node("MatMul", ["x", "ws"], ["s1"]),
+                 helper.make_node("MatMul", ["x", "ws" if student else "ws2"], ["s2"]),
+                 helper.make_node("MatMul", ["x", "wn"], ["fresh" if student else "old"]),
+                 helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True))),
+                 helper.make_node("If", ["cond"], ["i"], then_branch=branch("then"), else_branch=branch("else")),
+                 helper.make_node("Sum", ["a", "bb", "s1", "s2", "fresh" if student else "old", "i"], ["y"])]
+        inits = {"wa": wa, "wb": wb[:, :4] if student else wb, "wbb": wbb[:4] if student else wbb, "ws": ws,
+                 "ws2": ws, "wn": wn, "wt": wt}
+        if student:  # wa as int8 with a scale: MatMul reads DequantizeLinear
+            nodes.insert(0, helper.make_node("DequantizeLinear", ["wa_q", "wa_scale"], ["wa"]))
+            scale = np.float32(np.abs(wa).max() / 127)
+            inits.pop("wa")
+            inits.update(wa_q=np.round(wa / scale).astype(np.int8), wa_scale=scale)
+            inits.pop("ws2")
+        return make_model(nodes, [value("x", ["batch", 16])], [value("y", ["batch", 8])],
+                          [tensor(k, v) for k, v in inits.items()])
+
+    wa, wb, wbb, ws, wn, wt = w(16, 8), w(16, 8), w(8, 8), w(16, 8), w(16, 8), w(16, 8)
+    teacher, student = model(False), model(True)
+    result = distill(student, teacher)
+    assert result.stats == {"layers_refit": 1, "biases_corrected": 0, "layers_reverted": 0,
+                            "skipped_in_subgraph": 2, "skipped_quantized_weight": 1, "skipped_shared_weight": 2,
+                            "skipped_missing_in_teacher": 1, "skipped_width_mismatch": 1,
+                            "calib_rel_err_before": result.stats["calib_rel_err_before"],
+                            "calib_rel_err_after": result.stats["calib_rel_err_after"]}
+    assert result.stats["calib_rel_err_after"] < result.stats["calib_rel_err_before"]
+
+
+def test_exclude_op_types_and_max_layers_limit_the_layers():
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    assert distill(pruned, teacher, exclude=("fc2",)).stats["skipped_excluded"] == 1
+    assert distill(pruned, teacher, op_types=("Gemm",)).stats["layers_refit"] == 1
+    limited = distill(pruned, teacher, max_layers=2)
+    assert limited.stats["skipped_max_layers"] == 1 and limited.stats["layers_refit"] == 2
+    assert np.array_equal(weights(limited.model)["w3"], weights(pruned)["w3"])
+
+
+def test_layers_that_already_reproduce_the_teacher_are_left_alone():
+    teacher = mlp()
+    last_only = Prune(Prune.Options(sparsity=0.5, exclude=("fc1", "fc2")))(copy(teacher)).model
+    result = distill(last_only, teacher)
+    assert result.stats["layers_matched"] == 2 and result.stats["layers_refit"] == 1
+    before, after = weights(last_only), weights(result.model)
+    assert all(np.array_equal(after[n], before[n]) for n in ("w1", "b1", "w2", "b2"))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"damping": 0.0}, "damping must be > 0"),
+    ({"op_types": ("Conv", "LSTM")}, "op_types must be some of"),
+    ({"op_types": ()}, "op_types must be some of"),
+    ({"max_layers": -1}, "max_layers must be >= 0"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+])
+def test_bad_options_are_input_errors(options, message):
+    with pytest.raises(InputError, match=message):
+        Distill.Options(**options)
+
+
+def test_without_calibration_data_or_teacher_one_clear_error():
+    teacher = mlp()
+    with pytest.raises(InputError, match="distill needs calibration data"):
+        Distill(None, PassContext(teacher=lambda: teacher))(copy(teacher))
+    with pytest.raises(InputError, match="distill needs the original model"):
+        Distill(None, PassContext(calib=CALIB))(copy(teacher))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_optimize_reports_a_better_cosine_than_prune_alone(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), path)
+    calib, held_out = {"x": CALIB.arrays["x"]}, {"x": HELD_OUT.arrays["x"]}
+    alone = onnxopt.optimize(path, "prune(sparsity=0.6)", calib=calib, data=held_out).report
+    repaired = onnxopt.optimize(path, "prune(sparsity=0.6),distill", calib=calib, data=held_out).report
+    assert alone.passed and repaired.passed
+    cosine = [r.steps[-1].vs_original["outputs"]["y"]["cosine"] for r in (alone, repaired)]
+    assert cosine[1] > cosine[0] + 0.03
+    assert repaired.steps[-1].stats["layers_refit"] == 3
