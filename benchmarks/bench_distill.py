@@ -3,7 +3,8 @@
     python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples]
 
 For samples/mlp, cnn, transformer and the shared digits_mlp / digits_cnn: prune 50 % and 70 %
-(magnitude) and prune-neurons 50 % + zero-rows, each as is and followed by ``distill``, run through
+(magnitude) and prune-neurons 50 % + zero-rows, each as is and with ``distill`` (after zero-rows, or
+between prune-neurons and zero-rows, where hidden layers still have the teacher's width), run through
 ``onnxopt.optimize`` with the model's calibration file. Scores are on the EVAL file (never seen by
 distill): top-1 accuracy (where labels exist) and output cosine to the dense model; plus distill's
 own calibration error before/after and its run time. Prints a markdown table and writes
@@ -27,8 +28,13 @@ import onnxopt  # noqa: E402
 from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
 from onnxopt.validate import run_model  # noqa: E402
 
-SETTINGS = (("prune 50%", "prune(sparsity=0.5)"), ("prune 70%", "prune(sparsity=0.7)"),
-            ("neurons 50% + zero-rows", "prune-neurons(ratio=0.5),zero-rows"))
+NEURONS = "prune-neurons(ratio=0.5)"
+SETTINGS = (  # (label, without distill, with distill)
+    ("prune 50%", "prune(sparsity=0.5)", "prune(sparsity=0.5),distill"),
+    ("prune 70%", "prune(sparsity=0.7)", "prune(sparsity=0.7),distill"),
+    ("neurons 50% + zero-rows", f"{NEURONS},zero-rows", f"{NEURONS},zero-rows,distill"),
+    ("neurons 50%, distill before zero-rows", f"{NEURONS},zero-rows", f"{NEURONS},distill,zero-rows"),
+)
 
 
 def cases(models: Path, samples: Path):
@@ -62,14 +68,14 @@ def rows_for(name, path, calib_path, eval_path, labels_path) -> list[dict]:
     labels = np.load(labels_path)["labels"] if labels_path else None
     dense = first_output(model, evals)
     rows = [{"model": name, "setting": "dense", "distill": False, **score(dense, dense, labels)}]
-    for setting, pipeline in SETTINGS:
-        for repaired in (False, True):
-            result = onnxopt.optimize(model, pipeline + (",distill" if repaired else ""), calib=calib,
-                                      validate=False)
-            row = {"model": name, "setting": setting, "distill": repaired,
+    for setting, *pipelines in SETTINGS:
+        for repaired, pipeline in enumerate(pipelines):
+            result = onnxopt.optimize(model, pipeline, calib=calib, validate=False)
+            row = {"model": name, "setting": setting, "distill": bool(repaired),
                    **score(dense, first_output(result.model, evals), labels)}
-            if repaired:
-                row.update(stats=result.report.steps[-1].stats, seconds=result.report.steps[-1].seconds)
+            step = next((s for s in result.report.steps if s.name == "distill"), None)
+            if step is not None:
+                row.update(stats=step.stats, seconds=step.seconds)
             rows.append(row)
     return rows
 

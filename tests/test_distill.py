@@ -140,6 +140,23 @@ def test_conv_biases_are_corrected_and_a_conv_without_bias_gets_one():
     assert onnx.checker.check_model(result.model, full_check=True) is None
 
 
+def test_bias_correction_leaves_pruned_channels_dead():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    teacher = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [value("x", ["batch", 3, 6, 6])],
+                         [value("y", ["batch", 8, 4, 4])], [tensor("w", w)])
+    student = copy(teacher)
+    pruned = w * (rng.random(w.shape) < 0.5)
+    pruned[:4] = 0  # channels 0-3 pruned whole: their bias must stay 0 so that zero-rows can remove them
+    student.graph.initializer[0].CopyFrom(numpy_helper.from_array(pruned, "w"))
+    calib = FeedSet({"x": (rng.standard_normal((16, 1, 3, 6, 6)) + 1).astype(np.float32)}, "images")
+    for keep_zeros, revived in ((True, 0), (False, 4)):
+        result = distill(student, teacher, calib=calib, keep_zeros=keep_zeros)
+        assert result.stats["biases_corrected"] == 1
+        bias = weights(result.model)[result.model.graph.node[0].input[2]]
+        assert np.count_nonzero(bias[:4]) == revived and (bias[4:] != 0).all()
+
+
 def test_a_refit_that_makes_the_output_worse_is_undone():
     """Two errors that cancel: restoring fc1 alone breaks the cancellation, so it is reverted."""
     teacher = mlp()

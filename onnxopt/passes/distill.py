@@ -200,9 +200,16 @@ class ConvLayer:
         return sums.matched()
 
     def apply(self, sums: ChannelMeans, options) -> Callable[[], None]:
-        """Add the mean difference to the bias (a Conv without one gets one); return what undoes it."""
+        """Add the mean difference to the bias (a Conv without one gets one); return what undoes it.
+
+        With ``keep_zeros``, channels whose weights are all zero (pruned) are left alone, so
+        zero-rows can still remove them.
+        """
         node, graph = self.use.node, self.store.graph
         delta = sums.shift
+        if options.keep_zeros:
+            weight = self.store.array(self.use.weight)
+            delta = np.where(weight.reshape(len(weight), -1).any(axis=1), delta, 0.0)
         if self.bias:
             old = self.store.array(self.bias)
             self.store.set_array(self.bias, (old + delta).astype(old.dtype))
