@@ -99,14 +99,8 @@ def ours(model_path: Path, calib: FeedSet, out: Path, **options) -> dict:
 
 def ort_static(method: str):
     def quantize(model_path: Path, calib: FeedSet, out: Path) -> dict:
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quant_pre_process,
-            quantize_static,
-        )
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quant_pre_process, quantize_static)
 
         class Reader(CalibrationDataReader):
             def __init__(self):
@@ -187,15 +181,10 @@ def calib_scaling(model_path: Path, calib_path: Path) -> dict:
 
 def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
     """Statistics pass (as quantize runs it) vs a plain fp32 pass over the same samples, same batches."""
-    from onnxopt.calibration import _Observer, _runs, collect
+    from onnxopt.calibration import _runs, collect
+    from onnxopt.passes.quantize import _fold_batchnorm, _name_heavy_nodes, _opset, _plan, _upgrade
     from onnxopt.graph import unique_name_factory
-    from onnxopt.passes.quantize import (
-        _fold_batchnorm,
-        _name_heavy_nodes,
-        _opset,
-        _plan,
-        _upgrade,
-    )
+    from onnxopt.validate import Session
 
     model = onnx.load(model_path)
     if _opset(model) < 13:
@@ -207,11 +196,10 @@ def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
     plan = _plan(model.graph, opt, set(), {})
     wanted = sorted(set(plan.acts.values()))
     axes = {u.activations[0]: u.channel_axis for u in plan.units if u.weight and u.channel_axis is not None}
-    observer = _Observer(model, list(dict.fromkeys([*wanted, *axes])), axes, set())
-    try:
-        batch = next(_runs(observer, model, calib, 0, ("min", "max", "shape")))[0]  # the batch size calibration chooses
-    finally:
-        observer.close()
+    inputs = {v.name for v in model.graph.input}
+    fetched = [n for n in [*wanted, *axes] if n not in inputs]
+    with Session(model, extra_outputs=fetched, optimize=True) as s:
+        batch = next(_runs(s, model, calib, fetched, 0))[0]  # the batch size calibration chooses
     data = model.SerializeToString()
 
     def plain() -> None:

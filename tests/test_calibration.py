@@ -116,21 +116,18 @@ def test_cache_file_round_trip(tmp_path):
     assert loaded["x"].channel_sum is None
 
 
-def identity():
-    """x[batch, n] -> Identity -> y: statistics of x straight from the feeds."""
-    return make_model([helper.make_node("Identity", ["x"], ["y"])], [value("x", ["batch", "n"])], [value("y", ["batch", "n"])])
-
-
 def test_merge_of_empty_stats_is_identity():
-    st_ = collect(identity(), [{"x": np.array([[-0.0, 1.5, -2.0]], np.float32)}], ["x"], histogram_bins=4)["x"]
+    st_ = TensorStats(bins=4)
+    st_.update(np.array([-0.0, 1.5, -2.0], np.float32))
     merged = TensorStats().merge(st_)
     assert (merged.count, merged.min, merged.max) == (3, -2.0, 1.5)
     np.testing.assert_array_equal(merged.codes, st_.codes)
 
 
 def test_negative_zero_does_not_make_min_order_dependent():
-    a = collect(identity(), [{"x": np.array([[0.0, -0.0, 1.0]], np.float32)}], ["x"])["x"]
-    b = collect(identity(), [{"x": np.array([[-0.0, 0.0, 1.0]], np.float32)}], ["x"])["x"]
+    a, b = TensorStats(), TensorStats()
+    a.update(np.array([0.0, -0.0, 1.0], np.float32))
+    b.update(np.array([-0.0, 0.0, 1.0], np.float32))
     assert str(a.min) == str(b.min) == "0.0"
 
 
@@ -159,19 +156,15 @@ def test_unreadable_cache_is_an_input_error(tmp_path):
 # --------------------------------------------------------------------------- automatic batching, subsampled histograms
 
 
-def runs_of(model, feeds, tensors):
-    from onnxopt.calibration import _Observer, _runs
+def runs_of(model, feeds, fetched):
+    from onnxopt.calibration import _runs
+    from onnxopt.validate import Session
 
-    observer = _Observer(model, tensors, {}, set())
-    try:
-        return [samples for samples, _ in _runs(observer, model, feeds, 0, ("min", "max", "shape"))]
-    finally:
-        observer.close()
+    with Session(model, extra_outputs=fetched) as session:
+        return [samples for samples, _, _ in _runs(session, model, feeds, fetched, 0)]
 
 
 def test_automatic_batching_joins_samples_and_gives_the_statistics_of_one_sample_a_run():
-    from onnxopt.calibration import MAX_BATCH
-
     model, x = scaled_relu(), data(70)
     args = dict(tensors=["x", "h", "y"], histogram_bins=8, mean_axes={"h": 1})
     auto = collect(model, FeedSet({"x": x}, "t"), **args)
@@ -180,9 +173,8 @@ def test_automatic_batching_joins_samples_and_gives_the_statistics_of_one_sample
         assert (auto[name].count, auto[name].min, auto[name].max) == (one[name].count, one[name].min, one[name].max)
         np.testing.assert_array_equal(auto[name].codes, one[name].codes)
     np.testing.assert_allclose(auto["h"].channel_sum, one["h"].channel_sum, rtol=1e-12)
-    # probe (sample 0 alone, not folded), then joined batches of MAX_BATCH, whatever the sample count
-    assert runs_of(model, FeedSet({"x": x}, "t"), ["h", "y"]) == [MAX_BATCH] * 4 + [70 - 4 * MAX_BATCH]
-    assert runs_of(model, FeedSet({"x": x[:MAX_BATCH + 1]}, "t"), ["h"]) == [MAX_BATCH, 1]
+    # probe (sample 0 alone, not folded), then joined batches of MAX_BATCH
+    assert runs_of(model, FeedSet({"x": x}, "t"), ["h", "y"]) == [64, 6]
 
 
 def test_automatic_batching_falls_back_when_joining_would_mix_samples():
@@ -207,63 +199,17 @@ def test_big_tensors_histogram_a_per_sample_subsample_identical_for_any_batching
     x = np.random.default_rng(4).standard_normal((6, 3, 700)).astype(np.float32)  # 2100 values per sample
     stride = _stride(2100)
     assert stride > 1 and np.gcd(stride, 2100) == 1 and -(-2100 // stride) <= HIST_PER_SAMPLE
-    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", ["batch", 3, 700])],
-                       [value("y", ["batch", 3, 700])])
-    reference = np.bincount((x.reshape(6, -1)[:, ::stride].reshape(-1).view(np.uint32) >> 16), minlength=1 << 16)
-    for batch in (1, 2, 4, 6, 0):
-        st_ = collect(model, FeedSet({"x": x[:, None]}, "t"), ["x"], histogram_bins=8, batch_size=batch)["x"]
-        assert (st_.count, st_.min, st_.max, st_.stride) == (x.size, x.min(), x.max(), stride)  # min/max: every value
-        np.testing.assert_array_equal(st_.codes, reference)
-
-
-@pytest.mark.parametrize("opset", [11, 13, 18])
-def test_statistics_equal_a_numpy_reference_on_the_full_tensors_for_any_batch_size(opset):
-    """Reductions inside onnxruntime, in each opset's form: min/max bit-exact, sums within rounding."""
-    nodes = [helper.make_node("Mul", ["x", "two"], ["h"]), helper.make_node("Relu", ["h"], ["y"]),
-             helper.make_node("MatMul", ["y", "w"], ["m"])]
-    model = make_model(nodes, [value("x", ["batch", 3, 5, 4])], [value("m", ["batch", 3, 5, 2])],
-                       [tensor("two", np.array(2.0, np.float32)), tensor("w", np.ones((4, 2), np.float32))],
-                       opset=opset)
-    x = np.random.default_rng(5).standard_normal((70, 3, 5, 4)).astype(np.float32)
-    h = x * 2
-    y = np.maximum(h, 0)
-    m = y @ np.ones((4, 2), np.float32)
-    axes = {"x": 2, "h": 1, "y": -1, "m": -2}
-    for batch in (1, 5, 64):
-        stats = collect(model, FeedSet({"x": x[:, None]}, "t"), ["x", "h", "y", "m"], sumsq_axes=axes,
-                        batch_size=batch)
-        for name, ref in (("x", x), ("h", h), ("y", y), ("m", m)):
-            st_ = stats[name]
-            assert (st_.count, st_.min, st_.max) == (ref.size, ref.min(), ref.max())
-            moved = np.moveaxis(ref.astype(np.float64), axes[name], 0).reshape(ref.shape[axes[name]], -1)
-            np.testing.assert_allclose(st_.channel_sum, moved.sum(axis=1), rtol=1e-5, atol=1e-4)
-            np.testing.assert_allclose(st_.channel_sumsq, (moved**2).sum(axis=1), rtol=1e-12)
-            assert st_.channel_count == moved.shape[1]
-
-
-def test_fetched_bytes_per_batch_do_not_depend_on_the_sample_count(monkeypatch):
-    """Only reductions come back from onnxruntime: a fixed amount per joined batch."""
-    from onnxopt.calibration import MAX_BATCH, _Observer
-
-    fetched: list[int] = []
-    run = _Observer.run
-
-    def counting(self, feed, samples, kinds):
-        results = run(self, feed, samples, kinds)
-        fetched.append(sum(a.nbytes for r in results.values() for a in r.values()))
-        return results
-
-    monkeypatch.setattr(_Observer, "run", counting)
-    x = np.random.default_rng(6).standard_normal((1, 1, 3, 700)).astype(np.float32)
-    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", ["batch", 3, 700])],
-                       [value("y", ["batch", 3, 700])])
-    per_count = {}
-    for n in (MAX_BATCH, 16 * MAX_BATCH):
-        fetched.clear()
-        collect(model, FeedSet({"x": np.repeat(x, n, axis=0)}, "t"), ["x", "y"], histogram_bins=8,
-                mean_axes={"y": 1})
-        per_count[n] = max(fetched[1:])  # after the probe
-    assert per_count[MAX_BATCH] == per_count[16 * MAX_BATCH] < MAX_BATCH * 2 * 4 * 512 + 1024
+    whole, single, pairs = TensorStats(bins=8), TensorStats(bins=8), TensorStats(bins=8)
+    whole.update(x, samples=6)
+    for s in x:
+        single.update(s[None])
+    for i in range(0, 6, 2):
+        pairs.update(x[i:i + 2], samples=2)
+    for st_ in (whole, single, pairs):
+        st_.flush()
+        assert (st_.count, st_.min, st_.max) == (x.size, x.min(), x.max())  # min/max see every value
+        assert st_.codes.sum() == 6 * len(range(0, 2100, stride))
+        np.testing.assert_array_equal(st_.codes, whole.codes)
 
 
 def test_only_the_statistics_asked_for_are_kept():
