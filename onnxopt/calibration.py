@@ -37,10 +37,10 @@ from .graph import defined_names, model_graphs
 from .validate import Session
 
 GRID_SIZE = 1 << 16
-FLUSH_AT = 1 << 16  # grid codes buffered per tensor before one bincount (bounded memory, fewer passes)
+FLUSH_AT = 1 << 13  # grid codes buffered per tensor before one bincount: small, so memory is flat from the first batch
 HIST_PER_SAMPLE = 512  # at most this many values per tensor and sample go into the histogram
 BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
-MAX_BATCH = 64  # automatic batching: samples per joined batch
+MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
 
 
 def _grid_centers() -> np.ndarray:
@@ -178,7 +178,7 @@ def _stride(n: int) -> int:
     return k
 
 
-def _batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+def batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(samples, feed): ``size`` consecutive sample feeds joined along the batch axis (FeedSet: no copies)."""
     if size <= 1:
         yield from ((1, {k: np.asarray(v) for k, v in f.items()}) for f in feeds)  # 0-d samples come as numpy scalars
@@ -223,7 +223,7 @@ def _runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
     rest runs joined too, otherwise one sample a run. The probe costs one extra sample run.
     """
     if batch_size or not isinstance(feeds, FeedSet) or len(feeds) < 2 or not _dynamic_batch(model):
-        for samples, feed in _batched(feeds, batch_size or 1):
+        for samples, feed in batched(feeds, batch_size or 1):
             yield samples, feed, session.run(feed, fetched) if fetched else {}
         return
     first = next(iter(feeds))

@@ -40,13 +40,8 @@ class Session:
         *,
         optimize: bool = False,
         threads: int = 1,
-        priority_order: bool = False,
     ) -> None:
-        """``priority_order``: onnxruntime's priority-based node order, which runs a consumer soon
-        after its producer (values die sooner: less memory, warmer caches for appended reductions)."""
         options = ort.SessionOptions()
-        if priority_order:
-            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )

@@ -174,7 +174,14 @@ def test_automatic_batching_joins_samples_and_gives_the_statistics_of_one_sample
         np.testing.assert_array_equal(auto[name].codes, one[name].codes)
     np.testing.assert_allclose(auto["h"].channel_sum, one["h"].channel_sum, rtol=1e-12)
     # probe (sample 0 alone, not folded), then joined batches of MAX_BATCH
-    assert runs_of(model, FeedSet({"x": x}, "t"), ["h", "y"]) == [64, 6]
+    assert runs_of(model, FeedSet({"x": x}, "t"), ["h", "y"]) == [16, 16, 16, 16, 6]
+
+
+def test_automatic_batch_size_does_not_depend_on_the_sample_count():
+    """The same joined batch for 16 and for 256 samples: per-run memory is flat in the sample count."""
+    model = scaled_relu()
+    assert runs_of(model, FeedSet({"x": data(256)}, "t"), ["h"])[:3] == [16, 16, 16]
+    assert runs_of(model, FeedSet({"x": data(16)}, "t"), ["h"]) == [16]
 
 
 def test_automatic_batching_falls_back_when_joining_would_mix_samples():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..calibration import _batched as batched
+from ..calibration import batched
 from ..errors import InputError
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      unique_name_factory, walk_nodes)
