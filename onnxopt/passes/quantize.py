@@ -21,6 +21,7 @@ sensitive ones in float until the whole model reaches the target.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ from ..calibration import TensorStats, collect, load_stats, model_fingerprint, s
 from ..data import FeedSet
 from ..errors import InputError
 from ..graph import GraphIndex, WeightStore, model_graphs, replace_nodes, unique_name_factory, walk_graphs
-from ..validate import Session
+from ..validate import Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -615,14 +616,14 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
 def _keep_sensitive(model, plan: _Plan, tensor_stats, opt: QuantizeOptions, feeds, excluded: set[str],
                     stats) -> set[str]:
     """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine."""
-    subset = _first_samples(feeds, opt.sensitivity_samples)
-    reference = _outputs(model, subset)
+    subset = list(itertools.islice(feeds, opt.sensitivity_samples))
+    reference = run_model(model, subset)
 
     def cosine(float_nodes: set[str]) -> float:
         trial = onnx.ModelProto()
         trial.CopyFrom(model)
         _apply(trial, _plan(trial.graph, opt, excluded | float_nodes, {}), tensor_stats, opt, {})
-        return _cosine(reference, _outputs(trial, subset))
+        return compare_outputs(reference, run_model(trial, subset), Tolerances(), exact=False).worst_cosine
 
     names = [u.node.name for u in plan.units]
     everything = set(names)
@@ -637,28 +638,3 @@ def _keep_sensitive(model, plan: _Plan, tensor_stats, opt: QuantizeOptions, feed
         score = cosine(kept)
     stats["calib_cosine"] = score
     return kept
-
-
-def _first_samples(feeds, n: int) -> list[dict]:
-    out = []
-    for feed in feeds:
-        if len(out) == n:
-            break
-        out.append(feed)
-    return out
-
-
-def _outputs(model, samples) -> list[list[np.ndarray]]:
-    with Session(model) as session:
-        return [list(session.run(s).values()) for s in samples]
-
-
-def _cosine(reference, candidate) -> float:
-    """Worst output cosine, each output flattened over all samples."""
-    worst = 1.0
-    for k in range(len(reference[0])):
-        r = np.concatenate([np.ravel(s[k]).astype(np.float64) for s in reference])
-        c = np.concatenate([np.ravel(s[k]).astype(np.float64) for s in candidate])
-        denom = np.linalg.norm(r) * np.linalg.norm(c)
-        worst = min(worst, float(r @ c / denom) if denom else float(np.array_equal(r, c)))
-    return worst
