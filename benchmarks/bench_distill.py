@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
+from common import cases, score  # noqa: E402
 from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
 from onnxopt.validate import run_model  # noqa: E402
 
@@ -37,35 +38,17 @@ SETTINGS = (  # (label, without distill, with distill)
 )
 
 
-def cases(models: Path, samples: Path):
-    """(name, model, calib, eval, labels or None) for the sample models and the shared digits models."""
-    for stem in ("mlp", "cnn", "transformer"):
-        labels = samples / f"{stem}.labels.npz"
-        yield (f"samples/{stem}", samples / f"{stem}.onnx", samples / f"{stem}.calib.npz",
-               samples / f"{stem}.eval.npz", labels if labels.exists() else None)
-    for name in ("digits_mlp", "digits_cnn"):
-        folder = models / name
-        if (folder / "model.onnx").exists():
-            yield name, folder / "model.onnx", folder / "calib.npz", folder / "eval.npz", folder / "labels.npz"
-
-
-def score(dense: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> dict:
-    r, c = dense.ravel().astype(np.float64), out.ravel().astype(np.float64)
-    result = {"cosine": float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c)))}
-    if labels is not None:
-        result["accuracy"] = float(np.mean(out.reshape(len(labels), -1).argmax(axis=1) == labels))
-    return result
+DISTILLED = ("samples/mlp", "samples/cnn", "samples/transformer", "digits_mlp", "digits_cnn")
 
 
 def first_output(model: onnx.ModelProto, feeds) -> np.ndarray:
     return np.stack(next(iter(run_model(model, feeds).values())))
 
 
-def rows_for(name, path, calib_path, eval_path, labels_path) -> list[dict]:
+def rows_for(name, path, calib_path, eval_path, labels) -> list[dict]:
     model = onnx.load(path)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     evals = name_positional_inputs(load_feeds(eval_path), model)
-    labels = np.load(labels_path)["labels"] if labels_path else None
     dense = first_output(model, evals)
     rows = [{"model": name, "setting": "dense", "distill": False, **score(dense, dense, labels)}]
     for setting, *pipelines in SETTINGS:
@@ -112,7 +95,7 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
     args = parser.parse_args()
     rows = []
-    for case in cases(args.models, args.samples):
+    for case in cases(args.models, args.samples, only=DISTILLED):
         print(case[0], file=sys.stderr)
         rows += rows_for(*case)
     print(table(rows))

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import cases, score, session  # noqa: E402
 from onnxopt.data import FeedSet, load_feeds, name_positional_inputs  # noqa: E402
 from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.prune import Prune  # noqa: E402
@@ -43,22 +43,8 @@ SPARSITIES = (0.3, 0.5, 0.7)
 CALIB_SAMPLES = 64
 
 
-def cases(models: Path, samples: Path):
-    """(name, model path, calib, eval, labels) for every model with data."""
-    for folder in sorted(p for p in models.iterdir() if (p / "model.onnx").exists()):
-        yield folder.name, folder / "model.onnx", folder / "calib.npz", folder / "eval.npz", folder / "labels.npz"
-    for model in sorted(samples.glob("*.onnx")):
-        stem = model.with_suffix("")
-        yield (f"samples/{model.stem}", model, Path(f"{stem}.calib.npz"), Path(f"{stem}.eval.npz"),
-               Path(f"{stem}.labels.npz"))
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def outputs(model: onnx.ModelProto, feeds: FeedSet) -> list[np.ndarray]:
@@ -78,14 +64,6 @@ def latency_ms(model: onnx.ModelProto, feed: dict, runs: int) -> float:
     return float(np.percentile(times, 25) * 1e3)  # lower quartile: robust to a busy shared machine
 
 
-def score(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict:
-    r = np.concatenate([x.ravel() for x in ref]).astype(np.float64)
-    c = np.concatenate([x.ravel() for x in out]).astype(np.float64)
-    result = {"cosine": float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c))),
-              "rel_err": float(np.linalg.norm(c - r) / np.linalg.norm(r))}
-    if labels is not None:
-        result["accuracy"] = float(np.mean([o.reshape(-1).argmax() == y for o, y in zip(out, labels)]))
-    return result
 
 
 def copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -237,11 +215,10 @@ def main() -> None:
     parser.add_argument("--skip-big-mlp", action="store_true")
     args = parser.parse_args()
     prune, neurons = [], []
-    for name, path, calib_path, eval_path, labels_path in cases(args.models, args.samples):
+    for name, path, calib_path, eval_path, labels in cases(args.models, args.samples):
         model = onnx.load(path)
         calib = name_positional_inputs(load_feeds(calib_path), model).head(CALIB_SAMPLES)
         evals = name_positional_inputs(load_feeds(eval_path), model)
-        labels = np.load(labels_path)["labels"] if labels_path.exists() else None
         dense = outputs(model, evals)
         print(f"{name}: {len(evals)} eval samples, {len(calib)} calibration samples", file=sys.stderr)
         prune += prune_rows(name, model, calib, evals, labels, dense)

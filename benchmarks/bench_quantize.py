@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,29 +32,14 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import cases, score, session  # noqa: E402
 from onnxopt.data import FeedSet, load_feeds  # noqa: E402
 from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.quantize import QuantizePass  # noqa: E402
 
 
-def cases(models: Path, samples: Path):
-    """(name, model path, calib, eval, labels or None) for every model with data."""
-    for folder in sorted(p for p in models.iterdir() if (p / "model.onnx").exists()):
-        labels = folder / "labels.npz"
-        yield folder.name, folder / "model.onnx", folder / "calib.npz", folder / "eval.npz", labels
-    for model in sorted(samples.glob("*.onnx")):
-        stem = model.with_suffix("")
-        labels = Path(f"{stem}.labels.npz")
-        yield f"samples/{model.stem}", model, Path(f"{stem}.calib.npz"), Path(f"{stem}.eval.npz"), labels
 
 
-def session(path: Path, optimize: bool) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def outputs(path: Path, feeds: FeedSet) -> list[np.ndarray]:
@@ -78,13 +62,6 @@ def latencies_ms(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, f
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
-def score(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> dict:
-    r = np.concatenate([x.ravel() for x in ref]).astype(np.float64)
-    c = np.concatenate([x.ravel() for x in out]).astype(np.float64)
-    result = {"cosine": float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c)))}
-    if labels is not None:
-        result["accuracy"] = float(np.mean([o.reshape(-1).argmax() == y for o, y in zip(out, labels)]))
-    return result
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -242,9 +219,8 @@ def main() -> None:
     out_dir = ROOT / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model_path, calib_path, eval_path, labels_path in cases(args.models, args.samples):
+        for name, model_path, calib_path, eval_path, labels in cases(args.models, args.samples):
             calib, evals = load_feeds(calib_path), load_feeds(eval_path)
-            labels = np.load(labels_path)["labels"] if labels_path.exists() else None
             ref = outputs(model_path, evals)
             feed0 = {k: np.asarray(v) for k, v in next(iter(evals)).items()}
             rows = {"fp32": {"size_kb": model_path.stat().st_size / 1024, **score(ref, ref, labels)}}

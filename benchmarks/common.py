@@ -1,0 +1,54 @@
+"""What every benchmark shares: the models with their data, an onnxruntime session, and scores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODELS = ROOT.parent / "shared" / "models"
+SAMPLES = ROOT / "samples"
+
+
+def cases(models: Path = SHARED_MODELS, samples: Path = SAMPLES, only: Sequence[str] | None = None
+          ) -> Iterator[tuple[str, Path, Path, Path, np.ndarray | None]]:
+    """(name, model, calib, eval, labels or None) for every shared model and sample with data."""
+    found = [(folder.name, folder / "model.onnx", folder / "calib.npz", folder / "eval.npz", folder / "labels.npz")
+             for folder in sorted(models.iterdir()) if (folder / "model.onnx").exists()] if models.is_dir() else []
+    for model in sorted(samples.glob("*.onnx")):
+        stem = model.with_suffix("")
+        found.append((f"samples/{model.stem}", model, Path(f"{stem}.calib.npz"), Path(f"{stem}.eval.npz"),
+                      Path(f"{stem}.labels.npz")))
+    for name, model, calib, evals, labels in found:
+        if only is None or name in only:
+            yield name, model, calib, evals, np.load(labels)["labels"] if labels.exists() else None
+
+
+def session(model: onnx.ModelProto | Path, optimize: bool = True) -> ort.InferenceSession:
+    """One thread, as deployed latency is compared: all graph optimizations unless ``optimize=False``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def score(reference, output, labels: np.ndarray | None) -> dict:
+    """Cosine and relative L2 error of the first output to the reference, and top-1 accuracy if labelled.
+
+    ``reference`` and ``output`` are per-sample lists (or sample-major arrays) of the first output.
+    """
+    r = np.concatenate([np.ravel(x) for x in reference]).astype(np.float64)
+    c = np.concatenate([np.ravel(x) for x in output]).astype(np.float64)
+    result = {"cosine": float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c))),
+              "rel_err": float(np.linalg.norm(c - r) / np.linalg.norm(r))}
+    if labels is not None:
+        predicted = np.array([np.ravel(o).argmax() for o in output])
+        result["accuracy"] = float(np.mean(predicted == np.ravel(labels)))
+    return result
