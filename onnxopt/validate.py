@@ -47,7 +47,7 @@ class Session:
         )
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the user as our own one-line error
         added = _add_outputs(model, extra_outputs)
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
@@ -167,9 +167,28 @@ def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> int:
     return int(np.count_nonzero(~same))
 
 
-def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray], tol: Tolerances) -> OutputMetrics:
-    ref = np.concatenate([np.asarray(r, dtype=np.float64).ravel() for r in reference])
-    cand = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in candidate])
+def _numeric(value) -> np.ndarray:
+    """An output as float64 values: tensors as they are; sequences and maps (say ZipMap's
+    per-class probabilities) by their elements, maps in key order; strings are not numeric."""
+    if isinstance(value, dict):
+        return np.concatenate([_numeric(value[k]).ravel() for k in sorted(value)] or [np.zeros(0)])
+    if isinstance(value, (list, tuple)):
+        return np.concatenate([_numeric(v).ravel() for v in value] or [np.zeros(0)])
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"non-numeric output of dtype {array.dtype}")
+    return array.astype(np.float64)
+
+
+def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputMetrics:
+    try:
+        ref = np.concatenate([_numeric(r).ravel() for r in reference])
+        cand = np.concatenate([_numeric(c).ravel() for c in candidate])
+    except TypeError:  # strings: equal or not
+        unequal = sum(not np.array_equal(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate))
+        same = unequal == 0
+        return OutputMetrics(0.0 if same else math.inf, 0.0 if same else math.inf, 0.0 if same else math.inf,
+                             1.0 if same else 0.0, math.inf if same else -math.inf, None, unequal, same)
     if ref.shape != cand.shape:
         return OutputMetrics(math.inf, math.inf, math.inf, 0.0, -math.inf, None, int(max(ref.size, cand.size)), False)
     diff = np.abs(cand - ref)
@@ -199,8 +218,8 @@ def output_metrics(reference: list[np.ndarray], candidate: list[np.ndarray], tol
 
 def _top1(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
     """Argmax agreement over the last axis, for outputs that look like class scores."""
-    first = np.asarray(reference[0])
-    if first.dtype.kind != "f" or first.ndim < 1 or first.shape[-1] < 2:
+    first = reference[0]
+    if not isinstance(first, np.ndarray) or first.dtype.kind != "f" or first.ndim < 1 or first.shape[-1] < 2:
         return None
     agree = total = 0
     for r, c in zip(reference, candidate):

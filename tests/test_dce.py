@@ -153,3 +153,12 @@ def test_dce_never_changes_outputs_and_is_idempotent(model):
     twice = DeadCodeElimination()(copy(once))
     assert not twice.modified
     assert twice.model.SerializeToString() == once.SerializeToString()
+
+
+def test_lift_constants_leaves_models_before_ir_4_alone():
+    """Before IR 4 an initializer must also be a graph input: lifting would need new inputs."""
+    nodes = [helper.make_node("Constant", [], ["k"], value_float=2.0), helper.make_node("Mul", ["x", "k"], ["y"])]
+    model = make_model(nodes, [value("x", [1])], [value("y", [1])], opset=9)
+    model.ir_version = 3
+    result = LiftConstants()(model)
+    assert not result.modified and result.stats == {"constants_lifted": 0, "skipped_ir_version_below_4": 1}

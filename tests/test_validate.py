@@ -64,3 +64,18 @@ def test_interface_check_catches_renames_dtype_and_rank_changes():
     reranked = mlp()
     reranked.graph.input[0].CopyFrom(value("x", ["batch", 8, 1]))
     assert "changed rank" in check_interface(a, reranked)[0]
+
+
+def test_sequence_of_map_outputs_are_compared_by_their_values():
+    ref = [[{0: 0.25, 1: 0.75}], [{0: 0.5, 1: 0.5}]]
+    same = output_metrics(ref, [[{0: 0.25, 1: 0.75}], [{0: 0.5, 1: 0.5}]], Tolerances())
+    assert same.within_exact_tolerance and same.cosine == pytest.approx(1.0)
+    moved = output_metrics(ref, [[{0: 0.75, 1: 0.25}], [{0: 0.5, 1: 0.5}]], Tolerances())
+    assert moved.mismatches == 2 and moved.max_abs == pytest.approx(0.5)
+
+
+def test_string_outputs_are_compared_for_equality():
+    ref = [np.array(["a", "b"])]
+    assert output_metrics(ref, [np.array(["a", "b"])], Tolerances()).within_exact_tolerance
+    different = output_metrics(ref, [np.array(["a", "c"])], Tolerances())
+    assert different.mismatches == 1 and not different.within_exact_tolerance

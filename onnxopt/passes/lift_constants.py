@@ -15,6 +15,9 @@ class LiftConstants(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         stats: dict[str, int | float] = {"constants_lifted": 0}
+        if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+            stats["skipped_ir_version_below_4"] = 1
+            return PassResult(model, False, stats)
         for graph in walk_graphs(model.graph):
             outputs = {o.name for o in graph.output}
             kept, lifted = [], []
