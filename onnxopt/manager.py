@@ -73,7 +73,10 @@ def run_pipeline(
         else:
             feeds, notes = random_feeds(model, input_shapes=input_shapes)
         report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
-        reference = previous = run_model(model, feeds)
+        try:
+            reference = previous = run_model(model, feeds)
+        except InputError as exc:
+            raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
         if labels is not None:
             labels = load_labels(labels, len(feeds))
             report.feeds["accuracy"] = reference_accuracy = task_accuracy(reference, labels)

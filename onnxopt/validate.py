@@ -167,13 +167,13 @@ def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> int:
     return int(np.count_nonzero(~same))
 
 
-def _numeric(value) -> np.ndarray:
+def numeric_values(value) -> np.ndarray:
     """An output as float64 values: tensors as they are; sequences and maps (say ZipMap's
     per-class probabilities) by their elements, maps in key order; strings are not numeric."""
     if isinstance(value, dict):
-        return np.concatenate([_numeric(value[k]).ravel() for k in sorted(value)] or [np.zeros(0)])
+        return np.concatenate([numeric_values(value[k]).ravel() for k in sorted(value)] or [np.zeros(0)])
     if isinstance(value, (list, tuple)):
-        return np.concatenate([_numeric(v).ravel() for v in value] or [np.zeros(0)])
+        return np.concatenate([numeric_values(v).ravel() for v in value] or [np.zeros(0)])
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
         raise TypeError(f"non-numeric output of dtype {array.dtype}")
@@ -182,8 +182,8 @@ def _numeric(value) -> np.ndarray:
 
 def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputMetrics:
     try:
-        ref = np.concatenate([_numeric(r).ravel() for r in reference])
-        cand = np.concatenate([_numeric(c).ravel() for c in candidate])
+        ref = np.concatenate([numeric_values(r).ravel() for r in reference])
+        cand = np.concatenate([numeric_values(c).ravel() for c in candidate])
     except TypeError:  # strings: equal or not
         unequal = sum(not np.array_equal(np.asarray(r), np.asarray(c)) for r, c in zip(reference, candidate))
         same = unequal == 0

@@ -27,7 +27,7 @@ from ..calibration import batched
 from ..errors import InputError
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      unique_name_factory, walk_nodes)
-from ..validate import Session
+from ..validate import Session, numeric_values
 from .base import Pass, PassResult, count
 from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
 
@@ -299,9 +299,13 @@ class Distill(Pass):
                 s = session.run(feed, outputs + fetched)
                 t = teacher.run(feed, outputs + ([layer.target] if layer else []))
                 for name in outputs:
-                    diff = s[name].astype(np.float64) - t[name]
+                    try:
+                        student_values, teacher_values = numeric_values(s[name]), numeric_values(t[name])
+                    except TypeError:  # string outputs carry no error to reduce
+                        continue
+                    diff = student_values - teacher_values
                     err += float(np.vdot(diff, diff))
-                    ref += float(np.vdot(t[name], t[name].astype(np.float64)))
+                    ref += float(np.vdot(teacher_values, teacher_values))
                 if sums is not None and not sums.update(s.get(layer.fetched, feed.get(layer.fetched)),
                                                         t[layer.target]):
                     sums = None

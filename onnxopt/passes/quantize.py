@@ -167,6 +167,7 @@ def _upgrade(model: onnx.ModelProto, before: int) -> onnx.ModelProto:
     """Per-channel QDQ needs opset 13; the converter returns a new model (the one needed copy)."""
     try:
         upgraded = onnx.version_converter.convert_version(model, QDQ_OPSET)
+        upgraded.ir_version = max(upgraded.ir_version, 7)  # opset 13 needs IR 7 (and IR < 4 wants initializers as inputs)
         del upgraded.graph.value_info[:]  # the converter infers shapes of every value: file size, not needed
         upgraded.graph.value_info.extend(model.graph.value_info)
     except Exception as exc:  # the converter raises several types
