@@ -1,15 +1,18 @@
 """Streaming calibration: each batch runs through onnxruntime once and is reduced at once.
 
 Statistics are mergeable (shards merge into the same result as one run) and keep nothing
-per sample, so memory does not grow with the number of samples.
+per sample, so memory does not grow with the number of samples (histograms only by the grid
+bins that new values occupy, at most the grid). A run's fetched values are dropped once folded,
+before the next run starts: held, they made onnxruntime allocate fresh output memory run after run.
 
 Histograms use a *fixed, data-independent grid* instead of a min/max pass followed by a
 fixed-range histogram pass: a value's bin is the top 16 bits of its float32 pattern (sign,
-exponent, 7 mantissa bits: the bfloat16 grid, 0.8 % relative resolution). Counting is an
-exact ``bincount``, so the histogram is identical for any batch size, chunking or order,
-and one pass suffices (calibration costs one inference pass, not two). Uniform histograms
-over ``[min, max]`` are derived from it on demand (:meth:`TensorStats.histogram`), equal to
-a direct fixed-range histogram within the grid's rounding. Tensors bigger than
+exponent, 7 mantissa bits: the bfloat16 grid, 0.8 % relative resolution). Counting is exact
+and keeps only occupied bins (a few thousand of the 65536: sorted codes and their counts), so
+the histogram is identical for any batch size, chunking or order, and one pass suffices
+(calibration costs one inference pass, not two). Uniform histograms over ``[min, max]`` are
+derived from it on demand (:meth:`TensorStats.histogram`), equal to a direct fixed-range
+histogram within the grid's rounding. Tensors bigger than
 ``HIST_PER_SAMPLE`` values per sample are histogrammed on a fixed systematic subsample of each
 sample (same stride for every sample, so still independent of batching); min/max and channel
 sums always see every value. Counting every value of a big activation costs more than the
@@ -37,7 +40,7 @@ from .graph import defined_names, model_graphs
 from .validate import Session
 
 GRID_SIZE = 1 << 16
-FLUSH_AT = 1 << 13  # grid codes buffered per tensor before one bincount: small, so memory is flat from the first batch
+FLUSH_AT = 1 << 13  # grid codes buffered per tensor before they are counted: small, so memory is flat from the first batch
 HIST_PER_SAMPLE = 512  # at most this many values per tensor and sample go into the histogram
 BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
 MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
@@ -63,8 +66,9 @@ GRID_CENTERS = _grid_centers()
 class TensorStats:
     """Mergeable statistics of one tensor over every calibration value seen.
 
-    ``count`` values in all; ``codes`` counts values per bfloat16 grid bin (when histograms are
-    on; every ``stride``-th value of each sample); ``channel_sum`` (and ``channel_sumsq`` when
+    ``count`` values in all; ``codes`` are the occupied bfloat16 grid bins (ascending uint16) and
+    ``code_counts`` their values (when histograms are on; every ``stride``-th value of each sample),
+    sparse: a dense int64 grid would be 512 KiB per tensor; ``channel_sum`` (and ``channel_sumsq`` when
     asked for) sum values (and squares) per channel over all other axes (``channel_count``
     values per channel), when a channel axis was asked for.
     """
@@ -74,11 +78,12 @@ class TensorStats:
     max: float = -np.inf
     bins: int = 0
     codes: np.ndarray | None = None
+    code_counts: np.ndarray | None = None
     channel_sum: np.ndarray | None = None
     channel_sumsq: np.ndarray | None = None
     channel_count: int = 0
     stride: int = 0
-    _pending: list = field(default_factory=list, repr=False, compare=False)
+    _pending: np.ndarray | None = field(default=None, repr=False, compare=False)  # FLUSH_AT codes, fixed size
     _pending_n: int = field(default=0, repr=False, compare=False)
 
     def update(self, values: np.ndarray, channel_axis: int | None = None, *, samples: int = 1,
@@ -98,10 +103,7 @@ class TensorStats:
             rows = x.reshape(samples if x.size % samples == 0 else 1, -1)
             self.stride = self.stride or _stride(rows.shape[1])
             picked = rows if self.stride == 1 else np.ascontiguousarray(rows[:, :: self.stride])
-            self._pending.append((picked.reshape(-1).view(np.uint32) >> 16).astype(np.uint16))
-            self._pending_n += picked.size
-            if self._pending_n >= FLUSH_AT:
-                self.flush()
+            self._buffer(picked.reshape(-1).view(np.uint32) >> 16)
         if channel_axis is not None:
             # (before, channel, after) without a copy; float32 sums per row, float64 across rows
             x3 = x.reshape(math.prod(x.shape[:channel_axis]), x.shape[channel_axis], -1)
@@ -112,14 +114,24 @@ class TensorStats:
                 self.channel_sumsq = sq if self.channel_sumsq is None else self.channel_sumsq + sq
             self.channel_count += x3.shape[0] * x3.shape[2]
 
+    def _buffer(self, codes: np.ndarray) -> None:
+        """Copy grid codes into the fixed buffer, counting it whenever it is full."""
+        while codes.size:
+            if self._pending is None:
+                self._pending = np.empty(FLUSH_AT, np.uint16)
+            take = min(codes.size, FLUSH_AT - self._pending_n)
+            self._pending[self._pending_n: self._pending_n + take] = codes[:take]
+            self._pending_n += take
+            codes = codes[take:]
+            if self._pending_n == FLUSH_AT:
+                self.flush()
+
     def flush(self) -> None:
-        """Count buffered grid codes (one bincount for many small batches: counts are exact either way)."""
-        if self._pending:
-            counts = np.bincount(np.concatenate(self._pending))  # up to the highest code seen: often far fewer bins
-            if self.codes is None:
-                self.codes = np.zeros(GRID_SIZE, np.int64)
-            self.codes[: counts.size] += counts
-            self._pending, self._pending_n = [], 0
+        """Count buffered grid codes (once for many small batches: counts are exact either way)."""
+        if self._pending_n:
+            codes, counts = np.unique(self._pending[: self._pending_n], return_counts=True)
+            self.codes, self.code_counts = _add_counts(self.codes, self.code_counts, codes, counts)
+        self._pending, self._pending_n = None, 0
 
     def merge(self, other: TensorStats) -> TensorStats:
         """Statistics of both value sets together (shards merge into the one-run result)."""
@@ -129,12 +141,14 @@ class TensorStats:
         def add(a, b):
             return b if a is None else a if b is None else a + b
 
+        codes, code_counts = _add_counts(self.codes, self.code_counts, other.codes, other.code_counts)
         return TensorStats(
             count=self.count + other.count,
             min=min(self.min, other.min),
             max=max(self.max, other.max),
             bins=max(self.bins, other.bins),
-            codes=add(self.codes, other.codes),
+            codes=codes,
+            code_counts=code_counts,
             channel_sum=add(self.channel_sum, other.channel_sum),
             channel_sumsq=add(self.channel_sumsq, other.channel_sumsq),
             channel_count=self.channel_count + other.channel_count,
@@ -149,10 +163,9 @@ class TensorStats:
         """Occupied grid bins as (value, count), ascending by value; values clipped to [min, max]."""
         if self.codes is None:
             raise ValueError("no histogram was collected for this tensor (histogram_bins=0)")
-        nonzero = np.flatnonzero(self.codes)
-        values = GRID_CENTERS[nonzero]
+        values = GRID_CENTERS[self.codes]
         keep = np.isfinite(values)
-        values, counts = np.clip(values[keep], self.min, self.max), self.codes[nonzero][keep]
+        values, counts = np.clip(values[keep], self.min, self.max), self.code_counts[keep]
         order = np.argsort(values, kind="stable")
         return values[order], counts[order]
 
@@ -167,6 +180,17 @@ class TensorStats:
     @property
     def edges(self) -> np.ndarray | None:
         return None if self.codes is None else np.linspace(self.min, self.max, self.bins + 1)
+
+
+def _add_counts(codes_a, counts_a, codes_b, counts_b) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Sum of two sparse grid histograms (sorted codes with counts; None: empty)."""
+    if codes_a is None or codes_b is None:
+        return (codes_b, counts_b) if codes_a is None else (codes_a, counts_a)
+    codes = np.union1d(codes_a, codes_b)
+    counts = np.zeros(codes.size, np.int64)
+    counts[np.searchsorted(codes, codes_a)] += counts_a
+    counts[np.searchsorted(codes, codes_b)] += counts_b
+    return codes, counts
 
 
 def _stride(n: int) -> int:
@@ -234,11 +258,15 @@ def _runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
         head = next(feeds.batches(size))
         joined = session.run(head, fetched) if fetched else {}
         if _same_rows(single, joined, size):
+            del single  # values live only until folded: no run starts while an earlier one's are held
             yield size, head, joined
+            del joined
             rest = FeedSet({k: v[size:] for k, v in feeds.arrays.items()}, feeds.origin)
             yield from _runs(session, model, rest, fetched, size) if len(rest) else ()
             return
+        del joined
     yield 1, first, single
+    del single
     yield from _runs(session, model, FeedSet({k: v[1:] for k, v in feeds.arrays.items()}, feeds.origin),
                      fetched, 1)
 
@@ -270,24 +298,23 @@ def collect(
     if unknown:
         raise InputError(f"calibration: the model has no value named {', '.join(map(repr, unknown[:5]))}")
     names.extend(n for n in axes if n not in names)
-    inputs = {v.name for v in model.graph.input}
+    inputs = {v.name for v in model_inputs(model)}  # initializer-backed inputs are fetched like values
     fetched = [n for n in names if n not in inputs]
     stats = {n: TensorStats(bins=histogram_bins) for n in names}
     length = len(feeds) if hasattr(feeds, "__len__") else None
     seen = 0
     # graph optimizations keep every fetched value (fusions stop at graph outputs) and run faster
     with Session(model, extra_outputs=fetched, optimize=True) as session:
-        runs = _runs(session, model, feeds, fetched, batch_size)
+        folded = _folded(stats, _runs(session, model, feeds, fetched, batch_size), axes, squares)
         if progress and length:
             import click
 
             with click.progressbar(length=length, label="calibrating", file=None) as bar:
-                for samples, feed, values in runs:
-                    seen += _fold(stats, samples, feed, values, axes, squares)
+                for samples in folded:
+                    seen += samples
                     bar.update(samples)
         else:
-            for samples, feed, values in runs:
-                seen += _fold(stats, samples, feed, values, axes, squares)
+            seen = sum(folded)
     for st in stats.values():
         st.flush()
     if not seen:
@@ -295,15 +322,22 @@ def collect(
     return stats
 
 
-def _fold(stats, samples: int, feed, values, axes, squares) -> int:
-    """Fold one run's values into the statistics; the number of samples it held."""
+def _folded(stats, runs, axes, squares) -> Iterator[int]:
+    """Fold each run's values into the statistics as it comes; the number of samples it held."""
+    for samples, feed, values in runs:
+        _fold(stats, samples, feed, values, axes, squares)
+        del values  # not held through the next run: onnxruntime's output memory is reused, not grown
+        yield samples
+
+
+def _fold(stats, samples: int, feed, values, axes, squares) -> None:
+    """Fold one run's values into the statistics."""
     for name, st in stats.items():
         value = values[name] if name in values else feed.get(name)
         if value is None:
             raise InputError(f"calibration: the feeds have no array for graph input '{name}'")
         axis = axes.get(name)
         st.update(value, None if axis is None else axis % np.ndim(value), samples=samples, squares=name in squares)
-    return samples
 
 
 # --------------------------------------------------------------------------- cache files
@@ -336,8 +370,7 @@ def save_stats(path: str | Path, stats: Mapping[str, TensorStats], fingerprint: 
             if value is not None:
                 arrays[f"{i}.{f}"] = np.asarray(value)
         if st.codes is not None:
-            nonzero = np.flatnonzero(st.codes)
-            arrays[f"{i}.codes_at"], arrays[f"{i}.codes_n"] = nonzero, st.codes[nonzero]
+            arrays[f"{i}.codes_at"], arrays[f"{i}.codes_n"] = st.codes, st.code_counts
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
@@ -356,9 +389,8 @@ def load_stats(path: str | Path) -> tuple[dict[str, TensorStats], str]:
                 if f"{i}.{f}" in data:
                     value = data[f"{i}.{f}"]
                     setattr(st, f, value if value.ndim else value.item())
-            if f"{i}.codes_at" in data:
-                st.codes = np.zeros(GRID_SIZE, dtype=np.int64)
-                st.codes[data[f"{i}.codes_at"]] = data[f"{i}.codes_n"]
+            if f"{i}.codes_at" in data:  # earlier caches hold int64 codes
+                st.codes, st.code_counts = data[f"{i}.codes_at"].astype(np.uint16), data[f"{i}.codes_n"].astype(np.int64)
             stats[name] = st
         return stats, str(data["fingerprint"])
     except (OSError, KeyError, ValueError) as exc:
