@@ -9,6 +9,9 @@ Placement follows what onnxruntime's QDQ fusions need (checked on the optimized 
   0), which onnxruntime folds away (Relu/Clip + QuantizeLinear fusion).
 - MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze on a quantized tensor: the output gets
   the *same* scale and zero point, so onnxruntime runs them on int8 data (its DropQDQ rule).
+- GlobalAveragePool, AveragePool on a quantized tensor: the output gets a Q/DQ pair with its own
+  range -> QLinearGlobalAveragePool / QLinearAveragePool on int8 NHWC data (a float pool after a
+  DQ would need the whole feature map transposed back to NCHW in float first).
 Everything else stays float. Weights inside subgraphs (If/Loop bodies) get int8 + DQ as well
 (weight-only: their activations cannot be observed from outside the body).
 
@@ -38,6 +41,7 @@ from .base import Pass, PassResult, count
 METHODS = ("minmax", "percentile", "entropy", "mse")
 HEAVY = ("Conv", "MatMul", "Gemm")
 PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+AVERAGING = {"GlobalAveragePool", "AveragePool"}  # int8 in, own output range
 QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 
 
@@ -300,7 +304,7 @@ def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: Quan
         t = store.tensor(other[0]) if len(other) == 1 else None
         if t is not None and len(t.dims) == 1 and len(index.consumers.get(other[0], ())) == 1:
             add_bias = other[0]
-    feeds_int8 = any(c.op_type in opt.op_types or c.op_type in PASS_THROUGH for c in consumers)
+    feeds_int8 = any(c.op_type in opt.op_types or c.op_type in PASS_THROUGH | AVERAGING for c in consumers)
     if index.is_graph_output(out) or not consumers:
         output = None
     elif (opt.activation_type == "uint8" and len(consumers) == 1 and _relu_like(consumers[0], store)
@@ -342,6 +346,9 @@ def _plan(graph: onnx.GraphProto, opt: QuantizeOptions, float_nodes: set[str], s
                 plan.acts.setdefault(name, name)
         elif node.op_type in PASS_THROUGH and node.input[0] in plan.acts and node.output[0] not in plan.acts:
             plan.acts[node.output[0]] = plan.acts[node.input[0]]
+        elif (node.op_type in AVERAGING and node.input[0] in plan.acts and node.output[0] not in plan.acts
+              and not index.is_graph_output(node.output[0])):
+            plan.acts[node.output[0]] = node.output[0]
     return plan
 
 
@@ -491,7 +498,7 @@ class _Writer:
         (Conv weights, int32 biases): per channel it would cost a quarter of the int8 weight of a
         depthwise Conv, and as much as an int32 bias.
         """
-        stored = self.name(f"{weight}_quantized")
+        stored = self.name("qw")
         tensor = numpy_helper.from_array(q, stored)
         if self.store.is_constant_node(weight):
             node = self.constants[weight]
@@ -502,12 +509,11 @@ class _Writer:
         else:
             self.store.tensor(weight).CopyFrom(tensor)
             where = self.front
-        inputs = [stored, self.initializer(f"{weight}_scale", scale)]
+        inputs = [stored, self.initializer("s", scale)]
         if zero_point:
-            inputs.append(self.initializer(f"{weight}_zero_point", np.zeros(scale.shape, q.dtype)))
+            inputs.append(self.initializer("z", np.zeros(scale.shape, q.dtype)))
         attrs = {} if axis is None or scale.ndim == 0 else {"axis": axis}
-        where.append(onnx.helper.make_node("DequantizeLinear", inputs, [weight],
-                                           name=self.name(f"{weight}_DequantizeLinear"), **attrs))
+        where.append(onnx.helper.make_node("DequantizeLinear", inputs, [weight], **attrs))
 
 
 def _apply(model: onnx.ModelProto, plan: _Plan, tensor_stats: dict[str, TensorStats], opt: QuantizeOptions,
@@ -523,12 +529,11 @@ def _apply(model: onnx.ModelProto, plan: _Plan, tensor_stats: dict[str, TensorSt
     for tensor, src in plan.acts.items():
         if src not in param_names:
             scale, zp = params[src]
-            param_names[src] = (writer.initializer(f"{src}_scale", scale), writer.initializer(f"{src}_zero_point", zp))
+            param_names[src] = (writer.initializer("s", scale), writer.initializer("z", zp))
         s, z = param_names[src]
-        quantized, dequantized = make_name(f"{tensor}_quantized"), make_name(f"{tensor}_dequantized")
-        pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [quantized], name=make_name(f"{tensor}_QuantizeLinear")),
-                onnx.helper.make_node("DequantizeLinear", [quantized, s, z], [dequantized],
-                                      name=make_name(f"{tensor}_DequantizeLinear"))]
+        quantized, dequantized = make_name("q"), make_name("dq")
+        pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [quantized]),
+                onnx.helper.make_node("DequantizeLinear", [quantized, s, z], [dequantized])]
         (writer.after.setdefault(tensor, []) if tensor in index.producer else writer.front).extend(pair)
         rename[tensor] = dequantized
     stats["activations_quantized"] = len(plan.acts)
