@@ -129,8 +129,9 @@ class TensorStats:
     def flush(self) -> None:
         """Count buffered grid codes (once for many small batches: counts are exact either way)."""
         if self._pending_n:
-            codes, counts = np.unique(self._pending[: self._pending_n], return_counts=True)
-            self.codes, self.code_counts = _add_counts(self.codes, self.code_counts, codes, counts)
+            counts = np.bincount(self._pending[: self._pending_n])  # transient, up to the highest code seen
+            codes = np.flatnonzero(counts)
+            self.codes, self.code_counts = _add_counts(self.codes, self.code_counts, codes.astype(np.uint16), counts[codes])
         self._pending, self._pending_n = None, 0
 
     def merge(self, other: TensorStats) -> TensorStats:
