@@ -434,3 +434,20 @@ def test_matmul_add_bias_becomes_int32_so_onnxruntime_makes_a_qgemm(tmp_path):
     fused = fused_ops(q, tmp_path)
     assert fused["QGemm"] == 2 and "MatMul" not in fused and "Gemm" not in fused and "DequantizeLinear" not in fused
 
+
+def test_models_before_ir_4_are_upgraded_with_their_opset():
+    """An IR 3 / opset 7 Gemm: after the opset upgrade the IR must allow initializers that are not inputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    calib = FeedSet({"x": rng.standard_normal((8, 2, 4)).astype(np.float32)}, "calib")
+    result = QuantizePass(None, PassContext(calib=calib))(model)
+    assert result.model.ir_version >= 7
+    assert onnx.checker.check_model(result.model, full_check=True) is None
