@@ -9,8 +9,8 @@ from typing import Any
 import onnx
 
 from .data import as_feeds, load_labels, random_feeds
-from .manager import Result, check_paths, run_pipeline
-from .modelio import copy_model, load_model, save_model
+from .manager import Result, run_pipeline
+from .modelio import check_output_path, copy_model, load_model, save_model
 from .pipeline import Step
 from .report import model_info
 from .validate import Comparison, Tolerances, compare_outputs, run_model, task_accuracy
@@ -56,7 +56,7 @@ def optimize(
     """
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, onnx.ModelProto):
-        check_paths(Path(model), out_path, overwrite_input)
+        check_output_path(out_path, model, overwrite_input)
     owned, input_path = _owned_model(model)
     result = run_pipeline(
         owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,

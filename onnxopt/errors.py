@@ -13,10 +13,6 @@ class InputError(OnnxoptError):
     exit_code = 2
 
 
-class UnsupportedError(InputError):
-    """The model uses something a pass cannot handle and cannot skip (exit 2)."""
-
-
 class ValidationError(OnnxoptError):
     """A step produced a model that fails the checker, the interface check or a tolerance (exit 1)."""
 

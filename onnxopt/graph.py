@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .tensors import external_info, is_external, set_tensor_array, tensor_nbytes, tensor_to_array  # noqa: F401  (re-exported)
+from .data import input_dims
+from .tensors import set_tensor_array, tensor_to_array
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -92,7 +93,6 @@ class GraphIndex:
     consumers: dict[str, list[int]] = field(init=False)
     uses: list[list[str]] = field(init=False)
     output_names: set[str] = field(init=False)
-    input_names: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.graph.node)
@@ -108,7 +108,6 @@ class GraphIndex:
             for name in dict.fromkeys(node_use):
                 self.consumers.setdefault(name, []).append(i)
         self.output_names = {o.name for o in self.graph.output}
-        self.input_names = {i.name for i in self.graph.input}
 
     def consumer_nodes(self, name: str) -> list[onnx.NodeProto]:
         return [self.nodes[i] for i in self.consumers.get(name, ())]
@@ -260,11 +259,9 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     shapes: dict[str, tuple] = {}
     g = inferred.graph
     for info in [*g.input, *g.value_info, *g.output]:
-        t = info.type.tensor_type
-        if t.HasField("shape"):
-            shapes[info.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-            )
+        dims = input_dims(info)
+        if dims is not None:
+            shapes[info.name] = tuple(dims)
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes

@@ -21,7 +21,7 @@ import onnx
 
 from .data import FeedSet, as_feeds, load_labels, random_feeds
 from .errors import InputError, OnnxoptError, ValidationError
-from .modelio import TWO_GB, has_external_data, save_scratch
+from .modelio import has_external_data, needs_file, save_scratch
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
@@ -83,7 +83,7 @@ def run_pipeline(
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
         for index, step in enumerate(steps, start=1):
             before_bytes = _snapshot(model) if validate else None
-            before = size_summary(model)
+            before = report.steps[-1].after if report.steps else size_summary(model)
             pass_ = step.pass_type(step.options, context)
             start = time.perf_counter()
             try:
@@ -144,7 +144,7 @@ def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Path, record: StepRecord) -> list[str]:
     """Checker and interface check; a big or external model is checked from a file, as the checker needs."""
     problems = check_interface(original, model)
-    if has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24:
+    if needs_file(model):
         save_scratch(model, scratch_path, placeholders=True)
         complaint = check_structure(model, scratch_path)
     else:
@@ -191,13 +191,3 @@ def _write_reproducer(
         return None
     return str(folder)
 
-
-def check_paths(input_path: Path, output_path: Path | None, overwrite_input: bool) -> None:
-    """Refuse an output that would overwrite the input or cannot be written, before any work."""
-    from .modelio import check_writable_target
-
-    if output_path is None:
-        return
-    check_writable_target(output_path)
-    if not overwrite_input and output_path.resolve() == input_path.resolve():
-        raise InputError(f"output {output_path} is the input file: choose another path or pass --overwrite-input")

@@ -66,12 +66,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph or no opset import)")
     folder = path.resolve().parent
+    external = False
     for tensor in model_tensors(model):
         if is_external(tensor):
             _resolve_external(tensor, folder, path)
+            external = True
     try:
         # From the file when data is external: the checker then reads only the skeleton, not the weights.
-        onnx.checker.check_model(str(path) if has_external_data(model) else model)
+        onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{path}: not a valid ONNX model, or the file is truncated: {first}") from None
@@ -95,6 +97,18 @@ def _resolve_external(tensor: onnx.TensorProto, folder: Path, model_path: Path) 
         raise InputError(f"{model_path}: external-data file '{location}' is truncated "
                          f"(tensor '{tensor.name}' needs {end} bytes, the file has {resolved.stat().st_size})")
     set_external_location(tensor, str(resolved))
+
+
+def needs_file(model: onnx.ModelProto) -> bool:
+    """onnxruntime and the checker need the model as files: it has external data or passes 2 GB inline."""
+    return has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24
+
+
+def check_output_path(path: Path, input_path: str | os.PathLike | None = None, overwrite_input: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written or that would replace the input."""
+    check_writable_target(path)
+    if input_path is not None and not overwrite_input and path.resolve() == Path(input_path).resolve():
+        raise InputError(f"output {path} is the input file: choose another path or pass --overwrite-input")
 
 
 def check_writable_target(path: Path) -> None:
@@ -122,11 +136,9 @@ def save_model(
     Writing over ``input_path`` is refused unless ``overwrite_input``.
     """
     path = Path(path)
-    check_writable_target(path)
-    if input_path is not None and not overwrite_input and path.resolve() == Path(input_path).resolve():
-        raise InputError(f"output {path} is the input file: choose another path or pass --overwrite-input")
+    check_output_path(path, input_path, overwrite_input)
     if external is None:
-        external = has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24
+        external = needs_file(model)
     if not external:
         with _atomic_file(path) as f:
             f.write(model.SerializeToString())

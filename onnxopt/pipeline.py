@@ -136,11 +136,6 @@ def convert_value(raw: str, annotation: Any) -> Any:
     if origin is tuple:
         item_type = typing.get_args(annotation)[0]
         return tuple(convert_value(part, item_type) for part in raw.split("|") if part != "")
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        if raw not in choices:
-            raise ValueError(f"'{raw}' is not one of {', '.join(map(str, choices))}{_suggest(raw, choices)}")
-        return raw
     if annotation is bool:
         lowered = raw.lower()
         if lowered in ("true", "1", "yes", "on"):
@@ -202,8 +197,6 @@ def _type_name(annotation: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is tuple:
         return f"list of {_type_name(typing.get_args(annotation)[0])} (a|b)"
-    if origin is typing.Literal:
-        return "|".join(map(str, typing.get_args(annotation)))
     if annotation is type(None):
         return "None"
     return getattr(annotation, "__name__", str(annotation))

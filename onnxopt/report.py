@@ -12,16 +12,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .graph import constant_tensor, external_info, is_external, model_graphs, tensor_to_array, walk_nodes
+from .data import input_dims, model_inputs
+from .graph import constant_tensor, model_graphs, walk_nodes
+from .tensors import FLOAT_TYPES, external_info, is_external, tensor_nbytes, tensor_to_array
 from .modelio import model_tensors, write_file_atomically
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-
 
 def weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Initializers and Constant-node tensors of every graph (each weight once)."""
@@ -35,13 +29,13 @@ def weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return tensors
 
 
-def size_summary(model: onnx.ModelProto) -> dict[str, int]:
+def size_summary(model: onnx.ModelProto, weights: list[onnx.TensorProto] | None = None) -> dict[str, int]:
     """Nodes, parameters and weight bytes: cheap, reads no external data."""
-    weights = weight_tensors(model)
+    weights = weight_tensors(model) if weights is None else weights
     return {
         "nodes": sum(1 for _ in walk_nodes(model.graph)),
         "params": sum(int(np.prod(t.dims, dtype=np.int64)) for t in weights),
-        "weight_bytes": sum(_tensor_bytes(t) for t in weights),
+        "weight_bytes": sum(tensor_nbytes(t) for t in weights),
     }
 
 
@@ -58,18 +52,18 @@ def model_info(model: onnx.ModelProto, path: str | Path | None = None) -> dict[s
     for tensor in model_tensors(model):
         if is_external(tensor):
             info = external_info(tensor)
-            external_files[Path(info["location"]).name] += int(info.get("length", _tensor_bytes(tensor)))
+            external_files[Path(info["location"]).name] += int(info.get("length", tensor_nbytes(tensor)))
     graphs = list(model_graphs(model))
     return {
         "path": str(path) if path else None,
         "ir_version": model.ir_version,
         "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [_value_info(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}],
+        "inputs": [_value_info(v) for v in model_inputs(model)],
         "outputs": [_value_info(v) for v in model.graph.output],
         "ops": dict(sorted(Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}"
                                    for n in walk_nodes(model.graph)).items(), key=lambda kv: (-kv[1], kv[0]))),
-        **size_summary(model),
+        **size_summary(model, weights),
         "initializers": len(model.graph.initializer),
         "constant_nodes": sum(1 for n in walk_nodes(model.graph) if n.op_type == "Constant"),
         "weight_sparsity": zeros / total if total else 0.0,
@@ -81,9 +75,9 @@ def model_info(model: onnx.ModelProto, path: str | Path | None = None) -> dict[s
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
-    t = value.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim] if t.HasField("shape") else None
-    return {"name": value.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
+    dims = input_dims(value)
+    dtype = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
+    return {"name": value.name, "dtype": dtype, "shape": None if dims is None else ["?" if d is None else d for d in dims]}
 
 
 def format_info(info: dict[str, Any]) -> str:

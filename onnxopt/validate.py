@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import InputError
-from .modelio import TWO_GB, has_external_data, save_scratch
+from .modelio import needs_file, save_scratch
 
 
 @dataclass(frozen=True)
@@ -39,19 +39,18 @@ class Session:
         extra_outputs: Sequence[str] = (),
         *,
         optimize: bool = False,
-        threads: int = 1,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = 1  # fixed: results and timings do not depend on the machine
         options.inter_op_num_threads = 1
         options.log_severity_level = 4  # failures reach the user as our own one-line error
         added = _add_outputs(model, extra_outputs)
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
-            if has_external_data(model) or model.ByteSize() >= TWO_GB - 2**24:
+            if needs_file(model):
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
                 save_scratch(model, path)

@@ -8,7 +8,8 @@ from onnx import helper
 
 from onnxopt import modelio
 from onnxopt.errors import InputError
-from onnxopt.graph import WeightStore, is_external, tensor_to_array
+from onnxopt.graph import WeightStore
+from onnxopt.tensors import is_external, tensor_to_array
 from onnxopt.modelio import load_model, save_model
 
 from conftest import assert_same_outputs, feeds_for, mlp

@@ -15,10 +15,8 @@ from typing import Any, ClassVar
 
 import onnx
 
+from ..data import Feed
 from ..errors import InputError
-
-Feed = dict[str, Any]
-
 
 @dataclass(frozen=True)
 class NoOptions:
