@@ -133,6 +133,7 @@ def test_a_crashing_pass_exits_1_with_one_line(model_path, tmp_path, broken_pass
         (["-p", "dce", "--data", "missing.npz"], "data file not found"),
         (["-p", "dce", "-o", "no/such/folder/out.onnx"], "output folder does not exist"),
         (["-p", "dce", "--input-shape", "x=a"], "expected NAME=D1,D2"),
+        (["-p", "dce", "-o", "."], "is a directory"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(model_path, args, message):
