@@ -139,16 +139,12 @@ def bench_dce(sizes=(10_000, 100_000), repeats: int = 3) -> dict:
 # --------------------------------------------------------------------------- part 2: big model
 
 
-def _external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-
-
 def write_big_model(folder: Path, size_gb: float, seed: int = 0) -> dict:
     """An MLP h = Relu(h @ W_i + b_i) with 4096x4096 float32 weights streamed into big.onnx.data,
     plus a dead branch (MatMul with its own 4096x4096 weight, then Relu) that reaches no output."""
+    # imported here, not at the top: the "--_worker bare" baseline process stays onnx alone
+    from onnxopt.tensors import set_external_location
+
     rng = np.random.default_rng(seed)
     weight_bytes = HIDDEN * HIDDEN * 4
     n_layers = max(1, math.ceil(size_gb * GiB / weight_bytes) - 1)  # one more weight is the dead branch
@@ -162,7 +158,8 @@ def write_big_model(folder: Path, size_gb: float, seed: int = 0) -> dict:
         w = (rng.standard_normal((HIDDEN, HIDDEN), dtype=np.float32) * np.float32(scale))
         f.write(w.tobytes())
         t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[HIDDEN, HIDDEN])
-        _external(t, data_name, offset, weight_bytes)
+        t.data_location = TensorProto.EXTERNAL
+        set_external_location(t, data_name, offset, weight_bytes)
         offset += weight_bytes
         inits.append(t)
 

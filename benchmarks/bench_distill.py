@@ -18,16 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
-from common import cases, score  # noqa: E402
+from common import SAMPLES, SHARED_MODELS, cases, fmt, outputs, score  # noqa: E402
 from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
-from onnxopt.validate import run_model  # noqa: E402
 
 NEURONS = "prune-neurons(ratio=0.5)"
 SETTINGS = (  # (label, without distill, with distill)
@@ -41,30 +39,22 @@ SETTINGS = (  # (label, without distill, with distill)
 DISTILLED = ("samples/mlp", "samples/cnn", "samples/transformer", "digits_mlp", "digits_cnn")
 
 
-def first_output(model: onnx.ModelProto, feeds) -> np.ndarray:
-    return np.stack(next(iter(run_model(model, feeds).values())))
-
-
 def rows_for(name, path, calib_path, eval_path, labels) -> list[dict]:
     model = onnx.load(path)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     evals = name_positional_inputs(load_feeds(eval_path), model)
-    dense = first_output(model, evals)
+    dense = outputs(model, evals, optimize=False)
     rows = [{"model": name, "setting": "dense", "distill": False, **score(dense, dense, labels)}]
     for setting, *pipelines in SETTINGS:
         for repaired, pipeline in enumerate(pipelines):
             result = onnxopt.optimize(model, pipeline, calib=calib, validate=False)
             row = {"model": name, "setting": setting, "distill": bool(repaired),
-                   **score(dense, first_output(result.model, evals), labels)}
+                   **score(dense, outputs(result.model, evals, optimize=False), labels)}
             step = next((s for s in result.report.steps if s.name == "distill"), None)
             if step is not None:
                 row.update(stats=step.stats, seconds=step.seconds)
             rows.append(row)
     return rows
-
-
-def fmt(value, digits=4) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -91,8 +81,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models")
-    parser.add_argument("--samples", type=Path, default=ROOT / "samples")
+    parser.add_argument("--models", type=Path, default=SHARED_MODELS)
+    parser.add_argument("--samples", type=Path, default=SAMPLES)
     args = parser.parse_args()
     rows = []
     for case in cases(args.models, args.samples, only=DISTILLED):

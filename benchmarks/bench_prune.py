@@ -31,8 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cases, score, session  # noqa: E402
+from common import SAMPLES, SHARED_MODELS, cases, fmt, outputs, score, session  # noqa: E402
 from onnxopt.data import FeedSet, load_feeds, name_positional_inputs  # noqa: E402
+from onnxopt.modelio import copy_model  # noqa: E402
 from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.prune import Prune  # noqa: E402
 from onnxopt.passes.prune_neurons import PruneNeurons  # noqa: E402
@@ -41,15 +42,6 @@ from onnxopt.passes.zero_rows import ZeroRows  # noqa: E402
 
 SPARSITIES = (0.3, 0.5, 0.7)
 CALIB_SAMPLES = 64
-
-
-
-
-
-
-def outputs(model: onnx.ModelProto, feeds: FeedSet) -> list[np.ndarray]:
-    s = session(model)
-    return [s.run(None, f)[0] for f in feeds]
 
 
 def latency_ms(model: onnx.ModelProto, feed: dict, runs: int) -> float:
@@ -64,17 +56,9 @@ def latency_ms(model: onnx.ModelProto, feed: dict, runs: int) -> float:
     return float(np.percentile(times, 25) * 1e3)  # lower quartile: robust to a busy shared machine
 
 
-
-
-def copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    clone = onnx.ModelProto()
-    clone.CopyFrom(model)
-    return clone
-
-
 def onnxopt_prune(model, calib, sparsity, method, pattern) -> onnx.ModelProto:
     options = Prune.Options(sparsity=sparsity, method=method, pattern=pattern)
-    return Prune(options, PassContext(calib=calib))(copy(model)).model
+    return Prune(options, PassContext(calib=calib))(copy_model(model)).model
 
 
 def onnxsim_prune(model, calib, sparsity, method, pattern) -> onnx.ModelProto:
@@ -83,8 +67,8 @@ def onnxsim_prune(model, calib, sparsity, method, pattern) -> onnx.ModelProto:
     n_m = {"n": 2, "m": 4} if pattern == "2:4" else {}
     with contextlib.redirect_stdout(io.StringIO()):
         if method == "magnitude":
-            return apply_magnitude_pruning(copy(model), sparsity=sparsity, **n_m)
-        return apply_wanda_pruning(copy(model), calibration_data=list(calib), sparsity=sparsity, **n_m)
+            return apply_magnitude_pruning(copy_model(model), sparsity=sparsity, **n_m)
+        return apply_wanda_pruning(copy_model(model), calibration_data=list(calib), sparsity=sparsity, **n_m)
 
 
 def prune_rows(name, model, calib, evals, labels, dense) -> list[dict]:
@@ -114,9 +98,9 @@ def neuron_rows(name, model, calib, evals, labels, dense, runs) -> list[dict]:
     for ratio in (0.25, 0.5):
         for method in ("l2", "wanda"):
             zeroed = PruneNeurons(PruneNeurons.Options(ratio=ratio, method=method),
-                                  PassContext(calib=calib))(copy(model)).model
+                                  PassContext(calib=calib))(copy_model(model)).model
             before = outputs(zeroed, evals)
-            result = ZeroRows()(copy(zeroed))
+            result = ZeroRows()(zeroed)  # zeroed is not used after this
             after = outputs(result.model, evals)
             exact = all(np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-12) for a, b in zip(after, before))
             rows.append({"model": name, "ratio": ratio, "method": method,
@@ -147,10 +131,6 @@ def big_mlp_case(runs: int) -> list[dict]:
     calib = FeedSet({"x": rng.standard_normal((8, 16, 2048)).astype(np.float32)}, "random")
     evals = FeedSet({"x": rng.standard_normal((4, 16, 2048)).astype(np.float32)}, "random")
     return neuron_rows("mlp_2048_8192", model, calib, evals, None, outputs(model, evals), runs)
-
-
-def fmt(value, digits=4):
-    return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def prune_table(rows: list[dict]) -> str:
@@ -209,8 +189,8 @@ def verdicts(prune: list[dict], neurons: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models")
-    parser.add_argument("--samples", type=Path, default=ROOT / "samples")
+    parser.add_argument("--models", type=Path, default=SHARED_MODELS)
+    parser.add_argument("--samples", type=Path, default=SAMPLES)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--skip-big-mlp", action="store_true")
     args = parser.parse_args()

@@ -1,8 +1,9 @@
-"""What every benchmark shares: the models with their data, an onnxruntime session, and scores."""
+"""What every benchmark shares: the models with their data, an onnxruntime session, outputs and scores."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxopt.validate import Tolerances, output_metrics, run_model, task_accuracy
+
 SHARED_MODELS = ROOT.parent / "shared" / "models"
 SAMPLES = ROOT / "samples"
 
@@ -39,16 +44,27 @@ def session(model: onnx.ModelProto | Path, optimize: bool = True) -> ort.Inferen
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def score(reference, output, labels: np.ndarray | None) -> dict:
-    """Cosine and relative L2 error of the first output to the reference, and top-1 accuracy if labelled.
+def outputs(model: onnx.ModelProto | Path, feeds: Iterable[dict], optimize: bool = True) -> list[np.ndarray]:
+    """The first output for every sample, in order (onnxopt's own session: one thread; all graph
+    optimizations unless ``optimize=False``)."""
+    if isinstance(model, Path):
+        model = onnx.load(model)
+    return next(iter(run_model(model, feeds, optimize=optimize).values()))
+
+
+def score(reference: list, output: list, labels: np.ndarray | None) -> dict:
+    """Cosine and relative L2 error of the first output to the reference, and top-1 accuracy if labelled
+    (argmax over the last axis, as ``onnxopt.validate`` scores it).
 
     ``reference`` and ``output`` are per-sample lists (or sample-major arrays) of the first output.
     """
-    r = np.concatenate([np.ravel(x) for x in reference]).astype(np.float64)
-    c = np.concatenate([np.ravel(x) for x in output]).astype(np.float64)
-    result = {"cosine": float(r @ c / (np.linalg.norm(r) * np.linalg.norm(c))),
-              "rel_err": float(np.linalg.norm(c - r) / np.linalg.norm(r))}
+    metrics = output_metrics(list(reference), list(output), Tolerances())
+    result = {"cosine": metrics.cosine, "rel_err": metrics.rel_l2}
     if labels is not None:
-        predicted = np.array([np.ravel(o).argmax() for o in output])
-        result["accuracy"] = float(np.mean(predicted == np.ravel(labels)))
+        result["accuracy"] = task_accuracy({"output": list(output)}, labels)
     return result
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` places, None as a dash."""
+    return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)

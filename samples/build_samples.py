@@ -122,7 +122,11 @@ def _check_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], expec
 
 def accuracy(model: onnx.ModelProto, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
     """Top-1 accuracy of ``model`` on sample-major feeds, run with onnxruntime."""
-    logits = run(model, feeds)[0]
+    return top1(run(model, feeds)[0], labels)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of logits already computed (argmax over the last axis)."""
     return float((logits.argmax(axis=-1) == labels).mean())
 
 
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         outputs = run(sample.model, sample.eval)
         assert all(np.isfinite(o).all() for o in outputs), f"{name}: non-finite outputs"
         if sample.labels is not None:
-            acc = accuracy(sample.model, sample.eval, sample.labels)
+            acc = top1(outputs[0], sample.labels)
             print(f"{name}: eval accuracy {acc:.3f} ({len(sample.labels)} samples)")
         else:
             print(f"{name}: output {outputs[0].shape}, |max| {np.abs(outputs[0]).max():.2f}")

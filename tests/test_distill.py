@@ -12,9 +12,11 @@ from conftest import make_model, tensor, value
 from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
 from onnxopt.passes.base import PassContext
-from onnxopt.passes.distill import Distill, NormalEquations
+from onnxopt.graph import GraphIndex, WeightStore, unique_name_factory
+from onnxopt.passes.distill import ChannelMeans, ConvLayer, Distill, NormalEquations
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.prune_neurons import PruneNeurons
+from onnxopt.passes.weights import weight_use
 from onnxopt.passes.zero_rows import ZeroRows
 from onnxopt.validate import run_model
 
@@ -222,6 +224,29 @@ def test_normal_equations_of_shards_merge_into_those_of_the_whole():
     a = np.hstack([x.reshape(-1, 4), np.ones((15, 1))])
     np.testing.assert_allclose(whole.gram, a.T @ a)
     assert not whole.update(x, y[..., :1])  # another width: not this layer's target
+
+
+
+def test_undoing_a_conv_bias_leaves_no_trace_in_the_store():
+    """A Conv without bias gets a new one; undoing it removes the initializer from graph and store alike."""
+    rng = np.random.default_rng(3)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    model = make_model([conv], [value("x", [1, 2, 3, 3])], [value("y", [1, 4, 3, 3])],
+                       [tensor("w", rng.standard_normal((4, 2, 1, 1)).astype(np.float32))])
+    graph = model.graph
+    store = WeightStore(graph)
+    use = weight_use(graph.node[0], store)
+    layer = ConvLayer(store, use, "y", None, unique_name_factory(model))
+    sums = ChannelMeans()
+    assert sums.update(np.zeros((1, 4, 3, 3), np.float32), np.ones((1, 4, 3, 3), np.float32))
+    undo = layer.apply(sums, Distill.Options())
+    added = graph.node[0].input[2]
+    assert added in store and np.array_equal(store.array(added), np.ones(4, np.float32))
+    undo()
+    assert list(graph.node[0].input) == ["x", "w"]
+    assert [t.name for t in graph.initializer] == ["w"]
+    assert added not in store and store.names() == ["w"]
+    assert GraphIndex(graph).consumers.get(added) is None
 
 
 def test_masked_solve_equals_per_column_least_squares():

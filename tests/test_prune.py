@@ -12,6 +12,7 @@ from test_zero_rows import make_model, node, weight, zero_rows_exact
 
 from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
+from onnxopt.graph import WeightStore
 from onnxopt.passes.base import PassContext
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.prune_neurons import PruneNeurons, rounded_count
@@ -250,6 +251,25 @@ def test_prune_neurons_zeroes_rows_that_zero_rows_removes():
     assert (array(result.model, "b1")[dead] == 0).all()
     out, stats = zero_rows_exact(result.model)
     assert stats["channels_removed"] == 4 and array(out, "w2").shape == (3, 4)
+
+
+
+@pytest.mark.parametrize("method", ["l2", "wanda"])
+def test_prune_neurons_reads_each_weight_once(monkeypatch, method):
+    """Scoring reads a weight; the analysis takes its channel count from the dims and zeroing reuses the read."""
+    reads: dict[str, int] = {}
+    original = WeightStore.array
+
+    def counting(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return original(self, name)
+
+    model = mlp(weight(8, 5), weight(3, 8))
+    monkeypatch.setattr(WeightStore, "array", counting)
+    calib = FeedSet({"x": np.random.default_rng(0).standard_normal((8, 2, 5)).astype(np.float32)}, "test")
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1, method=method), PassContext(calib=calib))(model)
+    assert result.stats["neurons_zeroed"] == 4
+    assert reads["w1"] == 1 and reads["w2"] == 1
 
 
 def test_prune_neurons_picks_the_weakest_neurons():

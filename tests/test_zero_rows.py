@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.data import load_feeds, random_feeds
-from onnxopt.graph import parameter_count
+from onnxopt.graph import model_graphs, parameter_count
+from onnxopt.passes import prune_neurons, zero_rows
 from onnxopt.passes.prune_neurons import PruneNeurons
 from onnxopt.passes.zero_rows import ZeroRows
 from onnxopt.validate import run_model
@@ -61,6 +62,8 @@ def zero_rows_exact(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     for name, values in before.items():
         np.testing.assert_allclose(np.stack(after[name]), np.stack(values), rtol=1e-5, atol=1e-5)
     assert parameter_count(result.model.graph) <= params
+    everywhere = [sum(parameter_count(g) for g in model_graphs(m)) for m in (model, result.model)]
+    assert result.stats["parameters_removed"] == everywhere[0] - everywhere[1]  # subgraphs included
     again = ZeroRows()(result.model)
     assert not again.modified
     return result.model, result.stats
@@ -301,6 +304,23 @@ def test_squeeze_excitation_mul_annihilates_and_per_channel_add():
     out, stats = zero_rows_exact(model)
     assert stats["channels_removed"] == 1
     assert dims(out, "se2b") == (1, 3, 1, 1) and dims(out, "se1") == (2, 3, 1, 1)
+
+
+
+def test_without_layers_no_shape_inference_runs(monkeypatch):
+    """No MatMul / Gemm / Conv with a constant weight: nothing to remove, and no shape inference to pay."""
+    def fail(model):
+        raise AssertionError("shape inference ran")
+
+    monkeypatch.setattr(zero_rows, "value_shapes", fail)
+    monkeypatch.setattr(prune_neurons, "value_shapes", fail)
+    model = make_model([node("MatMul", ["x", "w"], "m"), node("Relu", ["m"], "y")],
+                       {"x": [2, 3], "w": [3, 4]}, ["y"], {})
+    result = ZeroRows()(model)
+    assert not result.modified and result.stats == {"channels_removed": 0, "parameters_removed": 0}
+    result = PruneNeurons()(model)
+    assert not result.modified and result.stats == {"neurons_zeroed": 0, "neurons_removable": 0, "neuron_groups": 0,
+                                                    "skipped_nothing_prunable": 1}
 
 
 def test_weights_in_constant_nodes_and_subgraphs():

@@ -25,6 +25,7 @@ import onnx
 
 from ..calibration import batched
 from ..errors import InputError
+from ..tensors import FLOAT_TYPES
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      unique_name_factory, walk_nodes)
 from ..validate import Session, numeric_values
@@ -32,7 +33,6 @@ from .base import Pass, PassResult, count
 from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
 
 
@@ -67,6 +67,9 @@ class NormalEquations:
         return True
 
     def merge(self, other: NormalEquations) -> NormalEquations:
+        """The sums over both shards' rows: what makes a fit independent of how the calibration data is
+        batched or sharded (streaming invariance; tests pin it so any future shard-parallel streaming
+        can rely on it)."""
         return NormalEquations(self.gram + other.gram, self.cross + other.cross, self.data_axis, self.bias,
                                self.target_sq + other.target_sq)
 
@@ -205,7 +208,7 @@ class ConvLayer:
         With ``keep_zeros``, channels whose weights are all zero (pruned) are left alone, so
         zero-rows can still remove them.
         """
-        node, graph = self.use.node, self.store.graph
+        node = self.use.node
         delta = sums.shift
         if options.keep_zeros:
             weight = self.store.array(self.use.weight)
@@ -224,7 +227,7 @@ class ConvLayer:
         def undo() -> None:
             del node.input[:]
             node.input.extend(inputs)
-            del graph.initializer[-1]  # the one just added: nothing is added between apply and undo
+            _remove_initializer(self.store, name)
 
         return undo
 
@@ -370,6 +373,15 @@ class Distill(Pass):
         gemm = node.op_type == "Gemm"
         return LinearLayer(store, use, target, bias, attribute(node, "alpha", 1.0) if gemm else 1.0,
                            attribute(node, "beta", 1.0) if gemm else 1.0)
+
+
+def _remove_initializer(store: WeightStore, name: str) -> None:
+    """Delete an initializer the store added, and rebuild the store in place (every layer shares it)
+    so that it no longer names the tensor."""
+    graph = store.graph
+    position = next(i for i in range(len(graph.initializer) - 1, -1, -1) if graph.initializer[i].name == name)
+    del graph.initializer[position]
+    store.__init__(graph)
 
 
 def _per_channel(store: WeightStore, name: str, width: int) -> bool:

@@ -23,7 +23,7 @@ import onnx
 from ..errors import InputError
 from .base import Pass, PassResult, count
 from ..calibration import TensorStats
-from ..graph import WeightStore, unique_name_factory
+from ..graph import unique_name_factory
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, per_input_channel
 
 METHODS = ("magnitude", "wanda")
@@ -154,7 +154,8 @@ class Prune(Pass):
         scores = [importance(t, w, input_norm(inputs[t.name], correct) if t.name in inputs else None)
                   for t, w in zip(tensors, canonicals)]
         masks = self._masks(scores, n_m)
-        adder = BiasAdder(model.graph, WeightStore(model.graph), unique_name_factory(model)) if correct else None
+        top = next((t for t in tensors if t.top_level), None)  # bias correction is for top-level weights only
+        adder = BiasAdder(top.index, top.store, unique_name_factory(model)) if correct and top else None
         for tensor, weight, mask in zip(tensors, canonicals, masks):
             stats["weights_eligible"] += int(weight.size)
             before = int(weight.size - np.count_nonzero(weight))

@@ -24,7 +24,7 @@ from ..graph import model_graphs, opset_version, unique_name_factory, value_shap
 from .base import Pass, PassResult, count
 from .prune import activation_stats, check_choice, importance, input_norm, target_count
 from .weights import PrunableTensor
-from .zero_rows import ChannelGraph, Producer, union_roots
+from .zero_rows import ChannelGraph, Producer, has_producers, union_roots
 
 METHODS = ("l2", "wanda")
 
@@ -54,13 +54,16 @@ class PruneNeurons(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         stats: dict[str, int | float] = {"neurons_zeroed": 0, "neurons_removable": 0, "neuron_groups": 0}
+        if not has_producers(model):  # before the shape inference the analysis needs
+            stats["skipped_nothing_prunable"] = 1
+            return PassResult(model, False, stats)
         shapes = value_shapes(model)
         opset = opset_version(model)
         excluded = frozenset(n.name for g in model_graphs(model) for n in g.node
                              if n.name and any(fnmatch.fnmatchcase(n.name, p) for p in self.options.exclude))
         analyses = [ChannelGraph(g, opset, shapes if g is model.graph else {}, assume_dead=True,
                                  exclude_nodes=excluded) for g in walk_graphs(model.graph)]
-        tensors = [PrunableTensor(a.graph, a.store, p.use.weight, [p.use], a.graph is model.graph)
+        tensors = [PrunableTensor(a.store, a.index, p.use.weight, [p.use], a.graph is model.graph)
                    for a in analyses for p in a.producers]
         if not tensors:
             stats["skipped_nothing_prunable"] = 1
@@ -79,15 +82,18 @@ class PruneNeurons(Pass):
         roots = analysis.roots
         scores = np.zeros(len(roots))
         links = []
+        canonicals = {}  # producers with a channel that may be zeroed: their weight, read once
         for producer in analysis.producers:
             tensor = tensor_of[id(producer.node)]
             canonical = tensor.canonical()
+            producer_roots = roots[analysis.values[producer.output].ids]
+            if not analysis.blocked[producer_roots].all():
+                canonicals[id(producer.node)] = canonical
             if self.options.method == "l2":
                 row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
             else:
                 score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0)
                 row = score.reshape(len(canonical), -1).sum(axis=1)
-            producer_roots = roots[analysis.values[producer.output].ids]
             np.add.at(scores, producer_roots, row)
             links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
         group_of = union_roots(len(roots), links)
@@ -116,7 +122,8 @@ class PruneNeurons(Pass):
         for producer in analysis.producers:
             rows = chosen[roots[analysis.values[producer.output].ids]]
             if rows.any():
-                _zero_rows(analysis, producer, tensor_of[id(producer.node)], rows, new_name)
+                _zero_rows(analysis, producer, tensor_of[id(producer.node)], canonicals[id(producer.node)], rows,
+                           new_name)
 
 
 def rounded_count(asked: int, size: int, most: int, step: int, multiple: int) -> int | None:
@@ -139,9 +146,11 @@ def _conv_group_labels(analysis: ChannelGraph) -> np.ndarray:
     return labels
 
 
-def _zero_rows(analysis: ChannelGraph, producer: Producer, tensor: PrunableTensor, rows: np.ndarray, new_name) -> None:
-    """Zero a producer's weight rows and their bias entries."""
-    canonical = tensor.canonical().copy()
+def _zero_rows(analysis: ChannelGraph, producer: Producer, tensor: PrunableTensor, canonical: np.ndarray,
+               rows: np.ndarray, new_name) -> None:
+    """Zero a producer's weight rows (``canonical``: its weight as read for scoring) and their bias entries."""
+    if not canonical.flags.writeable:
+        canonical = canonical.copy()
     canonical[rows] = 0
     tensor.write_canonical(canonical)
     bias_name = producer.use.bias

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, replace_nodes, walk_graphs
+from ..tensors import FLOAT_TYPES
 from .base import count
 
 
@@ -92,14 +93,17 @@ class BiasAdder:
 
     The sum goes into the bias input (in place when only this node reads it, else into a new
     initializer); a MatMul, or a node whose bias is computed at run time, gets an ``Add`` after
-    it. ``constant`` reads a constant input (default: the store's weights). Call :meth:`finish`
-    once at the end to insert the new nodes.
+    it. ``index`` and ``store`` are the caller's, of the same graph (the index as built before any
+    rewrite: a bias is changed in place only when it had one reader). ``constant`` reads a
+    constant input (default: the store's weights). Call :meth:`finish` once at the end to insert
+    the new nodes. ``added`` counts the parameters (tensor elements) this adds to the graph.
     """
 
-    def __init__(self, graph: onnx.GraphProto, store: WeightStore, new_name, constant=None) -> None:
-        self.graph, self.store, self.new_name = graph, store, new_name
+    def __init__(self, index: GraphIndex, store: WeightStore, new_name, constant=None) -> None:
+        self.graph, self.store, self.new_name = index.graph, store, new_name
         self.constant = constant or (lambda name: store.array(name) if name in store else None)
-        self.readers = GraphIndex(graph).consumers
+        self.readers = index.consumers
+        self.added = 0
         self.after: dict[int, onnx.NodeProto] = {}  # Adds to insert, by the id of the node they follow
 
     def add(self, node: onnx.NodeProto, delta: np.ndarray) -> None:
@@ -116,10 +120,12 @@ class BiasAdder:
         value = delta if old is None else old + delta
         value = value.astype(delta.dtype)
         if name in self.store and len(self.readers.get(name, ())) <= 1:
+            self.added += value.size - int(np.prod(self.store.tensor(name).dims, dtype=np.int64))
             self.store.set_array(name, value)
             return
         fresh = self.new_name(f"{name or node.name or node.op_type}_bias")
         self.store.add_initializer(fresh, value)
+        self.added += value.size
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = fresh
@@ -131,6 +137,7 @@ class BiasAdder:
         node.output[0] = self.new_name(f"{output}_before_bias")
         bias = self.new_name(f"{output}_added_bias")
         self.store.add_initializer(bias, delta)
+        self.added += delta.size
         self.after[id(node)] = onnx.helper.make_node("Add", [node.output[0], bias], [output],
                                                      name=self.new_name(f"{node.name or output}_bias"))
 
@@ -148,10 +155,13 @@ def _set_float_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
 
 @dataclass(eq=False)
 class PrunableTensor:
-    """A weight tensor with every node using it (tied weights are pruned once, consistently)."""
+    """A weight tensor with every node using it (tied weights are pruned once, consistently).
 
-    graph: onnx.GraphProto
+    ``store`` and ``index`` are shared by every tensor of the same graph.
+    """
+
     store: WeightStore
+    index: GraphIndex
     name: str
     uses: list[WeightUse] = field(default_factory=list)
     top_level: bool = True
@@ -189,14 +199,13 @@ def find_prunable(
         for node in graph.node:
             use = weight_use(node, store)
             if use is not None:
-                by_name.setdefault(use.weight, PrunableTensor(graph, store, use.weight,
+                by_name.setdefault(use.weight, PrunableTensor(store, index, use.weight,
                                                               top_level=graph is model.graph)).uses.append(use)
         for name, tensor in by_name.items():
             proto = store.tensor(name)
             size = int(np.prod(proto.dims, dtype=np.int64))
             readers = index.consumers.get(name, [])
-            if proto.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                                       onnx.TensorProto.BFLOAT16):
+            if proto.data_type not in FLOAT_TYPES:
                 count(stats, "skipped_not_float")
             elif any(fnmatch.fnmatchcase(n, p) for p in exclude for n in (name, *(u.node.name for u in tensor.uses))):
                 count(stats, "skipped_excluded")

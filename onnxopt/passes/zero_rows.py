@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, opset_version, parameter_count,
-                     unique_name_factory, value_shapes, walk_graphs)
+from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, opset_version, unique_name_factory,
+                     value_shapes, walk_graphs)
 from .base import Pass, PassResult
 from .weights import BiasAdder, WeightUse, attribute, from_canonical, to_canonical, weight_use
 
@@ -235,12 +235,15 @@ class ChannelGraph:
 
     def _source_constants(self, node: onnx.NodeProto, use: WeightUse) -> tuple[np.ndarray, np.ndarray]:
         """Which output channels have all-zero weight rows, and their value (the scaled bias)."""
+        if self.assume_dead:  # rows and bias taken as zero: the channel count is all it needs (no read)
+            channels = self.store.tensor(use.weight).dims[use.out_axis]
+            return np.ones(channels, bool), np.zeros(channels)
         canonical = to_canonical(self.store.array(use.weight), use)
         channels = canonical.shape[0]
-        dead = np.ones(channels, bool) if self.assume_dead else ~canonical.reshape(channels, -1).any(axis=1)
+        dead = ~canonical.reshape(channels, -1).any(axis=1)
         value = np.zeros(channels)
         bias = self.constant(use.bias) if use.bias else None
-        if bias is not None and not self.assume_dead:
+        if bias is not None:
             if node.op_type == "Gemm":
                 beta = attribute(node, "beta", 1.0)
                 per_row = np.broadcast_to(bias, (*bias.shape[:-1], channels)).reshape(-1, channels)
@@ -258,11 +261,11 @@ class ChannelGraph:
             return self._pin(use.data, "channel_axis_not_contracted")
         if use.bias and self.constant(use.bias) is None:
             return self._pin(use.data, "runtime_bias")
-        weight = self.store.array(use.weight).reshape(use.groups, -1).astype(np.float64)
-        bias = self.constant(use.bias).astype(np.float64) if use.bias else np.zeros(use.groups)
-        if self.assume_dead:  # weights and bias zeroed: every output channel is 0
+        if self.assume_dead:  # weights and bias zeroed: every output channel is 0 (neither is read)
             const, value = np.ones(use.groups, bool), np.zeros(use.groups)
         else:
+            weight = self.store.array(use.weight).reshape(use.groups, -1).astype(np.float64)
+            bias = self.constant(use.bias).astype(np.float64) if use.bias else np.zeros(use.groups)
             zero_rows = ~weight.any(axis=1)
             const = zero_rows | (data.const & (data.value == 0 if _has_padding(node) else True))
             value = np.where(zero_rows, bias, data.value * weight.sum(axis=1) + bias)
@@ -475,6 +478,18 @@ def union_roots(count: int, links: list[tuple[np.ndarray, np.ndarray]]) -> np.nd
     return np.array([find(x) for x in range(count)], dtype=np.int64)
 
 
+def has_producers(model: onnx.ModelProto) -> bool:
+    """Whether any graph has a MatMul / Gemm / Conv with a constant weight: the only channel sources.
+
+    Without one there is nothing to analyse, and the shape inference the analysis needs is skipped.
+    """
+    for graph in walk_graphs(model.graph):
+        store = WeightStore(graph)
+        if any(weight_use(node, store) is not None for node in graph.node):
+            return True
+    return False
+
+
 def _has_padding(node: onnx.NodeProto) -> bool:
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -488,6 +503,8 @@ class ZeroRows(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         stats: dict[str, int | float] = {"channels_removed": 0, "parameters_removed": 0}
+        if not has_producers(model):
+            return PassResult(model, False, stats)
         shapes = value_shapes(model)
         new_name = unique_name_factory(model)
         opset = opset_version(model)
@@ -497,23 +514,32 @@ class ZeroRows(Pass):
                 stats[f"skipped_{reason}"] = stats.get(f"skipped_{reason}", 0) + n
             removed = analysis.removable()
             if removed.any():
-                before = parameter_count(graph)
-                ChannelRemoval(analysis, removed, new_name).apply()
+                removal = ChannelRemoval(analysis, removed, new_name)
+                removal.apply()
                 stats["channels_removed"] += int(removed.sum())
-                stats["parameters_removed"] += before - parameter_count(graph)
+                stats["parameters_removed"] += removal.parameters_removed
         return PassResult(model, stats["channels_removed"] > 0, stats)
 
 
 class ChannelRemoval:
-    """Slice every tensor a removed channel touches and fold constant channels into consumer biases."""
+    """Slice every tensor a removed channel touches and fold constant channels into consumer biases.
+
+    ``parameters_removed`` counts the tensor elements the rewrite takes out of the graph, net of
+    those it adds (new initializers for shared constants, folded biases).
+    """
 
     def __init__(self, analysis: ChannelGraph, removed: np.ndarray, new_name) -> None:
         self.analysis = analysis
         self.store = analysis.store
         self.new_name = new_name
         self.keep = {name: analysis.keep_mask(name, removed) for name in analysis.values}
-        self.bias = BiasAdder(analysis.graph, analysis.store, new_name, analysis.constant)
+        self.bias = BiasAdder(analysis.index, analysis.store, new_name, analysis.constant)
         self.resized: set[str] = set()  # constants rewritten in place (their value_info goes stale)
+        self.sliced = 0  # elements removed by _write (net of new initializers)
+
+    @property
+    def parameters_removed(self) -> int:
+        return self.sliced - self.bias.added
 
     def apply(self) -> None:
         keep = self.keep
@@ -548,11 +574,13 @@ class ChannelRemoval:
         """New values for a node's constant input: in place when only it reads them, else a new initializer."""
         name = node.input[position] if position < len(node.input) else ""
         if name in self.store and self.analysis.readers(name) == 1:
+            self.sliced += int(np.prod(self.store.tensor(name).dims, dtype=np.int64)) - array.size
             self.store.set_array(name, array)
             self.resized.add(name)
             return
         fresh = self.new_name(f"{name or node.name or node.op_type}_zero_rows")
         self.store.add_initializer(fresh, array)
+        self.sliced -= array.size
         while len(node.input) <= position:
             node.input.append("")
         node.input[position] = fresh
