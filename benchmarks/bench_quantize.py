@@ -38,10 +38,6 @@ from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.quantize import QuantizePass  # noqa: E402
 
 
-
-
-
-
 def outputs(path: Path, feeds: FeedSet) -> list[np.ndarray]:
     s = session(path, optimize=True)
     return [s.run(None, {k: np.asarray(v) for k, v in f.items()})[0] for f in feeds]
@@ -60,8 +56,6 @@ def latencies_ms(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, f
             s.run(None, feed)
             times[name].append(time.perf_counter() - t)
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
-
-
 
 
 # --------------------------------------------------------------------------- quantizers
@@ -159,22 +153,13 @@ def calib_scaling(model_path: Path, calib_path: Path) -> dict:
 def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
     """Statistics pass (as quantize runs it) vs a plain fp32 pass over the same samples, same batches."""
     from onnxopt.calibration import _runs, collect
-    from onnxopt.passes.quantize import _fold_batchnorm, _name_heavy_nodes, _opset, _plan, _upgrade
-    from onnxopt.graph import unique_name_factory
+    from onnxopt.data import model_inputs
     from onnxopt.validate import Session
 
-    model = onnx.load(model_path)
-    if _opset(model) < 13:
-        model = _upgrade(model, _opset(model))
-    make_name = unique_name_factory(model)
-    _name_heavy_nodes(model.graph, make_name)
-    _fold_batchnorm(model.graph, make_name)
-    opt = QuantizePass.Options()
-    plan = _plan(model.graph, opt, set(), {})
-    wanted = sorted(set(plan.acts.values()))
-    axes = {u.activations[0]: u.channel_axis for u in plan.units if u.weight and u.channel_axis is not None}
-    inputs = {v.name for v in model.graph.input}
-    fetched = [n for n in [*wanted, *axes] if n not in inputs]
+    request = QuantizePass(None, PassContext(calib=calib)).calibration_request(onnx.load(model_path))
+    model = request.model
+    inputs = {v.name for v in model_inputs(model)}
+    fetched = [n for n in dict.fromkeys([*request.tensors, *request.mean_axes]) if n not in inputs]
     with Session(model, extra_outputs=fetched, optimize=True) as s:
         batch = next(_runs(s, model, calib, fetched, 0))[0]  # the batch size calibration chooses
     data = model.SerializeToString()
@@ -188,7 +173,7 @@ def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
             s.run(None, feed)
 
     def stats() -> None:
-        collect(model, calib, wanted, histogram_bins=0 if opt.method == "minmax" else 2048, mean_axes=axes)
+        collect(model, calib, request.tensors, histogram_bins=request.histogram_bins, mean_axes=request.mean_axes)
 
     runs = {"plain": lambda: plain(batch), "per_sample": lambda: plain(1), "calib": stats}
     times: dict = {name: [] for name in runs}

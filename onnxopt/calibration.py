@@ -10,9 +10,9 @@ fixed-range histogram pass: a value's bin is the top 16 bits of its float32 patt
 exponent, 7 mantissa bits: the bfloat16 grid, 0.8 % relative resolution). Counting is exact
 and keeps only occupied bins (a few thousand of the 65536: sorted codes and their counts), so
 the histogram is identical for any batch size, chunking or order, and one pass suffices
-(calibration costs one inference pass, not two). Uniform histograms over ``[min, max]`` are
-derived from it on demand (:meth:`TensorStats.histogram`), equal to a direct fixed-range
-histogram within the grid's rounding. Tensors bigger than
+(calibration costs one inference pass, not two). Range choices read it as (value, count) pairs
+(:meth:`TensorStats.distribution`), equal to a direct histogram within the grid's rounding.
+Tensors bigger than
 ``HIST_PER_SAMPLE`` values per sample are histogrammed on a fixed systematic subsample of each
 sample (same stride for every sample, so still independent of batching); min/max and channel
 sums always see every value. Counting every value of a big activation costs more than the
@@ -37,10 +37,12 @@ import onnx
 from .data import FeedSet, input_dims, model_inputs
 from .errors import InputError
 from .graph import defined_names, model_graphs
+from .tensors import external_info, is_external, tensor_to_array
 from .validate import Session
 
 GRID_SIZE = 1 << 16
-FLUSH_AT = 1 << 13  # grid codes buffered per tensor before they are counted: small, so memory is flat from the first batch
+FLUSH_AT = 1 << 15  # grid codes buffered per tensor before they are counted: a fixed 64 KiB, whatever the sample
+#   count (counting is a radix sort, O(codes), so a fuller buffer only saves merges of the sparse counts)
 HIST_PER_SAMPLE = 512  # at most this many values per tensor and sample go into the histogram
 BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
 MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
@@ -115,24 +117,34 @@ class TensorStats:
             self.channel_count += x3.shape[0] * x3.shape[2]
 
     def _buffer(self, codes: np.ndarray) -> None:
-        """Copy grid codes into the fixed buffer, counting it whenever it is full."""
-        while codes.size:
-            if self._pending is None:
-                self._pending = np.empty(FLUSH_AT, np.uint16)
-            take = min(codes.size, FLUSH_AT - self._pending_n)
-            self._pending[self._pending_n: self._pending_n + take] = codes[:take]
-            self._pending_n += take
-            codes = codes[take:]
-            if self._pending_n == FLUSH_AT:
-                self.flush()
+        """Copy grid codes into the fixed buffer, counting it first when they would not fit."""
+        n = codes.size
+        if self._pending_n + n > FLUSH_AT:
+            self._count_pending()
+            if n > FLUSH_AT:  # a run bigger than the buffer is counted directly (its values are held anyway)
+                self._count(codes.astype(np.uint16))
+                return
+        if self._pending is None:
+            self._pending = np.empty(FLUSH_AT, np.uint16)
+        self._pending[self._pending_n: self._pending_n + n] = codes
+        self._pending_n += n
+
+    def _count_pending(self) -> None:
+        if self._pending_n:
+            self._count(self._pending[: self._pending_n])
+            self._pending_n = 0
+
+    def _count(self, codes: np.ndarray) -> None:
+        """Add uint16 grid codes to the sparse counts: a radix sort and run lengths, O(codes), no dense grid."""
+        ordered = np.sort(codes, kind="stable")  # radix sort for 16-bit integers
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        counts = np.diff(np.r_[starts, ordered.size]).astype(np.int64)
+        self.codes, self.code_counts = _add_counts(self.codes, self.code_counts, ordered[starts], counts)
 
     def flush(self) -> None:
-        """Count buffered grid codes (once for many small batches: counts are exact either way)."""
-        if self._pending_n:
-            counts = np.bincount(self._pending[: self._pending_n])  # transient, up to the highest code seen
-            codes = np.flatnonzero(counts)
-            self.codes, self.code_counts = _add_counts(self.codes, self.code_counts, codes.astype(np.uint16), counts[codes])
-        self._pending, self._pending_n = None, 0
+        """Count buffered grid codes and free the buffer (counts are exact however the codes were split)."""
+        self._count_pending()
+        self._pending = None
 
     def merge(self, other: TensorStats) -> TensorStats:
         """Statistics of both value sets together (shards merge into the one-run result)."""
@@ -170,28 +182,16 @@ class TensorStats:
         order = np.argsort(values, kind="stable")
         return values[order], counts[order]
 
-    @property
-    def histogram(self) -> np.ndarray | None:
-        """Counts in ``bins`` uniform bins over [min, max] (see :attr:`edges`)."""
-        if self.codes is None:
-            return None
-        values, counts = self.distribution()
-        return np.histogram(values, self.bins, range=(self.min, self.max), weights=counts)[0].astype(np.int64)
-
-    @property
-    def edges(self) -> np.ndarray | None:
-        return None if self.codes is None else np.linspace(self.min, self.max, self.bins + 1)
-
 
 def _add_counts(codes_a, counts_a, codes_b, counts_b) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Sum of two sparse grid histograms (sorted codes with counts; None: empty)."""
+    """Sum of two sparse grid histograms (sorted uint16 codes with counts; None: empty)."""
     if codes_a is None or codes_b is None:
         return (codes_b, counts_b) if codes_a is None else (codes_a, counts_a)
-    codes = np.union1d(codes_a, codes_b)
-    counts = np.zeros(codes.size, np.int64)
-    counts[np.searchsorted(codes, codes_a)] += counts_a
-    counts[np.searchsorted(codes, codes_b)] += counts_b
-    return codes, counts
+    codes = np.concatenate([codes_a, codes_b])
+    order = np.argsort(codes, kind="stable")
+    codes, counts = codes[order], np.concatenate([counts_a, counts_b]).astype(np.int64)[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    return codes[starts], np.add.reduceat(counts, starts)
 
 
 def _stride(n: int) -> int:
@@ -347,14 +347,27 @@ _FIELDS = ("count", "min", "max", "bins", "channel_sum", "channel_sumsq", "chann
 
 
 def model_fingerprint(model: onnx.ModelProto) -> str:
-    """A hash of every graph's nodes and interface: statistics are tied to the model they came from."""
+    """A hash of every graph's nodes, interface and initializers: statistics are tied to the model they came from.
+
+    Initializers count by name, type, shape and values: inline values are hashed whole (raw or typed
+    fields), external ones by where their bytes are (a rewritten external tensor gets a new location
+    or offset), so statistics of a model before prune or zero-rows do not pass for the result's.
+    """
     digest = hashlib.sha256()
     for g in model_graphs(model):
-        for part in (*g.node, *g.input, *g.output):
+        for part in (*g.node, *g.input, *g.output, *g.sparse_initializer):
             digest.update(part.SerializeToString(deterministic=True))
         for t in g.initializer:
-            digest.update(t.name.encode())
-            digest.update(t.raw_data[:4096])
+            digest.update(f"{t.name}\0{t.data_type}\0{list(t.dims)}\0".encode())
+            if is_external(t):
+                info = external_info(t)
+                digest.update(repr([(k, info.get(k, "")) for k in ("location", "offset", "length")]).encode())
+            elif t.raw_data:
+                digest.update(t.raw_data)
+            elif t.data_type == onnx.TensorProto.STRING:
+                digest.update(b"\0".join(t.string_data))
+            else:  # typed fields (float_data, int64_data, ...)
+                digest.update(np.ascontiguousarray(tensor_to_array(t)).tobytes())
     return digest.hexdigest()
 
 

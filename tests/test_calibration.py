@@ -46,19 +46,29 @@ def test_exact_statistics_of_inputs_and_intermediates():
     assert stats["x"].channel_sum is None and stats["y"].codes is not None
 
 
+def uniform_histogram(st_):
+    """Counts in ``st_.bins`` uniform bins over [min, max] from the grid distribution, and the edges."""
+    values, counts = st_.distribution()
+    return np.histogram(values, st_.bins, range=(st_.min, st_.max), weights=counts)[0].astype(np.int64), \
+        np.linspace(st_.min, st_.max, st_.bins + 1)
+
+
 def test_histogram_matches_a_direct_fixed_range_histogram_within_grid_rounding():
     x = data(50)
     st_ = collect(scaled_relu(), FeedSet({"x": x}, "t"), ["x"], histogram_bins=32)["x"]
     direct, edges = np.histogram(x.astype(np.float64), 32, range=(float(x.min()), float(x.max())))
-    assert st_.histogram.sum() == x.size
-    np.testing.assert_array_equal(st_.edges, edges)
+    histogram, grid_edges = uniform_histogram(st_)
+    assert histogram.sum() == x.size
+    np.testing.assert_array_equal(grid_edges, edges)
     # a value moves at most one bin (the grid's 2^-8 relative rounding)
-    assert np.abs(np.cumsum(st_.histogram) - np.cumsum(direct)).max() <= 0.03 * x.size
+    assert np.abs(np.cumsum(histogram) - np.cumsum(direct)).max() <= 0.03 * x.size
 
 
 def test_no_histogram_unless_asked():
     stats = collect(scaled_relu(), FeedSet({"x": data(2)}, "t"), ["h"])
-    assert stats["h"].codes is None and stats["h"].histogram is None
+    assert stats["h"].codes is None
+    with pytest.raises(ValueError, match="no histogram"):
+        stats["h"].distribution()
 
 
 @settings(max_examples=15, deadline=None)
@@ -140,6 +150,66 @@ def test_histograms_keep_only_occupied_grid_bins():
     st_.flush()
     assert st_.codes.dtype == np.uint16 and st_.codes.tolist() == sorted(st_.codes.tolist())
     assert dict(zip(st_.codes.tolist(), st_.code_counts.tolist())) == {0: 1, 0x3F80: 3, 0x4040: 1, 0xC000: 1}
+
+
+def test_code_counts_are_exact_across_buffer_fills_and_batches_bigger_than_the_buffer():
+    from onnxopt.calibration import FLUSH_AT
+
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal(n).astype(np.float32) for n in (5, FLUSH_AT - 3, 7, 3 * FLUSH_AT + 1, 1000, FLUSH_AT)]
+    st_ = TensorStats(bins=8)
+    for p in parts:
+        st_.update(p)
+    assert st_._pending.size == FLUSH_AT  # fixed, whatever came in
+    st_.flush()
+    codes, counts = np.unique(np.concatenate(parts).view(np.uint32) >> 16, return_counts=True)
+    np.testing.assert_array_equal(st_.codes, codes.astype(np.uint16))
+    np.testing.assert_array_equal(st_.code_counts, counts)
+
+
+def test_fingerprint_changes_with_one_weight_inline_typed_or_external(tmp_path):
+    import onnx
+
+    from onnxopt.calibration import model_fingerprint
+    from onnxopt.graph import WeightStore
+
+    def weight_changed(model):
+        before = model_fingerprint(model)
+        store = WeightStore(model.graph)
+        w = store.array("w1")
+        changed = w.copy()
+        changed.flat[-1] += 1.0  # the last value: beyond any prefix of the data
+        store.set_array("w1", changed)
+        after = model_fingerprint(model)
+        store.set_array("w1", w)
+        return before != after
+
+    model = mlp(hidden=2048)  # w1 is 2048 x 8 floats: 64 KiB of raw data
+    assert model_fingerprint(model) == model_fingerprint(onnx.load_from_string(model.SerializeToString()))
+    assert weight_changed(model)
+    # typed fields (float_data), no raw_data
+    typed = onnx.ModelProto()
+    typed.CopyFrom(model)
+    t = next(t for t in typed.graph.initializer if t.name == "w1")
+    values = onnx.numpy_helper.to_array(t)
+    t.ClearField("raw_data")
+    t.float_data.extend(values.ravel().tolist())
+    before = model_fingerprint(typed)
+    t.float_data[-1] += 1.0
+    assert model_fingerprint(typed) != before
+    # shape only
+    reshaped = onnx.ModelProto()
+    reshaped.CopyFrom(typed)
+    t = next(t for t in reshaped.graph.initializer if t.name == "w1")
+    t.dims[:] = [t.dims[1], t.dims[0]]
+    assert model_fingerprint(reshaped) != model_fingerprint(typed)
+    # external data: raw_data is empty; a rewritten tensor goes to a new place in the spill file
+    from onnxopt.modelio import load_model
+
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    external = load_model(tmp_path / "m.onnx")  # lazy: tensors stay on disk
+    assert all(not t.raw_data for t in external.graph.initializer)
+    assert weight_changed(external)
 
 
 def test_cache_file_round_trip(tmp_path):

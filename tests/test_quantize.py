@@ -282,6 +282,37 @@ def test_weights_inside_if_branches_are_quantized():
         np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=0.1)
 
 
+def test_weight_only_subgraphs_need_no_calibration_data_and_open_no_session(monkeypatch):
+    import onnxopt.passes.quantize as quantize_module
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("weight-only quantization must not calibrate")
+
+    monkeypatch.setattr(quantize_module, "collect", no_calibration)
+    monkeypatch.setattr(quantize_module, "run_model", no_calibration)
+    model = if_model()
+    result = QuantizePass(QuantizePass.Options(min_cosine=0.99))(copy(model))  # no calibration data at all
+    assert result.modified and result.stats["weights_quantized"] == 2 and result.stats["weight_only_nodes"] == 2
+    assert "calib_cache_hit" not in result.stats
+    feed = {"x": np.ones((1, 8), np.float32), "cond": np.array(True)}
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], atol=0.1)
+
+
+def test_model_is_reported_modified_when_only_prepared():
+    """Nothing to quantize, but the opset was upgraded or a heavy node got a name: the model changed."""
+    nodes = [helper.make_node("Conv", ["x", "wx"], ["y"])]  # unnamed, dynamic weight: skipped
+    model = make_model(nodes, [value("x", [1, 3, 8, 8]), value("wx", [2, 3, 3, 3])], [value("y", [1, 2, 6, 6])])
+    feeds = FeedSet({"x": np.ones((2, 1, 3, 8, 8), np.float32), "wx": np.ones((2, 2, 3, 3, 3), np.float32)}, "c")
+    named = quantize(model, feeds)
+    assert named.stats["skipped_dynamic_weight"] == 1 and named.stats["nodes_quantized"] == 0
+    assert named.modified and named.model.graph.node[0].name
+    relu = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [value("x", ["batch", 4])],
+                      [value("y", ["batch", 4])], opset=11)
+    upgraded = QuantizePass()(copy(relu))  # nothing needs calibration data
+    assert upgraded.modified and upgraded.stats["opset_upgraded_from"] == 11
+    assert upgraded.model.opset_import[0].version == 13
+
+
 def test_exclusion_by_name_and_op_type_keeps_float():
     by_name = quantize(cnn(), exclude_nodes=("conv",))
     by_type = quantize(cnn(), exclude_op_types=("Gemm",))

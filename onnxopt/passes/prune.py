@@ -24,7 +24,7 @@ from ..errors import InputError
 from .base import Pass, PassResult, count
 from ..calibration import TensorStats
 from ..graph import unique_name_factory
-from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, per_input_channel
+from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution, per_input_channel
 
 METHODS = ("magnitude", "wanda")
 SCOPES = ("layer", "global")
@@ -194,9 +194,7 @@ class Prune(Pass):
 def _correct_bias(adder: BiasAdder, tensor: PrunableTensor, removed: np.ndarray, inputs: list[TensorStats]) -> None:
     """Add each use's expected loss, ``sum(removed * mean(input))`` per output, back to its output."""
     for use, input_stats in zip(tensor.uses, inputs):
-        mean = input_stats.channel_sum / input_stats.channel_count
-        delta = (removed.astype(np.float64) * per_input_channel(removed.shape, mean, use.groups)).reshape(
-            len(removed), -1).sum(axis=1)
+        delta = mean_contribution(removed, input_stats.channel_sum / input_stats.channel_count, use.groups)
         if use.node.op_type == "Gemm":
             delta = delta * attribute(use.node, "alpha", 1.0)
         adder.add(use.node, delta.astype(removed.dtype))

@@ -25,6 +25,7 @@ sensitive ones in float until the whole model reaches the target.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +35,11 @@ from onnx import numpy_helper
 from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
 from ..data import FeedSet
 from ..errors import InputError
-from ..graph import GraphIndex, WeightStore, model_graphs, replace_nodes, unique_name_factory, walk_graphs
+from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes, unique_name_factory,
+                     walk_graphs)
 from ..validate import Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
+from .weights import WeightUse, attribute, mean_contribution, to_canonical, weight_use
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 HEAVY = ("Conv", "MatMul", "Gemm")
@@ -88,7 +91,7 @@ class _Unit:
     axis: int | None  # per-channel axis of the weight
     activations: list[str]
     bias: str | None  # float bias to turn into int32 (Conv B, Gemm C)
-    channel_axis: int | None  # channel axis of activations[0], for bias correction
+    use: WeightUse | None  # the weight's layout when it is the second operand (bias correction needs it)
     output: str | None  # tensor that gets the output Q/DQ (after a folded Relu/Clip)
     add_bias: str | None = None  # MatMul's following Add constant, corrected in float
 
@@ -99,6 +102,26 @@ class _Plan:
     acts: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
 
 
+@dataclass
+class CalibrationRequest:
+    """The model as quantize calibrates and rewrites it (opset upgraded, heavy nodes named, BatchNorm
+    folded), and what it calibrates: ``tensors`` (activation ranges, ``histogram_bins`` > 0 for the
+    histogram-based methods) and ``mean_axes`` (channel means for bias correction), the arguments of
+    :func:`onnxopt.calibration.collect`. The rest is the pass's own state, built once."""
+
+    model: onnx.ModelProto
+    tensors: list[str]
+    mean_axes: dict[str, int]
+    histogram_bins: int
+    modified: bool  # the model differs from the one given (upgraded, nodes named, BatchNorm folded)
+    stats: dict[str, int | float]
+    plan: _Plan
+    index: GraphIndex  # of model.graph as planned
+    store: WeightStore
+    subgraphs: list[tuple[onnx.GraphProto, WeightStore, list[tuple[str, int | None]]]]
+    make_name: Callable[[str], str]
+
+
 class QuantizePass(Pass):
     name = "quantize"
     summary = "static int8 QDQ quantization (Conv/MatMul/Gemm) from streamed calibration data"
@@ -106,43 +129,58 @@ class QuantizePass(Pass):
     exact = False
 
     def requires(self, model: onnx.ModelProto) -> None:
-        feeds = self.context.calibration_feeds(self.name)
-        if isinstance(feeds, FeedSet):
-            feeds.check(model)
+        # calibration data is demanded in run, only when some activation needs a range
+        # (weights inside subgraphs alone are quantized without it)
+        if isinstance(self.context.calib, FeedSet):
+            self.context.calib.check(model)
 
-    def run(self, model: onnx.ModelProto) -> PassResult:
+    def calibration_request(self, model: onnx.ModelProto) -> CalibrationRequest:
+        """Prepare ``model`` for quantization (in place, or a new model when the opset is upgraded)
+        and say what to calibrate on it."""
         opt = self.options
         stats: dict[str, int | float] = {"nodes_quantized": 0, "weights_quantized": 0, "activations_quantized": 0}
-        before = _opset(model)
+        before = opset_version(model)
         if before < QDQ_OPSET:
             model = _upgrade(model, before)
             stats["opset_upgraded_from"] = before
         make_name = unique_name_factory(model)
-        _name_heavy_nodes(model.graph, make_name)
+        named = _name_heavy_nodes(model.graph, make_name)
         if opt.fold_batchnorm:
             stats["batchnorm_folded"] = sum(_fold_batchnorm(g, make_name) for g in model_graphs(model))
-        float_nodes = set(opt.exclude_nodes)
-        plan = _plan(model.graph, opt, float_nodes, stats)
-        if not plan.units and not any(units for _, units in _subgraph_units(model, opt)):
-            return PassResult(model, bool(stats.get("batchnorm_folded")), stats)
+        index, store = GraphIndex(model.graph), WeightStore(model.graph)
+        plan = _plan(index, store, opt, set(opt.exclude_nodes), stats)
+        axes = {u.activations[0]: u.use.data_axis for u in plan.units if u.use is not None} if opt.bias_correction else {}
+        return CalibrationRequest(
+            model=model, tensors=sorted(set(plan.acts.values())), mean_axes=axes,
+            histogram_bins=0 if opt.method == "minmax" else 2048,
+            modified=before < QDQ_OPSET or named > 0 or bool(stats.get("batchnorm_folded")),
+            stats=stats, plan=plan, index=index, store=store, subgraphs=_subgraph_units(model, opt),
+            make_name=make_name)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        opt = self.options
+        request = self.calibration_request(model)
+        model, plan, stats = request.model, request.plan, request.stats
+        if not plan.units:  # weight-only work in subgraphs needs no calibration data
+            if not any(units for _, _, units in request.subgraphs):
+                return PassResult(model, request.modified, stats)
+            _apply(model, request.store, plan, request.subgraphs, _Quantized({}, opt), request.make_name, stats,
+                   request.index)
+            return PassResult(model, True, stats)
         feeds = _checked(self.context.calibration_feeds(self.name), model)
-        tensor_stats = self._calibrate(model, plan, feeds, stats)
-        if opt.min_cosine > 0 and plan.units:
-            kept = _keep_sensitive(model, plan, tensor_stats, opt, feeds, float_nodes, stats)
-            plan = _plan(model.graph, opt, float_nodes | kept, {})
+        quantized = _Quantized(self._calibrate(request, feeds), opt)
+        if opt.min_cosine > 0:
+            kept = _keep_sensitive(request, quantized, feeds, stats)
+            plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {})
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
-        _apply(model, plan, tensor_stats, opt, stats)
+        _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats, request.index)
         return PassResult(model, True, stats)
 
-    def _calibrate(self, model, plan: _Plan, feeds, stats) -> dict[str, TensorStats]:
+    def _calibrate(self, request: CalibrationRequest, feeds) -> dict[str, TensorStats]:
         """Stream the calibration data once, or reuse a cache made for this model."""
-        opt = self.options
-        wanted = sorted({src for src in plan.acts.values()})
-        axes = {u.activations[0]: u.channel_axis for u in plan.units
-                if u.weight and u.channel_axis is not None} if opt.bias_correction else {}
-        bins = 0 if opt.method == "minmax" else 2048
-        fingerprint = model_fingerprint(model)
+        wanted, axes, bins, stats = request.tensors, request.mean_axes, request.histogram_bins, request.stats
+        fingerprint = model_fingerprint(request.model)
         cache = self.context.calib_cache
         if cache is not None and cache.exists():
             cached, saved_for = load_stats(cache)
@@ -152,8 +190,8 @@ class QuantizePass(Pass):
             if usable and all(n in cached for n in axes):
                 stats["calib_cache_hit"] = 1
                 return cached
-        result = collect(model, feeds, wanted, histogram_bins=bins, mean_axes=axes,
-                         batch_size=opt.batch_size, progress=self.context.progress)
+        result = collect(request.model, feeds, wanted, histogram_bins=bins, mean_axes=axes,
+                         batch_size=self.options.batch_size, progress=self.context.progress)
         if cache is not None:
             save_stats(cache, result, fingerprint)
         stats["calib_cache_hit"] = 0
@@ -161,10 +199,6 @@ class QuantizePass(Pass):
 
 
 # --------------------------------------------------------------------------- model preparation
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _upgrade(model: onnx.ModelProto, before: int) -> onnx.ModelProto:
@@ -180,11 +214,14 @@ def _upgrade(model: onnx.ModelProto, before: int) -> onnx.ModelProto:
     return upgraded
 
 
-def _name_heavy_nodes(graph: onnx.GraphProto, make_name) -> None:
-    """Exclusion, sensitivity and the kept_float report go by node name: give unnamed heavy nodes one."""
+def _name_heavy_nodes(graph: onnx.GraphProto, make_name) -> int:
+    """Exclusion, sensitivity and the kept_float report go by node name: give unnamed heavy nodes one (how many)."""
+    named = 0
     for node in graph.node:
         if node.op_type in HEAVY and not node.name:
             node.name = make_name(f"{node.op_type}_{node.output[0]}")
+            named += 1
+    return named
 
 
 def _fold_batchnorm(graph: onnx.GraphProto, make_name) -> int:
@@ -206,7 +243,7 @@ def _fold_batchnorm(graph: onnx.GraphProto, make_name) -> int:
                 or len(index.consumers.get(conv.input[1], ())) != 1
                 or has_bias and (conv.input[2] not in store or len(index.consumers.get(conv.input[2], ())) != 1)):
             continue
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        eps = attribute(bn, "epsilon", 1e-5)
         gamma, beta, mean, var = (p.astype(np.float64) for p in params)
         factor = gamma / np.sqrt(var + eps)
         w = store.array(conv.input[1])
@@ -254,10 +291,6 @@ def _checked(feeds, model: onnx.ModelProto):
 # --------------------------------------------------------------------------- planning
 
 
-def _gemm_attrs(node: onnx.NodeProto) -> dict[str, float]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: QuantizeOptions,
           stats: dict) -> _Unit | None:
     """How to quantize one heavy node, or None (the reason is counted)."""
@@ -266,28 +299,26 @@ def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: Quan
         if inputs[1] not in store:
             count(stats, "skipped_dynamic_weight")
             return None
-        weight, axis, acts, channel_axis = inputs[1], 0, [inputs[0]], 1
+        weight, acts = inputs[1], [inputs[0]]
     elif node.op_type == "Gemm":
-        attrs = _gemm_attrs(node)
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
             count(stats, "skipped_gemm_attributes")
             return None
         weight = inputs[1] if inputs[1] in store else None
-        axis = (0 if attrs.get("transB", 0) else 1) if weight else None
-        acts, channel_axis = [inputs[0]] + ([] if weight else [inputs[1]]), 1
+        acts = [inputs[0]] + ([] if weight else [inputs[1]])
     else:
         constant = [n for n in inputs if n in store]
         if len(constant) == 2:
             count(stats, "skipped_constant_operands")
             return None
         weight = constant[0] if constant else None
-        w = store.tensor(weight) if weight else None
-        axis = 1 if weight == inputs[1] and w is not None and len(w.dims) == 2 else None
-        # bias correction needs x @ W with W the second operand
-        acts, channel_axis = [n for n in inputs if n != weight], -1 if weight == inputs[1] else None
+        acts = [n for n in inputs if n != weight]
     if weight is not None and store.tensor(weight).data_type != onnx.TensorProto.FLOAT:
         count(stats, "skipped_not_float32")
         return None
+    # per-channel axis and bias correction need the weight as second operand (x @ W, x * W)
+    use = weight_use(node, store) if weight is not None else None
+    axis = use.out_axis if use is not None else None
     bias = None
     if node.op_type in ("Conv", "Gemm") and len(inputs) > 2 and inputs[2]:
         b = store.tensor(inputs[2])
@@ -314,7 +345,7 @@ def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: Quan
         output = None  # float consumers only: QGemm / MatMulIntegerToFloat take float output, no extra Q/DQ
     else:
         output = out
-    return _Unit(node, weight, axis if opt.per_channel else None, acts, bias, channel_axis, output, add_bias)
+    return _Unit(node, weight, axis if opt.per_channel else None, acts, bias, use, output, add_bias)
 
 
 def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
@@ -326,12 +357,11 @@ def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
     if len(node.input) > 1 and node.input[1]:
         low = store.array(node.input[1])
         return low is not None and float(low) == 0.0
-    return any(a.name == "min" and a.f == 0.0 for a in node.attribute)
+    return attribute(node, "min") == 0.0
 
 
-def _plan(graph: onnx.GraphProto, opt: QuantizeOptions, float_nodes: set[str], stats: dict) -> _Plan:
-    """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size)."""
-    index, store = GraphIndex(graph), WeightStore(graph)
+def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nodes: set[str], stats: dict) -> _Plan:
+    """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size; reads the graph only)."""
     plan = _Plan()
     for i in index.topological_order():
         node = index.nodes[i]
@@ -352,14 +382,14 @@ def _plan(graph: onnx.GraphProto, opt: QuantizeOptions, float_nodes: set[str], s
     return plan
 
 
-def _subgraph_units(model: onnx.ModelProto, opt: QuantizeOptions):
-    """Per subgraph (If/Loop bodies, nested too): its heavy nodes' own float weights and their axes.
+def _subgraph_units(model: onnx.ModelProto, opt: QuantizeOptions
+                    ) -> list[tuple[onnx.GraphProto, WeightStore, list[tuple[str, int | None]]]]:
+    """Per subgraph (If/Loop bodies, nested too, in walk order): its heavy nodes' own float weights and axes.
 
     Only weights are quantized there: body activations cannot be observed from outside.
     """
-    for g in walk_graphs(model.graph):
-        if g is model.graph:
-            continue
+    found = []
+    for g in itertools.islice(walk_graphs(model.graph), 1, None):
         store = WeightStore(g)
         units = []
         for node in g.node:
@@ -369,14 +399,10 @@ def _subgraph_units(model: onnx.ModelProto, opt: QuantizeOptions):
             t = store.tensor(node.input[1]) if node.input[1] in store else None
             if t is None or t.data_type != onnx.TensorProto.FLOAT:
                 continue
-            if node.op_type == "Conv":
-                axis = 0
-            elif node.op_type == "Gemm":
-                axis = 0 if _gemm_attrs(node).get("transB", 0) else 1
-            else:
-                axis = 1 if len(t.dims) == 2 else None
-            units.append((node.input[1], axis if opt.per_channel else None))
-        yield g, units
+            use = weight_use(node, store)
+            units.append((node.input[1], use.out_axis if use is not None and opt.per_channel else None))
+        found.append((g, store, units))
+    return found
 
 
 # --------------------------------------------------------------------------- ranges
@@ -475,19 +501,62 @@ def _quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool) -> tup
 # --------------------------------------------------------------------------- rewrite
 
 
+class _Quantized:
+    """Quantized weights, bias-corrected float biases and activation parameters, each computed once
+    from the calibration statistics (accuracy-aware trials reuse them instead of quantizing again)."""
+
+    def __init__(self, tensor_stats: dict[str, TensorStats], opt: QuantizeOptions) -> None:
+        self.tensor_stats, self.opt = tensor_stats, opt
+        self._activations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._weights: dict[tuple, tuple] = {}
+
+    def activation(self, src: str) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, zero point) of one activation range."""
+        if src not in self._activations:
+            self._activations[src] = _activation_params(self.tensor_stats[src], self.opt)
+        return self._activations[src]
+
+    def weight(self, weight: str, axis: int | None, store: WeightStore, key: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 weight, scale) of a weight read from ``store``."""
+        key = (weight, axis, *key)
+        if key not in self._weights:
+            self._weights[key] = _quantize_weight(store.array(weight), axis, self.opt.reduce_range)
+        return self._weights[key]
+
+    def unit(self, unit: _Unit, store: WeightStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
+        """(int8 weight, scale, float bias or None, whether bias correction changed the bias) of a unit."""
+        bias_name = unit.bias or unit.add_bias
+        key = ("unit", unit.weight, unit.axis, bias_name, unit.activations[0] if unit.activations else None)
+        if key not in self._weights:
+            w = store.array(unit.weight)
+            q, scale = self.weight(unit.weight, unit.axis, store)
+            bias = store.array(bias_name) if bias_name else None
+            mean = (self.tensor_stats[unit.activations[0]].channel_mean
+                    if self.opt.bias_correction and unit.use is not None else None)
+            corrected = False
+            if mean is not None and bias is not None:
+                shaped = scale if unit.axis is None else scale.reshape([-1 if d == unit.axis else 1 for d in range(w.ndim)])
+                dw = q.astype(np.float64) * shaped - w  # E[(Wq - W) x] per output channel
+                bias = (bias - mean_contribution(to_canonical(dw, unit.use), mean, unit.use.groups)).astype(np.float32)
+                corrected = True
+            self._weights[key] = (q, scale, bias, corrected)
+        return self._weights[key]
+
+
 class _Writer:
     """Adds scale/zero-point initializers and Q/DQ nodes to one graph; the node list is rebuilt once."""
 
-    def __init__(self, graph: onnx.GraphProto, make_name) -> None:
-        self.graph, self.name = graph, make_name
-        self.store = WeightStore(graph)
-        self.constants = {n.output[0]: n for n in graph.node if self.store.is_constant_node(n.output[0] if n.output else "")}
+    def __init__(self, store: WeightStore, make_name, index: GraphIndex | None = None) -> None:
+        self.graph, self.store, self.name = store.graph, store, make_name
+        self._index = index  # finds the Constant node of a weight (built when first needed)
         self.front: list[onnx.NodeProto] = []  # DQ of initializer weights and of graph inputs
         self.after: dict[str, list[onnx.NodeProto]] = {}  # produced value -> nodes to put after its producer
 
     def initializer(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+        self.store.add_initializer(name, array)
+        if np.ndim(array) == 0:  # add_initializer stores a 0-d array with shape [1]: per-tensor QDQ wants scalars
+            del self.store.tensor(name).dims[:]
         return name
 
     def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None,
@@ -501,7 +570,9 @@ class _Writer:
         stored = self.name("qw")
         tensor = numpy_helper.from_array(q, stored)
         if self.store.is_constant_node(weight):
-            node = self.constants[weight]
+            if self._index is None:
+                self._index = GraphIndex(self.graph)
+            node = self._index.producer_node(weight)
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", tensor))
             node.output[0] = stored
@@ -516,39 +587,41 @@ class _Writer:
         where.append(onnx.helper.make_node("DequantizeLinear", inputs, [weight], **attrs))
 
 
-def _apply(model: onnx.ModelProto, plan: _Plan, tensor_stats: dict[str, TensorStats], opt: QuantizeOptions,
-           stats: dict) -> None:
-    """Rewrite the model in place by the plan."""
-    make_name = unique_name_factory(model)
+def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, quantized: _Quantized, make_name,
+           stats: dict, index: GraphIndex) -> None:
+    """Rewrite the model in place by the plan.
+
+    ``store`` and the ``subgraphs``' stores are of this model's graphs; ``index`` is of the main graph
+    as planned: this one, or the prepared model an accuracy-aware trial copied (names only, then).
+    """
     graph = model.graph
-    writer = _Writer(graph, make_name)
-    index = GraphIndex(graph)
-    params = {src: _activation_params(tensor_stats[src], opt) for src in set(plan.acts.values())}
+    writer = _Writer(store, make_name, index if index.graph is graph else None)
+    produced = index.producer
     param_names: dict[str, tuple[str, str]] = {}
     rename: dict[str, str] = {}
     for tensor, src in plan.acts.items():
         if src not in param_names:
-            scale, zp = params[src]
+            scale, zp = quantized.activation(src)
             param_names[src] = (writer.initializer("s", scale), writer.initializer("z", zp))
         s, z = param_names[src]
-        quantized, dequantized = make_name("q"), make_name("dq")
-        pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [quantized]),
-                onnx.helper.make_node("DequantizeLinear", [quantized, s, z], [dequantized])]
-        (writer.after.setdefault(tensor, []) if tensor in index.producer else writer.front).extend(pair)
-        rename[tensor] = dequantized
+        q, dq = make_name("q"), make_name("dq")
+        pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [q]),
+                onnx.helper.make_node("DequantizeLinear", [q, s, z], [dq])]
+        (writer.after.setdefault(tensor, []) if tensor in produced else writer.front).extend(pair)
+        rename[tensor] = dq
     stats["activations_quantized"] = len(plan.acts)
     done: set[str] = set()
     for unit in plan.units:
-        _quantize_unit(unit, writer, params[plan.acts[unit.activations[0]]][0] if unit.activations else None,
-                       tensor_stats, opt, done, stats)
+        _quantize_unit(unit, writer, quantized.activation(plan.acts[unit.activations[0]])[0] if unit.activations else None,
+                       quantized, done, stats)
     stats["nodes_quantized"] = len(plan.units)
-    for sub, units in list(_subgraph_units(model, opt)):
-        sub_writer, sub_done = _Writer(sub, make_name), set()
+    for position, (sub, sub_store, units) in enumerate(subgraphs):
+        sub_writer, sub_done = _Writer(sub_store, make_name), set()
         for weight, axis in units:
             count(stats, "weight_only_nodes")
             if weight not in sub_done:
                 sub_done.add(weight)
-                q, scale = _quantize_weight(sub_writer.store.array(weight), axis, opt.reduce_range)
+                q, scale = quantized.weight(weight, axis, sub_store, ("subgraph", position))
                 sub_writer.weight_to_int(weight, q, scale, axis)
                 count(stats, "weights_quantized")
         if units:
@@ -556,29 +629,22 @@ def _apply(model: onnx.ModelProto, plan: _Plan, tensor_stats: dict[str, TensorSt
     _rebuild(graph, writer, rename)
 
 
-def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, tensor_stats, opt, done: set[str], stats) -> None:
+def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, quantized: _Quantized, done: set[str], stats) -> None:
     """Weight to int8 (with bias correction), bias to int32 when the input scale is known."""
     if unit.weight is None or unit.weight in done:
         return
     done.add(unit.weight)
-    w = writer.store.array(unit.weight)
-    q, scale = _quantize_weight(w, unit.axis, opt.reduce_range)
+    q, scale, bias, corrected = quantized.unit(unit, writer.store)
     # onnxruntime's QGemm / QLinearMatMul fusions want the weight's zero point, QLinearConv does not
     writer.weight_to_int(unit.weight, q, scale, unit.axis, zero_point=unit.node.op_type != "Conv")
     count(stats, "weights_quantized")
+    if corrected:
+        count(stats, "bias_corrected")
+    if bias is None:
+        return
     # MatMul's following Add constant is treated as its bias: int32 like a Gemm bias, so that
     # onnxruntime's MatMul+Add -> Gemm fusion yields a QGemm (a float bias would leave a float Gemm)
     bias_name = unit.bias or unit.add_bias
-    bias = writer.store.array(bias_name) if bias_name else None
-    mean = tensor_stats[unit.activations[0]].channel_mean if opt.bias_correction and unit.channel_axis is not None else None
-    if mean is not None:
-        shaped = scale if unit.axis is None else scale.reshape([-1 if d == unit.axis else 1 for d in range(w.ndim)])
-        shift = _output_shift(unit, q.astype(np.float64) * shaped - w, mean)
-        if shift is not None and bias is not None:
-            bias = (bias - shift).astype(np.float32)
-            count(stats, "bias_corrected")
-    if bias is None:
-        return
     if x_scale is None:
         writer.store.set_array(bias_name, bias)
         return
@@ -586,21 +652,6 @@ def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, tensor_stats, opt, don
     qb = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
     writer.weight_to_int(bias_name, qb, bias_scale, 0, zero_point=False)
     count(stats, "biases_int32")
-
-
-def _output_shift(unit: _Unit, dw: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
-    """E[(Wq - W) x] per output channel from the input's per-channel mean."""
-    op = unit.node.op_type
-    if op == "Conv":
-        group = next((a.i for a in unit.node.attribute if a.name == "group"), 1)
-        per_in = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(axis=2)  # [M, C/g]
-        m = mean.reshape(group, -1)[np.arange(dw.shape[0]) // (dw.shape[0] // group)]
-        return np.einsum("mc,mc->m", per_in, m)
-    if dw.ndim != 2:
-        return None
-    if op == "Gemm" and _gemm_attrs(unit.node).get("transB", 0):
-        return dw @ mean
-    return mean @ dw
 
 
 def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) -> None:
@@ -619,19 +670,28 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
 # --------------------------------------------------------------------------- accuracy-aware mode
 
 
-def _keep_sensitive(model, plan: _Plan, tensor_stats, opt: QuantizeOptions, feeds, excluded: set[str],
-                    stats) -> set[str]:
-    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine."""
+def _keep_sensitive(request: CalibrationRequest, quantized: _Quantized, feeds, stats) -> set[str]:
+    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine.
+
+    Each trial plans on the prepared model (its index and store, read only) and rewrites a copy with
+    the weights, biases and ranges quantized once; trial names only need to be unique in the trial.
+    """
+    model, opt = request.model, quantized.opt
+    excluded = set(opt.exclude_nodes)
     subset = list(itertools.islice(feeds, opt.sensitivity_samples))
     reference = run_model(model, subset)
+    trial_names = unique_name_factory(model)
 
     def cosine(float_nodes: set[str]) -> float:
         trial = onnx.ModelProto()
         trial.CopyFrom(model)
-        _apply(trial, _plan(trial.graph, opt, excluded | float_nodes, {}), tensor_stats, opt, {})
+        subgraphs = [(g, WeightStore(g), units) for g, (_, _, units)
+                     in zip(itertools.islice(walk_graphs(trial.graph), 1, None), request.subgraphs)]
+        plan = _plan(request.index, request.store, opt, excluded | float_nodes, {})
+        _apply(trial, WeightStore(trial.graph), plan, subgraphs, quantized, trial_names, {}, request.index)
         return compare_outputs(reference, run_model(trial, subset), Tolerances(), exact=False).worst_cosine
 
-    names = [u.node.name for u in plan.units]
+    names = [u.node.name for u in request.plan.units]
     everything = set(names)
     alone = {n: cosine(everything - {n}) for n in names}
     order = sorted(names, key=lambda n: alone[n])

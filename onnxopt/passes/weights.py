@@ -218,3 +218,14 @@ def find_prunable(
             else:
                 found.append(tensor)
     return found
+
+
+def mean_contribution(canonical_delta: np.ndarray, input_mean: np.ndarray, groups: int = 1) -> np.ndarray:
+    """``sum(delta * mean(x_in))`` per output channel (float64): the mean output change a weight change causes.
+
+    ``canonical_delta`` is the change on the canonical ``(out, ..., in)`` view (see :func:`to_canonical`),
+    ``input_mean`` the per-channel mean of the data input (grouped Conv aware, see :func:`per_input_channel`).
+    Prune adds back what removed weights contributed; quantize subtracts the shift weight rounding causes.
+    """
+    delta = canonical_delta.astype(np.float64)
+    return (delta * per_input_channel(delta.shape, input_mean, groups)).reshape(len(delta), -1).sum(axis=1)
