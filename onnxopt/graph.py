@@ -209,12 +209,12 @@ class WeightStore:
             set_tensor_array(self._initializers[name], array)
             return
         node = self._constants[name]
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array))
+        tensor = numpy_helper.from_array(np.require(array, requirements="C"))
         del node.attribute[:]
         node.attribute.append(onnx.helper.make_attribute("value", tensor))
 
     def add_initializer(self, name: str, array: np.ndarray) -> None:
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        tensor = numpy_helper.from_array(np.require(array, requirements="C"), name)
         self.graph.initializer.append(tensor)
         self._initializers[name] = self.graph.initializer[-1]
 

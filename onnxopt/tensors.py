@@ -67,7 +67,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     """Replace a tensor's values (and shape) in place, keeping its name; external tensors stay external."""
-    array = np.ascontiguousarray(array)
+    array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d (scalars stay scalars)
     if not is_external(tensor):
         tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
         return

@@ -555,8 +555,6 @@ class _Writer:
     def initializer(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
         self.store.add_initializer(name, array)
-        if np.ndim(array) == 0:  # add_initializer stores a 0-d array with shape [1]: per-tensor QDQ wants scalars
-            del self.store.tensor(name).dims[:]
         return name
 
     def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None,
