@@ -16,10 +16,10 @@ PASSES: dict[str, type[Pass]] = {
     for p in (
         DeadCodeElimination,
         LiftConstants,
-        QuantizePass,
         Prune,
         PruneNeurons,
         ZeroRows,
         Distill,
+        QuantizePass,
     )
 }
