@@ -26,7 +26,7 @@ from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
 from .validate import (
-    Comparison, Tolerances, check_interface, check_structure, compare_outputs, run_model, task_accuracy,
+    Tolerances, check_interface, check_structure, compare_outputs, run_model, task_accuracy,
 )
 
 REPRO_COPY_LIMIT = 256 * 2**20  # models up to this size are kept (serialized) before each step for a reproducer
@@ -64,22 +64,8 @@ def run_pipeline(
     calib_feeds = as_feeds(calib, model) if calib is not None else None
     context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None,
                           progress=progress, teacher=teacher)
-    feeds: FeedSet | None = None
-    reference = previous = None
-    if validate:
-        if data is not None:
-            feeds = as_feeds(data, model)
-            notes = []
-        else:
-            feeds, notes = random_feeds(model, input_shapes=input_shapes)
-        report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
-        try:
-            reference = previous = run_model(model, feeds)
-        except InputError as exc:
-            raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
-        if labels is not None:
-            labels = load_labels(labels, len(feeds))
-            report.feeds["accuracy"] = reference_accuracy = task_accuracy(reference, labels)
+    validation = _Validation.start(model, data, labels, input_shapes, tolerances, report) if validate else None
+    feeds = validation.feeds if validation else None
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
         for index, step in enumerate(steps, start=1):
             before_bytes = _snapshot(model) if validate else None
@@ -102,20 +88,8 @@ def run_pipeline(
                                 before, size_summary(model), dict(result.stats))
             report.steps.append(record)
             problems = _verify(model, original_interface, Path(scratch) / f"step{index}.onnx", record)
-            if validate and not problems:
-                outputs = run_model(model, feeds)
-                vs_previous = compare_outputs(previous, outputs, tolerances if pass_.exact else Tolerances(), exact=pass_.exact)
-                lossy_gate = Tolerances(min_cosine=tolerances.min_cosine, max_abs=tolerances.max_abs)
-                vs_original = compare_outputs(reference, outputs, lossy_gate, exact=False)
-                record.vs_previous, record.vs_original = vs_previous.to_dict(), vs_original.to_dict()
-                problems += _failures(pass_.exact, vs_previous, vs_original)
-                if labels is not None:
-                    record.accuracy = task_accuracy(outputs, labels)
-                    drop = 100 * (reference_accuracy - record.accuracy)
-                    if tolerances.max_accuracy_drop is not None and drop > tolerances.max_accuracy_drop:
-                        problems.append(f"accuracy {record.accuracy:.2%} is {drop:.2f} points below the original's "
-                                        f"{reference_accuracy:.2%} (max-accuracy-drop {tolerances.max_accuracy_drop})")
-                previous = outputs
+            if validation and not problems:
+                problems += validation.check(model, record, pass_.exact)
             if problems:
                 record.passed = False
                 report.failure = f"step {index} '{step.name}': " + "; ".join(problems)
@@ -125,10 +99,54 @@ def run_pipeline(
     return Result(model, report)
 
 
-def _failures(exact: bool, vs_previous: Comparison, vs_original: Comparison) -> list[str]:
-    problems = [f"not exact: {f}" for f in vs_previous.failures] if exact else []
-    problems += vs_original.failures
-    return problems
+@dataclass
+class _Validation:
+    """onnxruntime runs of each step on the validation feeds, against the previous step and the original."""
+
+    feeds: FeedSet
+    reference: dict[str, list[np.ndarray]]
+    previous: dict[str, list[np.ndarray]]
+    tolerances: Tolerances
+    labels: np.ndarray | None = None
+    reference_accuracy: float | None = None
+
+    @classmethod
+    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report) -> _Validation:
+        """Feeds (given, or seeded random) and the original's outputs, computed once."""
+        if data is not None:
+            feeds, notes = as_feeds(data, model), []
+        else:
+            feeds, notes = random_feeds(model, input_shapes=input_shapes)
+        report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
+        try:
+            reference = run_model(model, feeds)
+        except InputError as exc:
+            raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
+        validation = cls(feeds, reference, reference, tolerances)
+        if labels is not None:
+            validation.labels = load_labels(labels, len(feeds))
+            validation.reference_accuracy = task_accuracy(reference, validation.labels)
+            report.feeds["accuracy"] = validation.reference_accuracy
+        return validation
+
+    def check(self, model: onnx.ModelProto, record: StepRecord, exact: bool) -> list[str]:
+        """Record the step's metrics; the reasons it fails its gates (exact: vs previous; all: vs original)."""
+        tol = self.tolerances
+        outputs = run_model(model, self.feeds)
+        vs_previous = compare_outputs(self.previous, outputs, tol if exact else Tolerances(), exact=exact)
+        vs_original = compare_outputs(self.reference, outputs, Tolerances(min_cosine=tol.min_cosine,
+                                                                          max_abs=tol.max_abs), exact=False)
+        record.vs_previous, record.vs_original = vs_previous.to_dict(), vs_original.to_dict()
+        problems = [f"not exact: {f}" for f in vs_previous.failures] if exact else []
+        problems += vs_original.failures
+        if self.labels is not None:
+            record.accuracy = task_accuracy(outputs, self.labels)
+            drop = 100 * (self.reference_accuracy - record.accuracy)
+            if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
+                problems.append(f"accuracy {record.accuracy:.2%} is {drop:.2f} points below the original's "
+                                f"{self.reference_accuracy:.2%} (max-accuracy-drop {tol.max_accuracy_drop})")
+        self.previous = outputs
+        return problems
 
 
 def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
