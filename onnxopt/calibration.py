@@ -62,7 +62,6 @@ def _grid_centers() -> np.ndarray:
 
 
 GRID_CENTERS = _grid_centers()
-_LITTLE_ENDIAN = np.little_endian  # a float32 pattern's high 16 bits are its second uint16
 
 
 @dataclass
@@ -105,7 +104,7 @@ class TensorStats:
         if self.bins:
             rows = x.reshape(samples if x.size % samples == 0 else 1, -1)
             self.stride = self.stride or _stride(rows.shape[1])
-            if _LITTLE_ENDIAN:  # a value's grid code is its high 16-bit half: picked as a view, copied once
+            if np.little_endian:  # a value's grid code is its high 16-bit half (the second uint16): a view
                 self._buffer(rows.view(np.uint16)[:, 1:: 2 * self.stride])
             else:
                 self._buffer((rows[:, :: self.stride].view(np.uint32) >> 16).astype(np.uint16))
