@@ -10,8 +10,8 @@ Calibration time: onnxopt's statistics pass (collect, default options, session c
 against a plain fp32 pass over the same samples as a user would run it (onnxruntime session with all
 optimizations, 1 thread, created and run over the samples in the same joined batches as calibration),
 median of interleaved repeats. Calibration memory: quantize with 16, 64 and 256 samples (calibration
-set repeated), each in a fresh child process: total peak RSS, and the growth during quantize (peak
-minus RSS just before it: the data the child holds is not calibration's).
+set repeated, in an uncompressed .npz that the child reads rows of as calibration runs), each in a
+fresh child process: total peak RSS, and the growth during quantize (peak minus RSS just before it).
 Prints markdown tables and writes benchmarks/out/bench_quantize.json.
 """
 
@@ -118,11 +118,9 @@ QUANTIZERS = {
 # --------------------------------------------------------------------------- calibration memory
 
 
-def child(model_path: str, calib_path: str, count: int) -> None:
+def child(model_path: str, calib_path: str) -> None:
     """One quantize in this fresh process: wall time, total peak RSS and its growth during quantize."""
-    base = load_feeds(calib_path)
-    reps = -(-count // len(base))
-    feeds = FeedSet({k: np.concatenate([v] * reps)[:count] for k, v in base.arrays.items()}, "calib")
+    feeds = load_feeds(calib_path)  # rows are read from the file as calibration needs them
     model = onnx.load(model_path)
     rss_before = proc_status_mb("VmRSS")
     t = time.perf_counter()
@@ -142,11 +140,17 @@ def proc_status_mb(field: str) -> float:
 
 
 def calib_scaling(model_path: Path, calib_path: Path) -> dict:
+    """Quantize with 16, 64 and 256 samples (the calibration set repeated, written as an uncompressed
+    .npz as np.savez does), each in a fresh process."""
+    base = load_feeds(calib_path)
     rows = {}
-    for n in (16, 64, 256):
-        done = subprocess.run([sys.executable, __file__, "--child", str(model_path), str(calib_path), str(n)],
-                              capture_output=True, text=True, check=True)
-        rows[n] = json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (16, 64, 256):
+            data = Path(tmp) / f"calib{n}.npz"
+            np.savez(data, **{k: np.resize(np.asarray(v), (n, *v.shape[1:])) for k, v in base.arrays.items()})
+            done = subprocess.run([sys.executable, __file__, "--child", str(model_path), str(data)],
+                                  capture_output=True, text=True, check=True)
+            rows[n] = json.loads(done.stdout.strip().splitlines()[-1])
     return rows
 
 
@@ -195,10 +199,10 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=ROOT.parent / "shared" / "models")
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
     parser.add_argument("--runs", type=int, default=300, help="latency rounds (one run per candidate each)")
-    parser.add_argument("--child", nargs=3)
+    parser.add_argument("--child", nargs=2)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        child(args.child[0], args.child[1])
         return
     results: dict = {}
     out_dir = ROOT / "benchmarks" / "out"
@@ -245,7 +249,7 @@ def print_model(name: str, result: dict, has_labels: bool) -> None:
         print(f"| {qname} | {acc}{r['cosine']:.5f} | {r['size_kb']:.0f} ({r['size_kb'] / fp32['size_kb']:.2f}) | "
               f"{r['latency_ms']:.3f} ({r['latency_ms'] / fp32['latency_ms']:.2f}) | {r.get('quantize_s', 0):.2f} |")
     print("\nonnxopt quantize memory (default options, fresh process per size; growth = peak - RSS just before "
-          "quantize, the child's own copy of the data excluded):\n")
+          "quantize; the data is read from an uncompressed .npz as runs need it):\n")
     print("| samples | quantize wall s | RSS before MiB | total peak RSS MiB | growth during quantize MiB |")
     print("|---|---|---|---|---|")
     for n, c in result["calib"].items():

@@ -270,14 +270,13 @@ def _runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
             del single  # values live only until folded: no run starts while an earlier one's are held
             yield size, head, joined
             del joined
-            rest = FeedSet({k: v[size:] for k, v in feeds.arrays.items()}, feeds.origin)
+            rest = feeds.window(size, len(feeds))
             yield from _runs(session, model, rest, fetched, size) if len(rest) else ()
             return
         del joined
     yield 1, first, single
     del single
-    yield from _runs(session, model, FeedSet({k: v[1:] for k, v in feeds.arrays.items()}, feeds.origin),
-                     fetched, 1)
+    yield from _runs(session, model, feeds.window(1, len(feeds)), fetched, 1)
 
 
 def collect(

@@ -2,11 +2,19 @@
 
 The sample-major convention everywhere: an array's first axis indexes samples and sample ``i`` is
 fed as ``{name: arr[i]}`` (so each sample keeps the model's own batch axis).
+
+Arrays in an ``.npz`` stay on disk: :class:`StoredRows` reads the rows a run needs when it needs
+them, so memory does not grow with the number of samples: ``np.savez`` members by offset,
+``np.savez_compressed`` ones over INFLATE_WHOLE_BYTES by decompressing forward (smaller ones are
+loaded once: every pass over the data would decompress them again).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import struct
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -36,11 +44,114 @@ def input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
 
 
-class FeedSet:
-    """A re-iterable, sample-major set of feeds: ``{input name: array (N, *sample shape)}``."""
+CHECK_BYTES = 16 << 20  # FeedSet.check reads stored rows in chunks of about this size
+INFLATE_WHOLE_BYTES = 64 << 20  # compressed .npz members up to this size are loaded whole
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], origin: str) -> None:
-        self.arrays = {name: np.asarray(arr) for name, arr in arrays.items()}
+
+class _FileBytes:
+    """Bytes of an uncompressed member, at ``offset`` in the file: any range is one seek and read."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset = path, offset
+
+    def read_into(self, at: int, buffer: memoryview) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + at)
+            return f.readinto(buffer)
+
+
+class _DeflatedBytes:
+    """Bytes of a compressed member after its ``skip`` header bytes: a read at or after the last one
+    continues the open stream (calibration and validation read forward); an earlier one reopens it."""
+
+    def __init__(self, path: Path, member: str, skip: int) -> None:
+        self.path, self.member, self.skip = path, member, skip
+        self._archive: zipfile.ZipFile | None = None
+        self._stream = None
+        self._at = 0
+
+    def read_into(self, at: int, buffer: memoryview) -> int:
+        if self._stream is None or at < self._at:
+            self.close()
+            self._archive = zipfile.ZipFile(self.path)
+            self._stream = self._archive.open(self.member)
+            self._stream.seek(self.skip)
+            self._at = 0
+        if at > self._at:
+            self._stream.seek(self.skip + at)  # decompresses forward
+        got = self._stream.readinto(buffer)
+        self._at = at + got
+        return got
+
+    def close(self) -> None:
+        if self._archive is not None:
+            self._stream.close()
+            self._archive.close()
+            self._archive = self._stream = None
+
+    __del__ = close
+
+
+class StoredRows:
+    """Rows ``[start, stop)`` of a C-ordered array in an .npz member, read from the file on demand.
+
+    Indexing with an integer or a unit-step slice reads those rows (a new array); :meth:`window`
+    narrows the range without reading. Nothing is cached.
+    """
+
+    def __init__(self, source: _FileBytes | _DeflatedBytes, dtype: np.dtype, shape: tuple[int, ...],
+                 start: int = 0, stop: int | None = None) -> None:
+        self.source, self.dtype, self.full_shape = source, dtype, shape
+        self.start, self.stop = start, shape[0] if stop is None else stop
+        self.row_bytes = dtype.itemsize * math.prod(shape[1:])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.full_shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.full_shape)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def window(self, start: int, stop: int) -> StoredRows:
+        start, stop, _ = slice(start, stop).indices(len(self))
+        return StoredRows(self.source, self.dtype, self.full_shape, self.start + start, self.start + max(start, stop))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            return self._read(self.start + start, self.start + max(start, stop))
+        if isinstance(key, (int, np.integer)):
+            row = range(self.start, self.stop)[key]  # IndexError past the end, negative from the end
+            return self._read(row, row + 1)[0]
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self._read(self.start, self.stop)
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+    def _read(self, first: int, end: int) -> np.ndarray:
+        out = np.empty((end - first, *self.full_shape[1:]), self.dtype)
+        if out.nbytes and self.source.read_into(first * self.row_bytes, memoryview(out).cast("B")) != out.nbytes:
+            raise InputError(f"{self.source.path}: truncated (rows {first}..{end - 1} are not in the file)")
+        return out
+
+
+def _window(arr, start: int, stop: int):
+    return arr.window(start, stop) if isinstance(arr, StoredRows) else arr[start:stop]
+
+
+class FeedSet:
+    """A re-iterable, sample-major set of feeds: ``{input name: array (N, *sample shape)}``.
+
+    Arrays are numpy arrays or :class:`StoredRows` (read from disk as the samples are used).
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray | StoredRows], origin: str) -> None:
+        self.arrays = {name: arr if isinstance(arr, StoredRows) else np.asarray(arr) for name, arr in arrays.items()}
         self.origin = origin
         counts = {name: arr.shape[0] if arr.ndim else 0 for name, arr in self.arrays.items()}
         if len(set(counts.values())) > 1:
@@ -54,8 +165,13 @@ class FeedSet:
         for i in range(self.count):
             yield {name: arr[i] for name, arr in self.arrays.items()}
 
+    def window(self, start: int, stop: int) -> FeedSet:
+        """Samples ``start`` to ``stop - 1`` (nothing read from disk)."""
+        return FeedSet({name: _window(arr, start, stop) for name, arr in self.arrays.items()},
+                       f"{self.origin}[{start}:{stop}]")
+
     def head(self, n: int) -> FeedSet:
-        return FeedSet({name: arr[:n] for name, arr in self.arrays.items()}, f"{self.origin}[:{n}]")
+        return self.window(0, n)
 
     def batches(self, size: int) -> Iterator[Feed]:
         """Consecutive samples joined along the model's batch axis (axis 0 of each sample)."""
@@ -94,8 +210,16 @@ class FeedSet:
                     raise InputError(
                         f"{self.origin}: input '{value.name}' axis {axis} is {have}, the model wants {fixed}"
                     )
-            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            if arr.dtype.kind in "fc" and not _finite(arr):
                 raise InputError(f"{self.origin}: input '{value.name}' holds NaN or Inf")
+
+
+def _finite(arr: np.ndarray | StoredRows) -> bool:
+    """No NaN or Inf; stored rows are read in chunks of about CHECK_BYTES."""
+    if not isinstance(arr, StoredRows):
+        return bool(np.isfinite(arr).all())
+    step = max(1, CHECK_BYTES // max(arr.row_bytes, 1))
+    return all(np.isfinite(arr[i: i + step]).all() for i in range(0, len(arr), step))
 
 
 def load_feeds(path: str | Path) -> FeedSet:
@@ -106,13 +230,62 @@ def load_feeds(path: str | Path) -> FeedSet:
     if path.is_dir():
         return _load_test_data_folder(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+        arrays = _read_npz(path)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"{path}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
     if not arrays:
         raise InputError(f"{path}: the .npz file holds no arrays")
     return FeedSet(arrays, str(path))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray | StoredRows]:
+    """An .npz's arrays: :class:`StoredRows` where a member can be read by rows, the others loaded."""
+    arrays: dict[str, np.ndarray | StoredRows] = {}
+    size = path.stat().st_size
+    with np.load(path, allow_pickle=False) as npz, zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            found = _row_source(path, archive, f, info)
+            if found is None:
+                arrays[name] = npz[name]
+                continue
+            source, dtype, shape = found
+            if isinstance(source, _FileBytes) and source.offset + dtype.itemsize * math.prod(shape) > size:
+                raise InputError(f"{path}: truncated (array '{name}' {shape} does not fit in the file)")
+            arrays[name] = StoredRows(source, dtype, shape)
+    return arrays
+
+
+def _row_source(path: Path, archive: zipfile.ZipFile, f, info: zipfile.ZipInfo):
+    """(bytes source, dtype, shape) of a member to read by rows; None: load it whole."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local header: its name and extra lengths may differ from the directory's
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise InputError(f"{path}: damaged (no local header for '{info.filename}')")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        header = _array_header(f)
+        return header and (_FileBytes(path, f.tell()), *header)
+    if info.file_size <= INFLATE_WHOLE_BYTES:
+        return None
+    with archive.open(info) as member:
+        header = _array_header(member)
+        return header and (_DeflatedBytes(path, info.filename, member.tell()), *header)
+
+
+def _array_header(f) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """(dtype, shape) of the .npy data that follows in ``f`` when it can be read by rows, else None."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        return None
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(f)
+    if dtype.hasobject or not shape or (fortran_order and len(shape) > 1):
+        return None
+    return dtype, shape
 
 
 def _load_test_data_folder(folder: Path) -> FeedSet:

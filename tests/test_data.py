@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from onnx import numpy_helper
 
-from onnxopt.data import FeedSet, as_feeds, load_feeds, parse_input_shapes, random_feeds
+from onnxopt import data
+from onnxopt.data import FeedSet, StoredRows, as_feeds, load_feeds, parse_input_shapes, random_feeds
 from onnxopt.errors import InputError
 
 from conftest import mlp
@@ -73,3 +74,53 @@ def test_input_shape_specs():
     assert parse_input_shapes(["x=1,3,224,224"]) == {"x": (1, 3, 224, 224)}
     with pytest.raises(InputError, match="NAME=D1,D2"):
         parse_input_shapes(["x=1,a"])
+
+
+# --------------------------------------------------------------------------- rows read from disk
+
+
+def _saved(tmp_path, compressed: bool, **arrays):
+    path = tmp_path / ("c.npz" if compressed else "u.npz")
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_rows_are_read_on_demand_and_equal_the_arrays(tmp_path, monkeypatch, compressed):
+    monkeypatch.setattr(data, "INFLATE_WHOLE_BYTES", 0)  # stream compressed members too
+    x = np.random.default_rng(0).standard_normal((23, 1, 8)).astype(np.float32)
+    ids = np.arange(23, dtype=np.int64)
+    feeds = load_feeds(_saved(tmp_path, compressed, x=x, ids=ids))
+    assert all(isinstance(a, StoredRows) for a in feeds.arrays.values())
+    assert feeds.arrays["x"].shape == x.shape and feeds.arrays["x"].dtype == x.dtype and len(feeds) == 23
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in feeds.batches(5)]), x.reshape(-1, 8))
+    np.testing.assert_array_equal(np.stack([s["ids"] for s in feeds]), ids)
+    rest = feeds.window(7, 23)  # windows read nothing until used, and read backwards as well
+    np.testing.assert_array_equal(rest.arrays["x"][-1], x[-1])
+    np.testing.assert_array_equal(rest.arrays["x"][0], x[7])
+    np.testing.assert_array_equal(np.asarray(feeds.head(4).arrays["ids"]), ids[:4])
+    feeds.check(mlp())
+
+
+def test_small_compressed_and_fortran_members_are_loaded_whole(tmp_path):
+    x = np.zeros((2, 1, 8), np.float32)
+    assert isinstance(load_feeds(_saved(tmp_path, True, x=x)).arrays["x"], np.ndarray)
+    fortran = load_feeds(_saved(tmp_path, False, x=np.asfortranarray(np.arange(16.0).reshape(2, 8))))
+    assert isinstance(fortran.arrays["x"], np.ndarray)
+
+
+def test_data_file_truncated_after_loading_is_a_clear_error(tmp_path):
+    path = _saved(tmp_path, False, x=np.ones((64, 1, 8), np.float32))
+    feeds = load_feeds(path)
+    path.write_bytes(path.read_bytes()[:1200])  # rows past the first few are gone
+    np.testing.assert_array_equal(feeds.arrays["x"][0], np.ones((1, 8), np.float32))
+    with pytest.raises(InputError, match="truncated"):
+        list(feeds.batches(16))
+
+
+def test_nan_deep_in_stored_rows_is_found(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHECK_BYTES", 64)  # several chunks
+    x = np.ones((40, 1, 8), np.float32)
+    x[37, 0, 3] = np.nan
+    with pytest.raises(InputError, match="NaN or Inf"):
+        load_feeds(_saved(tmp_path, False, x=x)).check(mlp())
