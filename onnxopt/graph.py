@@ -19,6 +19,9 @@ from .data import input_dims
 from .tensors import set_tensor_array, tensor_to_array
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+# ops whose outputs differ from run to run: never computed ahead of time, never merged
+NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                                  "Multinomial", "Bernoulli"})
 
 
 # --------------------------------------------------------------------------- walks
@@ -141,6 +144,33 @@ class GraphIndex:
         return order
 
 
+def filter_field(field, keep) -> int:
+    """Keep the items of a protobuf repeated field that ``keep`` accepts, rebuilding it once (never
+    removing elements one by one); how many went."""
+    kept = [item for item in field if keep(item)]
+    removed = len(field) - len(kept)
+    if removed:
+        del field[:]
+        field.extend(kept)
+    return removed
+
+
+def shadows_outer_names(graph: onnx.GraphProto, outer: tuple[set[str], ...] = ()) -> bool:
+    """Whether some subgraph defines a name an enclosing graph defines too (invalid ONNX, but seen).
+
+    Renames by name across scopes are only sound without shadowing; graphs without bodies cost
+    one scan of their nodes' attributes.
+    """
+    if not outer and not any(node.attribute and any(node_subgraphs(node)) for node in graph.node):
+        return False
+    defined = defined_names(graph)
+    if any(name in scope for scope in outer for name in defined):
+        return True
+    inner = (*outer, defined)
+    return any(shadows_outer_names(sub, inner) for node in graph.node if node.attribute
+               for sub in node_subgraphs(node))
+
+
 def replace_nodes(graph: onnx.GraphProto, nodes: Iterable[onnx.NodeProto]) -> None:
     """Rebuild ``graph.node`` once (never remove elements one by one)."""
     kept = list(nodes)
@@ -167,6 +197,38 @@ def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
         if attr.name == "value_ints":
             return numpy_helper.from_array(np.array(attr.ints, dtype=np.int64), node.output[0])
     return None
+
+
+class NodeEvaluationError(Exception):
+    """A node the ONNX reference cannot evaluate; ``reason`` is a stats-key fragment."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def evaluate_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list:
+    """Outputs of one standard-domain node on numpy inputs, by ONNX reference semantics.
+
+    Raises NodeEvaluationError with reason ``unsupported_<op>`` (no reference implementation at
+    this opset) or ``evaluation_error`` (it fails on these inputs).
+    """
+    from onnx.reference import ReferenceEvaluator  # heavy import, only for passes that evaluate
+
+    if node.domain:  # "ai.onnx" is the default domain under another name
+        plain = onnx.NodeProto()
+        plain.CopyFrom(node)
+        plain.domain = ""
+        node = plain
+    try:
+        evaluator = ReferenceEvaluator(node, opsets={"": opset})
+    except Exception:
+        raise NodeEvaluationError(f"unsupported_{node.op_type}") from None
+    try:
+        with np.errstate(all="ignore"):
+            return evaluator.run(None, {k: v for k, v in feeds.items() if k})
+    except Exception:
+        raise NodeEvaluationError("evaluation_error") from None
 
 
 class WeightStore:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from .passes.base import Pass
+from .passes.cse import CommonSubexpressionElimination
 from .passes.dce import DeadCodeElimination
 from .passes.distill import Distill
+from .passes.fold_constants import FoldConstants
 from .passes.lift_constants import LiftConstants
 from .passes.prune import Prune
 from .passes.prune_neurons import PruneNeurons
 from .passes.quantize import QuantizePass
+from .passes.remove_noops import RemoveNoops
 from .passes.zero_rows import ZeroRows
 
 PASSES: dict[str, type[Pass]] = {
@@ -16,6 +19,9 @@ PASSES: dict[str, type[Pass]] = {
     for p in (
         DeadCodeElimination,
         LiftConstants,
+        FoldConstants,
+        RemoveNoops,
+        CommonSubexpressionElimination,
         Prune,
         PruneNeurons,
         ZeroRows,

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxopt.data import FeedSet
 from onnxopt.passes.base import PassContext
@@ -18,7 +18,8 @@ from conftest import assert_same_outputs, make_model, tensor, value
 
 @st.composite
 def small_networks(draw):
-    """Random MLPs and CNNs: Gemm/MatMul/Conv layers with biases, activations and a dead branch."""
+    """Random MLPs and CNNs: Gemm/MatMul/Conv layers with biases, activations, a dead branch, and (MLPs)
+    a constant subexpression and a repeated node."""
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     if draw(st.booleans()):
         widths = [6] + draw(st.lists(st.integers(2, 12), min_size=1, max_size=3)) + [3]
@@ -35,6 +36,11 @@ def small_networks(draw):
                 x = f"h{i}"
         nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
         nodes.append(helper.make_node("Neg", ["x"], ["dead"], name="dead"))
+        if draw(st.booleans()):  # work for the clean-ups: a bias computed from constants, a repeated dead node
+            half = numpy_helper.to_array(inits[1]) / 2  # halves add back exactly
+            inits[1] = tensor("b0_half", half)
+            nodes.insert(0, helper.make_node("Add", ["b0_half", "b0_half"], ["b0"], name="bias_from_halves"))
+            nodes.append(helper.make_node("Neg", ["x"], ["dead_again"], name="dead_again"))
         return make_model(nodes, [value("x", ["batch", 6])], [value("y", ["batch", 3])], inits)
     channels = draw(st.integers(2, 8))
     inits = [tensor("cw", rng.standard_normal((channels, 2, 3, 3)).astype(np.float32)),

@@ -143,9 +143,9 @@ def test_data_read_from_an_npz_does_not_grow_memory_with_sample_count(tmp_path):
     assert large <= small * 1.1 + 64 * 1024
     from_file = collect(model, load_feeds(paths[16]), ["h", "r"], histogram_bins=64)
     in_memory = collect(model, FeedSet({"x": x}, "t"), ["h", "r"], histogram_bins=64)
-    for name, st in in_memory.items():
-        assert (from_file[name].min, from_file[name].max) == (st.min, st.max)
-        np.testing.assert_array_equal(from_file[name].code_counts, st.code_counts)
+    for name, expected in in_memory.items():
+        assert (from_file[name].min, from_file[name].max) == (expected.min, expected.max)
+        np.testing.assert_array_equal(from_file[name].code_counts, expected.code_counts)
 
 
 def test_no_run_starts_while_an_earlier_runs_values_are_held(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..graph import defined_names, node_subgraphs, node_uses, replace_nodes
+from ..graph import defined_names, filter_field, node_subgraphs, node_uses, replace_nodes
 from .base import Pass, PassResult, count
 
 
@@ -56,21 +56,11 @@ def _eliminate(graph: onnx.GraphProto, stats: dict[str, int | float]) -> None:
         stats["nodes_removed"] += len(nodes) - len(live_nodes)
         replace_nodes(graph, (n for i, n in enumerate(nodes) if i in live_nodes))
     keep = live_names | {i.name for i in graph.input}
-    _filter_field(graph.initializer, lambda t: t.name in keep, stats, "initializers_removed")
-    _filter_field(graph.sparse_initializer, lambda t: t.values.name in keep, stats, "initializers_removed")
+    stats["initializers_removed"] += filter_field(graph.initializer, lambda t: t.name in keep)
+    stats["initializers_removed"] += filter_field(graph.sparse_initializer, lambda t: t.values.name in keep)
     if graph.value_info:
         present = defined_names(graph) | live_names
-        _filter_field(graph.value_info, lambda v: v.name in present, stats, "value_info_removed")
-
-
-def _filter_field(field, keep, stats: dict[str, int | float], counter: str) -> None:
-    """Rebuild a repeated field once if anything goes."""
-    kept = [item for item in field if keep(item)]
-    if len(kept) == len(field):
-        return
-    stats[counter] += len(field) - len(kept)
-    del field[:]
-    field.extend(kept)
+        stats["value_info_removed"] += filter_field(graph.value_info, lambda v: v.name in present)
 
 
 def _drop_unused_functions(model: onnx.ModelProto) -> int:
@@ -88,5 +78,5 @@ def _drop_unused_functions(model: onnx.ModelProto) -> int:
             used.add(key)
             stack.extend((n.domain, n.op_type) for n in functions[key].node)
     before = len(model.functions)
-    _filter_field(model.functions, lambda f: (f.domain, f.name) in used, {"n": 0}, "n")
+    filter_field(model.functions, lambda f: (f.domain, f.name) in used)
     return before - len(model.functions)

@@ -35,8 +35,8 @@ from onnx import numpy_helper
 from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
 from ..data import FeedSet
 from ..errors import InputError
-from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes, unique_name_factory,
-                     walk_graphs)
+from ..graph import (GraphIndex, WeightStore, filter_field, model_graphs, opset_version, replace_nodes,
+                     unique_name_factory, walk_graphs)
 from ..validate import Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
 from .weights import WeightUse, attribute, mean_contribution, to_canonical, weight_use
@@ -263,10 +263,7 @@ def _fold_batchnorm(graph: onnx.GraphProto, make_name) -> int:
     if drop:
         drop.update(index.producer[n] for n in dead if n in index.producer)
         replace_nodes(graph, (n for i, n in enumerate(index.nodes) if i not in drop))
-        kept = [t for t in graph.initializer if t.name not in dead]
-        if len(kept) != len(graph.initializer):
-            del graph.initializer[:]
-            graph.initializer.extend(kept)
+        filter_field(graph.initializer, lambda t: t.name not in dead)
     return len([i for i in drop if index.nodes[i].op_type == "BatchNormalization"])
 
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx.reference import ReferenceEvaluator
 
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, node_subgraphs, opset_version, unique_name_factory,
-                     value_shapes, walk_graphs)
+from ..graph import (STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, WeightStore, evaluate_node, filter_field,
+                     node_subgraphs, opset_version, unique_name_factory, value_shapes, walk_graphs)
 from .base import Pass, PassResult
 from .weights import BiasAdder, WeightUse, attribute, from_canonical, to_canonical, weight_use
 
@@ -129,10 +128,8 @@ class ChannelGraph:
     def _evaluate(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
         """The node's first output on constant inputs (ONNX reference semantics); None if it cannot run."""
         try:
-            with np.errstate(all="ignore"):
-                evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
-                return evaluator.run(None, {k: v for k, v in feeds.items() if k})[0]
-        except Exception:  # an op or type combination the reference cannot evaluate: not a known constant
+            return evaluate_node(node, feeds, self.opset)[0]
+        except NodeEvaluationError:  # not a known constant
             return None
 
     # ----------------------------------------------------------------------- analysis
@@ -564,11 +561,7 @@ class ChannelRemoval:
         self.bias.finish()
         graph = self.analysis.graph
         changed = {name for name, mask in keep.items() if not mask.all()} | self.resized
-        stale = [v for v in graph.value_info if v.name in changed]
-        if stale:
-            kept = [v for v in graph.value_info if v.name not in changed]
-            del graph.value_info[:]
-            graph.value_info.extend(kept)
+        filter_field(graph.value_info, lambda v: v.name not in changed)
 
     def _write(self, node: onnx.NodeProto, position: int, array: np.ndarray) -> None:
         """New values for a node's constant input: in place when only it reads them, else a new initializer."""

@@ -1,0 +1,394 @@
+"""cse: common subexpression elimination: one node (or one constant) per distinct computation.
+
+One sweep per graph in topological order keys each node by (domain, op_type, attributes
+serialized deterministically, canonical input names, which outputs are present); a node whose
+key is already in the table is dropped and its outputs' uses are renamed to the earlier node's.
+Because keys use canonical names (after earlier merges), whole duplicated chains merge in the
+same sweep. Constants (initializers and ``Constant`` nodes) are keyed by dtype and shape first,
+and are hashed only when a second constant of the same dtype and shape turns up, then compared
+byte for byte on equal hashes, so a model whose weights all differ in shape is never read.
+
+Scopes: a subgraph (If/Loop/Scan body) is swept when its node is reached, with the enclosing
+table visible, so an inner node equal to an outer value computed earlier reuses it. Renames are
+applied after the whole sweep, in one walk that reaches outer-scope reads inside subgraphs.
+
+Never merged: non-deterministic ops (Random*, Multinomial, Bernoulli, training Dropout), ops of
+domains whose semantics are unknown, nodes whose bodies hold either. A node that produces a
+graph output is dropped only when the earlier node's output can take that output's name (same
+graph, not itself a graph output): graph output names and the interface never change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import onnx
+
+from ..graph import (NONDETERMINISTIC_OPS, GraphIndex, constant_tensor, filter_field, node_subgraphs,
+                     opset_version, replace_nodes, shadows_outer_names)
+from ..tensors import external_info, is_external, tensor_nbytes
+from .base import Pass, PassResult, count
+
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class CseOptions:
+    # External-data tensors larger than this are never read to be hashed (counted as
+    # skipped_large_external_constant): merging two multi-GB weights is rare, reading them all is not.
+    max_external_bytes: int = 256 << 20
+
+
+class CommonSubexpressionElimination(Pass):
+    name = "cse"
+    summary = "merge nodes that compute the same thing from the same inputs, and equal constants"
+    exact = True
+    Options = CseOptions
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        stats: dict[str, int | float] = {"nodes_merged": 0, "constants_merged": 0}
+        if shadows_outer_names(model.graph):
+            stats["skipped_shadowed_names"] = 1  # names would be ambiguous across scopes
+            return PassResult(model, False, stats)
+        sweep = _Sweep(stats, self.options.max_external_bytes, opset_version(model))
+        top = sweep.graph(model.graph, None)
+        modified = bool(stats["nodes_merged"] or stats["constants_merged"])
+        if modified:
+            _apply(top)
+        return PassResult(model, modified, stats)
+
+
+# --------------------------------------------------------------------------- scopes
+
+
+@dataclass(eq=False)
+class _Const:
+    name: str
+    tensor: onnx.TensorProto
+    scope: _Scope
+    is_node: bool
+    digest: bytes | None = None
+    too_big: bool = False
+
+
+@dataclass(eq=False)
+class _Rep:
+    outputs: list[str]
+    scope: _Scope
+
+
+@dataclass(eq=False)
+class _Scope:
+    graph: onnx.GraphProto
+    parent: _Scope | None
+    outputs: set[str]
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    table: dict[tuple, _Rep] = field(default_factory=dict)
+    pending: dict[tuple, list[_Const]] = field(default_factory=dict)  # by (dtype, dims), not yet hashed
+    hashed: dict[tuple, list[_Const]] = field(default_factory=dict)  # by (dtype, dims, digest)
+    shapes: set[tuple] = field(default_factory=set)  # (dtype, dims) of the constants defined here
+    canon: dict[str, str] = field(default_factory=dict)  # dropped value -> the value that replaces it
+    display: dict[str, str] = field(default_factory=dict)  # kept value -> graph output name it takes
+    dropped_nodes: set[int] = field(default_factory=set)
+    dropped_inits: set[str] = field(default_factory=set)
+    children: dict[int, list[_Scope]] = field(default_factory=dict)
+    impure: bool = False
+
+    def chain(self):
+        scope = self
+        while scope is not None:
+            yield scope
+            scope = scope.parent
+
+    def canonical(self, name: str) -> str:
+        for scope in self.chain():
+            if name in scope.canon:
+                return scope.canon[name]  # targets are never dropped: one hop
+        return name
+
+    def final(self, name: str) -> str:
+        name = self.canonical(name)
+        for scope in self.chain():
+            if name in scope.display:
+                return scope.display[name]
+        return name
+
+    def lookup(self, key: tuple) -> _Rep | None:
+        for scope in self.chain():
+            rep = scope.table.get(key)
+            if rep is not None:
+                return rep
+        return None
+
+
+class _Sweep:
+    def __init__(self, stats: dict[str, int | float], max_external_bytes: int, opset: int) -> None:
+        self.stats = stats
+        self.max_external_bytes = max_external_bytes
+        self.opset = opset
+
+    def graph(self, graph: onnx.GraphProto, parent: _Scope | None) -> _Scope:
+        scope = _Scope(graph, parent, {o.name for o in graph.output})
+        inputs = {i.name for i in graph.input}
+        for init in graph.initializer:
+            if init.name in inputs:  # overridable at run time: not a constant
+                continue
+            entry = _Const(init.name, init, scope, is_node=False)
+            rep = self._find_const(entry)
+            if rep is None:
+                self._add_const(entry)
+            elif init.name in scope.outputs:
+                count(self.stats, "skipped_graph_output")
+            else:
+                scope.canon[init.name] = rep.name
+                scope.dropped_inits.add(init.name)
+                self.stats["constants_merged"] += 1
+        scope.nodes = nodes = list(graph.node)
+        for i in _sweep_order(graph, nodes):
+            self._node(scope, i, nodes[i])
+        return scope
+
+    # ---------------------------------------------------------------- nodes
+
+    def _node(self, scope: _Scope, i: int, node: onnx.NodeProto) -> None:
+        subs = list(node_subgraphs(node)) if node.attribute else []
+        if not self._mergeable(scope, node):
+            self._children(scope, i, subs)  # kept as it is, but its bodies are swept all the same
+            return
+        tensor = constant_tensor(node) if node.op_type == "Constant" else None
+        if tensor is not None:
+            entry = _Const(node.output[0], tensor, scope, is_node=True)
+            rep = self._find_const(entry)
+            if rep is None:
+                self._add_const(entry)
+            elif self._merge(scope, i, node, [rep.name], rep.scope if rep.is_node else None):
+                self.stats["constants_merged"] += 1
+            return
+        # Bodies are part of the key as they are written (their outer reads are names, resolved in
+        # this same scope for both nodes), so a duplicate is dropped before its bodies are swept;
+        # a registered node had pure bodies, hence so does its byte-equal duplicate.
+        key = _node_key(scope, node)
+        rep = scope.lookup(key)
+        if rep is not None and self._merge(scope, i, node, rep.outputs, rep.scope):
+            self.stats["nodes_merged"] += 1
+            return
+        if subs and any(child.impure for child in self._children(scope, i, subs)):
+            scope.impure = True
+            count(self.stats, "skipped_impure_subgraph")
+            return
+        if rep is None:
+            scope.table[key] = _Rep(list(node.output), scope)
+
+    def _children(self, scope: _Scope, i: int, subs: list[onnx.GraphProto]) -> list[_Scope]:
+        if not subs:
+            return []
+        children = scope.children[i] = [self.graph(sub, scope) for sub in subs]
+        if any(child.impure for child in children):
+            scope.impure = True  # an enclosing node's bodies hold it too
+        return children
+
+    def _mergeable(self, scope: _Scope, node: onnx.NodeProto) -> bool:
+        if not any(node.output):
+            return False
+        if node.domain not in KNOWN_DOMAINS:
+            scope.impure = True
+            count(self.stats, "skipped_custom_domain")
+            return False
+        if node.op_type in NONDETERMINISTIC_OPS or (node.op_type == "Dropout" and self._training_dropout(node)):
+            scope.impure = True
+            count(self.stats, "skipped_nondeterministic")
+            return False
+        return True
+
+    def _training_dropout(self, node: onnx.NodeProto) -> bool:
+        if self.opset < 7:  # is_test attribute era: random unless is_test=1
+            return not any(a.name == "is_test" and a.i == 1 for a in node.attribute)
+        return len(node.input) > 2 and bool(node.input[2])  # training_mode given: may be random
+
+    def _merge(self, scope: _Scope, i: int, node: onnx.NodeProto, rep_outputs: list[str],
+               rep_node_scope: _Scope | None) -> bool:
+        """Drop ``node`` in favour of values ``rep_outputs``; False (node kept) when a graph output blocks it.
+
+        ``rep_node_scope`` is the scope of the node that produces ``rep_outputs`` (None for an
+        initializer): only a node of this same graph can be renamed to a graph output's name.
+        """
+        renames, displays = [], []
+        for a, b in zip(rep_outputs, node.output):
+            if not b:
+                continue
+            if b not in scope.outputs:
+                renames.append((b, a))
+            elif (rep_node_scope is scope and a not in scope.outputs and a not in scope.display
+                  and all(a != x for x, _ in displays)):
+                displays.append((a, b))
+            else:
+                count(self.stats, "skipped_graph_output")
+                return False
+        for b, a in renames:
+            scope.canon[b] = a
+        for a, b in displays:
+            scope.canon[b] = a  # keys keep using a; a takes the name b when uses are rewritten
+            scope.display[a] = b
+        scope.dropped_nodes.add(i)
+        return True
+
+    # ---------------------------------------------------------------- constants
+
+    def _find_const(self, entry: _Const) -> _Const | None:
+        shape_key = (entry.tensor.data_type, tuple(entry.tensor.dims))
+        if not any(shape_key in scope.shapes for scope in entry.scope.chain()):
+            return None  # the first constant of its dtype and shape: nothing read
+        # A second constant of this dtype and shape: hash it and every earlier one not yet hashed.
+        for scope in entry.scope.chain():
+            for other in scope.pending.pop(shape_key, ()):
+                self._hash_into(scope, other)
+        digest = self._digest(entry)
+        if digest is None:
+            return None
+        for scope in entry.scope.chain():
+            for other in scope.hashed.get((*shape_key, digest), ()):
+                if _same_bytes(entry.tensor, other.tensor):
+                    return other
+        return None
+
+    def _add_const(self, entry: _Const) -> None:
+        scope = entry.scope
+        shape_key = (entry.tensor.data_type, tuple(entry.tensor.dims))
+        if entry.digest is not None:
+            self._hash_into(scope, entry)
+        elif not entry.too_big:
+            scope.pending.setdefault(shape_key, []).append(entry)
+        scope.shapes.add(shape_key)
+
+    def _hash_into(self, scope: _Scope, entry: _Const) -> None:
+        digest = self._digest(entry)
+        if digest is not None:
+            scope.hashed.setdefault((entry.tensor.data_type, tuple(entry.tensor.dims), digest), []).append(entry)
+
+    def _digest(self, entry: _Const) -> bytes | None:
+        if entry.digest is None and not entry.too_big:
+            tensor = entry.tensor
+            if is_external(tensor) and tensor_nbytes(tensor) > self.max_external_bytes:
+                entry.too_big = True
+                count(self.stats, "skipped_large_external_constant")
+                return None
+            h = hashlib.blake2b(digest_size=16)
+            for chunk in _tensor_chunks(tensor):
+                h.update(chunk)
+            entry.digest = h.digest()
+        return entry.digest
+
+
+def _node_key(scope: _Scope, node: onnx.NodeProto) -> tuple:
+    attrs = tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute))
+    return (
+        "" if node.domain == "ai.onnx" else node.domain,
+        node.op_type,
+        getattr(node, "overload", ""),
+        tuple(scope.canonical(n) if n else "" for n in node.input),
+        attrs,
+        tuple(bool(o) for o in node.output),
+    )
+
+
+def _tensor_chunks(tensor: onnx.TensorProto):
+    """The tensor's identity as bytes: a tag, then raw bytes (inline or external) or the typed fields.
+
+    Raw and typed encodings get different tags, so equal bytes always mean equal values.
+    """
+    if is_external(tensor):
+        yield b"raw"
+        info = external_info(tensor)
+        remaining = int(info.get("length", tensor_nbytes(tensor)))
+        with open(info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            while remaining > 0:
+                chunk = f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                yield chunk
+    elif tensor.HasField("raw_data"):
+        yield b"raw"
+        yield tensor.raw_data
+    else:
+        typed = onnx.TensorProto()
+        typed.CopyFrom(tensor)
+        typed.ClearField("name")
+        typed.ClearField("doc_string")
+        yield b"typed"
+        yield typed.SerializeToString(deterministic=True)
+
+
+def _same_bytes(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    """Full comparison after equal hashes, streamed (external data is never read whole)."""
+    left, right = _chunks_nonempty(a), _chunks_nonempty(b)
+    x = y = memoryview(b"")
+    while True:
+        if x is not None and not len(x):
+            x = next(left, None)
+        if y is not None and not len(y):
+            y = next(right, None)
+        if x is None or y is None:
+            return x is None and y is None
+        n = min(len(x), len(y))
+        if x[:n] != y[:n]:
+            return False
+        x, y = x[n:], y[n:]
+
+
+def _chunks_nonempty(tensor: onnx.TensorProto):
+    for chunk in _tensor_chunks(tensor):
+        if chunk:
+            yield memoryview(chunk).cast("B")
+
+
+def _sweep_order(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[int] | range:
+    """Node order when it is topological (the usual case), else a topological order."""
+    produced_at: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                produced_at[out] = i
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            if produced_at.get(name, -1) >= i:
+                return GraphIndex(graph).topological_order()
+    return range(len(nodes))
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+def _apply(scope: _Scope) -> None:
+    """Rename uses (and kept outputs taking graph output names), drop merged nodes and initializers."""
+    for i, node in enumerate(scope.nodes):
+        if i in scope.dropped_nodes:
+            continue
+        for child in scope.children.get(i, ()):
+            _apply(child)
+        _rename_fields(node.input, scope)
+        _rename_fields(node.output, scope)
+    graph = scope.graph
+    if scope.dropped_nodes:
+        replace_nodes(graph, (n for i, n in enumerate(scope.nodes) if i not in scope.dropped_nodes))
+    if scope.dropped_inits:
+        filter_field(graph.initializer, lambda t: t.name not in scope.dropped_inits)
+    if scope.parent is not None:  # a body's outputs may name outer values that were merged away
+        for out in graph.output:
+            new = scope.final(out.name)
+            if new != out.name:
+                out.name = new
+    gone = set(scope.canon) | set(scope.display)
+    if gone:
+        filter_field(graph.value_info, lambda v: v.name not in gone)
+
+
+def _rename_fields(names, scope: _Scope) -> None:
+    for k, name in enumerate(names):
+        if name:
+            new = scope.final(name)
+            if new != name:
+                names[k] = new

@@ -1,0 +1,403 @@
+"""fold-constants: compute ahead of time every value that no graph input can change (as onnx-simplifier does).
+
+A node folds when everything it reads is constant: an initializer that is not also a graph input
+(those can be overridden at run time), a Constant node, an empty optional input, or the output of
+a node folded before it. ``Shape`` and ``Size`` fold when their input's shape is static, and a
+``Gather``/``Slice`` of a ``Shape`` folds when it picks only static dims, so a symbolic batch dim
+blocks only the part of a shape computation that reads it. Static shapes come from one shape
+inference of the main graph; inside If/Loop/Scan bodies only constant values fold (shapes there
+may change from one iteration to the next).
+
+Each node is evaluated alone by the ONNX reference evaluator, after onnx's shape inference of that
+node on its actual constant inputs: the inferred shape bounds the output size before anything is
+computed (``max_bytes``), and a result must have the inferred dtype and shape or it is not used.
+
+A folded value becomes an initializer of the same name; it becomes a Constant node instead where
+it is a graph output (the interface stays as it was) or where IR < 4 requires every initializer to
+be a graph input. Folded values that only other folded nodes read are dropped, and so are the
+constants and nodes that only folded nodes read; other dead code is left to ``dce``. If/Loop/Scan
+nodes themselves are not evaluated, but their bodies are folded, reading constants of the
+enclosing graphs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..data import input_dims
+from ..errors import InputError
+from ..graph import (NONDETERMINISTIC_OPS, STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, constant_tensor, defined_names, evaluate_node,
+                     filter_field, node_subgraphs, node_uses, opset_version, replace_nodes, unique_name_factory, value_shapes)
+from ..modelio import EXTERNAL_THRESHOLD, has_external_data
+from ..tensors import is_external, set_tensor_array, tensor_nbytes, tensor_to_array
+from .base import Pass, PassResult, count
+
+# DequantizeLinear of a constant is how QDQ models store quantized weights: folding would turn them
+# back into float (4x the bytes) and hide the pattern runtimes fuse into quantized kernels.
+KEPT_OPS = frozenset({"DequantizeLinear"})
+SHAPE_PICKERS = frozenset({"Gather", "Slice"})  # ops that select entries of a shape vector
+INFERENCE_DATA_BYTES = 4096  # constant inputs up to this size are shown to shape inference (shape-like values)
+
+
+class FoldConstants(Pass):
+    name = "fold-constants"
+    summary = "precompute nodes that depend on no graph input (static Shape/Size included) as initializers"
+    exact = True
+
+    @dataclass(frozen=True)
+    class Options:
+        max_bytes: int = 1 << 20  # a node whose outputs exceed this and its constant inputs together stays
+
+        def __post_init__(self) -> None:
+            if self.max_bytes < 0:
+                raise InputError(f"fold-constants: max_bytes must be >= 0, not {self.max_bytes}")
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        stats: dict[str, int | float] = {"nodes_folded": 0, "shape_nodes_folded": 0, "initializers_added": 0,
+                                         "constant_nodes_added": 0, "nodes_removed": 0, "initializers_removed": 0}
+        _Folder(model, self.options.max_bytes, stats).fold(model.graph, None)
+        return PassResult(model, stats["nodes_folded"] > 0, stats)
+
+
+class _Scope:
+    """Constant values visible in one graph: its own first, then those of the enclosing graphs."""
+
+    def __init__(self, graph: onnx.GraphProto, outer: _Scope | None) -> None:
+        overridable = {i.name for i in graph.input}
+        self.tensors = {t.name: t for t in graph.initializer if t.name not in overridable}
+        for node in graph.node:
+            tensor = constant_tensor(node)
+            if tensor is not None:
+                self.tensors[node.output[0]] = tensor
+        self.folded: dict[str, np.ndarray] = {}
+        self.local = defined_names(graph)  # a local non-constant hides an outer constant of the same name
+        self.outer = outer
+
+    def holder(self, name: str) -> _Scope | None:
+        if name in self.folded or name in self.tensors:
+            return self
+        if name in self.local or self.outer is None:
+            return None
+        return self.outer.holder(name)
+
+    def is_constant(self, name: str) -> bool:
+        return not name or self.holder(name) is not None
+
+    def value(self, name: str) -> onnx.TensorProto | np.ndarray:
+        scope = self.holder(name)
+        return scope.folded[name] if name in scope.folded else scope.tensors[name]
+
+    def array(self, name: str) -> np.ndarray:
+        found = self.value(name)
+        return found if isinstance(found, np.ndarray) else tensor_to_array(found)
+
+    def nbytes(self, name: str) -> int:
+        found = self.value(name)
+        return found.nbytes if isinstance(found, np.ndarray) else tensor_nbytes(found)
+
+    def dims(self, name: str) -> tuple[int, ...]:
+        found = self.value(name)
+        return found.shape if isinstance(found, np.ndarray) else tuple(found.dims)
+
+    def type_proto(self, name: str) -> onnx.TypeProto:
+        found = self.value(name)
+        if isinstance(found, np.ndarray):
+            return helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(found.dtype), found.shape)
+        return helper.make_tensor_type_proto(found.data_type, found.dims)
+
+    def inference_data(self, name: str) -> onnx.TensorProto | None:
+        """The value as shape inference takes it, when small and in memory (shapes, axes, repeats...)."""
+        found = self.value(name)
+        if isinstance(found, np.ndarray):
+            return numpy_helper.from_array(found, name) if found.nbytes <= INFERENCE_DATA_BYTES else None
+        if is_external(found) or tensor_nbytes(found) > INFERENCE_DATA_BYTES:
+            return None
+        return found
+
+
+class _Folder:
+    """One pass over a model: settings, counters and the main graph's static shapes, shared by all graphs."""
+
+    def __init__(self, model: onnx.ModelProto, max_bytes: int, stats: dict[str, int | float]) -> None:
+        self.model = model
+        self.max_bytes = max_bytes
+        self.stats = stats
+        self.opset = opset_version(model)
+        self.constant_nodes_only = model.ir_version < 4  # before IR 4 every initializer must be a graph input
+        self.spill = has_external_data(model)  # keep big folded tensors out of memory like the weights they come from
+        self._shapes: dict[str, tuple] | None = None
+        self._names = None
+
+    def fold(self, graph: onnx.GraphProto, outer: _Scope | None) -> set[str]:
+        """Fold one graph and its bodies; return the outer names that folded nodes no longer read."""
+        scope = _Scope(graph, outer)
+        index = GraphIndex(graph)
+        partial_shapes: dict[str, tuple[int | None, ...]] = {}
+        folded: set[int] = set()
+        for i in index.topological_order():
+            values = self._fold_node(index.nodes[i], index.uses[i], scope, partial_shapes, is_main=outer is None)
+            if values is not None:
+                scope.folded.update(values)
+                folded.add(i)
+        self.stats["nodes_folded"] += len(folded)
+        kept = [node for i, node in enumerate(index.nodes) if i not in folded]
+        released = {name for i in folded for name in index.uses[i]}
+        for node in kept:
+            for body in node_subgraphs(node):
+                count(self.stats, "subgraphs_visited")
+                released |= self.fold(body, scope)
+        if not folded and not released:
+            return set()
+        folded_by = {out: index.nodes[i] for i in folded for out in index.nodes[i].output if out}
+        return self._rewrite(graph, scope, kept, released, folded_by)
+
+    # ----------------------------------------------------------------------- deciding and evaluating
+
+    def _fold_node(self, node: onnx.NodeProto, uses: list[str], scope: _Scope,
+                   partial_shapes: dict[str, tuple[int | None, ...]], is_main: bool) -> dict[str, np.ndarray] | None:
+        standard = node.domain in STANDARD_DOMAINS
+        if standard and node.op_type in ("Shape", "Size") and not scope.is_constant(node.input[0]):
+            return self._fold_shape(node, partial_shapes) if is_main else None
+        if standard and node.op_type in SHAPE_PICKERS and node.input[0] in partial_shapes:
+            return self._pick_dims(node, scope, partial_shapes)
+        if not all(scope.is_constant(name) for name in uses):
+            return None
+        if standard and node.op_type == "Constant":
+            return None  # already a constant
+        if standard and node.op_type in ("Shape", "Size"):
+            return self._shape_values(node, scope.dims(node.input[0]), partial_shapes)
+        reason = _blocker(node, standard)
+        if reason:
+            count(self.stats, f"skipped_{reason}")
+            return None
+        return self._evaluate(node, scope)
+
+    def _evaluate(self, node: onnx.NodeProto, scope: _Scope) -> dict[str, np.ndarray] | None:
+        inputs = list(dict.fromkeys(name for name in node.input if name))
+        input_bytes = sum(scope.nbytes(name) for name in inputs)
+        types = self._infer(node, scope, inputs)
+        if types is None:
+            return None
+        outputs = [name for name in node.output if name]
+        if any(not types.get(name, onnx.TypeProto()).HasField("tensor_type") for name in outputs):
+            count(self.stats, "skipped_non_tensor_output")
+            return None
+        expected = [_static_dims(types[name]) for name in outputs]
+        if all(dims is not None and None not in dims for dims in expected):
+            predicted = sum(_nbytes(dims, types[name].tensor_type.elem_type) for dims, name in zip(expected, outputs))
+            if self._too_large(predicted, input_bytes):
+                return None
+        elif input_bytes > self.max_bytes:  # do not read big constants for an output of unknown size
+            count(self.stats, "skipped_unknown_size")
+            return None
+        results = self._run(node, {name: scope.array(name) for name in inputs})
+        if results is None:
+            return None
+        values: dict[str, np.ndarray] = {}
+        for name, result in zip(node.output, results):
+            if name:
+                problem = _mismatch(result, types[name])
+                if problem:
+                    count(self.stats, f"skipped_{problem}")
+                    return None
+                values[name] = result
+        if len(values) < len(outputs):
+            count(self.stats, "skipped_evaluation_error")
+            return None
+        if self._too_large(sum(v.nbytes for v in values.values()), input_bytes):
+            return None
+        return values
+
+    def _too_large(self, output_bytes: int, input_bytes: int) -> bool:
+        """Folding may not grow the model by more than ``max_bytes`` per node (Expand, Tile, ConstantOfShape...)."""
+        if output_bytes > self.max_bytes and output_bytes > input_bytes:
+            count(self.stats, "skipped_too_large")
+            return True
+        return False
+
+    def _infer(self, node: onnx.NodeProto, scope: _Scope, inputs: list[str]) -> dict[str, onnx.TypeProto] | None:
+        """Output types from the op's own shape inference, with small constant inputs as data."""
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.opset, "")
+        except onnx.defs.SchemaError:
+            count(self.stats, f"skipped_unsupported_{node.op_type}")
+            return None
+        data = {name: scope.inference_data(name) for name in inputs}
+        try:
+            return onnx.shape_inference.infer_node_outputs(
+                schema, node, {name: scope.type_proto(name) for name in inputs},
+                {name: tensor for name, tensor in data.items() if tensor is not None},
+                opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        except Exception:  # the node is invalid on these inputs: leave it for the runtime to report
+            count(self.stats, "skipped_inference_error")
+            return None
+
+    def _run(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list | None:
+        try:
+            return evaluate_node(node, feeds, self.opset)
+        except NodeEvaluationError as exc:
+            count(self.stats, f"skipped_{exc.reason}")
+            return None
+
+    # ----------------------------------------------------------------------- static shapes
+
+    def _fold_shape(self, node: onnx.NodeProto, partial_shapes: dict) -> dict[str, np.ndarray] | None:
+        if self._shapes is None:  # one shape inference per pass, only if a Shape/Size needs it
+            self._shapes = value_shapes(self.model)
+            # an initializer that is also an input may be fed with another shape: only its declaration counts
+            declared = {v.name: input_dims(v) for v in self.model.graph.input}
+            for init in self.model.graph.initializer:
+                if init.name in declared:
+                    self._shapes[init.name] = declared[init.name]
+        dims = self._shapes.get(node.input[0])
+        if dims is None:
+            return None
+        return self._shape_values(node, dims, partial_shapes)
+
+    def _shape_values(self, node: onnx.NodeProto, dims: Iterable, partial_shapes: dict) -> dict[str, np.ndarray] | None:
+        """Shape/Size of known dims; a Shape with some unknown dims is remembered for Gather/Slice."""
+        known = tuple(d if isinstance(d, int) and d >= 0 else None for d in dims)  # -1 and names: dynamic
+        if node.op_type == "Size":
+            if None in known:
+                return None
+            values = {node.output[0]: np.array(int(np.prod(known, dtype=np.int64)), dtype=np.int64)}
+        else:
+            attrs = {a.name: a.i for a in node.attribute}
+            picked = known[attrs.get("start", 0):attrs.get("end", len(known))]  # ONNX clamps like Python slices
+            if None in picked:
+                if any(d is not None for d in picked):
+                    partial_shapes[node.output[0]] = picked
+                return None
+            values = {node.output[0]: np.array(picked, dtype=np.int64)}
+        count(self.stats, "shape_nodes_folded")
+        return values
+
+    def _pick_dims(self, node: onnx.NodeProto, scope: _Scope, partial_shapes: dict) -> dict[str, np.ndarray] | None:
+        """Gather/Slice of a partly known shape: run the node on dim positions, fold if it picks known dims only."""
+        if not all(scope.is_constant(name) for name in node.input[1:]):
+            return None
+        dims = partial_shapes[node.input[0]]
+        feeds = {name: scope.array(name) for name in node.input[1:] if name}
+        feeds[node.input[0]] = np.arange(len(dims), dtype=np.int64)
+        results = self._run(node, feeds)
+        if results is None:
+            return None
+        positions = results[0]
+        picked = [dims[p] for p in positions.reshape(-1)]
+        if None in picked:
+            if positions.ndim == 1 and any(d is not None for d in picked):
+                partial_shapes[node.output[0]] = tuple(picked)
+            return None
+        count(self.stats, "shape_nodes_folded")
+        return {node.output[0]: np.array(picked, dtype=np.int64).reshape(positions.shape)}
+
+    # ----------------------------------------------------------------------- rewriting
+
+    def _rewrite(self, graph: onnx.GraphProto, scope: _Scope, kept: list[onnx.NodeProto], released: set[str],
+                 folded_by: dict[str, onnx.NodeProto]) -> set[str]:
+        """Emit folded values something still reads; drop what only folded nodes read; rebuild lists once."""
+        kept_uses = [list(dict.fromkeys(node_uses(node))) for node in kept]  # after bodies were folded
+        readers = Counter(name for uses in kept_uses for name in uses)
+        readers.update(o.name for o in graph.output)
+        producer = {out: j for j, node in enumerate(kept) for out in node.output if out}
+        removable = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+        dead_nodes: set[int] = set()
+        dead_initializers: set[str] = set()
+        outer_released: set[str] = set()
+        stack = list(released)
+        while stack:
+            name = stack.pop()
+            if readers[name] > 0 or name in dead_initializers:
+                continue
+            if name not in scope.local:
+                outer_released.add(name)
+            elif name in removable:
+                dead_initializers.add(name)
+            elif name in producer and producer[name] not in dead_nodes:
+                j = producer[name]
+                if not any(readers[out] for out in kept[j].output if out):
+                    dead_nodes.add(j)
+                    for use in kept_uses[j]:
+                        readers[use] -= 1
+                        stack.append(use)
+
+        outputs = {o.name for o in graph.output}
+        initializers, constants = [], []
+        for name, array in scope.folded.items():
+            if readers[name] <= 0:
+                continue
+            tensor = self._tensor(name, array)
+            if name in outputs or self.constant_nodes_only:
+                constants.append(helper.make_node("Constant", [], [name], name=self._node_name(folded_by, name),
+                                                  value=tensor))
+            else:
+                initializers.append(tensor)
+        replace_nodes(graph, [*constants, *(node for j, node in enumerate(kept) if j not in dead_nodes)])
+        if dead_initializers:
+            filter_field(graph.initializer, lambda t: t.name not in dead_initializers)
+        graph.initializer.extend(initializers)
+        gone = {name for name in scope.folded if readers[name] <= 0} | dead_initializers
+        gone.update(out for j in dead_nodes for out in kept[j].output)
+        if graph.value_info:
+            filter_field(graph.value_info, lambda v: v.name not in gone)
+        self.stats["initializers_added"] += len(initializers)
+        self.stats["constant_nodes_added"] += len(constants)
+        self.stats["nodes_removed"] += len(dead_nodes)
+        self.stats["initializers_removed"] += len(dead_initializers)
+        return outer_released
+
+    def _tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        if self.spill and array.nbytes >= EXTERNAL_THRESHOLD and array.dtype != object:  # strings stay inline
+            tensor = onnx.TensorProto(name=name, data_location=onnx.TensorProto.EXTERNAL)
+            set_tensor_array(tensor, array)
+            return tensor
+        return numpy_helper.from_array(np.require(array, requirements="C"), name)
+
+    def _node_name(self, folded_by: dict[str, onnx.NodeProto], output: str) -> str:
+        if self._names is None:
+            self._names = unique_name_factory(self.model)
+        return self._names((folded_by[output].name or output) + "_folded")
+
+
+def _blocker(node: onnx.NodeProto, standard: bool) -> str | None:
+    """Why a node with constant inputs still may not be folded, if it may not."""
+    if not standard:
+        return "custom_domain"
+    if node.op_type in NONDETERMINISTIC_OPS:
+        return "nondeterministic"
+    if node.op_type in KEPT_OPS:
+        return node.op_type
+    if next(node_subgraphs(node), None) is not None:
+        return "control_flow"
+    return None
+
+
+def _mismatch(result, type_proto: onnx.TypeProto) -> str | None:
+    """Why an evaluated output cannot stand for the node's output (the reference broke the op's type rules)."""
+    elem_type = type_proto.tensor_type.elem_type
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
+    if not isinstance(result, np.ndarray) or result.dtype != dtype:
+        return "dtype_mismatch"
+    dims = _static_dims(type_proto)
+    if dims is not None and (len(dims) != result.ndim or any(d not in (None, r) for d, r in zip(dims, result.shape))):
+        return "shape_mismatch"
+    return None
+
+
+def _static_dims(type_proto: onnx.TypeProto) -> tuple[int | None, ...] | None:
+    """Dims of an inferred tensor type (None where unknown), or None when even the rank is unknown."""
+    tensor = type_proto.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+
+
+def _nbytes(dims: tuple[int, ...], elem_type: int) -> int:
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize if elem_type else 8
+    return int(np.prod(dims, dtype=np.int64)) * itemsize
