@@ -231,6 +231,11 @@ def evaluate_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int
         raise NodeEvaluationError("evaluation_error") from None
 
 
+# ops exporters wrap weights in (paddle: a Conv bias as Reshape(Constant)); ConstantResolver sees through them
+CONSTANT_FOLDABLE = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten"})
+MAX_EVALUATED_ELEMENTS = 1 << 20  # a derived constant from bigger inputs is not computed (biases are far smaller)
+
+
 class WeightStore:
     """Constant tensors of one graph by value name: initializers and ``Constant`` outputs alike.
 
@@ -327,3 +332,46 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
+
+
+class ConstantResolver:
+    """Constant values of one graph: its weights (initializers that are not graph inputs, Constant
+    nodes) and small chains of Reshape / Unsqueeze / ... over them, computed once each with
+    :func:`evaluate_node`. Inputs bigger than MAX_EVALUATED_ELEMENTS are not evaluated."""
+
+    def __init__(self, index: GraphIndex, store: WeightStore, opset: int) -> None:
+        self.index, self.store, self.opset = index, store, opset
+        self._derived: dict[str, np.ndarray | None] = {}
+        self._local: set[str] | None = None
+
+    def value(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        if name in self.store:
+            return self.store.array(name)
+        if name not in self._derived:
+            self._derived[name] = None  # also guards against cycles
+            self._derived[name] = self._evaluate(name)
+        return self._derived[name]
+
+    def _evaluate(self, name: str) -> np.ndarray | None:
+        node = self.index.producer_node(name)
+        if (node is None or node.op_type not in CONSTANT_FOLDABLE or node.domain not in STANDARD_DOMAINS
+                or any(node_subgraphs(node))):
+            return None
+        inputs = [self.value(n) if n else None for n in node.input]
+        if any(x is None for x, n in zip(inputs, node.input) if n):
+            return None
+        if sum(x.size for x in inputs if x is not None) > MAX_EVALUATED_ELEMENTS:
+            return None
+        try:
+            outputs = evaluate_node(node, {n: x for n, x in zip(node.input, inputs) if n}, self.opset)
+        except NodeEvaluationError:
+            return None
+        return np.asarray(outputs[list(node.output).index(name)])
+
+    def is_outer(self, name: str) -> bool:
+        """Whether a name comes from an enclosing graph (a body's outer-scope reference)."""
+        if self._local is None:
+            self._local = defined_names(self.index.graph)
+        return bool(name) and name not in self._local

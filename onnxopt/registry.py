@@ -6,7 +6,9 @@ from .passes.base import Pass
 from .passes.cse import CommonSubexpressionElimination
 from .passes.dce import DeadCodeElimination
 from .passes.distill import Distill
+from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_constants import FoldConstants
+from .passes.fuse_bias import FuseBias
 from .passes.lift_constants import LiftConstants
 from .passes.prune import Prune
 from .passes.prune_neurons import PruneNeurons
@@ -22,6 +24,8 @@ PASSES: dict[str, type[Pass]] = {
         FoldConstants,
         RemoveNoops,
         CommonSubexpressionElimination,
+        FoldBatchNorm,
+        FuseBias,
         Prune,
         PruneNeurons,
         ZeroRows,

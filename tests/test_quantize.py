@@ -111,7 +111,7 @@ def test_cnn_qdq_structure_stats_and_fusion(tmp_path):
     result = quantize(model, method="minmax")
     assert result.modified
     assert result.stats == {"nodes_quantized": 2, "weights_quantized": 2, "activations_quantized": 4,
-                            "batchnorm_folded": 1, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2}
+                            "batchnorm_folded": 1, "biases_fused": 0, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2}
     q = result.model
     assert check_structure(q) is None and check_interface(model, q) == []
     ops = Counter(n.op_type for n in q.graph.node)

@@ -35,10 +35,12 @@ from onnx import numpy_helper
 from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
 from ..data import FeedSet
 from ..errors import InputError
-from ..graph import (GraphIndex, WeightStore, filter_field, model_graphs, opset_version, replace_nodes,
+from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes,
                      unique_name_factory, walk_graphs)
 from ..validate import Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
+from .fold_batchnorm import fold_batchnorm
+from .fuse_bias import fuse_bias
 from .weights import WeightUse, attribute, mean_contribution, to_canonical, weight_use
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -60,6 +62,7 @@ class QuantizeOptions:
     exclude_op_types: tuple[str, ...] = ()
     bias_correction: bool = True
     fold_batchnorm: bool = True
+    fuse_bias: bool = True
     min_cosine: float = 0.0  # > 0: accuracy-aware mode
     sensitivity_samples: int = 32
     batch_size: int = 0  # samples per calibration run; 0: joined automatically where the batch axis allows
@@ -145,15 +148,18 @@ class QuantizePass(Pass):
             stats["opset_upgraded_from"] = before
         make_name = unique_name_factory(model)
         named = _name_heavy_nodes(model.graph, make_name)
+        opset = opset_version(model)
         if opt.fold_batchnorm:
-            stats["batchnorm_folded"] = sum(_fold_batchnorm(g, make_name) for g in model_graphs(model))
+            stats["batchnorm_folded"] = sum(fold_batchnorm(g, make_name, opset) for g in model_graphs(model))
+        if opt.fuse_bias:  # Add(Conv, per-channel constant) becomes the Conv's own (int32) bias: no Q/DQ between
+            stats["biases_fused"] = sum(fuse_bias(g, make_name, opset) for g in model_graphs(model))
         index, store = GraphIndex(model.graph), WeightStore(model.graph)
         plan = _plan(index, store, opt, set(opt.exclude_nodes), stats)
         axes = {u.activations[0]: u.use.data_axis for u in plan.units if u.use is not None} if opt.bias_correction else {}
         return CalibrationRequest(
             model=model, tensors=sorted(set(plan.acts.values())), mean_axes=axes,
             histogram_bins=0 if opt.method == "minmax" else 2048,
-            modified=before < QDQ_OPSET or named > 0 or bool(stats.get("batchnorm_folded")),
+            modified=before < QDQ_OPSET or named > 0 or bool(stats.get("batchnorm_folded") or stats.get("biases_fused")),
             stats=stats, plan=plan, index=index, store=store, subgraphs=_subgraph_units(model, opt),
             make_name=make_name)
 
@@ -222,49 +228,6 @@ def _name_heavy_nodes(graph: onnx.GraphProto, make_name) -> int:
             node.name = make_name(f"{node.op_type}_{node.output[0]}")
             named += 1
     return named
-
-
-def _fold_batchnorm(graph: onnx.GraphProto, make_name) -> int:
-    """Fold BatchNormalization into the Conv before it, so weights are quantized as they are used.
-
-    The BN parameters used by nothing else go too (no float leftovers in the file).
-    """
-    index, store = GraphIndex(graph), WeightStore(graph)
-    drop: set[int] = set()
-    dead: set[str] = set()
-    for i, bn in enumerate(index.nodes):
-        if bn.op_type != "BatchNormalization" or any(bn.output[1:]):
-            continue
-        conv = index.producer_node(bn.input[0])
-        params = [store.array(n) for n in bn.input[1:5]]
-        has_bias = conv is not None and len(conv.input) > 2 and bool(conv.input[2])
-        if (conv is None or conv.op_type != "Conv" or conv.input[1] not in store or any(p is None for p in params)
-                or len(index.consumers.get(bn.input[0], ())) != 1 or index.is_graph_output(bn.input[0])
-                or len(index.consumers.get(conv.input[1], ())) != 1
-                or has_bias and (conv.input[2] not in store or len(index.consumers.get(conv.input[2], ())) != 1)):
-            continue
-        eps = attribute(bn, "epsilon", 1e-5)
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        factor = gamma / np.sqrt(var + eps)
-        w = store.array(conv.input[1])
-        bias = store.array(conv.input[2]) if has_bias else np.zeros(w.shape[0])
-        store.set_array(conv.input[1], (w * factor.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype))
-        folded_bias = ((bias - mean) * factor + beta).astype(w.dtype)
-        if has_bias:
-            store.set_array(conv.input[2], folded_bias)
-        else:
-            name = make_name(f"{conv.input[1]}_bias")
-            store.add_initializer(name, folded_bias)
-            del conv.input[2:]
-            conv.input.append(name)
-        conv.output[0] = bn.output[0]
-        drop.add(i)
-        dead.update(n for n in bn.input[1:5] if len(index.consumers.get(n, ())) == 1 and not index.is_graph_output(n))
-    if drop:
-        drop.update(index.producer[n] for n in dead if n in index.producer)
-        replace_nodes(graph, (n for i, n in enumerate(index.nodes) if i not in drop))
-        filter_field(graph.initializer, lambda t: t.name not in dead)
-    return len([i for i in drop if index.nodes[i].op_type == "BatchNormalization"])
 
 
 def _checked(feeds, model: onnx.ModelProto):

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 
-from ..graph import (STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, WeightStore, evaluate_node, filter_field,
-                     node_subgraphs, opset_version, unique_name_factory, value_shapes, walk_graphs)
+from ..graph import (STANDARD_DOMAINS, ConstantResolver, GraphIndex, NodeEvaluationError, WeightStore, evaluate_node,
+                     filter_field, node_subgraphs, opset_version, unique_name_factory, value_shapes, walk_graphs)
 from .base import Pass, PassResult
 from .weights import BiasAdder, WeightUse, attribute, from_canonical, to_canonical, weight_use
 
@@ -40,9 +40,6 @@ CHANNELWISE_UNARY = {
 CHANNELWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu", "Pow"}
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 # Ops whose derived constant outputs (of constant inputs) the analysis computes itself.
-CONSTANT_FOLDABLE = {"Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten"}
-
-
 @dataclass(eq=False)
 class Channels:
     """A value carrying channels on ``axis`` (negative): the variable at each position and its constants."""
@@ -96,7 +93,7 @@ class ChannelGraph:
         self.sliced_constants: list[tuple[onnx.NodeProto, int, str, int]] = []  # node, input, channel value, axis
         self.reshapes: list[tuple[onnx.NodeProto, str, int]] = []           # node, channel value, block size
         self.balanced: list[tuple[np.ndarray, int]] = []  # grouped Conv sides: channels, groups
-        self._derived: dict[str, np.ndarray | None] = {}
+        self.constants = ConstantResolver(self.index, self.store, self.opset)
         self._unions: list[tuple[np.ndarray, np.ndarray]] = []
         self._pins: list[np.ndarray] = []
         self._variables = 0
@@ -111,16 +108,7 @@ class ChannelGraph:
 
     def constant(self, name: str) -> np.ndarray | None:
         """A weight, or a small constant computed from weights (Reshape/Unsqueeze/... of constants)."""
-        if name in self.store:
-            return self.store.array(name)
-        if name not in self._derived:
-            self._derived[name] = None
-            node = self.index.producer_node(name)
-            if node is not None and node.op_type in CONSTANT_FOLDABLE and node.domain in STANDARD_DOMAINS:
-                inputs = [self.constant(i) if i else None for i in node.input]
-                if all(x is not None for x, i in zip(inputs, node.input) if i):
-                    self._derived[name] = self._evaluate(node, dict(zip(node.input, inputs)))
-        return self._derived[name]
+        return self.constants.value(name)
 
     def readers(self, name: str) -> int:
         return len(self.index.consumers.get(name, ()))

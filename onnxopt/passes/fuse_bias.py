@@ -1,0 +1,370 @@
+"""fuse-bias: an Add of a per-channel constant after a Conv / Gemm / MatMul becomes that node's bias, exactly.
+
+Patterns, the producer's output read by the Add alone and not a graph output:
+- Conv / ConvTranspose with a constant weight, plus a constant that holds one value per output
+  channel ([C,1,1], [1,C,1,1], [C,1], [1], a scalar: axis 1 of the output, 1 on every other axis,
+  rank at most the output's) -> the bias B (created, or B + constant).
+- Gemm with a constant B, plus a constant that varies along the last axis only ([N], [1,N], [1], a
+  scalar) -> C := beta * C + constant as a 1-D [N] (or C's own shape), beta := 1; alpha and the
+  transposes are untouched (they do not act on C).
+- MatMul with a constant 2-D weight and a 2-D input (rank from one shape inference of the model),
+  plus such a constant -> Gemm(A, W, constant). An N-D MatMul is left as it is, and counted
+  (``skipped_matmul_not_2d``): onnxruntime fuses MatMul + Add itself.
+A constant is an initializer that is not a graph input (those can be overridden), a Constant node,
+or a small chain of Reshape / Unsqueeze / Squeeze / Flatten / Identity / Cast over those, evaluated
+by the ONNX reference (paddle exports a Conv bias as ``Add(Conv, Reshape(Constant))``).
+
+The producer then writes the Add's output (graph outputs keep their names). The Add goes, and so
+do the constants only it read (the Reshape, its Constant inputs, initializers): removed here, not
+left to dce. A bias read by this node alone is changed in place, else a new initializer is made.
+Sums are computed in float64 and written in the weight's dtype (float16 / bfloat16 included).
+
+Shared with fold-batchnorm: :class:`GraphEdit` (reader counts, dead constant chains, one rebuild),
+:class:`ConstantResolver`, :func:`producer_layout`, :func:`write_input` and :func:`value_ranks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..graph import (CONSTANT_FOLDABLE, STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, filter_field,
+                     opset_version, replace_nodes, unique_name_factory, walk_graphs, walk_nodes)
+from ..tensors import FLOAT_TYPES
+from .base import Pass, PassResult, count
+from .weights import attribute
+
+PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+SWEEPABLE = frozenset(CONSTANT_FOLDABLE | {"Constant"})  # constant-chain ops removed once nobody reads them
+GEMM_MIN_OPSET = 7  # unidirectional broadcast of Gemm's C
+
+Rank = Callable[[str], "int | None"]
+
+
+class FuseBias(Pass):
+    name = "fuse-bias"
+    summary = "fold an Add of a per-channel constant after Conv/Gemm (and 2-D MatMul -> Gemm) into the bias"
+    exact = True
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        stats: dict[str, int | float] = {"biases_fused": 0}
+        return PassResult(model, run_per_graph(model, stats, "Add", fuse_bias) > 0, stats)
+
+
+def run_per_graph(model: onnx.ModelProto, stats: dict[str, int | float], follower: str, rewrite) -> int:
+    """Apply ``rewrite(graph, make_name, opset, stats, rank)`` to every graph, outer before inner
+    (each body is reached after its enclosing graph was rebuilt); how many rewrites were made.
+
+    Ranks come from one shape inference of the model, run before any change and only where a MatMul
+    feeds a ``follower`` node (the one case that needs a rank).
+    """
+    if model.ir_version < 4:  # before IR 4 every initializer must also be a graph input
+        stats["skipped_ir_version_below_4"] = sum(n.op_type == follower for n in walk_nodes(model.graph))
+        return 0
+    ranks = value_ranks(model) if _matmul_feeds(model, follower) else None
+    make_name = unique_name_factory(model)
+    opset = opset_version(model)
+    done = 0
+    for position, graph in enumerate(walk_graphs(model.graph)):
+        known = ranks[position] if ranks is not None and position < len(ranks) else declared_ranks(graph)
+        done += rewrite(graph, make_name, opset, stats, known.get)
+    return done
+
+
+def fuse_bias(graph: onnx.GraphProto, make_name, opset: int, stats: dict[str, int | float] | None = None,
+              rank: Rank | None = None) -> int:
+    """Fuse Add-of-constant into the Conv / ConvTranspose / Gemm / MatMul before it, in one graph
+    (its bodies are not entered); how many were fused. Skips are counted into ``stats``."""
+    stats = {} if stats is None else stats
+    stats.setdefault("biases_fused", 0)
+    rank = rank or declared_ranks(graph).get
+    index, store = GraphIndex(graph), WeightStore(graph)
+    constants = ConstantResolver(index, store, opset)
+    edit = GraphEdit(index)
+    fused = 0
+    for i in index.topological_order():
+        add = index.nodes[i]
+        if add.op_type != "Add" or add.domain not in STANDARD_DOMAINS or len(add.input) != 2:
+            continue
+        found = _producer_side(add, index, edit, constants)
+        if found is None:
+            continue
+        if isinstance(found, str):
+            count(stats, f"skipped_{found}")
+            continue
+        k, p, constant = found
+        reason = _fuse(add, i, k, p, constant, index, store, constants, edit, make_name, opset, rank, stats)
+        if reason is None:
+            fused += 1
+        else:
+            count(stats, f"skipped_{reason}")
+    stats["biases_fused"] += fused
+    edit.finish(stats)
+    return fused
+
+
+def _producer_side(add, index: GraphIndex, edit: GraphEdit, constants: ConstantResolver):
+    """(operand position, producer position, constant) of an Add fed by a producer; a skip reason
+    when no producer-fed operand has a constant other operand; None when no producer feeds it."""
+    other = None
+    for k in (0, 1):
+        p = edit.producer(add.input[k])
+        if p is None or p in edit.dropped:
+            continue
+        node = index.nodes[p]
+        if node.op_type not in PRODUCERS or node.domain not in STANDARD_DOMAINS or node.output[0] != add.input[k]:
+            continue
+        value = constants.value(add.input[1 - k])
+        if value is not None:
+            return k, p, value
+        other = other or add.input[1 - k]
+    if other is None:
+        return None
+    return "outer_scope_constant" if constants.is_outer(other) else "runtime_operand"
+
+
+def _fuse(add, i, k, p, constant: np.ndarray, index: GraphIndex, store: WeightStore, constants: ConstantResolver,
+          edit: GraphEdit, make_name, opset: int, rank: Rank, stats) -> str | None:
+    node, out = index.nodes[p], add.input[k]
+    if index.is_graph_output(out):
+        return "output_is_graph_output"
+    if edit.readers(out) != 1:
+        return "output_has_other_readers"
+    layout = producer_layout(node, constants, opset, rank)
+    if isinstance(layout, str):
+        return layout
+    if constant.dtype != layout.dtype:
+        return "dtype_mismatch"
+    reason = per_channel_reason(constant.shape, layout.out_rank, layout.channels)
+    if reason:
+        return reason
+    old = layout.bias_name
+    old_value = constants.value(old) if old else None
+    reason = bias_reason(old, old_value, layout.channels, constants)
+    if reason:
+        return reason
+    delta = np.broadcast_to(constant.astype(np.float64).reshape(-1), (layout.channels,))
+    if node.op_type == "Gemm":
+        beta = float(attribute(node, "beta", 1.0))
+        base = beta * old_value.astype(np.float64) if old_value is not None and beta != 0 else 0.0
+        set_gemm_beta_one(node)
+    else:  # Conv / ConvTranspose bias, or the C of a MatMul turned Gemm
+        base = old_value.astype(np.float64) if old_value is not None else 0.0
+    if node.op_type == "MatMul":
+        node.op_type = "Gemm"
+        count(stats, "matmuls_to_gemm")
+    write_input(node, 2, (base + delta).astype(layout.dtype), store, edit, make_name,
+                f"{node.name or node.output[0]}_bias")
+    edit.take_over(p, add.output[0])
+    edit.remove(i)
+    return None
+
+
+# --------------------------------------------------------------------------- shared with fold-batchnorm
+
+
+@dataclass
+class Layout:
+    """What a fusion needs to know of a producer with a constant weight."""
+
+    weight: str
+    dtype: np.dtype
+    channels: int           # output channels (on axis 1 of the output; the last axis for Gemm/MatMul)
+    out_rank: int
+    bias_name: str          # its bias input ("" when absent)
+
+
+def producer_layout(node: onnx.NodeProto, constants: ConstantResolver, opset: int, rank: Rank) -> Layout | str:
+    """The layout of a Conv / ConvTranspose / Gemm / MatMul whose weight is a float constant of
+    this graph (initializer or Constant node), or why not.
+
+    A MatMul qualifies when its input is 2-D (then it can become a Gemm, and its output channels
+    are on axis 1 like the others').
+    """
+    if len(node.input) < 2 or not node.input[1]:
+        return "dynamic_weight"
+    weight, store = node.input[1], constants.store
+    tensor = store.tensor(weight) if weight in store else None
+    if tensor is None:
+        return "outer_scope_weight" if constants.is_outer(weight) else "dynamic_weight"
+    if tensor.data_type not in FLOAT_TYPES:
+        return "not_float"
+    dims = tuple(tensor.dims)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if node.op_type == "Conv":
+        if len(dims) < 3:
+            return "dynamic_weight"
+        return Layout(weight, dtype, dims[0], len(dims), bias)
+    if node.op_type == "ConvTranspose":
+        if len(dims) < 3:
+            return "dynamic_weight"
+        return Layout(weight, dtype, dims[1] * int(attribute(node, "group", 1)), len(dims), bias)
+    if len(dims) != 2:
+        return "weight_not_2d"
+    if opset < GEMM_MIN_OPSET:
+        return "old_opset"
+    if node.op_type == "Gemm":
+        return Layout(weight, dtype, dims[0] if attribute(node, "transB", 0) else dims[1], 2, bias)
+    if node.input[0] in store:
+        return "dynamic_weight"  # constant @ runtime value: the weight is the first operand
+    data_rank = rank(node.input[0])
+    if data_rank is None:
+        return "matmul_rank_unknown"
+    if data_rank != 2:
+        return "matmul_not_2d"
+    return Layout(weight, dtype, dims[1], 2, "")
+
+
+def per_channel_reason(shape: tuple[int, ...], out_rank: int, channels: int) -> str | None:
+    """None when adding a constant of ``shape`` to an output of rank ``out_rank`` with ``channels`` on
+    axis 1 adds one value per channel and leaves the output's shape as it is; else a skip reason."""
+    if len(shape) > out_rank:
+        return "broadcast_changes_shape"
+    offset = out_rank - len(shape)
+    for k, d in enumerate(shape):
+        if d == 1:
+            continue
+        if offset + k != 1:
+            return "not_per_channel"
+        if d != channels:
+            return "broadcast_changes_shape"
+    return None
+
+
+def bias_reason(name: str, value: np.ndarray | None, channels: int, constants: ConstantResolver) -> str | None:
+    """Why a producer's bias input cannot take a per-channel sum (None: it can): computed at run
+    time, or a Gemm C that varies along the batch axis only ([M, 1]), which would grow to [M, N]."""
+    if name and value is None:
+        return "outer_scope_bias" if constants.is_outer(name) else "runtime_bias"
+    if value is not None and value.ndim == 2 and value.shape[1] == 1 and value.shape[0] > 1 and channels > 1:
+        return "bias_would_grow"
+    return None
+
+
+def set_gemm_beta_one(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if attr.name == "beta":
+            attr.f = 1.0
+
+
+def write_input(node: onnx.NodeProto, position: int, value: np.ndarray, store: WeightStore, edit: GraphEdit,
+                make_name, base: str) -> None:
+    """Give a node's input ``position`` the constant ``value``: in place where only this node reads
+    the constant there (initializer or Constant node), else as a new initializer (the old one released)."""
+    name = node.input[position] if position < len(node.input) else ""
+    if name and name in store and edit.readers(name) == 1 and not edit.index.is_graph_output(name):
+        store.set_array(name, value)
+        return
+    fresh = make_name(base)
+    store.add_initializer(fresh, value)
+    edit.add_reader(fresh)
+    while len(node.input) <= position:
+        node.input.append("")
+    node.input[position] = fresh
+    if name:
+        edit.release(name)
+
+
+class GraphEdit:
+    """Changes to one graph's node list, decided while rewriting and applied once in :meth:`finish`.
+
+    Reader counts start from the index (built before any rewrite) and follow the edit. A removed
+    node releases what it read; a constant chain (Constant, Reshape / Unsqueeze / ... nodes) whose
+    last reader goes is removed with it, and so is an initializer no node reads any more. Graph
+    inputs and outputs are never removed. Reads from inside bodies count (the index sees them).
+    """
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self._readers: dict[str, int] = {}
+        self.dropped: set[int] = set()
+        self.dead_initializers: set[str] = set()
+        self.gone: set[str] = set()  # value names nothing produces any more (their value_info goes)
+        self._taken: dict[str, int] = {}  # value name -> position of the node that produces it now
+        self._initializers: set[str] | None = None
+
+    def readers(self, name: str) -> int:
+        return self._readers.get(name, len(self.index.consumers.get(name, ())))
+
+    def add_reader(self, name: str) -> None:
+        self._readers[name] = self.readers(name) + 1
+
+    def producer(self, name: str) -> int | None:
+        return self._taken.get(name, self.index.producer.get(name))
+
+    def take_over(self, position: int, name: str) -> None:
+        """The node at ``position`` writes ``name`` (the output of a node being removed) instead of its own output."""
+        node = self.index.nodes[position]
+        self.gone.add(node.output[0])
+        node.output[0] = name
+        self._taken[name] = position
+
+    def remove(self, position: int) -> None:
+        self.dropped.add(position)
+        for name in dict.fromkeys(self.index.uses[position]):
+            self.release(name)
+
+    def release(self, name: str) -> None:
+        left = self.readers(name) - 1
+        self._readers[name] = left
+        if left > 0 or self.index.is_graph_output(name):
+            return
+        p = self.index.producer.get(name)
+        if p is None:
+            if self._initializers is None:
+                inputs = {v.name for v in self.index.graph.input}
+                self._initializers = {t.name for t in self.index.graph.initializer if t.name not in inputs}
+            if name in self._initializers:
+                self.dead_initializers.add(name)
+                self.gone.add(name)
+            return
+        node = self.index.nodes[p]
+        if p in self.dropped or node.op_type not in SWEEPABLE or node.domain not in STANDARD_DOMAINS:
+            return
+        outputs = [o for o in node.output if o]
+        if all(self.readers(o) <= 0 and not self.index.is_graph_output(o) for o in outputs):
+            self.gone.update(outputs)
+            self.remove(p)
+
+    def finish(self, stats: dict[str, int | float]) -> None:
+        graph = self.index.graph
+        if self.dropped:
+            replace_nodes(graph, (n for i, n in enumerate(self.index.nodes) if i not in self.dropped))
+            count(stats, "nodes_removed", len(self.dropped))
+        if self.dead_initializers:
+            count(stats, "initializers_removed",
+                  filter_field(graph.initializer, lambda t: t.name not in self.dead_initializers))
+        if self.gone and graph.value_info:
+            filter_field(graph.value_info, lambda v: v.name not in self.gone)
+
+
+def value_ranks(model: onnx.ModelProto) -> list[dict[str, int]]:
+    """Known ranks of values per graph, in :func:`walk_graphs` order, from one shape inference
+    (each graph's own values; a body's outer-scope references are unknown there)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a hint; without it, declared shapes only
+        inferred = model
+    return [declared_ranks(g) for g in walk_graphs(inferred.graph)]
+
+
+def declared_ranks(graph: onnx.GraphProto) -> dict[str, int]:
+    ranks = {}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            ranks[v.name] = len(v.type.tensor_type.shape.dim)
+    ranks.update((t.name, len(t.dims)) for t in graph.initializer)
+    return ranks
+
+
+def _matmul_feeds(model: onnx.ModelProto, follower: str) -> bool:
+    """Whether some MatMul output is read by a ``follower`` node (in the same graph)."""
+    for graph in walk_graphs(model.graph):
+        outputs = {n.output[0] for n in graph.node if n.op_type == "MatMul" and n.output}
+        if outputs and any(n.op_type == follower and any(i in outputs for i in n.input) for n in graph.node):
+            return True
+    return False
