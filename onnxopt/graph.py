@@ -8,7 +8,7 @@ Tensors whose data is external are read lazily from disk (see :mod:`onnxopt.mode
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,6 +169,15 @@ def shadows_outer_names(graph: onnx.GraphProto, outer: tuple[set[str], ...] = ()
     inner = (*outer, defined)
     return any(shadows_outer_names(sub, inner) for node in graph.node if node.attribute
                for sub in node_subgraphs(node))
+
+
+def rename_values(names, resolve: Callable[[str], str]) -> None:
+    """Rename the entries of a repeated string field (node inputs or outputs) in place; '' stays."""
+    for k, name in enumerate(names):
+        if name:
+            new = resolve(name)
+            if new != name:
+                names[k] = new
 
 
 def replace_nodes(graph: onnx.GraphProto, nodes: Iterable[onnx.NodeProto]) -> None:

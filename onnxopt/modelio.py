@@ -76,7 +76,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise InputError(f"{path}: not a valid ONNX model, or the file is truncated: {first}") from None
+        raise InputError(f"{path}: the ONNX checker rejects the model: {first} "
+                         "(a file cut short can parse and fail this way too: check that it is not truncated)") from None
     return model
 
 

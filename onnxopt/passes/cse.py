@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..graph import (NONDETERMINISTIC_OPS, GraphIndex, constant_tensor, filter_field, node_subgraphs,
-                     opset_version, replace_nodes, shadows_outer_names)
+                     opset_version, rename_values, replace_nodes, shadows_outer_names)
 from ..tensors import external_info, is_external, tensor_nbytes
 from .base import Pass, PassResult, count
 
@@ -369,8 +369,8 @@ def _apply(scope: _Scope) -> None:
             continue
         for child in scope.children.get(i, ()):
             _apply(child)
-        _rename_fields(node.input, scope)
-        _rename_fields(node.output, scope)
+        rename_values(node.input, scope.final)
+        rename_values(node.output, scope.final)
     graph = scope.graph
     if scope.dropped_nodes:
         replace_nodes(graph, (n for i, n in enumerate(scope.nodes) if i not in scope.dropped_nodes))
@@ -384,11 +384,3 @@ def _apply(scope: _Scope) -> None:
     gone = set(scope.canon) | set(scope.display)
     if gone:
         filter_field(graph.value_info, lambda v: v.name not in gone)
-
-
-def _rename_fields(names, scope: _Scope) -> None:
-    for k, name in enumerate(names):
-        if name:
-            new = scope.final(name)
-            if new != name:
-                names[k] = new

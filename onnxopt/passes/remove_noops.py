@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, filter_field, node_subgraphs, opset_version,
-                     replace_nodes, shadows_outer_names, walk_nodes)
+                     rename_values, replace_nodes, shadows_outer_names, walk_nodes)
 from ..tensors import tensor_to_array
 from .base import Pass, PassResult, count
 
@@ -461,8 +461,8 @@ def _apply(scope: _Scope) -> None:
             continue
         for child in scope.children.get(i, ()):
             _apply(child)
-        _rename_fields(node.input, scope)
-        _rename_fields(node.output, scope)
+        rename_values(node.input, scope.resolve)
+        rename_values(node.output, scope.resolve)
     graph = scope.graph
     if scope.removed:
         replace_nodes(graph, (n for i, n in enumerate(nodes) if i not in scope.removed))
@@ -474,11 +474,3 @@ def _apply(scope: _Scope) -> None:
     gone = scope.alias.keys()
     if gone:
         filter_field(graph.value_info, lambda v: v.name not in gone)
-
-
-def _rename_fields(names, scope: _Scope) -> None:
-    for k, name in enumerate(names):
-        if name:
-            new = scope.resolve(name)
-            if new != name:
-                names[k] = new
