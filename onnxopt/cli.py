@@ -13,7 +13,7 @@ from .data import parse_input_shapes
 from .errors import OnnxoptError
 from .modelio import write_file_atomically
 from .pipeline import describe_options
-from .registry import PASSES
+from .registry import PASSES, PRESETS
 from .report import jsonable, format_info
 
 
@@ -124,6 +124,8 @@ def passes(as_json: bool, markdown: bool) -> None:
         click.echo(f"{row['name']:<16} {'exact' if row['exact'] else 'lossy'}  {row['summary']}")
         for opt in row["options"]:
             click.echo(f"    {opt['name']}: {opt['type']} = {opt['default']}")
+    for name, steps in PRESETS.items():
+        click.echo(f"{name:<16} preset {steps}")
 
 
 @main.command()

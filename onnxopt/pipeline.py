@@ -1,5 +1,7 @@
 """Textual pipelines: ``prune(sparsity=0.5),zero-rows,quantize(method=mse),dce``.
 
+A step names a pass, or a preset of the registry (``cleanup``) that stands for its steps.
+
 Steps are joined by commas; options are ``key=value`` typed from the pass's ``Options`` dataclass
 (bool, int, float, str, ``X | None`` with ``none``, and ``tuple[str, ...]`` written ``a|b``).
 :func:`format_pipeline` prints every option, defaults included, and parses back to the same steps.
@@ -61,7 +63,8 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
 
 
 def parse_pipeline(text: str) -> list[Step]:
-    from .registry import PASSES
+    """Steps of a pipeline; a preset name (``cleanup``) stands for its steps."""
+    from .registry import PASSES, PRESETS
 
     tokens = _tokens(text)
     if not tokens:
@@ -81,8 +84,17 @@ def parse_pipeline(text: str) -> list[Step]:
 
     while True:
         _, name, col = expect(("word",), "a pass name")
+        if name in PRESETS:
+            if i < len(tokens) and tokens[i][1] == "(":
+                raise PipelineError(text, tokens[i][2], f"preset '{name}' takes no options: "
+                                                        f"write its steps ({PRESETS[name]}) to set some")
+            steps.extend(parse_pipeline(PRESETS[name]))
+            if i >= len(tokens):
+                return steps
+            expect((",",), "',' between steps")
+            continue
         if name not in PASSES:
-            raise PipelineError(text, col, f"unknown pass '{name}'{_suggest(name, PASSES)}")
+            raise PipelineError(text, col, f"unknown pass '{name}'{_suggest(name, [*PASSES, *PRESETS])}")
         options_type = PASSES[name].Options
         fields = {f.name: f for f in dataclasses.fields(options_type)}
         hints = typing.get_type_hints(options_type)

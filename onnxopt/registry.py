@@ -33,3 +33,8 @@ PASSES: dict[str, type[Pass]] = {
         QuantizePass,
     )
 }
+
+# Named pipelines a step may name instead of a pass (expanded in place; they take no options).
+PRESETS: dict[str, str] = {
+    "cleanup": "lift-constants,fold-constants,remove-noops,cse,fold-batchnorm,fuse-bias,dce",
+}

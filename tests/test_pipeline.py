@@ -108,3 +108,13 @@ def test_pipelines_round_trip(ratio, steps, flag, method, names, limit):
     pipeline = [step, Step("dce", registry.PASSES["dce"].Options())]
     assert parse_pipeline(format_pipeline(pipeline)) == pipeline
     assert dataclasses.asdict(parse_pipeline(format_pipeline(pipeline))[0].options) == dataclasses.asdict(step.options)
+
+
+def test_preset_stands_for_its_steps():
+    from onnxopt.registry import PRESETS
+
+    assert parse_pipeline("cleanup,dce") == parse_pipeline(PRESETS["cleanup"] + ",dce")
+    with pytest.raises(PipelineError, match="preset 'cleanup' takes no options"):
+        parse_pipeline("cleanup(max_bytes=1)")
+    with pytest.raises(PipelineError, match="did you mean 'cleanup'"):
+        parse_pipeline("cleanp")
