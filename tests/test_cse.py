@@ -320,6 +320,41 @@ def test_lone_shapes_are_never_read(monkeypatch):
     assert read == []
 
 
+def test_same_shaped_weights_are_read_by_their_first_mib_unless_it_matches(tmp_path, monkeypatch):
+    """Weights that share dtype and shape (every layer of a transformer) are told apart by their first
+    MiB; only when that matches are all their bytes read, and a later difference still keeps them apart."""
+    import onnxopt.passes.cse as cse_module
+    from onnxopt.modelio import save_model
+
+    read: dict[str, int] = {}
+    real = cse_module._tensor_chunks
+
+    def counted(t):
+        for chunk in real(t):
+            read[t.name] = read.get(t.name, 0) + len(chunk)
+            yield chunk
+
+    monkeypatch.setattr(cse_module, "_tensor_chunks", counted)
+    rng = np.random.default_rng(5)
+    size = 1024  # 4 MiB of float32 per weight
+    first = rng.standard_normal((size, size)).astype(np.float32)
+    other = rng.standard_normal((size, size)).astype(np.float32)  # differs at once
+    late = first.copy()
+    late[-1, -1] += 1  # equal first MiB, differs at the end
+    names = ["w_first", "w_other", "w_late", "w_same"]
+    nodes = [helper.make_node("MatMul", ["x", n], [f"m{i}"]) for i, n in enumerate(names)]
+    nodes += [helper.make_node("Sum", [f"m{i}" for i in range(4)], ["y"])]
+    model = make_model(nodes, [value("x", [1, size])], [value("y", [1, size])],
+                       [tensor("w_first", first), tensor("w_other", other), tensor("w_late", late),
+                        tensor("w_same", first.copy())])
+    save_model(model, tmp_path / "m.onnx", external=True)
+    result = CommonSubexpressionElimination()(load_model(tmp_path / "m.onnx"))
+    assert result.stats["constants_merged"] == 1  # w_same into w_first; w_late stays
+    assert read["w_other"] <= (1 << 20) + 16  # its head differs: nothing past the first MiB
+    assert read["w_late"] > 4 << 20  # its head matched: hashed whole
+    assert {i.name for i in result.model.graph.initializer} == {"w_first", "w_other", "w_late"}
+
+
 # --------------------------------------------------------------------------- property
 
 UNARY = ["Relu", "Neg", "Sigmoid", "Abs"]

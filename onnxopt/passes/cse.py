@@ -5,8 +5,9 @@ serialized deterministically, canonical input names, which outputs are present);
 key is already in the table is dropped and its outputs' uses are renamed to the earlier node's.
 Because keys use canonical names (after earlier merges), whole duplicated chains merge in the
 same sweep. Constants (initializers and ``Constant`` nodes) are keyed by dtype and shape first,
-and are hashed only when a second constant of the same dtype and shape turns up, then compared
-byte for byte on equal hashes, so a model whose weights all differ in shape is never read.
+and their first MiB is hashed only when a second constant of the same dtype and shape turns up,
+all their bytes only when the first MiB matches too, then compared byte for byte on equal hashes:
+a model whose weights differ in shape is never read, and same-shaped weights only by their first MiB.
 
 Scopes: a subgraph (If/Loop/Scan body) is swept when its node is reached, with the enclosing
 table visible, so an inner node equal to an outer value computed earlier reuses it. Renames are
@@ -69,7 +70,7 @@ class _Const:
     tensor: onnx.TensorProto
     scope: _Scope
     is_node: bool
-    digest: bytes | None = None
+    key: tuple = ()  # (dtype, dims), then the head digest, then the full digest, as far as computed
     too_big: bool = False
 
 
@@ -86,9 +87,8 @@ class _Scope:
     outputs: set[str]
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     table: dict[tuple, _Rep] = field(default_factory=dict)
-    pending: dict[tuple, list[_Const]] = field(default_factory=dict)  # by (dtype, dims), not yet hashed
-    hashed: dict[tuple, list[_Const]] = field(default_factory=dict)  # by (dtype, dims, digest)
-    shapes: set[tuple] = field(default_factory=set)  # (dtype, dims) of the constants defined here
+    waiting: dict[tuple, list[_Const]] = field(default_factory=dict)  # constants by their key so far
+    seen: set[tuple] = field(default_factory=set)  # every key (at every level) of the constants defined here
     canon: dict[str, str] = field(default_factory=dict)  # dropped value -> the value that replaces it
     display: dict[str, str] = field(default_factory=dict)  # kept value -> graph output name it takes
     dropped_nodes: set[int] = field(default_factory=set)
@@ -138,7 +138,7 @@ class _Sweep:
             entry = _Const(init.name, init, scope, is_node=False)
             rep = self._find_const(entry)
             if rep is None:
-                self._add_const(entry)
+                self._register(entry)
             elif init.name in scope.outputs:
                 count(self.stats, "skipped_graph_output")
             else:
@@ -162,7 +162,7 @@ class _Sweep:
             entry = _Const(node.output[0], tensor, scope, is_node=True)
             rep = self._find_const(entry)
             if rep is None:
-                self._add_const(entry)
+                self._register(entry)
             elif self._merge(scope, i, node, [rep.name], rep.scope if rep.is_node else None):
                 self.stats["constants_merged"] += 1
             return
@@ -237,48 +237,53 @@ class _Sweep:
     # ---------------------------------------------------------------- constants
 
     def _find_const(self, entry: _Const) -> _Const | None:
-        shape_key = (entry.tensor.data_type, tuple(entry.tensor.dims))
-        if not any(shape_key in scope.shapes for scope in entry.scope.chain()):
-            return None  # the first constant of its dtype and shape: nothing read
-        # A second constant of this dtype and shape: hash it and every earlier one not yet hashed.
-        for scope in entry.scope.chain():
-            for other in scope.pending.pop(shape_key, ()):
-                self._hash_into(scope, other)
-        digest = self._digest(entry)
-        if digest is None:
-            return None
-        for scope in entry.scope.chain():
-            for other in scope.hashed.get((*shape_key, digest), ()):
+        """An earlier equal constant, reading as little as possible: the key is refined level by level
+        ((dtype, dims), the first _CHUNK bytes, all bytes) only while another constant shares it, and
+        those others are refined then too; full keys are confirmed byte for byte."""
+        entry.key = (entry.tensor.data_type, tuple(entry.tensor.dims))
+        chain = list(entry.scope.chain())
+        for limit in (_CHUNK, None):
+            if not any(entry.key in scope.seen for scope in chain):
+                return None  # the first constant with this key: nothing more to read
+            for scope in chain:
+                for other in scope.waiting.pop(entry.key, ()):
+                    self._refine(other, limit)
+                    self._register(other)
+            if not self._refine(entry, limit):
+                return None
+        for scope in chain:
+            for other in scope.waiting.get(entry.key, ()):
                 if _same_bytes(entry.tensor, other.tensor):
                     return other
         return None
 
-    def _add_const(self, entry: _Const) -> None:
+    def _register(self, entry: _Const) -> None:
+        """Record a kept constant under its key (and every shorter key, so later ones know to look)."""
         scope = entry.scope
-        shape_key = (entry.tensor.data_type, tuple(entry.tensor.dims))
-        if entry.digest is not None:
-            self._hash_into(scope, entry)
-        elif not entry.too_big:
-            scope.pending.setdefault(shape_key, []).append(entry)
-        scope.shapes.add(shape_key)
+        scope.seen.update(entry.key[:n] for n in range(1, len(entry.key) + 1))
+        if not entry.too_big:
+            scope.waiting.setdefault(entry.key, []).append(entry)
 
-    def _hash_into(self, scope: _Scope, entry: _Const) -> None:
-        digest = self._digest(entry)
-        if digest is not None:
-            scope.hashed.setdefault((entry.tensor.data_type, tuple(entry.tensor.dims), digest), []).append(entry)
-
-    def _digest(self, entry: _Const) -> bytes | None:
-        if entry.digest is None and not entry.too_big:
-            tensor = entry.tensor
-            if is_external(tensor) and tensor_nbytes(tensor) > self.max_external_bytes:
+    def _refine(self, entry: _Const, limit: int | None) -> bool:
+        """Extend the key by a digest of the first ``limit`` bytes (None: all); False when the tensor
+        is an external one too big to read."""
+        tensor = entry.tensor
+        if entry.too_big or is_external(tensor) and tensor_nbytes(tensor) > self.max_external_bytes:
+            if not entry.too_big:
                 entry.too_big = True
                 count(self.stats, "skipped_large_external_constant")
-                return None
-            h = hashlib.blake2b(digest_size=16)
-            for chunk in _tensor_chunks(tensor):
-                h.update(chunk)
-            entry.digest = h.digest()
-        return entry.digest
+            return False
+        h = hashlib.blake2b(digest_size=16)
+        left = limit
+        for chunk in _tensor_chunks(tensor):
+            if left is not None:
+                chunk = chunk[:left]
+                left -= len(chunk)
+            h.update(chunk)
+            if left == 0:
+                break
+        entry.key = (*entry.key, h.digest())
+        return True
 
 
 def _node_key(scope: _Scope, node: onnx.NodeProto) -> tuple:
