@@ -15,6 +15,7 @@ import math
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -71,15 +72,18 @@ class _DeflatedBytes:
         self._at = 0
 
     def read_into(self, at: int, buffer: memoryview) -> int:
-        if self._stream is None or at < self._at:
-            self.close()
-            self._archive = zipfile.ZipFile(self.path)
-            self._stream = self._archive.open(self.member)
-            self._stream.seek(self.skip)
-            self._at = 0
-        if at > self._at:
-            self._stream.seek(self.skip + at)  # decompresses forward
-        got = self._stream.readinto(buffer)
+        try:
+            if self._stream is None or at < self._at:
+                self.close()
+                self._archive = zipfile.ZipFile(self.path)
+                self._stream = self._archive.open(self.member)
+                self._stream.seek(self.skip)
+                self._at = 0
+            if at > self._at:
+                self._stream.seek(self.skip + at)  # decompresses forward
+            got = self._stream.readinto(buffer)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # found only now: the member is read lazily
+            raise InputError(f"{self.path}: damaged ({exc})") from None
         self._at = at + got
         return got
 
@@ -135,7 +139,8 @@ class StoredRows:
 
     def _read(self, first: int, end: int) -> np.ndarray:
         out = np.empty((end - first, *self.full_shape[1:]), self.dtype)
-        if out.nbytes and self.source.read_into(first * self.row_bytes, memoryview(out).cast("B")) != out.nbytes:
+        raw = memoryview(out.reshape(-1).view(np.uint8))  # not memoryview(out): no buffer format for datetime64
+        if out.nbytes and self.source.read_into(first * self.row_bytes, raw) != out.nbytes:
             raise InputError(f"{self.source.path}: truncated (rows {first}..{end - 1} are not in the file)")
         return out
 
@@ -243,7 +248,6 @@ def load_feeds(path: str | Path) -> FeedSet:
 def _read_npz(path: Path) -> dict[str, np.ndarray | StoredRows]:
     """An .npz's arrays: :class:`StoredRows` where a member can be read by rows, the others loaded."""
     arrays: dict[str, np.ndarray | StoredRows] = {}
-    size = path.stat().st_size
     with np.load(path, allow_pickle=False) as npz, zipfile.ZipFile(path) as archive, open(path, "rb") as f:
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
@@ -251,10 +255,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray | StoredRows]:
             if found is None:
                 arrays[name] = npz[name]
                 continue
-            source, dtype, shape = found
-            if isinstance(source, _FileBytes) and source.offset + dtype.itemsize * math.prod(shape) > size:
-                raise InputError(f"{path}: truncated (array '{name}' {shape} does not fit in the file)")
-            arrays[name] = StoredRows(source, dtype, shape)
+            arrays[name] = StoredRows(*found)
     return arrays
 
 
@@ -266,14 +267,25 @@ def _row_source(path: Path, archive: zipfile.ZipFile, f, info: zipfile.ZipInfo):
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
             raise InputError(f"{path}: damaged (no local header for '{info.filename}')")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
         header = _array_header(f)
-        return header and (_FileBytes(path, f.tell()), *header)
-    if info.file_size <= INFLATE_WHOLE_BYTES:
+        header_bytes = f.tell() - start
+        source = _FileBytes(path, f.tell())
+    elif info.file_size <= INFLATE_WHOLE_BYTES:
         return None
-    with archive.open(info) as member:
-        header = _array_header(member)
-        return header and (_DeflatedBytes(path, info.filename, member.tell()), *header)
+    else:
+        with archive.open(info) as member:
+            header = _array_header(member)
+            header_bytes = member.tell()
+        source = _DeflatedBytes(path, info.filename, header_bytes)
+    if header is None:
+        return None
+    dtype, shape = header
+    # rows are read by offset, so a header that claims more than the member holds would read what follows it
+    if header_bytes + dtype.itemsize * math.prod(shape) > info.file_size:
+        raise InputError(f"{path}: damaged (member '{info.filename}' is shorter than its {shape} array)")
+    return source, dtype, shape
 
 
 def _array_header(f) -> tuple[np.dtype, tuple[int, ...]] | None:
@@ -297,11 +309,13 @@ def _load_test_data_folder(folder: Path) -> FeedSet:
         files = sorted(data_set.glob("input_*.pb"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
         for position, file in enumerate(files):
             tensor = onnx.TensorProto()
-            try:
+            try:  # a sequence or optional parses as a TensorProto too: only to_array tells
                 tensor.ParseFromString(file.read_bytes())
+                array = numpy_helper.to_array(tensor)
             except Exception:
-                raise InputError(f"{file}: not a serialized TensorProto") from None
-            samples.setdefault(tensor.name or f"#{position}", []).append(numpy_helper.to_array(tensor))
+                raise InputError(f"{file}: not a serialized TensorProto (sequence, map and optional feeds are "
+                                 "not supported)") from None
+            samples.setdefault(tensor.name or f"#{position}", []).append(array)
     return FeedSet({name: np.stack(arrs) for name, arrs in samples.items()}, str(folder))
 
 

@@ -24,6 +24,17 @@ NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormal
                                   "Multinomial", "Bernoulli"})
 
 
+def is_nondeterministic(node: onnx.NodeProto, opset: int) -> bool:
+    """Whether a node's outputs may differ from run to run: a random op, or a Dropout in training mode."""
+    if node.op_type in NONDETERMINISTIC_OPS:
+        return True
+    if node.op_type != "Dropout":
+        return False
+    if opset < 7:  # is_test attribute era: random unless is_test=1
+        return not any(a.name == "is_test" and a.i == 1 for a in node.attribute)
+    return len(node.input) > 2 and bool(node.input[2])  # training_mode given: may be random
+
+
 # --------------------------------------------------------------------------- walks
 
 
@@ -208,6 +219,12 @@ def constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+# The reference evaluator has one implementation of these ops, right from this opset on only (before 13,
+# Softmax & co. flattened the input to 2-D at ``axis``; before 16, RoiAlign's default coordinates were
+# not half_pixel); its LRN is wrong at every opset (it loops over the batch axis, not the channels).
+REFERENCE_RIGHT_FROM_OPSET = {"Softmax": 13, "LogSoftmax": 13, "Hardmax": 13, "RoiAlign": 16, "LRN": 1 << 30}
+
+
 class NodeEvaluationError(Exception):
     """A node the ONNX reference cannot evaluate; ``reason`` is a stats-key fragment."""
 
@@ -219,18 +236,23 @@ class NodeEvaluationError(Exception):
 def evaluate_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> list:
     """Outputs of one standard-domain node on numpy inputs, by ONNX reference semantics.
 
-    Raises NodeEvaluationError with reason ``unsupported_<op>`` (no reference implementation at
-    this opset) or ``evaluation_error`` (it fails on these inputs).
+    The reference runs a bare node by the newest version of its op (it ignores ``opsets`` for a
+    node), which it implements best: old forms it no longer accepts fail, and REFERENCE_RIGHT_FROM_OPSET
+    lists the ops whose older semantics it would silently miss. Raises NodeEvaluationError with reason
+    ``unsupported_<op>`` (no right reference implementation at this opset) or ``evaluation_error``
+    (it fails on these inputs).
     """
     from onnx.reference import ReferenceEvaluator  # heavy import, only for passes that evaluate
 
+    if opset < REFERENCE_RIGHT_FROM_OPSET.get(node.op_type, 0):
+        raise NodeEvaluationError(f"unsupported_{node.op_type}")
     if node.domain:  # "ai.onnx" is the default domain under another name
         plain = onnx.NodeProto()
         plain.CopyFrom(node)
         plain.domain = ""
         node = plain
     try:
-        evaluator = ReferenceEvaluator(node, opsets={"": opset})
+        evaluator = ReferenceEvaluator(node)
     except Exception:
         raise NodeEvaluationError(f"unsupported_{node.op_type}") from None
     try:

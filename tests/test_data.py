@@ -124,3 +124,40 @@ def test_nan_deep_in_stored_rows_is_found(tmp_path, monkeypatch):
     x[37, 0, 3] = np.nan
     with pytest.raises(InputError, match="NaN or Inf"):
         load_feeds(_saved(tmp_path, False, x=x)).check(mlp())
+
+
+def test_member_shorter_than_its_header_says_is_refused(tmp_path):
+    """Rows are read by offset: a header that claims more rows would read the bytes after the member."""
+    path = _saved(tmp_path, False, x=np.arange(80, dtype=np.float32).reshape(10, 8))
+    damaged = path.read_bytes().replace(b"(10, 8)", b"(12, 8)")
+    path.write_bytes(damaged)
+    with pytest.raises(InputError, match="damaged .*'x.npy' is shorter than its \\(12, 8\\) array"):
+        load_feeds(path)
+
+
+def test_datetime_members_are_read_by_rows(tmp_path):
+    stamps = np.arange(4).astype("M8[D]")
+    feeds = load_feeds(_saved(tmp_path, False, x=np.zeros((4, 1, 8), np.float32), t=stamps))
+    assert isinstance(feeds.arrays["t"], StoredRows)
+    np.testing.assert_array_equal(np.stack([s["t"] for s in feeds]), stamps)
+
+
+def test_corrupted_compressed_member_read_later_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "INFLATE_WHOLE_BYTES", 0)  # stream it: damage shows only when rows are read
+    path = _saved(tmp_path, True, x=np.random.default_rng(0).standard_normal((512, 1, 8)).astype(np.float32))
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(damaged)
+    feeds = load_feeds(path)
+    with pytest.raises(InputError, match="damaged"):
+        list(feeds.batches(64))
+
+
+def test_sequence_in_a_test_data_folder_is_refused_clearly(tmp_path):
+    """A SequenceProto parses as a TensorProto; only reading its values shows what it is."""
+    folder = tmp_path / "test_data_set_0"
+    folder.mkdir()
+    sequence = numpy_helper.from_list([np.ones(2, np.float32)], "x")
+    (folder / "input_0.pb").write_bytes(sequence.SerializeToString())
+    with pytest.raises(InputError, match="input_0.pb: not a serialized TensorProto"):
+        load_feeds(tmp_path)

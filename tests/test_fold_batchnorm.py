@@ -112,6 +112,17 @@ def test_gemm_batchnorm_respects_c_alpha_beta_and_transpose(trans_b, c_shape, al
     assert_within_gate(model, result.model, {"x": RNG.standard_normal((3, 4, 5)).astype(np.float32)})
 
 
+def test_gemm_c_that_grows_loses_its_stale_value_info():
+    """A scalar C becomes [N] in place: a value_info that states the old shape must go."""
+    inits = [tensor("w", RNG.standard_normal((5, 6)).astype(np.float32)), tensor("c0", np.float32(0.5)),
+             *bn_params("bn", 6)]
+    nodes = [helper.make_node("Gemm", ["x", "w", "c0"], ["g"]), bn("g", "y")]
+    model = make_model(nodes, [value("x", ["n", 5])], [value("y", ["n", 6])], inits, value_info=[value("c0", [])])
+    result = folded(model, batchnorms_folded=1)
+    assert list(result.model.graph.value_info) == []
+    assert_within_gate(model, result.model, {"x": RNG.standard_normal((3, 4, 5)).astype(np.float32)})
+
+
 def test_matmul_with_2d_input_becomes_gemm():
     inits = [tensor("w", RNG.standard_normal((5, 6)).astype(np.float32)), *bn_params("bn", 6)]
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), bn("m", "y")]

@@ -111,6 +111,17 @@ def test_symbolic_batch_folds_only_what_does_not_read_it():
         assert run(result.model, {"x": x})[0].shape == (batch, 12)
 
 
+def test_shape_made_static_by_a_fold_folds_in_the_same_run():
+    """Shape inference cannot follow Max, so Pad's output shape is unknown until its pads are folded."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Max", ["s", "two"], ["high"]),
+             helper.make_node("Concat", ["zeros", "high"], ["pads"], axis=0),
+             helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("Shape", ["p"], ["ps"]),
+             helper.make_node("Reshape", ["p", "ps"], ["y"])]
+    model = make_model(nodes, [value("x", [4, 6])], [value("y", [8, 12])], [ints("two", [2, 2]), ints("zeros", [0, 0])])
+    result = fold(model, feeds_for(model))
+    assert ops(result.model) == ["Pad", "Reshape"] and result.stats["shape_nodes_folded"] == 2
+
+
 @pytest.mark.parametrize("batch", [5, "batch"])
 def test_size_folds_when_every_dim_is_static(batch):
     nodes = [helper.make_node("Size", ["x"], ["n"]), helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
@@ -177,6 +188,32 @@ def test_random_nodes_and_what_they_feed_are_not_folded():
     result = fold(model)
     assert not result.modified and ops(result.model) == ops(model)
     assert result.stats["skipped_nondeterministic"] == 2
+
+
+def test_training_dropout_of_a_constant_is_not_folded():
+    """Dropout with training_mode draws a new mask every run: folding would freeze one."""
+    nodes = [helper.make_node("Dropout", ["c", "ratio", "training"], ["d"]), helper.make_node("Mul", ["x", "d"], ["y"])]
+    model = make_model(nodes, [value("x", [64])], [value("y", [64])],
+                       [tensor("c", np.ones(64, np.float32)), tensor("ratio", np.float32(0.5)),
+                        tensor("training", np.array(True))])
+    result = fold(model)
+    assert not result.modified and result.stats["skipped_nondeterministic"] == 1
+
+
+def test_ops_the_reference_gets_wrong_are_not_folded():
+    """Softmax before opset 13 flattens to 2-D at ``axis``; the reference knows only the newer form (and
+    its LRN is wrong everywhere): folding them would change what onnxruntime computes."""
+    c = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nodes = [helper.make_node("Softmax", ["c"], ["s"], axis=0), helper.make_node("Add", ["x", "s"], ["y"])]
+    model = make_model(nodes, [value("x", [2, 3])], [value("y", [2, 3])], [tensor("c", c)], opset=11)
+    result = fold(model, feeds_for(model))
+    assert not result.modified and result.stats["skipped_unsupported_Softmax"] == 1
+    model.opset_import[0].version = 13  # axis 0 alone, as the reference computes it
+    assert ops(fold(model, feeds_for(model)).model) == ["Add"]
+    nodes = [helper.make_node("LRN", ["c"], ["s"], size=3), helper.make_node("Add", ["x", "s"], ["y"])]
+    model = make_model(nodes, [value("x", [1, 4, 1, 1])], [value("y", [1, 4, 1, 1])],
+                       [tensor("c", np.ones((1, 4, 1, 1), np.float32))])
+    assert fold(model, feeds_for(model)).stats["skipped_unsupported_LRN"] == 1
 
 
 def test_dequantize_linear_of_weights_stays_and_custom_ops_are_left_alone():
@@ -298,6 +335,21 @@ def test_models_before_ir_4_get_constant_nodes():
     assert ops(result.model) == ["Constant", "Mul", "Add", "Neg"]
     assert [t.name for t in result.model.graph.initializer] == ["w"]
     assert constant_tensor(result.model.graph.node[0]) is not None and result.model.graph.node[0].output[0] == "cd"
+
+
+def test_values_a_constant_node_cannot_hold_before_opset_9_are_not_folded():
+    """Constant-1 holds float16/float/double only: a bool graph output, and int64 shapes at IR 3, stay computed."""
+    nodes = [helper.make_node("Not", ["t"], ["z"]), helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Reshape", ["x", "s"], ["y"])]
+    model = make_model(nodes, [value("x", [2, 3])], [value("y", [2, 3]), value("z", [2], TensorProto.BOOL)],
+                       [tensor("t", np.array([True, False]))], opset=7)
+    result = fold(model, feeds_for(model))
+    assert ops(result.model) == ["Not", "Reshape"] and result.stats["skipped_constant_type"] == 1
+    nodes = [constant("c", np.array([1, 2], np.float32)), helper.make_node("Neg", ["c"], ["n"]), *nodes[1:]]
+    model = make_model(nodes, [value("x", [2, 3])], [value("y", [2, 3]), value("n", [2])], opset=7)
+    model.ir_version = 3  # every folded value becomes a Constant node
+    result = fold(model, feeds_for(model))
+    assert ops(result.model) == ["Constant", "Shape", "Reshape"] and result.stats["skipped_constant_type"] == 1
 
 
 def test_folded_graph_output_becomes_a_constant_node():

@@ -180,6 +180,20 @@ def test_gemm_add_becomes_c(trans_a, trans_b, c_shape, alpha, beta, add_shape):
     assert_within_gate(model, result.model, {"x": RNG.standard_normal((3, *a_shape)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("c_shape", [(1,), ()])
+def test_gemm_c_that_grows_loses_its_stale_value_info(c_shape):
+    """C of shape [1] or () becomes [N] in place: a value_info that states the old shape must go."""
+    inits = [tensor("w", RNG.standard_normal((4, 5)).astype(np.float32)),
+             tensor("c0", RNG.standard_normal(c_shape).astype(np.float32)),
+             tensor("k", RNG.standard_normal(5).astype(np.float32))]
+    nodes = [helper.make_node("Gemm", ["x", "w", "c0"], ["g"]), helper.make_node("Add", ["g", "k"], ["y"])]
+    model = make_model(nodes, [value("x", [3, 4])], [value("y", [3, 5])], inits,
+                       value_info=[value("c0", list(c_shape)), value("g", [3, 5])])
+    result = fused(model, biases_fused=1)
+    assert [v.name for v in result.model.graph.value_info] == []
+    assert_within_gate(model, result.model, {"x": RNG.standard_normal((3, 3, 4)).astype(np.float32)})
+
+
 def test_matmul_with_2d_input_becomes_gemm_and_nd_matmul_is_left():
     w = RNG.standard_normal((4, 5)).astype(np.float32)
     inits = [tensor("w", w), tensor("k", RNG.standard_normal(5).astype(np.float32))]

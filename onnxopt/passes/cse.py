@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ..graph import (NONDETERMINISTIC_OPS, GraphIndex, constant_tensor, filter_field, node_subgraphs,
+from ..graph import (GraphIndex, constant_tensor, filter_field, is_nondeterministic, node_subgraphs,
                      opset_version, rename_values, replace_nodes, shadows_outer_names)
 from ..tensors import external_info, is_external, tensor_nbytes
 from .base import Pass, PassResult, count
@@ -196,16 +196,11 @@ class _Sweep:
             scope.impure = True
             count(self.stats, "skipped_custom_domain")
             return False
-        if node.op_type in NONDETERMINISTIC_OPS or (node.op_type == "Dropout" and self._training_dropout(node)):
+        if is_nondeterministic(node, self.opset):
             scope.impure = True
             count(self.stats, "skipped_nondeterministic")
             return False
         return True
-
-    def _training_dropout(self, node: onnx.NodeProto) -> bool:
-        if self.opset < 7:  # is_test attribute era: random unless is_test=1
-            return not any(a.name == "is_test" and a.i == 1 for a in node.attribute)
-        return len(node.input) > 2 and bool(node.input[2])  # training_mode given: may be random
 
     def _merge(self, scope: _Scope, i: int, node: onnx.NodeProto, rep_outputs: list[str],
                rep_node_scope: _Scope | None) -> bool:

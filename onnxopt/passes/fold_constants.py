@@ -5,8 +5,10 @@ A node folds when everything it reads is constant: an initializer that is not al
 a node folded before it. ``Shape`` and ``Size`` fold when their input's shape is static, and a
 ``Gather``/``Slice`` of a ``Shape`` folds when it picks only static dims, so a symbolic batch dim
 blocks only the part of a shape computation that reads it. Static shapes come from one shape
-inference of the main graph; inside If/Loop/Scan bodies only constant values fold (shapes there
-may change from one iteration to the next).
+inference of the main graph per round; a round that folded something and left a Shape/Size
+unresolved is followed by another (what it folded may make that shape static), so a second run
+finds nothing. Inside If/Loop/Scan bodies only constant values fold (shapes there may change from
+one iteration to the next).
 
 Each node is evaluated alone by the ONNX reference evaluator, after onnx's shape inference of that
 node on its actual constant inputs: the inferred shape bounds the output size before anything is
@@ -14,14 +16,16 @@ computed (``max_bytes``), and a result must have the inferred dtype and shape or
 
 A folded value becomes an initializer of the same name; it becomes a Constant node instead where
 it is a graph output (the interface stays as it was) or where IR < 4 requires every initializer to
-be a graph input. Folded values that only other folded nodes read are dropped, and so are the
-constants and nodes that only folded nodes read; other dead code is left to ``dce``. If/Loop/Scan
-nodes themselves are not evaluated, but their bodies are folded, reading constants of the
-enclosing graphs.
+be a graph input; it is not folded there when the opset's Constant cannot hold its type (before
+opset 9: anything but float16, float, double). Folded values that only other folded nodes read are
+dropped, and so are the constants and nodes that only folded nodes read; other dead code is left to
+``dce``. If/Loop/Scan nodes themselves are not evaluated, but their bodies are folded, reading
+constants of the enclosing graphs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,8 +36,9 @@ from onnx import helper, numpy_helper
 
 from ..data import input_dims
 from ..errors import InputError
-from ..graph import (NONDETERMINISTIC_OPS, STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, constant_tensor, defined_names, evaluate_node,
-                     filter_field, node_subgraphs, node_uses, opset_version, replace_nodes, unique_name_factory, value_shapes)
+from ..graph import (STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, constant_tensor, defined_names, evaluate_node,
+                     filter_field, is_nondeterministic, node_subgraphs, node_uses, opset_version, replace_nodes,
+                     unique_name_factory, value_shapes)
 from ..modelio import EXTERNAL_THRESHOLD, has_external_data
 from ..tensors import is_external, set_tensor_array, tensor_nbytes, tensor_to_array
 from .base import Pass, PassResult, count
@@ -43,6 +48,8 @@ from .base import Pass, PassResult, count
 KEPT_OPS = frozenset({"DequantizeLinear"})
 SHAPE_PICKERS = frozenset({"Gather", "Slice"})  # ops that select entries of a shape vector
 INFERENCE_DATA_BYTES = 4096  # constant inputs up to this size are shown to shape inference (shape-like values)
+_COUNTERS = ("nodes_folded", "shape_nodes_folded", "initializers_added", "constant_nodes_added", "nodes_removed",
+             "initializers_removed")  # summed over rounds
 
 
 class FoldConstants(Pass):
@@ -59,10 +66,17 @@ class FoldConstants(Pass):
                 raise InputError(f"fold-constants: max_bytes must be >= 0, not {self.max_bytes}")
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        stats: dict[str, int | float] = {"nodes_folded": 0, "shape_nodes_folded": 0, "initializers_added": 0,
-                                         "constant_nodes_added": 0, "nodes_removed": 0, "initializers_removed": 0}
-        _Folder(model, self.options.max_bytes, stats).fold(model.graph, None)
-        return PassResult(model, stats["nodes_folded"] > 0, stats)
+        totals = dict.fromkeys(_COUNTERS, 0)
+        while True:
+            folder = _Folder(model, self.options.max_bytes, dict.fromkeys(_COUNTERS, 0))
+            folder.fold(model.graph, None)
+            for key in _COUNTERS:
+                totals[key] += folder.stats[key]
+            # Static shapes come from one inference of the model as the round found it: values folded
+            # since (Split lengths, Pad pads) may make a Shape left unresolved static in the next round.
+            if not (folder.stats["nodes_folded"] and folder.shapes_unresolved):
+                break
+        return PassResult(model, totals["nodes_folded"] > 0, {**folder.stats, **totals})  # skips: the last round's
 
 
 class _Scope:
@@ -77,6 +91,7 @@ class _Scope:
                 self.tensors[node.output[0]] = tensor
         self.folded: dict[str, np.ndarray] = {}
         self.local = defined_names(graph)  # a local non-constant hides an outer constant of the same name
+        self.outputs = {o.name for o in graph.output}
         self.outer = outer
 
     def holder(self, name: str) -> _Scope | None:
@@ -132,6 +147,7 @@ class _Folder:
         self.constant_nodes_only = model.ir_version < 4  # before IR 4 every initializer must be a graph input
         self.spill = has_external_data(model)  # keep big folded tensors out of memory like the weights they come from
         self._shapes: dict[str, tuple] | None = None
+        self.shapes_unresolved = False  # a main-graph Shape/Size read dims that inference did not know
         self._names = None
 
     def fold(self, graph: onnx.GraphProto, outer: _Scope | None) -> set[str]:
@@ -163,7 +179,7 @@ class _Folder:
                    partial_shapes: dict[str, tuple[int | None, ...]], is_main: bool) -> dict[str, np.ndarray] | None:
         standard = node.domain in STANDARD_DOMAINS
         if standard and node.op_type in ("Shape", "Size") and not scope.is_constant(node.input[0]):
-            return self._fold_shape(node, partial_shapes) if is_main else None
+            return self._fold_shape(node, scope, partial_shapes) if is_main else None
         if standard and node.op_type in SHAPE_PICKERS and node.input[0] in partial_shapes:
             return self._pick_dims(node, scope, partial_shapes)
         if not all(scope.is_constant(name) for name in uses):
@@ -171,8 +187,8 @@ class _Folder:
         if standard and node.op_type == "Constant":
             return None  # already a constant
         if standard and node.op_type in ("Shape", "Size"):
-            return self._shape_values(node, scope.dims(node.input[0]), partial_shapes)
-        reason = _blocker(node, standard)
+            return self._shape_values(node, scope, scope.dims(node.input[0]), partial_shapes)
+        reason = _blocker(node, standard, self.opset)
         if reason:
             count(self.stats, f"skipped_{reason}")
             return None
@@ -187,6 +203,8 @@ class _Folder:
         outputs = [name for name in node.output if name]
         if any(not types.get(name, onnx.TypeProto()).HasField("tensor_type") for name in outputs):
             count(self.stats, "skipped_non_tensor_output")
+            return None
+        if not all(self._storable(scope, name, types[name].tensor_type.elem_type) for name in outputs):
             return None
         expected = [_static_dims(types[name]) for name in outputs]
         if all(dims is not None and None not in dims for dims in expected):
@@ -213,6 +231,14 @@ class _Folder:
         if self._too_large(sum(v.nbytes for v in values.values()), input_bytes):
             return None
         return values
+
+    def _storable(self, scope: _Scope, name: str, elem_type: int) -> bool:
+        """Whether a folded value can be written: one that becomes a Constant node (a graph output, or any
+        before IR 4) needs a type the opset's Constant holds (before opset 9: float16, float, double)."""
+        if not (self.constant_nodes_only or name in scope.outputs) or elem_type in _constant_node_types(self.opset):
+            return True
+        count(self.stats, "skipped_constant_type")
+        return False
 
     def _too_large(self, output_bytes: int, input_bytes: int) -> bool:
         """Folding may not grow the model by more than ``max_bytes`` per node (Expand, Tile, ConstantOfShape...)."""
@@ -247,7 +273,7 @@ class _Folder:
 
     # ----------------------------------------------------------------------- static shapes
 
-    def _fold_shape(self, node: onnx.NodeProto, partial_shapes: dict) -> dict[str, np.ndarray] | None:
+    def _fold_shape(self, node: onnx.NodeProto, scope: _Scope, partial_shapes: dict) -> dict[str, np.ndarray] | None:
         if self._shapes is None:  # one shape inference per pass, only if a Shape/Size needs it
             self._shapes = value_shapes(self.model)
             # an initializer that is also an input may be fed with another shape: only its declaration counts
@@ -256,11 +282,12 @@ class _Folder:
                 if init.name in declared:
                     self._shapes[init.name] = declared[init.name]
         dims = self._shapes.get(node.input[0])
-        if dims is None:
-            return None
-        return self._shape_values(node, dims, partial_shapes)
+        values = None if dims is None else self._shape_values(node, scope, dims, partial_shapes)
+        self.shapes_unresolved |= values is None
+        return values
 
-    def _shape_values(self, node: onnx.NodeProto, dims: Iterable, partial_shapes: dict) -> dict[str, np.ndarray] | None:
+    def _shape_values(self, node: onnx.NodeProto, scope: _Scope, dims: Iterable,
+                      partial_shapes: dict) -> dict[str, np.ndarray] | None:
         """Shape/Size of known dims; a Shape with some unknown dims is remembered for Gather/Slice."""
         known = tuple(d if isinstance(d, int) and d >= 0 else None for d in dims)  # -1 and names: dynamic
         if node.op_type == "Size":
@@ -275,6 +302,8 @@ class _Folder:
                     partial_shapes[node.output[0]] = picked
                 return None
             values = {node.output[0]: np.array(picked, dtype=np.int64)}
+        if not self._storable(scope, node.output[0], onnx.TensorProto.INT64):
+            return None
         count(self.stats, "shape_nodes_folded")
         return values
 
@@ -293,6 +322,8 @@ class _Folder:
         if None in picked:
             if positions.ndim == 1 and any(d is not None for d in picked):
                 partial_shapes[node.output[0]] = tuple(picked)
+            return None
+        if not self._storable(scope, node.output[0], onnx.TensorProto.INT64):
             return None
         count(self.stats, "shape_nodes_folded")
         return {node.output[0]: np.array(picked, dtype=np.int64).reshape(positions.shape)}
@@ -365,17 +396,25 @@ class _Folder:
         return self._names((folded_by[output].name or output) + "_folded")
 
 
-def _blocker(node: onnx.NodeProto, standard: bool) -> str | None:
+def _blocker(node: onnx.NodeProto, standard: bool, opset: int) -> str | None:
     """Why a node with constant inputs still may not be folded, if it may not."""
     if not standard:
         return "custom_domain"
-    if node.op_type in NONDETERMINISTIC_OPS:
+    if is_nondeterministic(node, opset):
         return "nondeterministic"
     if node.op_type in KEPT_OPS:
         return node.op_type
     if next(node_subgraphs(node), None) is not None:
         return "control_flow"
     return None
+
+
+@functools.cache
+def _constant_node_types(opset: int) -> frozenset[int]:
+    """Element types a Constant node may hold at this opset, from its schema."""
+    allowed = set(onnx.defs.get_schema("Constant", opset, "").type_constraints[0].allowed_type_strs)
+    return frozenset(t for t in onnx.TensorProto.DataType.values()
+                     if f"tensor({onnx.TensorProto.DataType.Name(t).lower()})" in allowed)
 
 
 def _mismatch(result, type_proto: onnx.TypeProto) -> str | None:

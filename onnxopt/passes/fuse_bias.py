@@ -257,6 +257,8 @@ def write_input(node: onnx.NodeProto, position: int, value: np.ndarray, store: W
     the constant there (initializer or Constant node), else as a new initializer (the old one released)."""
     name = node.input[position] if position < len(node.input) else ""
     if name and name in store and edit.readers(name) == 1 and not edit.index.is_graph_output(name):
+        if tuple(store.tensor(name).dims) != value.shape:  # a Gemm C of shape [1] or () grows to [N]
+            edit.gone.add(name)  # its value_info would state the old shape
         store.set_array(name, value)
         return
     fresh = make_name(base)
@@ -283,7 +285,7 @@ class GraphEdit:
         self._readers: dict[str, int] = {}
         self.dropped: set[int] = set()
         self.dead_initializers: set[str] = set()
-        self.gone: set[str] = set()  # value names nothing produces any more (their value_info goes)
+        self.gone: set[str] = set()  # value names nothing produces any more, or resized: their value_info goes
         self._taken: dict[str, int] = {}  # value name -> position of the node that produces it now
         self._initializers: set[str] | None = None
 
