@@ -35,6 +35,8 @@ PASSES: dict[str, type[Pass]] = {
 }
 
 # Named pipelines a step may name instead of a pass (expanded in place; they take no options).
+# cleanup: no-ops go before folding (a CastLike to the same type would block it), cse after the
+# fusions (they can make equal biases), dce last.
 PRESETS: dict[str, str] = {
-    "cleanup": "lift-constants,fold-constants,remove-noops,cse,fold-batchnorm,fuse-bias,dce",
+    "cleanup": "lift-constants,remove-noops,fold-constants,fold-batchnorm,fuse-bias,cse,dce",
 }
