@@ -237,10 +237,11 @@ def evaluate_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int
     """Outputs of one standard-domain node on numpy inputs, by ONNX reference semantics.
 
     The reference runs a bare node by the newest version of its op (it ignores ``opsets`` for a
-    node), which it implements best: old forms it no longer accepts fail, and REFERENCE_RIGHT_FROM_OPSET
-    lists the ops whose older semantics it would silently miss. Raises NodeEvaluationError with reason
-    ``unsupported_<op>`` (no right reference implementation at this opset) or ``evaluation_error``
-    (it fails on these inputs).
+    node), which it implements best; REFERENCE_RIGHT_FROM_OPSET lists the ops whose older semantics
+    it would silently miss. An old form the newest version rejects (Unsqueeze-11's ``axes``
+    attribute, Clip-6, Pad-2, ...) is run again inside a one-node model of the given opset, where the
+    reference picks that version. Raises NodeEvaluationError with reason ``unsupported_<op>`` (no
+    right reference implementation at this opset) or ``evaluation_error`` (it fails on these inputs).
     """
     from onnx.reference import ReferenceEvaluator  # heavy import, only for passes that evaluate
 
@@ -251,15 +252,31 @@ def evaluate_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int
         plain.CopyFrom(node)
         plain.domain = ""
         node = plain
+    feeds = {k: v for k, v in feeds.items() if k}
     try:
-        evaluator = ReferenceEvaluator(node)
+        with np.errstate(all="ignore"):
+            return ReferenceEvaluator(node).run(None, feeds)
+    except Exception:
+        pass  # an old form: try the version of this opset
+    try:
+        evaluator = ReferenceEvaluator(_one_node_model(node, feeds, opset))
     except Exception:
         raise NodeEvaluationError(f"unsupported_{node.op_type}") from None
     try:
         with np.errstate(all="ignore"):
-            return evaluator.run(None, {k: v for k, v in feeds.items() if k})
+            return evaluator.run(None, feeds)
     except Exception:
         raise NodeEvaluationError("evaluation_error") from None
+
+
+def _one_node_model(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> onnx.ModelProto:
+    """``node`` alone in a model of ``opset``, its inputs typed from the feeds (for the reference only)."""
+    helper = onnx.helper
+    inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+              for name, array in feeds.items()]
+    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None) for name in node.output if name]
+    graph = helper.make_graph([node], "evaluate", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 # ops exporters wrap weights in (paddle: a Conv bias as Reshape(Constant)); ConstantResolver sees through them

@@ -216,6 +216,20 @@ def test_ops_the_reference_gets_wrong_are_not_folded():
     assert fold(model, feeds_for(model)).stats["skipped_unsupported_LRN"] == 1
 
 
+def test_old_op_forms_fold_by_their_own_version():
+    """Unsqueeze with an ``axes`` attribute (opset 11) and Clip with min/max attributes (opset 10) are
+    forms the newest reference versions reject; they fold by the version of the model's opset."""
+    c = np.arange(3, dtype=np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["c"], ["u"], axes=[0]), helper.make_node("Add", ["x", "u"], ["y"])]
+    model = make_model(nodes, [value("x", [1, 3])], [value("y", [1, 3])], [tensor("c", c)], opset=11)
+    assert ops(fold(model, feeds_for(model)).model) == ["Add"]
+    nodes = [helper.make_node("Clip", ["c"], ["k"], min=0.5, max=1.5), helper.make_node("Add", ["x", "k"], ["y"])]
+    model = make_model(nodes, [value("x", [3])], [value("y", [3])], [tensor("c", c)], opset=10)
+    folded = fold(model, feeds_for(model)).model
+    assert ops(folded) == ["Add"]
+    np.testing.assert_array_equal(tensor_to_array(initializers(folded)["k"]), np.clip(c, 0.5, 1.5))
+
+
 def test_dequantize_linear_of_weights_stays_and_custom_ops_are_left_alone():
     nodes = [
         helper.make_node("DequantizeLinear", ["wq", "scale", "zp"], ["w"]),
