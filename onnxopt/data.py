@@ -50,10 +50,19 @@ INFLATE_WHOLE_BYTES = 64 << 20  # compressed .npz members up to this size are lo
 
 
 class _FileBytes:
-    """Bytes of an uncompressed member, at ``offset`` in the file: any range is one seek and read."""
+    """Bytes of an uncompressed member, at ``offset`` in the file: any range is one seek and read.
 
-    def __init__(self, path: Path, offset: int) -> None:
-        self.path, self.offset = path, offset
+    ``info`` is the member's zip entry and ``header_start`` where its .npy header begins: the member's
+    CRC covers header and data (:meth:`StoredRows.scan` checks it).
+    """
+
+    def __init__(self, path: Path, offset: int, info: zipfile.ZipInfo, header_start: int) -> None:
+        self.path, self.offset, self.info, self.header_start = path, offset, info, header_start
+
+    def header_crc(self) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(self.header_start)
+            return zlib.crc32(f.read(self.offset - self.header_start))
 
     def read_into(self, at: int, buffer: memoryview) -> int:
         with open(self.path, "rb") as f:
@@ -133,6 +142,25 @@ class StoredRows:
             return self._read(row, row + 1)[0]
         return np.asarray(self)[key]
 
+    def scan(self) -> bool:
+        """Read every row once, in chunks of about CHECK_BYTES: False if a float holds NaN or Inf.
+        Over a whole uncompressed member the CRC is checked too (rows are otherwise read unchecked)."""
+        whole = isinstance(self.source, _FileBytes) and (self.start, self.stop) == (0, self.full_shape[0])
+        crc = self.source.header_crc() if whole else 0
+        finite = True
+        step = max(1, CHECK_BYTES // max(self.row_bytes, 1))
+        for i in range(0, len(self), step):
+            rows = self[i: i + step]
+            if whole:
+                crc = zlib.crc32(rows.reshape(-1).view(np.uint8), crc)
+            if finite and rows.dtype.kind in "fc":
+                finite = bool(np.isfinite(rows).all())
+            if not finite and not whole:
+                return False
+        if whole and crc != self.source.info.CRC:
+            raise InputError(f"{self.source.path}: damaged (member '{self.source.info.filename}' fails its CRC check)")
+        return finite
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         rows = self._read(self.start, self.stop)
         return rows if dtype is None else rows.astype(dtype, copy=False)
@@ -200,6 +228,8 @@ class FeedSet:
             want = input_dtype(value)
             if arr.dtype != want:
                 raise InputError(f"{self.origin}: input '{value.name}' is {arr.dtype}, the model wants {want}")
+            if not _finite(arr):
+                raise InputError(f"{self.origin}: input '{value.name}' holds NaN or Inf")
             dims = input_dims(value)
             if dims is None:
                 continue
@@ -215,16 +245,14 @@ class FeedSet:
                     raise InputError(
                         f"{self.origin}: input '{value.name}' axis {axis} is {have}, the model wants {fixed}"
                     )
-            if arr.dtype.kind in "fc" and not _finite(arr):
-                raise InputError(f"{self.origin}: input '{value.name}' holds NaN or Inf")
+
 
 
 def _finite(arr: np.ndarray | StoredRows) -> bool:
-    """No NaN or Inf; stored rows are read in chunks of about CHECK_BYTES."""
-    if not isinstance(arr, StoredRows):
-        return bool(np.isfinite(arr).all())
-    step = max(1, CHECK_BYTES // max(arr.row_bytes, 1))
-    return all(np.isfinite(arr[i: i + step]).all() for i in range(0, len(arr), step))
+    """No NaN or Inf (stored rows: read once in chunks of about CHECK_BYTES, the member's CRC checked on the way)."""
+    if isinstance(arr, StoredRows):
+        return arr.scan()
+    return arr.dtype.kind not in "fc" or bool(np.isfinite(arr).all())
 
 
 def load_feeds(path: str | Path) -> FeedSet:
@@ -271,7 +299,7 @@ def _row_source(path: Path, archive: zipfile.ZipFile, f, info: zipfile.ZipInfo):
         f.seek(start)
         header = _array_header(f)
         header_bytes = f.tell() - start
-        source = _FileBytes(path, f.tell())
+        source = _FileBytes(path, f.tell(), info, start)
     elif info.file_size <= INFLATE_WHOLE_BYTES:
         return None
     else:

@@ -161,3 +161,27 @@ def test_sequence_in_a_test_data_folder_is_refused_clearly(tmp_path):
     (folder / "input_0.pb").write_bytes(sequence.SerializeToString())
     with pytest.raises(InputError, match="input_0.pb: not a serialized TensorProto"):
         load_feeds(tmp_path)
+
+
+def test_flipped_byte_in_an_uncompressed_member_fails_its_crc(tmp_path):
+    """Rows are read by offset without zip's CRC check, so the data check verifies it once."""
+    path = _saved(tmp_path, False, x=np.ones((8, 1, 8), np.float32))
+    data = bytearray(path.read_bytes())
+    data[data.index(np.float32(1).tobytes()) + 1] ^= 0x01  # still a finite float
+    path.write_bytes(bytes(data))
+    feeds = load_feeds(path)
+    with pytest.raises(InputError, match="fails its CRC check"):
+        feeds.check(mlp())
+    load_feeds(_saved(tmp_path, False, x=np.ones((8, 1, 8), np.float32))).check(mlp())  # intact: no complaint
+
+
+def test_inputs_without_declared_shape_are_still_checked_for_nan():
+    import onnx
+    from onnx import helper
+
+    model = onnx.helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        FeedSet({"x": np.array([[np.nan]], np.float32)}, "t").check(model)
