@@ -28,8 +28,8 @@ import onnx
 
 from ..graph import STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore
 from .base import Pass, PassResult, count
-from .fuse_bias import (PRODUCERS, GraphEdit, Layout, Rank, bias_reason, declared_ranks,
-                        producer_layout, run_per_graph, set_gemm_beta_one, write_input)
+from .fuse_bias import (PRODUCERS, GraphEdit, Layout, Rank, Rewrite, bias_reason, producer_layout, rewrite_graph,
+                        run_per_graph, set_gemm_beta_one, write_input)
 from .weights import attribute
 
 
@@ -51,25 +51,13 @@ def fold_batchnorm(graph: onnx.GraphProto, make_name, opset: int, stats: dict[st
 
     ``rank`` gives value ranks (a MatMul qualifies only with 2-D input); default: declared shapes.
     """
-    stats = {} if stats is None else stats
-    stats.setdefault("batchnorms_folded", 0)
-    rank = rank or declared_ranks(graph).get
-    index, store = GraphIndex(graph), WeightStore(graph)
-    constants = ConstantResolver(index, store, opset)
-    edit = GraphEdit(index)
-    folded = 0
-    for i in index.topological_order():
-        bn = index.nodes[i]
-        if bn.op_type != "BatchNormalization" or bn.domain not in STANDARD_DOMAINS:
-            continue
-        reason = _fold(bn, i, index, store, constants, edit, make_name, opset, rank, stats)
-        if reason is None:
-            folded += 1
-        else:
-            count(stats, f"skipped_{reason}")
-    stats["batchnorms_folded"] += folded
-    edit.finish(stats)
-    return folded
+    return rewrite_graph(graph, make_name, opset, stats, rank, "batchnorms_folded", _visit_batchnorm)
+
+
+def _visit_batchnorm(bn: onnx.NodeProto, i: int, rw: Rewrite) -> bool | str:
+    if bn.op_type != "BatchNormalization" or bn.domain not in STANDARD_DOMAINS:
+        return False
+    return _fold(bn, i, rw.index, rw.store, rw.constants, rw.edit, rw.make_name, rw.opset, rw.rank, rw.stats) or True
 
 
 def _fold(bn: onnx.NodeProto, i: int, index: GraphIndex, store: WeightStore, constants: ConstantResolver,

@@ -78,32 +78,54 @@ def fuse_bias(graph: onnx.GraphProto, make_name, opset: int, stats: dict[str, in
               rank: Rank | None = None) -> int:
     """Fuse Add-of-constant into the Conv / ConvTranspose / Gemm / MatMul before it, in one graph
     (its bodies are not entered); how many were fused. Skips are counted into ``stats``."""
+    return rewrite_graph(graph, make_name, opset, stats, rank, "biases_fused", _visit_add)
+
+
+@dataclass
+class Rewrite:
+    """What rewriting one graph needs, built once: indices, weights, constants, the pending edit."""
+
+    index: GraphIndex
+    store: WeightStore
+    constants: ConstantResolver
+    edit: GraphEdit
+    make_name: Callable[[str], str]
+    opset: int
+    rank: Rank
+    stats: dict[str, int | float]
+
+
+def rewrite_graph(graph: onnx.GraphProto, make_name, opset: int, stats: dict[str, int | float] | None,
+                  rank: Rank | None, counter: str, visit) -> int:
+    """Offer every node, in topological order, to ``visit(node, position, rewrite)``: True when it
+    rewrote, False when the node is not its pattern, else a skip reason (counted). The edit is
+    applied once at the end; ``counter`` counts the rewrites. ``rank`` defaults to declared shapes."""
     stats = {} if stats is None else stats
-    stats.setdefault("biases_fused", 0)
-    rank = rank or declared_ranks(graph).get
+    stats.setdefault(counter, 0)
     index, store = GraphIndex(graph), WeightStore(graph)
-    constants = ConstantResolver(index, store, opset)
-    edit = GraphEdit(index)
-    fused = 0
+    rewrite = Rewrite(index, store, ConstantResolver(index, store, opset), GraphEdit(index), make_name, opset,
+                      rank or declared_ranks(graph).get, stats)
+    done = 0
     for i in index.topological_order():
-        add = index.nodes[i]
-        if add.op_type != "Add" or add.domain not in STANDARD_DOMAINS or len(add.input) != 2:
-            continue
-        found = _producer_side(add, index, edit, constants)
-        if found is None:
-            continue
-        if isinstance(found, str):
-            count(stats, f"skipped_{found}")
-            continue
-        k, p, constant = found
-        reason = _fuse(add, i, k, p, constant, index, store, constants, edit, make_name, opset, rank, stats)
-        if reason is None:
-            fused += 1
-        else:
-            count(stats, f"skipped_{reason}")
-    stats["biases_fused"] += fused
-    edit.finish(stats)
-    return fused
+        outcome = visit(index.nodes[i], i, rewrite)
+        if outcome is True:
+            done += 1
+        elif outcome:
+            count(stats, f"skipped_{outcome}")
+    stats[counter] += done
+    rewrite.edit.finish(stats)
+    return done
+
+
+def _visit_add(add: onnx.NodeProto, i: int, rw: Rewrite) -> bool | str:
+    if add.op_type != "Add" or add.domain not in STANDARD_DOMAINS or len(add.input) != 2:
+        return False
+    found = _producer_side(add, rw.index, rw.edit, rw.constants)
+    if found is None or isinstance(found, str):
+        return found or False
+    k, p, constant = found
+    return _fuse(add, i, k, p, constant, rw.index, rw.store, rw.constants, rw.edit, rw.make_name, rw.opset,
+                 rw.rank, rw.stats) or True
 
 
 def _producer_side(add, index: GraphIndex, edit: GraphEdit, constants: ConstantResolver):
