@@ -65,6 +65,13 @@ def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]
         return list(session.run(feed).values())
 
 
+def assert_identical(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
+    """Bit-identical outputs: a pass that only removes work must not even flip the sign of a zero."""
+    for x, y in zip(run(a, feed), run(b, feed), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
 def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], rtol=1e-5, atol=1e-6):
     count = next(iter(feeds.values())).shape[0]
     for i in range(count):

@@ -11,7 +11,7 @@ from onnxopt.modelio import load_model
 from onnxopt.passes.cse import CommonSubexpressionElimination, CseOptions
 from onnxopt.validate import check_interface
 
-from conftest import SHARED_MODELS, feeds_for, make_model, run, tensor, value
+from conftest import SHARED_MODELS, assert_identical, feeds_for, make_model, tensor, value
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -32,13 +32,6 @@ def cse(model, **options):
     assert not again.modified, again.stats
     assert again.model.SerializeToString() == result.model.SerializeToString()
     return result
-
-
-def assert_identical(a, b, feed):
-    """Bit-identical outputs (exact passes must not even flip a zero's sign)."""
-    for x, y in zip(run(a, feed), run(b, feed), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 def ops(model):

@@ -11,7 +11,7 @@ from onnxopt.modelio import load_model
 from onnxopt.passes.remove_noops import RemoveNoops
 from onnxopt.validate import check_interface
 
-from conftest import SHARED_MODELS, feeds_for, make_model, run, tensor, value
+from conftest import SHARED_MODELS, assert_identical, feeds_for, make_model, run, tensor, value
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 INT64_MAX = np.iinfo(np.int64).max
@@ -32,13 +32,6 @@ def remove(model):
     assert not again.modified, again.stats
     assert again.model.SerializeToString() == result.model.SerializeToString()
     return result
-
-
-def assert_identical(a, b, feed):
-    """Bit-identical outputs: a removed no-op must not even flip the sign of a zero."""
-    for x, y in zip(run(a, feed), run(b, feed), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        assert x.tobytes() == y.tobytes()
 
 
 def shaped(model, feed):
