@@ -195,8 +195,8 @@ class FeedSet:
         return self.count
 
     def __iter__(self) -> Iterator[Feed]:
-        for i in range(self.count):
-            yield {name: arr[i] for name, arr in self.arrays.items()}
+        for i in range(self.count):  # 0-d samples as 0-d arrays, not numpy scalars (onnxruntime refuses np.bool_)
+            yield {name: np.asarray(arr[i]) for name, arr in self.arrays.items()}
 
     def window(self, start: int, stop: int) -> FeedSet:
         """Samples ``start`` to ``stop - 1`` (nothing read from disk)."""

@@ -185,3 +185,20 @@ def test_inputs_without_declared_shape_are_still_checked_for_nan():
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]))
     with pytest.raises(InputError, match="NaN or Inf"):
         FeedSet({"x": np.array([[np.nan]], np.float32)}, "t").check(model)
+
+
+def test_scalar_samples_feed_onnxruntime_as_0d_arrays():
+    """A sample of a 0-d input (an If condition) is fed as a 0-d array: onnxruntime refuses numpy scalars."""
+    import onnx
+    from onnx import helper
+
+    from onnxopt.validate import run_model
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Not", ["flag"], ["y"])], "g",
+        [helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.BOOL, [])]))
+    feeds = FeedSet({"flag": np.array([True, False])}, "t")
+    assert all(isinstance(s["flag"], np.ndarray) and s["flag"].ndim == 0 for s in feeds)
+    outputs = run_model(model, feeds)
+    assert [bool(o) for o in outputs["y"]] == [False, True]

@@ -315,22 +315,61 @@ def if_model() -> onnx.ModelProto:
     return make_model(nodes, [value("x", [2])], [value("y", [2])], inits)
 
 
-def test_if_branches_fold_with_outer_constants_and_the_if_stays():
+def test_if_branches_fold_with_outer_constants_and_a_constant_condition_inlines():
     model = if_model()
     feeds = {"x": np.array([[1, 2], [-1, -2]], np.float32)}  # one sample per branch
     result = fold(model, feeds)
-    assert ops(result.model) == ops(model)
+    assert ops(result.model) == ["ReduceSum", "Greater", "If", "Constant", "Add"]  # If(true) became its branch
     branches = {a.name: a.g for a in result.model.graph.node[2].attribute}
     then_branch, else_branch = branches["then_branch"], branches["else_branch"]
     assert [n.op_type for n in then_branch.node] == ["Mul"]
     assert [t.name for t in then_branch.initializer] == ["k1"]
     assert [n.op_type for n in else_branch.node] == ["Constant"]  # a branch output: stays a node
-    constant_branch = result.model.graph.node[3].attribute[0].g
-    assert [n.op_type for n in constant_branch.node] == ["Constant"]  # Identity(k2), a branch output
-    assert {"k", "k2"}.isdisjoint(initializers(result.model))  # no branch reads them any more
-    assert result.stats["skipped_control_flow"] == 1  # the If on a constant condition is not evaluated
+    inlined = result.model.graph.node[3]
+    assert list(inlined.output) == ["c_out"] and tensor_to_array(constant_tensor(inlined)).tolist() == [1, 1]
+    assert {"k", "k2"}.isdisjoint(initializers(result.model))  # nothing reads them any more
+    assert result.stats["ifs_inlined"] == 1
     assert result.stats["nodes_folded"] == 4 and result.stats["constant_nodes_added"] == 3
     assert result.stats["initializers_removed"] == 2 and result.stats["nodes_removed"] == 1  # k, k2; Constant one
+
+
+def test_if_on_a_constant_condition_becomes_its_branch():
+    """The taken branch's nodes replace the If: its outputs take the If's names, its other values fresh
+    ones, its initializers move out, and a nested body still reads them."""
+    inner = helper.make_graph([helper.make_node("Mul", ["h", "w"], ["n"])], "inner", [], [value("n", [2])])
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["h"]),
+         helper.make_node("If", ["flag"], ["nested"], then_branch=inner, else_branch=inner)],
+        "then", [], [value("nested", [2]), value("h", [2])], initializer=[tensor("w", np.array([2, 3], np.float32))])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["e"]), helper.make_node("Abs", ["x"], ["f"])],
+                                    "else", [], [value("e", [2]), value("f", [2])])
+    nodes = [helper.make_node("Equal", ["mode", "one"], ["cond"]),
+             helper.make_node("If", ["cond"], ["a", "b"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Sub", ["a", "b"], ["y"])]
+    model = make_model(nodes, [value("x", [2]), value("flag", [1], TensorProto.BOOL)], [value("y", [2])],
+                       [tensor("mode", np.int64(1)), tensor("one", np.int64(1))])
+    feeds = {"x": np.array([[1, -2], [0.5, 3]], np.float32), "flag": np.array([[True], [False]])}
+    result = fold(model, feeds)
+    assert result.stats["ifs_inlined"] == 1
+    assert ops(result.model) == ["Add", "If", "Sub"]
+    add, nested_if, _ = result.model.graph.node
+    assert list(add.output) == ["b"] and list(nested_if.output) == ["a"]  # the If's own output names
+    nested = next(a.g for a in nested_if.attribute if a.name == "then_branch")
+    assert set(nested.node[0].input) == {"b", *add.input[1:]}  # reads the inlined values by their new names
+    assert add.input[1] in initializers(result.model)
+
+
+def test_a_branch_output_that_is_a_branch_initializer_is_bridged_then_folded():
+    then_branch = helper.make_graph([helper.make_node("Add", ["x", "w"], ["h"])], "then", [],
+                                    [value("h", [2]), value("w", [2])], initializer=[tensor("w", np.array([2, 3], np.float32))])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["e"]), helper.make_node("Abs", ["x"], ["f"])],
+                                    "else", [], [value("e", [2]), value("f", [2])])
+    nodes = [helper.make_node("If", ["yes"], ["a", "b"], then_branch=then_branch, else_branch=else_branch),
+             helper.make_node("Sub", ["a", "b"], ["y"])]
+    model = make_model(nodes, [value("x", [2])], [value("y", [2])], [tensor("yes", np.array(True))])
+    result = fold(model, feeds_for(model))
+    assert ops(result.model) == ["Add", "Sub"]  # Identity(w) -> b, folded in the next round
+    assert tensor_to_array(initializers(result.model)["b"]).tolist() == [2, 3]
 
 
 def test_models_before_ir_4_get_constant_nodes():

@@ -36,9 +36,10 @@ from onnx import helper, numpy_helper
 
 from ..data import input_dims
 from ..errors import InputError
-from ..graph import (STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, constant_tensor, defined_names, evaluate_node,
-                     filter_field, is_nondeterministic, node_subgraphs, node_uses, opset_version, replace_nodes,
-                     unique_name_factory, value_shapes)
+from ..graph import (STANDARD_DOMAINS, GraphIndex, NodeEvaluationError, WeightStore, constant_tensor, defined_names,
+                     evaluate_node, filter_field, is_nondeterministic, node_subgraphs, node_uses, opset_version,
+                     rename_values, replace_nodes, shadows_outer_names, unique_name_factory, value_shapes, walk_graphs,
+                     walk_nodes)
 from ..modelio import EXTERNAL_THRESHOLD, has_external_data
 from ..tensors import is_external, set_tensor_array, tensor_nbytes, tensor_to_array
 from .base import Pass, PassResult, count
@@ -49,7 +50,7 @@ KEPT_OPS = frozenset({"DequantizeLinear"})
 SHAPE_PICKERS = frozenset({"Gather", "Slice"})  # ops that select entries of a shape vector
 INFERENCE_DATA_BYTES = 4096  # constant inputs up to this size are shown to shape inference (shape-like values)
 _COUNTERS = ("nodes_folded", "shape_nodes_folded", "initializers_added", "constant_nodes_added", "nodes_removed",
-             "initializers_removed")  # summed over rounds
+             "initializers_removed", "ifs_inlined")  # summed over rounds
 
 
 class FoldConstants(Pass):
@@ -70,13 +71,16 @@ class FoldConstants(Pass):
         while True:
             folder = _Folder(model, self.options.max_bytes, dict.fromkeys(_COUNTERS, 0))
             folder.fold(model.graph, None)
+            folder.stats["ifs_inlined"] = inline_constant_ifs(model)
             for key in _COUNTERS:
                 totals[key] += folder.stats[key]
             # Static shapes come from one inference of the model as the round found it: values folded
-            # since (Split lengths, Pad pads) may make a Shape left unresolved static in the next round.
-            if not (folder.stats["nodes_folded"] and folder.shapes_unresolved):
+            # since (Split lengths, Pad pads) may make a Shape left unresolved static in the next round;
+            # an inlined branch brings nodes that may fold in the next.
+            if not (folder.stats["nodes_folded"] and folder.shapes_unresolved or folder.stats["ifs_inlined"]):
                 break
-        return PassResult(model, totals["nodes_folded"] > 0, {**folder.stats, **totals})  # skips: the last round's
+        modified = totals["nodes_folded"] > 0 or totals["ifs_inlined"] > 0
+        return PassResult(model, modified, {**folder.stats, **totals})  # skips: the last round's
 
 
 class _Scope:
@@ -440,3 +444,85 @@ def _static_dims(type_proto: onnx.TypeProto) -> tuple[int | None, ...] | None:
 def _nbytes(dims: tuple[int, ...], elem_type: int) -> int:
     itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize if elem_type else 8
     return int(np.prod(dims, dtype=np.int64)) * itemsize
+
+
+# --------------------------------------------------------------------------- constant conditions
+
+
+def inline_constant_ifs(model: onnx.ModelProto) -> int:
+    """Replace each If whose condition is a constant of its own graph by the branch it takes.
+
+    The branch's values get fresh names (its outputs take the If's), its initializers move out, and
+    reads of them inside nested bodies follow. Models whose bodies shadow outer names are left alone.
+    """
+    if not any(n.op_type == "If" for n in walk_nodes(model.graph)) or shadows_outer_names(model.graph):
+        return 0
+    make_name = unique_name_factory(model)
+    inlined = 0
+    for graph in list(walk_graphs(model.graph)):
+        store = WeightStore(graph)
+        nodes: list[onnx.NodeProto] = []
+        here = 0
+        for node in graph.node:
+            taken = _taken_branch(node, store)
+            if taken is None:
+                nodes.append(node)
+                continue
+            nodes.extend(_inline(taken, node, graph, make_name))
+            here += 1
+        if here:
+            replace_nodes(graph, nodes)
+            inlined += here
+    return inlined
+
+
+def _taken_branch(node: onnx.NodeProto, store: WeightStore) -> onnx.GraphProto | None:
+    if node.op_type != "If" or node.domain not in STANDARD_DOMAINS or node.input[0] not in store:
+        return None
+    cond = store.array(node.input[0])
+    if cond is None or cond.size != 1:
+        return None
+    branch = next((a.g for a in node.attribute if a.name == ("then_branch" if cond.reshape(-1)[0] else "else_branch")),
+                  None)
+    if branch is None or branch.sparse_initializer or len(branch.output) != len(node.output):
+        return None
+    return branch
+
+
+def _inline(branch: onnx.GraphProto, node: onnx.NodeProto, graph: onnx.GraphProto, make_name) -> list[onnx.NodeProto]:
+    """The branch's nodes, renamed into ``graph``: its outputs become the If's outputs."""
+    rename = {name: make_name(name) for name in defined_names(branch)}
+    outputs = {}
+    bridges = []
+    for produced, wanted in zip(branch.output, node.output):
+        source = rename.get(produced.name, produced.name)
+        defined_by_node = any(produced.name in n.output for n in branch.node)
+        if defined_by_node and produced.name not in outputs.values() and wanted:
+            outputs[wanted] = produced.name
+            rename[produced.name] = wanted
+        elif wanted:  # an outer value, a branch initializer, or one value feeding two outputs
+            bridges.append((source, wanted))
+    inlined = []
+    for inner in branch.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(inner)
+        rename_values(copy.input, lambda name: rename.get(name, name))
+        rename_values(copy.output, lambda name: rename.get(name, name))
+        for body in node_subgraphs(copy):  # bodies read branch values by name
+            for g in walk_graphs(body):
+                for n in g.node:
+                    rename_values(n.input, lambda name: rename.get(name, name))
+                for o in g.output:
+                    o.name = rename.get(o.name, o.name)
+        if copy.name:
+            copy.name = make_name(copy.name)
+        inlined.append(copy)
+    for tensor in branch.initializer:
+        moved = onnx.TensorProto()
+        moved.CopyFrom(tensor)
+        moved.name = rename[tensor.name]
+        graph.initializer.append(moved)
+    for source, wanted in bridges:
+        inlined.append(onnx.helper.make_node("Identity", [rename.get(source, source)], [wanted],
+                                             name=make_name(f"{node.name or 'if'}_branch_output")))
+    return inlined
