@@ -1,6 +1,6 @@
 """Graph clean-up side by side: onnxopt vs onnx-simplifier vs onnxslim.
 
-    python benchmarks/bench_cleanup.py [--pipeline "lift-constants,remove-noops,fold-constants,fold-batchnorm,fuse-bias,cse,dce"]
+    python benchmarks/bench_cleanup.py [--pipeline "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"]
                                        [--runs 200] [--validate] [--no-wheel] [--keep DIR]
 
 The tools:
@@ -65,7 +65,7 @@ from bench_core import _failure_line, timed_child
 
 PY = sys.executable
 OUT_DIR = HERE / "out"
-DEFAULT_PIPELINE = "lift-constants,remove-noops,fold-constants,fold-batchnorm,fuse-bias,cse,dce"
+DEFAULT_PIPELINE = "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"
 TOOLS = ("onnxopt", "onnxsim", "onnxslim")
 REL_TOL = 1e-4
 MARK = "@@bench_cleanup "  # result lines of the workers (tools print their own output too)

@@ -35,8 +35,8 @@ PASSES: dict[str, type[Pass]] = {
 }
 
 # Named pipelines a step may name instead of a pass (expanded in place; they take no options).
-# cleanup: no-ops go before folding (a CastLike to the same type would block it), cse after the
-# fusions (they can make equal biases), dce last.
+# cleanup: no-ops go before folding (a CastLike to the same type would block it) and again after it
+# (an inlined If branch brings its own), cse after the fusions (they can make equal biases), dce last.
 PRESETS: dict[str, str] = {
-    "cleanup": "lift-constants,remove-noops,fold-constants,fold-batchnorm,fuse-bias,cse,dce",
+    "cleanup": "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce",
 }

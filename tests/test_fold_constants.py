@@ -372,6 +372,19 @@ def test_a_branch_output_that_is_a_branch_initializer_is_bridged_then_folded():
     assert tensor_to_array(initializers(result.model)["b"]).tolist() == [2, 3]
 
 
+def test_inlining_that_strict_shape_inference_rejects_is_put_back():
+    """A branch may compute a [1] where the If's consumers want a scalar (Range): the checker would
+    reject the inlined model, so the If stays."""
+    branch = helper.make_graph([helper.make_node("Identity", ["n1"], ["limit"])], "b", [], [value("limit", None)],
+                               initializer=[tensor("n1", np.array([4.0], np.float32))])
+    nodes = [helper.make_node("If", ["yes"], ["n"], then_branch=branch, else_branch=branch),
+             helper.make_node("Range", ["zero", "n", "one"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])]
+    model = make_model(nodes, [value("x", [4])], [value("y", [4])],
+                       [tensor("yes", np.array(True)), tensor("zero", np.float32(0)), tensor("one", np.float32(1))])
+    result = fold(model, {"x": np.ones((1, 4), np.float32)})
+    assert result.stats["skipped_if_inline_invalid"] == 1 and "If" in ops(result.model)
+
+
 def test_models_before_ir_4_get_constant_nodes():
     nodes = [
         constant("c", np.array([1, 2], np.float32)),

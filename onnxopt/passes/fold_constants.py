@@ -71,7 +71,7 @@ class FoldConstants(Pass):
         while True:
             folder = _Folder(model, self.options.max_bytes, dict.fromkeys(_COUNTERS, 0))
             folder.fold(model.graph, None)
-            folder.stats["ifs_inlined"] = inline_constant_ifs(model)
+            folder.stats["ifs_inlined"] = inline_constant_ifs(model, folder.stats)
             for key in _COUNTERS:
                 totals[key] += folder.stats[key]
             # Static shapes come from one inference of the model as the round found it: values folded
@@ -449,19 +449,23 @@ def _nbytes(dims: tuple[int, ...], elem_type: int) -> int:
 # --------------------------------------------------------------------------- constant conditions
 
 
-def inline_constant_ifs(model: onnx.ModelProto) -> int:
+def inline_constant_ifs(model: onnx.ModelProto, stats: dict[str, int | float]) -> int:
     """Replace each If whose condition is a constant of its own graph by the branch it takes.
 
     The branch's values get fresh names (its outputs take the If's), its initializers move out, and
     reads of them inside nested bodies follow. Models whose bodies shadow outer names are left alone.
+    A branch may hold a more exact shape than the If declared (a [1] where a consumer wants a scalar):
+    if strict shape inference then fails, every graph is put back as it was (``skipped_if_inline_invalid``).
     """
     if not any(n.op_type == "If" for n in walk_nodes(model.graph)) or shadows_outer_names(model.graph):
         return 0
     make_name = unique_name_factory(model)
     inlined = 0
+    before: list[tuple[onnx.GraphProto, list[onnx.NodeProto], int]] = []
     for graph in list(walk_graphs(model.graph)):
         store = WeightStore(graph)
         nodes: list[onnx.NodeProto] = []
+        saved = (graph, list(graph.node), len(graph.initializer))
         here = 0
         for node in graph.node:
             taken = _taken_branch(node, store)
@@ -471,9 +475,30 @@ def inline_constant_ifs(model: onnx.ModelProto) -> int:
             nodes.extend(_inline(taken, node, graph, make_name))
             here += 1
         if here:
+            before.append((saved[0], [_copy(n) for n in saved[1]], saved[2]))
             replace_nodes(graph, nodes)
             inlined += here
+    if inlined and not _infers_strictly(model):
+        for graph, nodes, initializers in before:
+            replace_nodes(graph, nodes)
+            del graph.initializer[initializers:]
+        count(stats, "skipped_if_inline_invalid", inlined)
+        return 0
     return inlined
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _infers_strictly(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception:  # shape inference raises several types
+        return False
+    return True
 
 
 def _taken_branch(node: onnx.NodeProto, store: WeightStore) -> onnx.GraphProto | None:
