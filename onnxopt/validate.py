@@ -153,17 +153,25 @@ def _json_number(value):
     return value
 
 
-def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances) -> int:
-    """Elements outside ``atol + rtol * (|ref| + rms(ref))``.
+def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: float = 0.0) -> int:
+    """Elements outside ``atol + rtol * (|ref| + rms(ref))``, rtol at least ``2 * eps``.
 
     The RMS term is the output's own scale: a pass that only reorders float sums (zero-rows
     dropping zero channels) moves a near-zero element by rounding of its large summands, not of
-    its small result, so a purely elementwise rtol would call exact arithmetic inexact.
+    its small result, so a purely elementwise rtol would call exact arithmetic inexact. ``eps`` is
+    the output dtype's machine epsilon: a float16 output computed in another order (a value folded
+    ahead of time) may differ by an ulp, 1e-3 relative, which is as exact as float16 gets.
     """
     scale = float(np.sqrt(np.mean(np.square(ref[np.isfinite(ref)])))) if ref.size else 0.0
-    limit = tol.exact_atol + tol.exact_rtol * (np.abs(ref) + scale)
+    limit = tol.exact_atol + max(tol.exact_rtol, 2 * eps) * (np.abs(ref) + scale)
     same = (np.abs(cand - ref) <= limit) | (np.isnan(ref) & np.isnan(cand)) | (ref == cand)
     return int(np.count_nonzero(~same))
+
+
+def _epsilon(values: list) -> float:
+    """Machine epsilon of the outputs' float dtype (0 for anything else: ints, maps, sequences)."""
+    dtypes = {np.asarray(v).dtype for v in values if isinstance(v, np.ndarray)}
+    return max((float(np.finfo(d).eps) for d in dtypes if d.kind == "f"), default=0.0)
 
 
 def numeric_values(value) -> np.ndarray:
@@ -192,7 +200,7 @@ def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputM
         return OutputMetrics(math.inf, math.inf, math.inf, 0.0, -math.inf, None, int(max(ref.size, cand.size)), False)
     diff = np.abs(cand - ref)
     finite = np.isfinite(ref) & np.isfinite(cand)
-    mismatches = exact_mismatches(ref, cand, tol)
+    mismatches = exact_mismatches(ref, cand, tol, _epsilon(reference))
     max_abs = float(diff.max(initial=0.0)) if finite.all() else math.inf
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(diff == 0, 0.0, diff / np.abs(ref))

@@ -79,3 +79,12 @@ def test_string_outputs_are_compared_for_equality():
     assert output_metrics(ref, [np.array(["a", "b"])], Tolerances()).within_exact_tolerance
     different = output_metrics(ref, [np.array(["a", "c"])], Tolerances())
     assert different.mismatches == 1 and not different.within_exact_tolerance
+
+
+def test_an_ulp_of_float16_is_exact_but_not_the_same_step_in_float32():
+    """float16 results computed in another order differ by an ulp (~1e-3 relative): as exact as float16 gets."""
+    ref = [np.array([0.3, -1.7, 2.5, 0.01], np.float16)]
+    cand = [np.nextafter(ref[0], np.float16(10))]  # one ulp up, every element
+    assert output_metrics(ref, cand, Tolerances()).mismatches == 0
+    as32 = ([ref[0].astype(np.float32)], [cand[0].astype(np.float32)])
+    assert output_metrics(*as32, Tolerances()).mismatches > 0
