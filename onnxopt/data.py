@@ -278,6 +278,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray | StoredRows]:
     arrays: dict[str, np.ndarray | StoredRows] = {}
     with np.load(path, allow_pickle=False) as npz, zipfile.ZipFile(path) as archive, open(path, "rb") as f:
         for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                raise InputError(f"{path}: member '{info.filename}' is not a .npy array (an .npz of feeds holds "
+                                 "one array per model input, as np.savez writes it)")
             name = info.filename.removesuffix(".npy")
             found = _row_source(path, archive, f, info)
             if found is None:

@@ -202,3 +202,13 @@ def test_scalar_samples_feed_onnxruntime_as_0d_arrays():
     assert all(isinstance(s["flag"], np.ndarray) and s["flag"].ndim == 0 for s in feeds)
     outputs = run_model(model, feeds)
     assert [bool(o) for o in outputs["y"]] == [False, True]
+
+
+def test_npz_member_that_is_not_an_array_is_named(tmp_path):
+    import zipfile
+
+    path = _saved(tmp_path, False, x=np.ones((2, 1, 8), np.float32))
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("README.txt", "notes")
+    with pytest.raises(InputError, match="member 'README.txt' is not a .npy array"):
+        load_feeds(path)
