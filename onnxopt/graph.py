@@ -397,17 +397,33 @@ class ConstantResolver:
             return None
         if name in self.store:
             return self.store.array(name)
-        if name not in self._derived:
-            self._derived[name] = None  # also guards against cycles
-            self._derived[name] = self._evaluate(name)
+        # the chain is resolved producers first with a stack, not recursion: exported chains can be long
+        stack, expanding = [name], set()
+        while stack:
+            current = stack[-1]
+            if current in self._derived or current in self.store:
+                stack.pop()
+                continue
+            node = self._foldable_producer(current)
+            pending = [] if node is None else [n for n in node.input if n and n not in self.store and n not in self._derived]
+            if pending and current not in expanding:  # a name met again while expanding is a cycle: left unresolved
+                expanding.add(current)
+                stack.extend(pending)
+                continue
+            stack.pop()
+            self._derived[current] = None if node is None else self._evaluate(node, current)
         return self._derived[name]
 
-    def _evaluate(self, name: str) -> np.ndarray | None:
+    def _foldable_producer(self, name: str) -> onnx.NodeProto | None:
         node = self.index.producer_node(name)
         if (node is None or node.op_type not in CONSTANT_FOLDABLE or node.domain not in STANDARD_DOMAINS
                 or any(node_subgraphs(node))):
             return None
-        inputs = [self.value(n) if n else None for n in node.input]
+        return node
+
+    def _evaluate(self, node: onnx.NodeProto, name: str) -> np.ndarray | None:
+        """``name`` (an output of ``node``) from its inputs, all resolved already (None: not constant)."""
+        inputs = [(self.store.array(n) if n in self.store else self._derived.get(n)) if n else None for n in node.input]
         if any(x is None for x, n in zip(inputs, node.input) if n):
             return None
         if sum(x.size for x in inputs if x is not None) > MAX_EVALUATED_ELEMENTS:

@@ -109,6 +109,22 @@ def test_conv_transpose_bias():
     assert_within_gate(model, result.model, images((2, 1, 4, 5, 5)))
 
 
+def test_a_bias_behind_a_chain_longer_than_the_recursion_limit():
+    """Constants are resolved and dead chains released with worklists: depth is no limit."""
+    import sys
+
+    depth = sys.getrecursionlimit() + 100
+    chain = [helper.make_node("Identity", [f"b{i}"], [f"b{i + 1}"]) for i in range(depth)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), *chain,
+             helper.make_node("Add", ["c", f"b{depth}"], ["y"])]
+    model = make_model(nodes, [value("x", ["n", 4, 6, 6])], [value("y", ["n", 8, 6, 6])],
+                       [tensor("w", RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)),
+                        tensor("b0", RNG.standard_normal((8, 1, 1)).astype(np.float32))])
+    result = FuseBias()(copy(model))
+    assert result.stats["biases_fused"] == 1 and ops(result.model) == ["Conv"]
+    assert_within_gate(model, result.model, images())
+
+
 def test_constant_node_and_reshape_of_constant_like_paddle():
     """Paddle: Add(Conv, Reshape(Constant bias, Constant shape)); everything only the Add read goes."""
     w = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)

@@ -328,31 +328,40 @@ class GraphEdit:
         self._taken[name] = position
 
     def remove(self, position: int) -> None:
-        self.dropped.add(position)
-        for name in dict.fromkeys(self.index.uses[position]):
-            self.release(name)
+        self._drop([position], [])
 
     def release(self, name: str) -> None:
-        left = self.readers(name) - 1
-        self._readers[name] = left
-        if left > 0 or self.index.is_graph_output(name):
-            return
-        p = self.index.producer.get(name)
-        if p is None:
-            if self._initializers is None:
-                inputs = {v.name for v in self.index.graph.input}
-                self._initializers = {t.name for t in self.index.graph.initializer if t.name not in inputs}
-            if name in self._initializers:
-                self.dead_initializers.add(name)
-                self.gone.add(name)
-            return
-        node = self.index.nodes[p]
-        if p in self.dropped or node.op_type not in SWEEPABLE or node.domain not in STANDARD_DOMAINS:
-            return
-        outputs = [o for o in node.output if o]
-        if all(self.readers(o) <= 0 and not self.index.is_graph_output(o) for o in outputs):
-            self.gone.update(outputs)
-            self.remove(p)
+        self._drop([], [name])
+
+    def _drop(self, positions: list[int], names: list[str]) -> None:
+        """Remove nodes and release reads, following dead constant chains with a worklist (no recursion)."""
+        work = list(names)
+        for position in positions:
+            self.dropped.add(position)
+            work.extend(dict.fromkeys(self.index.uses[position]))
+        while work:
+            name = work.pop()
+            left = self.readers(name) - 1
+            self._readers[name] = left
+            if left > 0 or self.index.is_graph_output(name):
+                continue
+            p = self.index.producer.get(name)
+            if p is None:
+                if self._initializers is None:
+                    inputs = {v.name for v in self.index.graph.input}
+                    self._initializers = {t.name for t in self.index.graph.initializer if t.name not in inputs}
+                if name in self._initializers:
+                    self.dead_initializers.add(name)
+                    self.gone.add(name)
+                continue
+            node = self.index.nodes[p]
+            if p in self.dropped or node.op_type not in SWEEPABLE or node.domain not in STANDARD_DOMAINS:
+                continue
+            outputs = [o for o in node.output if o]
+            if all(self.readers(o) <= 0 and not self.index.is_graph_output(o) for o in outputs):
+                self.gone.update(outputs)
+                self.dropped.add(p)
+                work.extend(dict.fromkeys(self.index.uses[p]))
 
     def finish(self, stats: dict[str, int | float]) -> None:
         graph = self.index.graph
