@@ -118,7 +118,7 @@ def parse_pipeline(text: str) -> list[Step]:
                     given[key_attr] = convert_value(raw, hints[key_attr])
                 except ValueError as exc:
                     raise PipelineError(text, vcol, f"option '{key}' of '{name}': {exc}") from None
-                _, sep, scol = expect((",", ")"), "',' or ')'")
+                _, sep, _ = expect((",", ")"), "',' or ')'")
                 if sep == ")":
                     break
         try:
