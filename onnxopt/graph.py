@@ -133,8 +133,11 @@ class GraphIndex:
     def is_graph_output(self, name: str) -> bool:
         return name in self.output_names
 
-    def topological_order(self) -> list[int]:
-        """Node positions in an order where producers come before consumers (Kahn)."""
+    def topological_order(self) -> list[int] | range:
+        """Node positions in an order where producers come before consumers: the node order itself
+        when it already is one (the usual case), else Kahn's."""
+        if all(self.producer.get(name, -1) < i for i, node_use in enumerate(self.uses) for name in node_use):
+            return range(len(self.nodes))
         pending = [0] * len(self.nodes)
         for i, node_use in enumerate(self.uses):
             pending[i] = sum(1 for n in set(node_use) if n in self.producer)

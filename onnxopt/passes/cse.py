@@ -146,7 +146,7 @@ class _Sweep:
                 scope.dropped_inits.add(init.name)
                 self.stats["constants_merged"] += 1
         scope.nodes = nodes = list(graph.node)
-        for i in _sweep_order(graph, nodes):
+        for i in GraphIndex(graph).topological_order():
             self._node(scope, i, nodes[i])
         return scope
 
@@ -343,20 +343,6 @@ def _chunks_nonempty(tensor: onnx.TensorProto):
     for chunk in _tensor_chunks(tensor):
         if chunk:
             yield memoryview(chunk).cast("B")
-
-
-def _sweep_order(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[int] | range:
-    """Node order when it is topological (the usual case), else a topological order."""
-    produced_at: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        for out in node.output:
-            if out:
-                produced_at[out] = i
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            if produced_at.get(name, -1) >= i:
-                return GraphIndex(graph).topological_order()
-    return range(len(nodes))
 
 
 # --------------------------------------------------------------------------- rewrite

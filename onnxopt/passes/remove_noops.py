@@ -145,7 +145,7 @@ class _Sweep:
                     scope.types.setdefault(name, (tensor.data_type, tuple(tensor.dims)))
         nodes = scope.index.nodes
         inferred_nodes = list(inferred.node) if inferred is not None and len(inferred.node) == len(nodes) else None
-        for i in _sweep_order(scope):
+        for i in scope.index.topological_order():
             node = nodes[i]
             if node.attribute:
                 subs = list(node_subgraphs(node))
@@ -438,16 +438,6 @@ def _all_neutral(tensor: onnx.TensorProto, neutral: float, negative_zero: bool |
     if array.dtype.kind == "f" and negative_zero is not None:
         return bool(np.all(np.signbit(array) == negative_zero))
     return True
-
-
-def _sweep_order(scope: _Scope) -> list[int] | range:
-    """Node order when it is topological (the usual case), else a topological order."""
-    producer = scope.index.producer
-    for i, uses in enumerate(scope.index.uses):
-        for name in uses:
-            if producer.get(name, -1) >= i:
-                return scope.index.topological_order()
-    return range(len(scope.index.nodes))
 
 
 # --------------------------------------------------------------------------- rewrite
