@@ -194,6 +194,24 @@ def rename_values(names, resolve: Callable[[str], str]) -> None:
                 names[k] = new
 
 
+def apply_renames(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], removed: set[int],
+                  resolve: Callable[[str], str], gone: Iterable[str], is_body: bool) -> None:
+    """Rename the kept nodes' inputs and outputs by ``resolve``, rebuild the node list once if nodes
+    went, follow renames in a body's outputs (they may name outer values), drop ``gone`` value_info."""
+    for i, node in enumerate(nodes):
+        if i not in removed:
+            rename_values(node.input, resolve)
+            rename_values(node.output, resolve)
+    if removed:
+        replace_nodes(graph, (n for i, n in enumerate(nodes) if i not in removed))
+    if is_body:
+        for out in graph.output:
+            out.name = resolve(out.name)
+    gone = set(gone)
+    if gone:
+        filter_field(graph.value_info, lambda v: v.name not in gone)
+
+
 def replace_nodes(graph: onnx.GraphProto, nodes: Iterable[onnx.NodeProto]) -> None:
     """Rebuild ``graph.node`` once (never remove elements one by one)."""
     kept = list(nodes)

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from ..graph import (GraphIndex, constant_tensor, filter_field, is_nondeterministic, node_subgraphs,
-                     opset_version, rename_values, replace_nodes, shadows_outer_names)
+from ..graph import (GraphIndex, apply_renames, constant_tensor, filter_field, is_nondeterministic, node_subgraphs,
+                     opset_version, shadows_outer_names)
 from ..tensors import external_info, is_external, tensor_nbytes
 from .base import Pass, PassResult, count
 
@@ -350,23 +350,11 @@ def _chunks_nonempty(tensor: onnx.TensorProto):
 
 def _apply(scope: _Scope) -> None:
     """Rename uses (and kept outputs taking graph output names), drop merged nodes and initializers."""
-    for i, node in enumerate(scope.nodes):
-        if i in scope.dropped_nodes:
-            continue
-        for child in scope.children.get(i, ()):
-            _apply(child)
-        rename_values(node.input, scope.final)
-        rename_values(node.output, scope.final)
-    graph = scope.graph
-    if scope.dropped_nodes:
-        replace_nodes(graph, (n for i, n in enumerate(scope.nodes) if i not in scope.dropped_nodes))
+    for i in range(len(scope.nodes)):
+        if i not in scope.dropped_nodes:
+            for child in scope.children.get(i, ()):
+                _apply(child)
+    apply_renames(scope.graph, scope.nodes, scope.dropped_nodes, scope.final, [*scope.canon, *scope.display],
+                  is_body=scope.parent is not None)
     if scope.dropped_inits:
-        filter_field(graph.initializer, lambda t: t.name not in scope.dropped_inits)
-    if scope.parent is not None:  # a body's outputs may name outer values that were merged away
-        for out in graph.output:
-            new = scope.final(out.name)
-            if new != out.name:
-                out.name = new
-    gone = set(scope.canon) | set(scope.display)
-    if gone:
-        filter_field(graph.value_info, lambda v: v.name not in gone)
+        filter_field(scope.graph.initializer, lambda t: t.name not in scope.dropped_inits)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, filter_field, node_subgraphs, opset_version,
-                     rename_values, replace_nodes, shadows_outer_names, walk_nodes)
+from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, apply_renames, node_subgraphs, opset_version,
+                     shadows_outer_names, walk_nodes)
 from ..tensors import tensor_to_array
 from .base import Pass, PassResult, count
 
@@ -445,22 +445,9 @@ def _all_neutral(tensor: onnx.TensorProto, neutral: float, negative_zero: bool |
 
 def _apply(scope: _Scope) -> None:
     """Rename uses (and renamed producers' outputs), then rebuild each node list once."""
-    nodes = scope.index.nodes
-    for i, node in enumerate(nodes):
-        if i in scope.removed:
-            continue
-        for child in scope.children.get(i, ()):
-            _apply(child)
-        rename_values(node.input, scope.resolve)
-        rename_values(node.output, scope.resolve)
-    graph = scope.graph
-    if scope.removed:
-        replace_nodes(graph, (n for i, n in enumerate(nodes) if i not in scope.removed))
-    if scope.parent is not None:  # a body's outputs may name outer values that were removed
-        for out in graph.output:
-            new = scope.resolve(out.name)
-            if new != out.name:
-                out.name = new
-    gone = scope.alias.keys()
-    if gone:
-        filter_field(graph.value_info, lambda v: v.name not in gone)
+    for i in range(len(scope.index.nodes)):
+        if i not in scope.removed:
+            for child in scope.children.get(i, ()):
+                _apply(child)
+    apply_renames(scope.graph, scope.index.nodes, scope.removed, scope.resolve, scope.alias.keys(),
+                  is_body=scope.parent is not None)
