@@ -221,12 +221,10 @@ class _Sweep:
     def _reshape(self, scope: _Scope, node: onnx.NodeProto) -> str | None:
         if len(node.input) < 2:
             return _Skip("old_opset")  # Reshape-1 (shape attribute) is not handled
-        target = _ints(scope, node.input[1])
-        if target is None:
-            return _Skip("not_constant")
-        shape = _shape(scope, node.input[0])
-        if shape is None:
-            return _Skip("unknown_shape")
+        found = _target_and_shape(scope, node)
+        if isinstance(found, _Skip):
+            return found
+        target, shape = found
         if len(target) != len(shape):
             return None
         allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
@@ -267,12 +265,10 @@ class _Sweep:
         return node.input[0]
 
     def _expand(self, scope: _Scope, node: onnx.NodeProto) -> str | None:
-        target = _ints(scope, node.input[1])
-        if target is None:
-            return _Skip("not_constant")
-        shape = _shape(scope, node.input[0])
-        if shape is None:
-            return _Skip("unknown_shape")
+        found = _target_and_shape(scope, node)
+        if isinstance(found, _Skip):
+            return found
+        target, shape = found
         verdict = _broadcast_keeps(shape, target)
         if verdict is True:
             return node.input[0]
@@ -392,6 +388,17 @@ _KINDS = {
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
     return tensor_to_array(tensor)
+
+
+def _target_and_shape(scope: _Scope, node: onnx.NodeProto):
+    """(constant target of input 1, static shape of input 0) of a Reshape / Expand, or why not known."""
+    target = _ints(scope, node.input[1])
+    if target is None:
+        return _Skip("not_constant")
+    shape = _shape(scope, node.input[0])
+    if shape is None:
+        return _Skip("unknown_shape")
+    return target, shape
 
 
 def _ints(scope: _Scope, name: str) -> list[int] | None:
