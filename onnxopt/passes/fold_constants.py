@@ -463,21 +463,22 @@ def inline_constant_ifs(model: onnx.ModelProto, stats: dict[str, int | float]) -
     inlined = 0
     before: list[tuple[onnx.GraphProto, list[onnx.NodeProto], int]] = []
     for graph in list(walk_graphs(model.graph)):
+        if not any(n.op_type == "If" for n in graph.node):
+            continue
         store = WeightStore(graph)
         nodes: list[onnx.NodeProto] = []
-        saved = (graph, list(graph.node), len(graph.initializer))
-        here = 0
+        saved = None  # the graph as it was, copied before its first inlining
         for node in graph.node:
             taken = _taken_branch(node, store)
             if taken is None:
                 nodes.append(node)
                 continue
+            saved = saved or (graph, [_copy(n) for n in graph.node], len(graph.initializer))
             nodes.extend(_inline(taken, node, graph, make_name))
-            here += 1
-        if here:
-            before.append((saved[0], [_copy(n) for n in saved[1]], saved[2]))
+            inlined += 1
+        if saved:
+            before.append(saved)
             replace_nodes(graph, nodes)
-            inlined += here
     if inlined and not _infers_strictly(model):
         for graph, nodes, initializers in before:
             replace_nodes(graph, nodes)
@@ -529,8 +530,7 @@ def _inline(branch: onnx.GraphProto, node: onnx.NodeProto, graph: onnx.GraphProt
             bridges.append((source, wanted))
     inlined = []
     for inner in branch.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(inner)
+        copy = _copy(inner)
         rename_values(copy.input, lambda name: rename.get(name, name))
         rename_values(copy.output, lambda name: rename.get(name, name))
         for body in node_subgraphs(copy):  # bodies read branch values by name
