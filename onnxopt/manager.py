@@ -85,7 +85,7 @@ def run_pipeline(
             model = result.model
             record = StepRecord(index, step.name, format_step(step), dataclasses.asdict(step.options), pass_.exact,
                                 round(seconds, 6), result.modified,
-                                before, size_summary(model), dict(result.stats))
+                                before, size_summary(model), dict(result.stats), details=dict(result.details))
             report.steps.append(record)
             problems = _verify(model, original_interface, Path(scratch) / f"step{index}.onnx", record)
             if validation and not problems:

@@ -126,6 +126,7 @@ class StepRecord:
     vs_original: dict[str, Any] | None = None
     accuracy: float | None = None
     passed: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

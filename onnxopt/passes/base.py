@@ -25,9 +25,14 @@ class NoOptions:
 
 @dataclass
 class PassResult:
+    """``stats`` are flat named counters; ``details`` holds per-layer tables and series for the report
+    (e.g. ``{"layers": [{"name": ..., "sparsity": ...}], "sensitivity": [...], "loss_curves": {...}}``),
+    JSON-able values only."""
+
     model: onnx.ModelProto
     modified: bool
     stats: dict[str, int | float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
