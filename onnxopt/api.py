@@ -13,7 +13,8 @@ from .manager import Result, run_pipeline
 from .modelio import check_output_path, copy_model, load_model, save_model
 from .pipeline import Step
 from .report import model_info
-from .validate import Comparison, Tolerances, compare_outputs, run_model, task_accuracy
+from .validate import (DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_COSINE, NOISE_FACTOR, Comparison, Tolerances,
+                       compare_outputs, run_model, task_accuracy)
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -34,11 +35,12 @@ def optimize(
     labels: Any = None,
     calib: Any = None,
     validate: bool = True,
-    min_cosine: float | None = None,
+    min_cosine: float | None = DEFAULT_MIN_COSINE,
     max_abs: float | None = None,
-    max_accuracy_drop: float | None = None,
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
     exact_rtol: float = 1e-5,
     exact_atol: float = 1e-6,
+    noise_factor: float = NOISE_FACTOR,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     calib_cache: str | os.PathLike | None = None,
     repro_dir: str | os.PathLike | None = None,
@@ -53,6 +55,11 @@ def optimize(
     ONNX test data, a mapping of sample-major arrays, or an iterable of feed dicts; ``labels``
     (one class per validation sample) adds task accuracy to the report. The caller's
     model object and input file are never changed. Check ``result.report.passed``.
+
+    Gates: every step's outputs keep a cosine >= ``min_cosine`` to the original's and, with
+    ``labels``, lose at most ``max_accuracy_drop`` points of top-1 accuracy (``min_cosine=0``,
+    ``max_accuracy_drop=100`` relax them); exact steps stay within ``exact_rtol`` and an atol of
+    ``noise_factor`` times the model's measured float noise (at least ``exact_atol``).
     """
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, onnx.ModelProto):
@@ -60,7 +67,7 @@ def optimize(
     owned, input_path = _owned_model(model)
     result = run_pipeline(
         owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
-        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop),
+        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor),
         input_shapes=input_shapes,
         calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
         teacher=(lambda: model) if input_path is None else (lambda: load_model(input_path)),

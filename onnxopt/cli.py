@@ -15,6 +15,7 @@ from .modelio import write_file_atomically
 from .pipeline import describe_options
 from .registry import PASSES, PRESETS
 from .report import jsonable, format_info
+from .validate import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_COSINE, NOISE_FACTOR
 
 
 class _Group(click.Group):
@@ -69,14 +70,20 @@ def _apply(options):
 @click.option("-p", "--pipeline", required=True, help='Passes to run, e.g. "prune(sparsity=0.5),zero-rows,dce".')
 @click.option("--data", type=click.Path(), help="Validation feeds: .npz (sample-major) or a folder of test_data_set_*.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class labels of the --data samples (.npz 'labels'): adds task accuracy.")
-@click.option("--max-accuracy-drop", type=float, help="Fail a step whose accuracy falls more than this many points below the original's.")
+@click.option("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP, show_default=True,
+              help="With --labels: fail a step whose accuracy falls more than this many points below the original's (100: off).")
 @click.option("--calib", type=click.Path(), help="Calibration feeds for passes that need them (same formats).")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Save/reuse calibration statistics here.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime runs (checker and interface checks still run).")
-@_apply(_thresholds)
+@click.option("--min-cosine", type=float, default=DEFAULT_MIN_COSINE, show_default=True,
+              help="Fail a step if any output's cosine to the original falls below this (0: off).")
+@_apply(_thresholds[1:])
 @click.option("--exact-rtol", type=float, default=1e-5, show_default=True, help="Tolerance gating exact passes.")
-@click.option("--exact-atol", type=float, default=1e-6, show_default=True, help="Tolerance gating exact passes.")
+@click.option("--exact-atol", type=float, default=1e-6, show_default=True,
+              help="Smallest atol gating exact passes (each output's is at least --noise-factor x its float noise).")
+@click.option("--noise-factor", type=float, default=NOISE_FACTOR, show_default=True,
+              help="Exact gate: atol per output = this x the model's float noise (optimized vs unoptimized onnxruntime).")
 @_input_shape
 @click.option("--keep-failed", is_flag=True, help="Write the output even if a step failed validation.")
 @click.option("--overwrite-input", is_flag=True, help="Allow -o to name the input file.")
@@ -86,13 +93,13 @@ def _apply(options):
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, calib_cache, report_path, no_validate, min_cosine, max_abs,
-             exact_rtol, exact_atol, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
+             exact_rtol, exact_atol, noise_factor, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
              progress, quiet) -> None:
     """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result."""
     result = api.optimize(
         model, pipeline, output=output, data=data, labels=labels, calib=calib, validate=not no_validate,
         min_cosine=min_cosine, max_abs=max_abs, max_accuracy_drop=max_accuracy_drop, exact_rtol=exact_rtol, exact_atol=exact_atol,
-        input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
+        noise_factor=noise_factor, input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
         keep_failed=keep_failed, overwrite_input=overwrite_input, external_data=external_data,
         progress=sys.stderr.isatty() if progress is None else progress,
     )

@@ -138,6 +138,7 @@ class Report:
     steps: list[StepRecord] = field(default_factory=list)
     failure: str | None = None
     reproducer: str | None = None
+    gates: dict[str, Any] = field(default_factory=dict)  # what validation applied: names, noise, tolerances
 
     @property
     def passed(self) -> bool:
@@ -155,6 +156,7 @@ class Report:
             "failure": self.failure,
             "reproducer": self.reproducer,
             "feeds": self.feeds,
+            "gates": self.gates,
             "steps": [asdict(s) for s in self.steps],
         })
 
@@ -188,7 +190,14 @@ class Report:
             rows.append(f"feeds: {self.feeds.get('origin')} ({self.feeds.get('samples')} samples)"
                         + ("" if accuracy is None else f"; original accuracy {accuracy:.2%}")
                         + "".join(f"; {n}" for n in self.feeds.get("notes", [])[1:]))
-        rows.append(f"verdict: {'PASSED' if self.passed else 'FAILED: ' + str(self.failure)}")
+        exact = self.gates.get("exact")
+        if exact and exact.get("noise"):
+            rows.append(f"exact gate: atol = max({exact['min_atol']:g}, {exact['noise_factor']:g} x float noise) per output; "
+                        + ", ".join(f"{name} noise {_short(float(n))} -> atol {_short(float(exact['atol'][name]))}"
+                                    for name, n in exact["noise"].items()))
+        applied = self.gates.get("applied")
+        suffix = f" ({'; '.join(applied)})" if applied else ""
+        rows.append(f"verdict: {'PASSED' + suffix if self.passed else 'FAILED: ' + str(self.failure)}")
         if self.reproducer:
             rows.append(f"reproducer: {self.reproducer}")
         return "\n".join(rows)

@@ -1,15 +1,16 @@
 """The one place that opens onnxruntime sessions: runs, comparison metrics, verdicts.
 
 Comparisons follow Polygraphy's shape: per-output error statistics with explicit tolerances.
-Exact passes are gated by ``|cand - ref| <= atol + rtol * |ref|``; lossy passes by the user's
-``min_cosine`` / ``max_abs`` thresholds only.
+Exact passes are gated by ``|cand - ref| <= atol + rtol * (|ref| + rms(ref))``, where each output's
+atol is at least ``noise_factor`` times the model's own float noise (:func:`measure_noise`); lossy
+passes by ``min_cosine`` (default 0.99 in the API and CLI), ``max_abs`` and ``max_accuracy_drop``.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .data import FeedSet
 from .errors import InputError
 from .modelio import needs_file, save_scratch
+
+
+DEFAULT_MIN_COSINE = 0.99  # lossy gate of `optimize` unless relaxed (README: Validation, for the measurements)
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of top-1 accuracy, with labels
+NOISE_FACTOR = 4.0  # exact gate: an output's atol is at least this many times its measured float noise
+VALIDATION_THREADS = 0  # onnxruntime's default: one intra-op thread per physical core
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,16 @@ class Tolerances:
     min_cosine: float | None = None
     max_abs: float | None = None
     max_accuracy_drop: float | None = None  # in points (percent), needs labels
+    noise_factor: float = NOISE_FACTOR
+
+    def lossy_gates(self, labels: bool) -> list[str]:
+        """The lossy gates in force, as the verdict line names them."""
+        gates = [] if self.min_cosine is None else [f"cosine >= {self.min_cosine:g}"]
+        if self.max_abs is not None:
+            gates.append(f"max abs <= {self.max_abs:g}")
+        if labels and self.max_accuracy_drop is not None:
+            gates.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
+        return gates
 
 
 class Session:
@@ -39,12 +57,15 @@ class Session:
         extra_outputs: Sequence[str] = (),
         *,
         optimize: bool = False,
+        threads: int = 1,
     ) -> None:
+        """``threads``: intra-op threads (1 by default, so results and timings do not depend on the
+        machine; 0 for onnxruntime's default, one per physical core)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
-        options.intra_op_num_threads = 1  # fixed: results and timings do not depend on the machine
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 4  # failures reach the user as our own one-line error
         added = _add_outputs(model, extra_outputs)
@@ -153,8 +174,37 @@ def _json_number(value):
     return value
 
 
-def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: float = 0.0) -> int:
-    """Elements outside ``atol + rtol * (|ref| + rms(ref))``, rtol at least ``2 * eps``.
+def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, list], *,
+                  threads: int = VALIDATION_THREADS) -> dict[str, float]:
+    """The model's own float noise per output: the max abs difference between its outputs under
+    onnxruntime's full graph optimizations and ``reference`` (the same feeds, optimizations off,
+    the same threads). onnxruntime's optimizer makes the rewrites an exact pass makes (Conv+BatchNorm
+    and bias fusions, constant folding, fused kernels), so this is how far an exactly equivalent
+    float32 graph moves the outputs on this model. 0 where the optimized session cannot load."""
+    try:
+        optimized = run_model(model, feeds, optimize=True, threads=threads)
+    except InputError:
+        return {name: 0.0 for name in reference}
+    noise = {}
+    for name, ref in reference.items():
+        try:
+            diffs = [np.abs(numeric_values(c) - numeric_values(r)) for r, c in zip(ref, optimized.get(name, []))]
+        except (TypeError, ValueError):  # strings, or shapes that differ: no noise estimate
+            diffs = []
+        finite = [d[np.isfinite(d)] for d in diffs]
+        noise[name] = float(max((d.max(initial=0.0) for d in finite), default=0.0))
+    return noise
+
+
+def exact_atols(noise: Mapping[str, float], tol: Tolerances) -> dict[str, float]:
+    """Each output's exact-gate atol: ``noise_factor`` times its measured noise, at least ``exact_atol``."""
+    return {name: max(tol.exact_atol, tol.noise_factor * n) for name, n in noise.items()}
+
+
+def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: float = 0.0,
+                     atol: float | None = None) -> int:
+    """Elements outside ``atol + rtol * (|ref| + rms(ref))``, rtol at least ``2 * eps``; ``atol``
+    defaults to ``tol.exact_atol`` (the manager passes the output's noise-calibrated one).
 
     The RMS term is the output's own scale: a pass that only reorders float sums (zero-rows
     dropping zero channels) moves a near-zero element by rounding of its large summands, not of
@@ -163,7 +213,7 @@ def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: fl
     ahead of time) may differ by an ulp, 1e-3 relative, which is as exact as float16 gets.
     """
     scale = float(np.sqrt(np.mean(np.square(ref[np.isfinite(ref)])))) if ref.size else 0.0
-    limit = tol.exact_atol + max(tol.exact_rtol, 2 * eps) * (np.abs(ref) + scale)
+    limit = (tol.exact_atol if atol is None else atol) + max(tol.exact_rtol, 2 * eps) * (np.abs(ref) + scale)
     same = (np.abs(cand - ref) <= limit) | (np.isnan(ref) & np.isnan(cand)) | (ref == cand)
     return int(np.count_nonzero(~same))
 
@@ -187,7 +237,7 @@ def numeric_values(value) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputMetrics:
+def output_metrics(reference: list, candidate: list, tol: Tolerances, atol: float | None = None) -> OutputMetrics:
     try:
         ref = np.concatenate([numeric_values(r).ravel() for r in reference])
         cand = np.concatenate([numeric_values(c).ravel() for c in candidate])
@@ -200,7 +250,7 @@ def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputM
         return OutputMetrics(math.inf, math.inf, math.inf, 0.0, -math.inf, None, int(max(ref.size, cand.size)), False)
     diff = np.abs(cand - ref)
     finite = np.isfinite(ref) & np.isfinite(cand)
-    mismatches = exact_mismatches(ref, cand, tol, _epsilon(reference))
+    mismatches = exact_mismatches(ref, cand, tol, _epsilon(reference), atol)
     max_abs = float(diff.max(initial=0.0)) if finite.all() else math.inf
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(diff == 0, 0.0, diff / np.abs(ref))
@@ -255,18 +305,21 @@ def compare_outputs(
     tol: Tolerances,
     *,
     exact: bool,
+    atols: Mapping[str, float] | None = None,
 ) -> Comparison:
-    """Metrics per output and a verdict: exact steps need every element within tolerance."""
+    """Metrics per output and a verdict: exact steps need every element within tolerance
+    (``atols``: per-output atol from :func:`exact_atols`, else ``tol.exact_atol``)."""
     result = Comparison()
     for name, ref in reference.items():
         if name not in candidate:
             result.failures.append(f"output '{name}' is missing")
             continue
-        m = output_metrics(ref, candidate[name], tol)
+        atol = (atols or {}).get(name, tol.exact_atol)
+        m = output_metrics(ref, candidate[name], tol, atol)
         result.outputs[name] = m
         if exact and not m.within_exact_tolerance:
             result.failures.append(
-                f"output '{name}': {m.mismatches} values outside rtol={tol.exact_rtol:g} atol={tol.exact_atol:g} "
+                f"output '{name}': {m.mismatches} values outside rtol={tol.exact_rtol:g} atol={atol:.3g} "
                 f"(max abs {m.max_abs:.3g})"
             )
         if tol.min_cosine is not None and m.cosine < tol.min_cosine:
