@@ -35,7 +35,7 @@ def optimize(
     labels: Any = None,
     calib: Any = None,
     validate: bool = True,
-    min_cosine: float | None = DEFAULT_MIN_COSINE,
+    min_cosine: float | None = None,
     max_abs: float | None = None,
     max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
     exact_rtol: float = 1e-5,
@@ -56,15 +56,18 @@ def optimize(
     (one class per validation sample) adds task accuracy to the report. The caller's
     model object and input file are never changed. Check ``result.report.passed``.
 
-    Gates: every step's outputs keep a cosine >= ``min_cosine`` to the original's and, with
-    ``labels``, lose at most ``max_accuracy_drop`` points of top-1 accuracy (``min_cosine=0``,
-    ``max_accuracy_drop=100`` relax them); exact steps stay within ``exact_rtol`` and an atol of
-    ``noise_factor`` times the model's measured float noise (at least ``exact_atol``).
+    Lossy gates, judged after each run of consecutive lossy steps: with ``labels``, top-1 accuracy
+    may fall at most ``max_accuracy_drop`` points (100: off); every output's cosine to the original
+    must stay >= ``min_cosine`` (None: 0.99 without labels, no cosine gate with them; 0: off).
+    Exact steps stay within ``exact_rtol`` and an atol of ``noise_factor`` times the model's
+    measured float noise (at least ``exact_atol``).
     """
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, onnx.ModelProto):
         check_output_path(out_path, model, overwrite_input)
     owned, input_path = _owned_model(model)
+    if min_cosine is None and labels is None:
+        min_cosine = DEFAULT_MIN_COSINE
     result = run_pipeline(
         owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
         tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor),

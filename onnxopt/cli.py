@@ -76,8 +76,9 @@ def _apply(options):
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Save/reuse calibration statistics here.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime runs (checker and interface checks still run).")
-@click.option("--min-cosine", type=float, default=DEFAULT_MIN_COSINE, show_default=True,
-              help="Fail a step if any output's cosine to the original falls below this (0: off).")
+@click.option("--min-cosine", type=float,
+              help=f"Fail a lossy step if any output's cosine to the original falls below this "
+                   f"(default {DEFAULT_MIN_COSINE:g} without --labels, none with them; 0: off).")
 @_apply(_thresholds[1:])
 @click.option("--exact-rtol", type=float, default=1e-5, show_default=True, help="Tolerance gating exact passes.")
 @click.option("--exact-atol", type=float, default=1e-6, show_default=True,

@@ -1,9 +1,9 @@
 """The pass manager: run each step, verify it, compare it, record it; leave a reproducer on failure.
 
-After every step: the ONNX checker (full) and the interface check. With validation, onnxruntime
-runs cost what they prove: consecutive exact steps are validated together, once, against the last
-validated outputs (the exact gate, calibrated to the model's float noise), and only when that fails
-are the steps replayed from the last validated model to bisect to the culprit. A run of exact steps
+The ONNX checker (full) and the interface check run after every lossy step and, with validation,
+once per run of consecutive exact steps, with the onnxruntime run that validates them together
+against the last validated outputs (the exact gate, calibrated to the model's float noise); only
+when that fails are the steps replayed from the last validated model to bisect to the culprit. A run of exact steps
 followed by a lossy step is checked on the first ``EXACT_SUBSET`` samples; lossy steps and the final
 model are checked on every sample, against the original (lossy gates) and, for a final run of exact
 steps, against the last validated outputs (exact gate). The original model is never copied; the last
@@ -89,6 +89,10 @@ def run_pipeline(
         report.reproducer = _write_reproducer(repro_dir, steps, index, before, feeds, calib_feeds, input_path, trace)
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
+
+        def verify(candidate: onnx.ModelProto, checked: StepRecord) -> list[str]:
+            return _verify(candidate, original_interface, Path(scratch) / f"step{checked.index}.onnx", checked)
+
         for index, step in enumerate(steps, start=1):
             if validate and not pending.steps:
                 pending = _Run(_snapshot(model))
@@ -110,19 +114,13 @@ def run_pipeline(
                                 round(seconds, 6), result.modified,
                                 before, size_summary(model), dict(result.stats), details=dict(result.details))
             report.steps.append(record)
-            problems = _verify(model, original_interface, Path(scratch) / f"step{index}.onnx", record)
-            if problems:
-                record.passed = False
-                fail(index, ": " + "; ".join(problems), _before(pending, context))
-                return Result(model, report)
-            if validation is None:
-                continue
             last = index == len(steps)
-            if pass_.exact:
+            if validation is not None and pass_.exact:
                 pending.steps.append((step, record))
                 if not last and pending.start is not None and steps[index].pass_type.exact:
-                    continue  # validated with the steps that follow
-                culprit = validation.check_exact_run(model, pending, context, full=last or pending.start is None)
+                    continue  # checked and validated with the steps that follow
+                culprit = validation.check_exact_run(model, pending, context, verify,
+                                                     full=last or pending.start is None)
                 if culprit is not None:
                     k, problems, model, before_bytes = culprit
                     del report.steps[k:]
@@ -130,7 +128,13 @@ def run_pipeline(
                     fail(k, ": " + "; ".join(problems), before_bytes)
                     return Result(model, report)
                 pending = _Run(None)
-            else:
+                continue
+            problems = verify(model, record)
+            if problems:
+                record.passed = False
+                fail(index, ": " + "; ".join(problems), _before(pending, context))
+                return Result(model, report)
+            if validation is not None:
                 lossy_from = lossy_from or index
                 judged = last or steps[index].pass_type.exact  # consecutive lossy steps are judged together
                 problems = validation.check_lossy(model, record, gate=judged)
@@ -217,19 +221,26 @@ class _Validation:
             report.feeds["accuracy"] = validation.reference_accuracy
         return validation
 
-    def check_exact_run(self, model: onnx.ModelProto, run: _Run, context: PassContext, *, full: bool):
-        """Validate a run of exact steps at once (``full``: on every sample, else the subset). None when
-        it passes; else (culprit step index, problems, model after it, model before it serialized),
-        found by replaying the run from its start and bisecting."""
+    def check_exact_run(self, model: onnx.ModelProto, run: _Run, context: PassContext, verify, *, full: bool):
+        """Check (``verify``: checker and interface) and validate a run of exact steps at once
+        (``full``: on every sample, else the subset). None when it passes; else (culprit step index,
+        problems, model after it, model before it serialized), found by replaying the run from its
+        start and bisecting."""
         feeds, previous = (self.feeds, self.previous) if full else (self.subset, self.previous_subset)
-        outputs, problems = self._check_exact(model, feeds, previous, run.steps[-1][1])
+
+        def check(candidate, record):
+            problems = verify(candidate, record)
+            return (None, problems) if problems else self._check_exact(candidate, feeds, previous, record)
+
+        outputs, problems = check(model, run.steps[-1][1])
         if not problems:
             if full:
                 self._accuracy(outputs, run.steps[-1][1])
                 self.previous = outputs
             self.previous_subset = _head(outputs, len(self.subset))
             for _, record in run.steps[:-1]:
-                record.checks["onnxruntime"] = f"validated with step {run.steps[-1][1].index}"
+                record.checks = {check: f"validated with step {run.steps[-1][1].index}"
+                                 for check in ("checker", "interface", "onnxruntime")}
             return None
         if len(run.steps) == 1:
             return run.steps[0][1].index, problems, model, run.start
@@ -238,7 +249,7 @@ class _Validation:
         while bad - good > 1:
             middle = (good + bad) // 2
             trial = _replay(good_bytes, [s for s, _ in run.steps[good:middle]], context)
-            _, trial_problems = self._check_exact(trial, feeds, previous, run.steps[middle - 1][1])
+            _, trial_problems = check(trial, run.steps[middle - 1][1])
             if trial_problems:
                 bad, bad_model, problems = middle, trial, trial_problems
             else:

@@ -67,6 +67,8 @@ class Session:
         )
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if threads != 1:  # threads that wait instead of spinning: a loaded machine is not slowed further
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # failures reach the user as our own one-line error
         added = _add_outputs(model, extra_outputs)
         self._tmp: tempfile.TemporaryDirectory | None = None

@@ -118,6 +118,18 @@ class _ScaleW2(Pass):
         return PassResult(model, True, {})
 
 
+class _Invalid(Pass):
+    """Claims to be exact and leaves a node of an unknown operator: what the checker catches."""
+
+    name = "invalid-node-test"
+    summary = "adds an unknown op"
+    exact = True
+
+    def run(self, model):
+        model.graph.node.append(helper.make_node("NoSuchOp", ["x"], ["junk"]))
+        return PassResult(model, True, {})
+
+
 class _Crash(Pass):
     name = "crash-late-test"
     summary = "raises"
@@ -129,7 +141,7 @@ class _Crash(Pass):
 
 @pytest.fixture
 def test_passes(monkeypatch):
-    for p in (_SignFlip, _WrongChannel, _EpsilonDropped, _ScaleW2, _Crash):
+    for p in (_SignFlip, _WrongChannel, _EpsilonDropped, _ScaleW2, _Invalid, _Crash):
         monkeypatch.setitem(registry.PASSES, p.name, p)
 
 
@@ -139,26 +151,41 @@ def test_passes(monkeypatch):
 def test_readme_wrecked_neuron_pruning_fails_by_default_and_passes_when_relaxed(tmp_path):
     args = ["optimize", SAMPLES / "mlp.onnx", "--calib", SAMPLES / "mlp.calib.npz",
             "-p", "prune-neurons(ratio=0.5,method=wanda),zero-rows,dce", "--data", SAMPLES / "mlp.eval.npz",
-            "--labels", SAMPLES / "mlp.labels.npz", "--repro-dir", tmp_path / "r"]
-    wrecked = invoke(*args)
-    assert wrecked.exit_code == 1
-    assert "cosine" in wrecked.output and "< min-cosine 0.99" in wrecked.output
-    assert "points below the original's 98.44% (max-accuracy-drop 1)" in wrecked.output
-    relaxed = invoke(*args, "--min-cosine", "0", "--max-accuracy-drop", "100")
+            "--repro-dir", tmp_path / "r"]
+    labels = ["--labels", SAMPLES / "mlp.labels.npz"]
+    by_accuracy = invoke(*args, *labels)  # with labels the accuracy gate judges: 98.44% -> 32.81%
+    assert by_accuracy.exit_code == 1
+    assert "points below the original's 98.44% (max-accuracy-drop 1)" in by_accuracy.output
+    assert "min-cosine" not in by_accuracy.output
+    by_cosine = invoke(*args)  # without labels, the cosine gate
+    assert by_cosine.exit_code == 1 and "< min-cosine 0.99" in by_cosine.output
+    relaxed = invoke(*args, *labels, "--max-accuracy-drop", "100")
     assert relaxed.exit_code == 0, relaxed.output
-    assert "verdict: PASSED (lossy gate: cosine >= 0, accuracy drop <= 100 points; exact gate:" in relaxed.output
+    assert "verdict: PASSED (lossy gate: accuracy drop <= 100 points; exact gate:" in relaxed.output
+    assert invoke(*args, "--min-cosine", "0").exit_code == 0
 
 
 def test_api_has_the_same_default_gates(tmp_path):
     def run_with(**gates):
         return onnxopt.optimize(SAMPLES / "cnn.onnx", "prune-neurons(ratio=0.5)", data=SAMPLES / "cnn.eval.npz",
-                                labels=SAMPLES / "cnn.labels.npz", repro_dir=tmp_path / "r", **gates).report
+                                repro_dir=tmp_path / "r", **gates).report
 
-    default = run_with()
-    assert not default.passed and "min-cosine 0.99" in default.failure and "max-accuracy-drop 1" in default.failure
-    only_accuracy = run_with(min_cosine=0)
-    assert not only_accuracy.passed and "min-cosine" not in only_accuracy.failure
-    assert run_with(min_cosine=0, max_accuracy_drop=100).passed
+    assert "cosine 0.06" in run_with().failure and "< min-cosine 0.99" in run_with().failure
+    labelled = run_with(labels=SAMPLES / "cnn.labels.npz")
+    assert "max-accuracy-drop 1" in labelled.failure and "min-cosine" not in labelled.failure
+    both = run_with(labels=SAMPLES / "cnn.labels.npz", min_cosine=0.99)  # an explicit cosine gate applies too
+    assert "min-cosine 0.99" in both.failure and "max-accuracy-drop 1" in both.failure
+    assert run_with(min_cosine=0).passed
+    assert run_with(labels=SAMPLES / "cnn.labels.npz", max_accuracy_drop=100).passed
+
+
+def test_consecutive_lossy_steps_are_judged_after_the_last(tmp_path):
+    report = onnxopt.optimize(SAMPLES / "mlp.onnx", "prune(sparsity=0.5),prune(sparsity=0.5),dce",
+                              data=SAMPLES / "mlp.eval.npz", repro_dir=tmp_path / "r").report
+    assert report.failure.startswith("step 2 'prune': output 'logits': cosine")
+    assert report.failure.endswith("(lossy steps 1-2 judged together)")
+    assert report.steps[0].passed and report.steps[0].checks["lossy_gate"] == "judged with the next lossy step"
+    assert report.steps[0].vs_original["outputs"]["logits"]["cosine"] < 0.99  # measured, not gated
 
 
 def test_a_sound_lossy_step_passes_and_the_verdict_names_the_gate(tmp_path):
@@ -266,3 +293,11 @@ def test_a_crash_inside_a_run_leaves_the_model_before_it(tmp_path, test_passes):
     with pytest.raises(onnxopt.ValidationError, match="step 3 'crash-late-test' crashed: RuntimeError: boom"):
         onnxopt.optimize(mlp(with_dead_branch=True), "dce,lift-constants,crash-late-test", repro_dir=repro)
     assert len(onnx.load(str(repro / "model.onnx")).graph.node) == 4  # dce's result, replayed
+
+
+def test_a_checker_failure_inside_a_run_is_bisected_too(tmp_path, test_passes):
+    report = onnxopt.optimize(mlp(with_dead_branch=True), "dce,invalid-node-test,lift-constants,cse",
+                              repro_dir=tmp_path / "r").report
+    assert report.failure.startswith("step 2 'invalid-node-test': ONNX checker:")
+    assert [s.name for s in report.steps] == ["dce", "invalid-node-test"]
+    assert report.steps[0].checks["checker"] == "ok"  # the bisection checked dce's model alone
