@@ -344,8 +344,8 @@ def main_models(args, workdir: Path) -> dict:
 
     results = {}
     tools = TOOLS + (CHECKING_TOOLS if args.validate else ())
-    for name, model_path, eval_path in [(n, m, e) for n, m, _c, e, _l in cases(args.models, args.samples)]
-                                        + extra_cases(args, workdir)):
+    found = [(n, m, e) for n, m, _c, e, _l in cases(args.models, args.samples)] + extra_cases(args, workdir)
+    for name, model_path, eval_path in found:
         print(f"  {name}", flush=True)
         folder = workdir / name.replace("/", "_")
         folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 from onnxopt.validate import Tolerances, compare_outputs, exact_atols, measure_noise, run_model
 
 from conftest import make_model, mlp, tensor, value
+from test_cli import _ScaleWeights
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
@@ -105,19 +106,6 @@ class _EpsilonDropped(_WrongFold):
                 attr.f = 0.0
 
 
-class _ScaleW2(Pass):
-    """Claims to be exact but scales w2 of conftest's mlp by 1.01."""
-
-    name = "scale-w2-test"
-    summary = "a deliberately wrong 'exact' pass"
-    exact = True
-
-    def run(self, model):
-        store = WeightStore(model.graph)
-        store.set_array("w2", store.array("w2") * 1.01)
-        return PassResult(model, True, {})
-
-
 class _Invalid(Pass):
     """Claims to be exact and leaves a node of an unknown operator: what the checker catches."""
 
@@ -141,7 +129,7 @@ class _Crash(Pass):
 
 @pytest.fixture
 def test_passes(monkeypatch):
-    for p in (_SignFlip, _WrongChannel, _EpsilonDropped, _ScaleW2, _Invalid, _Crash):
+    for p in (_SignFlip, _WrongChannel, _EpsilonDropped, _ScaleWeights, _Invalid, _Crash):
         monkeypatch.setitem(registry.PASSES, p.name, p)
 
 
@@ -274,13 +262,13 @@ def test_exact_steps_before_a_lossy_step_are_checked_on_a_subset(counted_runs, t
 
 def test_a_failing_run_is_bisected_to_the_culprit_with_its_reproducer(tmp_path, test_passes):
     repro = tmp_path / "repro"
-    result = onnxopt.optimize(mlp(with_dead_branch=True), "dce,lift-constants,scale-w2-test,remove-noops,cse",
+    result = onnxopt.optimize(mlp(with_dead_branch=True), "dce,lift-constants,scale-weights-test,remove-noops,cse",
                               repro_dir=repro)
     report = result.report
-    assert report.failure.startswith("step 3 'scale-w2-test': not exact: output 'y'")
-    assert [s.name for s in report.steps] == ["dce", "lift-constants", "scale-w2-test"]
+    assert report.failure.startswith("step 3 'scale-weights-test': not exact: output 'y'")
+    assert [s.name for s in report.steps] == ["dce", "lift-constants", "scale-weights-test"]
     assert not report.steps[-1].passed and report.steps[-1].checks["onnxruntime"].startswith("bisected: steps 1-5")
-    assert (repro / "pipeline.txt").read_text().strip() == "scale-w2-test"
+    assert (repro / "pipeline.txt").read_text().strip() == "scale-weights-test"
     before = onnx.load(str(repro / "model.onnx"))  # after dce: the dead branch is gone, w2 unscaled
     assert len(before.graph.node) == 4
     np.testing.assert_array_equal(WeightStore(before.graph).array("w2"), WeightStore(mlp().graph).array("w2"))
