@@ -2,12 +2,15 @@
 steps validated together and bisected only on failure."""
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 import onnxopt
@@ -289,3 +292,17 @@ def test_a_checker_failure_inside_a_run_is_bisected_too(tmp_path, test_passes):
     assert report.failure.startswith("step 2 'invalid-node-test': ONNX checker:")
     assert [s.name for s in report.steps] == ["dce", "invalid-node-test"]
     assert report.steps[0].checks["checker"] == "ok"  # the bisection checked dce's model alone
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from(["dce", "lift-constants", "remove-noops", "cse"]), min_size=1, max_size=6),
+       st.data())
+def test_bisection_names_the_wrong_step_wherever_it_is(exact_steps, data):
+    position = data.draw(st.integers(0, len(exact_steps)))
+    steps = [*exact_steps[:position], "scale-weights-test", *exact_steps[position:]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry.PASSES, _ScaleWeights.name, _ScaleWeights)
+        with tempfile.TemporaryDirectory() as repro:
+            report = onnxopt.optimize(mlp(with_dead_branch=True), ",".join(steps), repro_dir=repro).report
+    assert report.failure.startswith(f"step {position + 1} 'scale-weights-test': not exact")
+    assert len(report.steps) == position + 1
