@@ -156,7 +156,8 @@ def calib_scaling(model_path: Path, calib_path: Path) -> dict:
 
 def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
     """Statistics pass (as quantize runs it) vs a plain fp32 pass over the same samples, same batches."""
-    from onnxopt.calibration import _runs, collect
+    from onnxopt.calibration import collect
+    from onnxopt.validate import joined_runs as _runs
     from onnxopt.data import model_inputs
     from onnxopt.validate import Session
 

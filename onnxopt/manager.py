@@ -208,7 +208,7 @@ class _Validation:
             feeds, notes = random_feeds(model, input_shapes=input_shapes)
         report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
         try:
-            reference = run_model(model, feeds, threads=VALIDATION_THREADS)
+            reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
         except InputError as exc:
             raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
         subset = feeds.head(min(EXACT_SUBSET, len(feeds)))
@@ -260,7 +260,7 @@ class _Validation:
 
     def _check_exact(self, model, feeds: FeedSet, previous, record: StepRecord):
         """The exact gate against ``previous`` and the lossy gates against the original, on ``feeds``."""
-        outputs = run_model(model, feeds, threads=VALIDATION_THREADS)
+        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
         vs_previous = compare_outputs(previous, outputs, self.tolerances, exact=True, atols=self.atols)
         problems = [f"not exact: {f}" for f in vs_previous.failures]
         problems += self._vs_original(outputs, record, len(feeds)).failures
@@ -271,7 +271,7 @@ class _Validation:
         """A lossy step on every sample: metrics against the last validated outputs and the original;
         the lossy gates' complaints when ``gate`` (the last of consecutive lossy steps: ``prune,distill``
         is judged on the repaired model), else none (``checks['lossy_gate']`` says so)."""
-        outputs = run_model(model, self.feeds, threads=VALIDATION_THREADS)
+        outputs = run_model(model, self.feeds, threads=VALIDATION_THREADS, join=True)
         record.vs_previous = compare_outputs(self.previous, outputs, Tolerances(), exact=False).to_dict()
         problems = self._vs_original(outputs, record, len(self.feeds)).failures + self._accuracy(outputs, record)
         self.previous, self.previous_subset = outputs, _head(outputs, len(self.subset))

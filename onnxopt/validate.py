@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import FeedSet
+from .data import FeedSet, input_dims, model_inputs
 from .errors import InputError
 from .modelio import needs_file, save_scratch
 
@@ -27,6 +27,8 @@ DEFAULT_MIN_COSINE = 0.99  # lossy gate of `optimize` unless relaxed (README: Va
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of top-1 accuracy, with labels
 NOISE_FACTOR = 4.0  # exact gate: an output's atol is at least this many times its measured float noise
 VALIDATION_THREADS = 0  # onnxruntime's default: one intra-op thread per physical core
+BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
+MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
 
 
 @dataclass(frozen=True)
@@ -127,13 +129,93 @@ def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> int:
     return len(wanted)
 
 
-def run_model(model: onnx.ModelProto, feeds: Iterable[dict], **session_options) -> dict[str, list[np.ndarray]]:
-    """Outputs for every sample, in order: ``{output name: [array per sample]}``."""
+def batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(samples, feed): ``size`` consecutive sample feeds joined along the batch axis (FeedSet: no copies)."""
+    if size <= 1:
+        yield from ((1, {k: np.asarray(v) for k, v in f.items()}) for f in feeds)  # 0-d samples come as numpy scalars
+        return
+    if isinstance(feeds, FeedSet):
+        yield from ((min(size, len(feeds) - start), feed)
+                    for start, feed in zip(range(0, len(feeds), size), feeds.batches(size)))
+        return
+    group: list[Mapping[str, np.ndarray]] = []
+    for feed in feeds:
+        group.append(feed)
+        if len(group) == size:
+            yield size, {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+            group = []
+    if group:
+        yield len(group), {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+
+
+def dynamic_batch(model: onnx.ModelProto) -> bool:
+    """Every input's first axis is symbolic (or unknown): samples can be joined along it."""
+    dims = [input_dims(v) for v in model_inputs(model)]
+    return all(d is None or (d and not (isinstance(d[0], int) and d[0] > 0)) for d in dims)
+
+
+def _same_rows(single: Mapping[str, np.ndarray], joined: Mapping[str, np.ndarray], size: int) -> bool:
+    """The joined run's first rows are the single run's values (batch-major, no mixing of samples)."""
+    for name, a in single.items():
+        b = joined[name]
+        if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or a.ndim == 0 or b.shape != (a.shape[0] * size, *a.shape[1:]):
+            return False
+        if np.array_equal(b[: a.shape[0]], a):  # the usual case, one cheap pass
+            continue
+        scale = float(np.abs(a).max(initial=0.0))
+        if not np.allclose(b[: a.shape[0]], a, rtol=1e-3, atol=1e-5 * max(scale, 1.0)):
+            return False
+    return True
+
+
+def joined_runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
+    """(samples, feed, fetched values) per run: ``batch_size`` samples a run, or automatic (0).
+
+    Automatic: a FeedSet of a model with a dynamic batch axis runs sample 0 alone, then a joined
+    batch (size from the bytes fetched per sample); if the joined batch reproduces sample 0 the
+    rest runs joined too, otherwise one sample a run. The probe costs one extra sample run.
+    """
+    if batch_size or not isinstance(feeds, FeedSet) or len(feeds) < 2 or not dynamic_batch(model):
+        for samples, feed in batched(feeds, batch_size or 1):
+            yield samples, feed, session.run(feed, fetched) if fetched else {}
+        return
+    first = next(iter(feeds))
+    single = session.run(first, fetched) if fetched else {}
+    per_sample = sum(v.nbytes for v in (*single.values(), *first.values()))
+    size = min(MAX_BATCH, len(feeds), max(1, BATCH_BYTES // max(per_sample, 1)))
+    if size > 1:
+        head = next(feeds.batches(size))
+        joined = session.run(head, fetched) if fetched else {}
+        if _same_rows(single, joined, size):
+            del single  # values live only until folded: no run starts while an earlier one's are held
+            yield size, head, joined
+            del joined
+            rest = feeds.window(size, len(feeds))
+            yield from joined_runs(session, model, rest, fetched, size) if len(rest) else ()
+            return
+        del joined
+    yield 1, first, single
+    del single
+    yield from joined_runs(session, model, feeds.window(1, len(feeds)), fetched, 1)
+
+
+def run_model(model: onnx.ModelProto, feeds: Iterable[dict], *, join: bool = False,
+              **session_options) -> dict[str, list[np.ndarray]]:
+    """Outputs for every sample, in order: ``{output name: [array per sample]}``.
+
+    ``join``: samples of a FeedSet run joined along a dynamic batch axis where that gives each
+    sample its own rows (:func:`joined_runs` probes it), and are split back per sample.
+    """
     results: dict[str, list[np.ndarray]] = {}
     with Session(model, **session_options) as session:
-        for feed in feeds:
-            for name, value in session.run(feed).items():
-                results.setdefault(name, []).append(value)
+        if not join:
+            for feed in feeds:
+                for name, value in session.run(feed).items():
+                    results.setdefault(name, []).append(value)
+            return results
+        for samples, _, values in joined_runs(session, model, feeds, session.output_names, 0):
+            for name, value in values.items():
+                results.setdefault(name, []).extend(np.split(value, samples) if samples > 1 else [value])
     return results
 
 
@@ -182,9 +264,10 @@ def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, l
     onnxruntime's full graph optimizations and ``reference`` (the same feeds, optimizations off,
     the same threads). onnxruntime's optimizer makes the rewrites an exact pass makes (Conv+BatchNorm
     and bias fusions, constant folding, fused kernels), so this is how far an exactly equivalent
-    float32 graph moves the outputs on this model. 0 where the optimized session cannot load."""
+    float32 graph moves the outputs on this model. 0 where the optimized session cannot load.
+    ``reference`` comes from ``run_model(..., join=True)``, as the runs this noise is compared with."""
     try:
-        optimized = run_model(model, feeds, optimize=True, threads=threads)
+        optimized = run_model(model, feeds, optimize=True, threads=threads, join=True)
     except InputError:
         return {name: 0.0 for name in reference}
     noise = {}

@@ -294,7 +294,7 @@ def test_unreadable_cache_is_an_input_error(tmp_path):
 
 
 def runs_of(model, feeds, fetched):
-    from onnxopt.calibration import _runs
+    from onnxopt.validate import joined_runs as _runs
     from onnxopt.validate import Session
 
     with Session(model, extra_outputs=fetched) as session:

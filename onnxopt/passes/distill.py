@@ -23,12 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..calibration import batched
 from ..errors import InputError
 from ..tensors import FLOAT_TYPES
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      unique_name_factory, walk_nodes)
-from ..validate import Session, numeric_values
+from ..validate import Session, batched, numeric_values
 from .base import Pass, PassResult, count
 from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
 
