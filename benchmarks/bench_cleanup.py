@@ -10,8 +10,9 @@ The tools:
             onnxopt's own validation, on the model's data where there is some)
   onnxsim   ``onnx.load`` + ``onnxsim.simplify(model)`` + ``onnx.save``
   onnxslim  ``onnx.load`` + ``onnxslim.slim(model)`` + ``onnx.save``
-  onnxsim-check  (with ``--validate``) ``onnxsim.simplify(model, check_n=1)``: onnxsim checking its
-            result on one random input, the peer of onnxopt's validation
+  onnxsim-check  (with ``--validate``) ``onnxsim.simplify(model, check_n=1, test_input_shapes=...)``:
+            onnxsim checking its result on one random input of the first eval sample's shapes, the
+            peer of onnxopt's validation
 
 The models: the shared models (``../shared/models``) and the samples, each with its eval data; with
 ``--rapidocr DIR`` (default: /tmp/rapidocr/rapidocr_onnxruntime/models, skipped when absent, from
@@ -153,7 +154,11 @@ def tool_worker(tool: str, jobs: list[dict]) -> None:
         import onnxsim
 
         def run(src: str, dst: str, job: dict) -> None:
-            model, ok = onnxsim.simplify(onnx.load(src), check_n=1 if tool == "onnxsim-check" else 0)
+            checks = {}
+            if tool == "onnxsim-check":  # its check needs fixed shapes: those of the first eval sample
+                with np.load(job["validate_data"]) as data:
+                    checks = {"check_n": 1, "test_input_shapes": {k: list(data[k].shape[1:]) for k in data.files}}
+            model, ok = onnxsim.simplify(onnx.load(src), **checks)
             if not ok:
                 raise RuntimeError("onnxsim's check failed")
             onnx.save(model, dst)
@@ -334,6 +339,8 @@ def tool_job(tool: str, src: Path, dst: Path, pipeline: str, validate: bool, dat
     job = {"src": str(src), "dst": str(dst)}
     if tool == "onnxopt":
         job.update(pipeline=pipeline, validate=validate, validate_data=data)
+    elif tool in CHECKING_TOOLS:
+        job.update(validate_data=data)
     return job
 
 
