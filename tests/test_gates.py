@@ -306,3 +306,17 @@ def test_bisection_names_the_wrong_step_wherever_it_is(exact_steps, data):
             report = onnxopt.optimize(mlp(with_dead_branch=True), ",".join(steps), repro_dir=repro).report
     assert report.failure.startswith(f"step {position + 1} 'scale-weights-test': not exact")
     assert len(report.steps) == position + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "ppocr_cls", "minilm_l3"])
+def test_cleanup_passes_on_the_shared_models_with_their_noise_reported(shared_models, name):
+    folder = shared_models / name
+    if not (folder / "model.onnx").exists():
+        pytest.skip(f"{name} is absent")
+    report = onnxopt.optimize(folder / "model.onnx", "cleanup", data=folder / "eval.npz").report
+    assert report.passed, report.failure
+    exact = report.gates["exact"]
+    assert set(exact["noise"]) == {o.name for o in onnx.load(folder / "model.onnx", load_external_data=False).graph.output}
+    assert all(exact["atol"][n] == max(1e-6, 4 * exact["noise"][n]) for n in exact["noise"])
+    assert report.steps[-1].vs_previous["passed"] and report.steps[-1].vs_original["samples"] == report.feeds["samples"]
