@@ -26,6 +26,7 @@ from .modelio import needs_file, save_scratch
 DEFAULT_MIN_COSINE = 0.99  # lossy gate of `optimize` unless relaxed (README: Validation, for the measurements)
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of top-1 accuracy, with labels
 NOISE_FACTOR = 4.0  # exact gate: an output's atol is at least this many times its measured float noise
+NOISE_CAP = 1e-3  # noise counts up to this fraction of the output's largest |value|: beyond, it is not rounding
 VALIDATION_THREADS = 0  # onnxruntime's default: one intra-op thread per physical core
 BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
 MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
@@ -46,7 +47,8 @@ class Tolerances:
         if self.max_abs is not None:
             gates.append(f"max abs <= {self.max_abs:g}")
         if labels and self.max_accuracy_drop is not None:
-            gates.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
+            drop = self.max_accuracy_drop
+            gates.append(f"accuracy drop <= {drop:g} point{'' if drop == 1 else 's'}")
         return gates
 
 
@@ -264,8 +266,10 @@ def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, l
     onnxruntime's full graph optimizations and ``reference`` (the same feeds, optimizations off,
     the same threads). onnxruntime's optimizer makes the rewrites an exact pass makes (Conv+BatchNorm
     and bias fusions, constant folding, fused kernels), so this is how far an exactly equivalent
-    float32 graph moves the outputs on this model. 0 where the optimized session cannot load.
-    ``reference`` comes from ``run_model(..., join=True)``, as the runs this noise is compared with."""
+    float32 graph moves the outputs on this model. 0 where the optimized session cannot load; at
+    most ``NOISE_CAP`` of the output's largest finite |value| (an optimizer that changes results more
+    than that is not rounding, and must not widen the gate). ``reference`` comes from
+    ``run_model(..., join=True)``, as the runs this noise is compared with."""
     try:
         optimized = run_model(model, feeds, optimize=True, threads=threads, join=True)
     except InputError:
@@ -277,7 +281,9 @@ def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, l
         except (TypeError, ValueError):  # strings, or shapes that differ: no noise estimate
             diffs = []
         finite = [d[np.isfinite(d)] for d in diffs]
-        noise[name] = float(max((d.max(initial=0.0) for d in finite), default=0.0))
+        scale = max((float(np.abs(v[np.isfinite(v)]).max(initial=0.0)) for v in map(numeric_values, ref)
+                     if v.size), default=0.0) if diffs else 0.0
+        noise[name] = min(float(max((d.max(initial=0.0) for d in finite), default=0.0)), NOISE_CAP * scale)
     return noise
 
 

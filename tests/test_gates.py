@@ -201,6 +201,15 @@ def test_noise_is_measured_from_optimized_onnxruntime_and_scales_the_atol():
     assert exact_atols({"y": 0.0}, Tolerances())["y"] == 1e-6  # no noise measured: the fixed floor
 
 
+def test_noise_beyond_rounding_is_capped_at_a_thousandth_of_the_output():
+    model = deep_conv_net()
+    feeds = FeedSet(conv_feeds(2), "test")
+    outputs = run_model(model, feeds, threads=0)
+    shifted = {"y": [y + 0.5 for y in outputs["y"]]}  # a "reference" 0.5 away: not float noise
+    scale = max(float(np.abs(y).max()) for y in shifted["y"])
+    assert measure_noise(model, feeds, shifted, threads=0)["y"] == pytest.approx(1e-3 * scale)
+
+
 def test_atol_per_output_decides_the_exact_gate():
     ref = {"y": [np.ones(4, np.float32)]}
     moved = {"y": [np.ones(4, np.float32) + 5e-5]}
