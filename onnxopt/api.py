@@ -58,7 +58,7 @@ def optimize(
 
     Lossy gates, judged after each run of consecutive lossy steps: with ``labels``, top-1 accuracy
     may fall at most ``max_accuracy_drop`` points (100: off); every output's cosine to the original
-    must stay >= ``min_cosine`` (None: 0.99 without labels, no cosine gate with them; 0: off).
+    must stay >= ``min_cosine`` (None: 0.99 without labels, no cosine gate with them; 0 relaxes it).
     Exact steps stay within ``exact_rtol`` and an atol of ``noise_factor`` times the model's
     measured float noise (at least ``exact_atol``).
     """

@@ -78,7 +78,7 @@ def _apply(options):
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime runs (checker and interface checks still run).")
 @click.option("--min-cosine", type=float,
               help=f"Fail a lossy step if any output's cosine to the original falls below this "
-                   f"(default {DEFAULT_MIN_COSINE:g} without --labels, none with them; 0: off).")
+                   f"(default {DEFAULT_MIN_COSINE:g} without --labels, none with them; 0 relaxes it).")
 @_apply(_thresholds[1:])
 @click.option("--exact-rtol", type=float, default=1e-5, show_default=True, help="Tolerance gating exact passes.")
 @click.option("--exact-atol", type=float, default=1e-6, show_default=True,
