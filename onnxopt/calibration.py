@@ -223,7 +223,7 @@ def collect(
     ``histogram_bins > 0`` keeps a grid histogram (one pass, see the module notes) exposed as
     that many uniform bins; ``sumsq_axes`` maps a value to its channel axis for per-channel
     sums and sums of squares, ``mean_axes`` for per-channel sums only. Graph inputs are read from
-    the feeds directly. ``batch_size`` samples run joined (0: automatic, see :func:`_runs`);
+    the feeds directly. ``batch_size`` samples run joined (0: automatic, see :func:`onnxopt.validate.joined_runs`);
     the statistics do not depend on it.
     """
     names = list(dict.fromkeys(tensors))
