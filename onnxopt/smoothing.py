@@ -66,9 +66,10 @@ def smoothing_scale(stats: TensorStats, weights: list[np.ndarray], weight_qmax: 
 
 def fold_inverse_scale(tensor: str, inverse: np.ndarray, index: GraphIndex, store: WeightStore, make_name) -> bool:
     """Multiply ``tensor`` by ``inverse`` along its last axis by rewriting the gamma and beta of the
-    LayerNormalization producing it (through Reshapes that keep the last axis); False when it has no such producer (the caller's consumers must be
-    the tensor's only readers). Constants inside fused patterns (tanh-GELU's 0.5) are left alone: a
-    per-channel vector there stops onnxruntime's FastGelu fusion, which costs more than a Mul."""
+    LayerNormalization producing it (through Reshapes that keep the last axis); False when it has no such
+    producer (the caller's consumers must be the tensor's only readers). Constants inside fused patterns
+    (tanh-GELU's 0.5) are left alone: a per-channel vector there stops onnxruntime's FastGelu fusion,
+    which costs more than a Mul."""
     node = index.producer_node(tensor)
     while node is not None and node.op_type == "Reshape" and _keeps_last_axis(node, len(inverse), store) and len(
             index.consumers.get(node.input[0], ())) == 1 and not index.is_graph_output(node.input[0]):
@@ -101,11 +102,9 @@ def _fold_layernorm(node: onnx.NodeProto, inverse: np.ndarray, index: GraphIndex
 
 
 def _scale_operand(node: onnx.NodeProto, k: int, inverse: np.ndarray, index: GraphIndex, store: WeightStore,
-                   make_name) -> bool:
+                   make_name) -> None:
     """Constant operand ``k`` of ``node`` times ``inverse`` (in place when only this node reads it)."""
     value = store.array(node.input[k])
-    if value.ndim > 1 and any(d != 1 for d in value.shape[:-1]):
-        return False  # a constant varying along other axes: broadcasting [K] against it is not a channel scale
     scaled = (value * inverse).astype(value.dtype)
     if len(index.consumers.get(node.input[k], ())) == 1 and not index.is_graph_output(node.input[k]):
         store.set_array(node.input[k], scaled)
@@ -113,4 +112,3 @@ def _scale_operand(node: onnx.NodeProto, k: int, inverse: np.ndarray, index: Gra
         fresh = make_name(f"{node.input[k]}_smoothed")
         store.add_initializer(fresh, scaled)
         node.input[k] = fresh
-    return True

@@ -456,8 +456,8 @@ def test_real_models_lose_at_most_half_a_point(shared_models, name):
 
 def test_minmax_calibration_keeps_no_histograms_and_no_squares(tmp_path):
     model, cache = cnn(), tmp_path / "calib.npz"
-    QuantizePass(QuantizePass.Options(method="minmax", mode="static"), PassContext(calib=samples(model), calib_cache=cache))(
-        copy(model))
+    options = QuantizePass.Options(method="minmax", mode="static")
+    QuantizePass(options, PassContext(calib=samples(model), calib_cache=cache))(copy(model))
     from onnxopt.calibration import load_stats
 
     stats, _ = load_stats(cache)
@@ -631,8 +631,8 @@ def test_int4_embeddings_skip_a_table_whose_rows_do_not_split_into_blocks_of_32(
 
 def test_embedding_only_model_needs_no_calibration():
     table = np.random.default_rng(0).standard_normal((1024, 32)).astype(np.float32)
-    model = make_model([helper.make_node("Gather", ["table", "ids"], ["y"])], [value("ids", [1, 4], onnx.TensorProto.INT64)],
-                       [value("y", [1, 4, 32])], [tensor("table", table)])
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["y"])],
+                       [value("ids", [1, 4], onnx.TensorProto.INT64)], [value("y", [1, 4, 32])], [tensor("table", table)])
     result = QuantizePass()(copy(model))  # no calibration data
     assert result.modified and result.stats["embeddings_quantized"] == 1
     assert check_interface(model, result.model) == []

@@ -53,7 +53,7 @@ from onnx import numpy_helper
 
 from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
 from ..data import FeedSet
-from ..embeddings import check_format, quantize_embeddings
+from ..embeddings import quantize_embeddings
 from ..errors import InputError
 from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes,
                      unique_name_factory, walk_graphs)
@@ -70,7 +70,8 @@ PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsque
 AVERAGING = {"GlobalAveragePool", "AveragePool"}  # int8 in, own output range
 QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 MODES = ("auto", "static", "dynamic")
-EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int4": (4, 32)}  # (bits, block_size) for onnxopt.embeddings
+# (bits, block_size) for onnxopt.embeddings; block_size 0: per row in standard ONNX ops, else GatherBlockQuantized
+EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "int4": (4, 32)}
 AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate
 
 
@@ -94,7 +95,7 @@ class QuantizeOptions:
     smooth: bool = True  # dynamic layers: SmoothQuant migration where the estimated error drops
     smooth_alpha: float = 0.0  # migration strength in (0, 1); 0: chosen per tensor from the statistics
     smooth_mul: bool = True  # also migrate where no LayerNorm upstream absorbs it (an explicit Mul at run time)
-    embeddings: str = "int8"  # embedding tables: float | int8 (per row) | int4 (GatherBlockQuantized, block 32)
+    embeddings: str = "int8"  # embedding tables: float | int8 (per row) | int8_block128 | int4: EMBEDDING_FORMATS
     latency_runs: int = 30  # auto mode: onnxruntime runs per candidate, interleaved
 
     def __post_init__(self) -> None:
@@ -604,7 +605,8 @@ class _Quantized:
         return self._weights[key]
 
     def smoothing(self, source: str, units: list[_Unit], store: WeightStore) -> tuple[np.ndarray | None, float, float]:
-        """(per-channel migration scale or None, alpha, estimated error ratio) for the dynamic units reading ``source``."""
+        """(per-channel migration scale or None, alpha, estimated error ratio) of the dynamic units reading
+        ``source``."""
         key = ("smooth", source, tuple(u.weight for u in units))
         if key not in self._weights:
             st = self.tensor_stats.get(source)
