@@ -646,3 +646,20 @@ def test_dynamic_mode_keeps_the_interface_and_is_close(seed, residual, smooth_mu
     q = quantize(model, feeds, mode="dynamic", smooth_mul=smooth_mul).model
     assert check_interface(model, q) == [] and check_structure(q) is None
     assert cosine(model, q, feeds) > 0.995
+
+
+def test_accuracy_aware_static_mode_calibrates_tensors_that_shared_a_float_layers_range():
+    # mm's output range is shared by the Transpose after it; keeping mm float (its outlier input makes it the
+    # most sensitive) leaves the attention MatMul reading the Transpose with a range of its own
+    rng = np.random.default_rng(0)
+    scale = np.ones(16, np.float32)
+    scale[[2, 9]] = 100
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]),
+             helper.make_node("MatMul", ["xs", "w"], ["h"], name="mm"),
+             helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="attn")]
+    inits = [tensor("s", scale), tensor("w", rng.standard_normal((16, 16)).astype(np.float32) / scale[:, None])]
+    model = make_model(nodes, [value("x", ["batch", 8, 16])], [value("y", ["batch", 8, 8])], inits)
+    feeds = FeedSet({"x": rng.standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
+    result = quantize(model, feeds, mode="static", method="minmax", min_cosine=0.99999)
+    assert result.stats["kept_float:mm"] == 1 and check_interface(model, result.model) == []

@@ -211,7 +211,10 @@ class QuantizePass(Pass):
                 if opt.bias_correction else {})
         channel_axes = ({u.activations[0]: -1 for p in plans for u in p.units if u.dynamic}
                         if opt.smooth or opt.bias_correction else {})
-        tensors = sorted({t for p in plans for t in p.acts.values()})
+        tensors = {t for p in plans for t in p.acts.values()}
+        if opt.min_cosine > 0:  # a layer kept float leaves the tensors that shared its range with their own
+            tensors |= {t for p in plans for t in p.acts}
+        tensors = sorted(tensors)
         return CalibrationRequest(
             model=model, tensors=tensors, mean_axes=axes, channel_axes=channel_axes,
             histogram_bins=0 if opt.method == "minmax" or not tensors else 2048,
