@@ -663,3 +663,17 @@ def test_accuracy_aware_static_mode_calibrates_tensors_that_shared_a_float_layer
     feeds = FeedSet({"x": rng.standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
     result = quantize(model, feeds, mode="static", method="minmax", min_cosine=0.99999)
     assert result.stats["kept_float:mm"] == 1 and check_interface(model, result.model) == []
+
+
+@pytest.mark.parametrize("dynamic_ms, expect_dynamic", [(1.0, 0), (0.97, 0), (0.9, 1)])
+def test_auto_mode_keeps_static_when_both_are_exact_unless_dynamic_is_clearly_faster(monkeypatch, dynamic_ms,
+                                                                                      expect_dynamic):
+    import onnxopt.passes.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "_latency_ms", lambda models, feed, runs: {"static": 1.0,
+                                                                                    "dynamic": dynamic_ms})
+    model = mlp(hidden=16)
+    result = quantize(model, mode="auto")
+    candidates = {c["name"]: c["calib_worst_cosine"] for c in result.details["candidates"]}
+    assert min(candidates.values()) > 0.999  # both about exact: latency decides, with a margin for noise
+    assert result.stats["mode_dynamic"] == expect_dynamic

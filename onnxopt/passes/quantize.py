@@ -72,7 +72,10 @@ QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 MODES = ("auto", "static", "dynamic")
 # (bits, block_size) for onnxopt.embeddings; block_size 0: per row in standard ONNX ops, else GatherBlockQuantized
 EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "int4": (4, 32)}
-AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate
+AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate,
+AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then float-exact for any task)
+AUTO_LATENCY_MARGIN = 0.05  # dynamic replaces static only when measured at least 5 % faster (timing noise)
+AUTO_TIMING_S = 0.3  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
 
 
 @dataclass(frozen=True)
@@ -874,13 +877,16 @@ class _Trials:
 
 def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> dict[str, float]:
     """Median onnxruntime latency per model (1 thread, all graph optimizations), the models run interleaved
-    so that load on the machine hits all alike."""
+    so that load on the machine hits all alike: at least ``runs`` rounds, and AUTO_TIMING_S per model (tiny
+    models need many runs for a stable median)."""
     sessions = {name: Session(m, optimize=True) for name, m in models.items()}
     try:
         for s in sessions.values():
             s.run(feed)  # first run allocates
         times: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(runs):
+        rounds = 0
+        while rounds < runs or min(sum(t) for t in times.values()) < AUTO_TIMING_S:
+            rounds += 1
             for name, s in sessions.items():
                 start = time.perf_counter()
                 s.run(feed)
@@ -893,15 +899,19 @@ def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> di
 
 def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stats: dict, details: dict) -> _Plan:
     """Auto mode: the static or the dynamic plan, by measured worst cosine on calibration samples and then
-    measured latency (the faster of candidates within AUTO_ERROR_SLACK of the best error)."""
+    measured latency: the more accurate, unless both are about as accurate (AUTO_ERROR_SLACK, AUTO_ERROR_FLOOR);
+    then static, unless dynamic is clearly faster (AUTO_LATENCY_MARGIN)."""
     trials = _Trials(request, quantized, feeds)
     plans = {"static": request.plan, "dynamic": request.dynamic_plan}
     models = {name: trials.model(plan) for name, plan in plans.items()}
     cosines = {name: trials.cosine(m) for name, m in models.items()}
     latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
     best_error = min(1.0 - c for c in cosines.values())
-    close = [n for n in plans if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + 1e-6)]
-    chosen = min(close, key=lambda n: latency[n])
+    close = [n for n in plans
+             if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
+    chosen = "static" if "static" in close else close[0]
+    if "dynamic" in close and latency["dynamic"] < latency[chosen] * (1 - AUTO_LATENCY_MARGIN):
+        chosen = "dynamic"
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
                               "chosen": n == chosen} for n in plans]
     stats["mode_dynamic"] = int(chosen == "dynamic")
