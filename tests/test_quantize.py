@@ -585,8 +585,9 @@ def test_auto_mode_measures_both_and_keeps_dynamic_for_the_outlier_encoder():
     feeds = encoder_feeds(model)
     result = quantize(model, feeds, mode="auto", latency_runs=3)
     candidates = {c["name"]: c for c in result.details["candidates"]}
-    assert set(candidates) == {"static", "dynamic"} and sum(c["chosen"] for c in candidates.values()) == 1
+    assert set(candidates) == {"static", "dynamic", "dynamic+mul"} and sum(c["chosen"] for c in candidates.values()) == 1
     assert candidates["dynamic"]["calib_worst_cosine"] > candidates["static"]["calib_worst_cosine"]
+    assert candidates["dynamic+mul"]["calib_worst_cosine"] > candidates["dynamic"]["calib_worst_cosine"]
     assert result.stats["mode_dynamic"] == 1
     assert Counter(n.op_type for n in result.model.graph.node)["MatMulInteger"] == 3
 
@@ -670,8 +671,8 @@ def test_auto_mode_keeps_static_when_both_are_exact_unless_dynamic_is_clearly_fa
                                                                                       expect_dynamic):
     import onnxopt.passes.quantize as quantize_module
 
-    monkeypatch.setattr(quantize_module, "_latency_ms", lambda models, feed, runs: {"static": 1.0,
-                                                                                    "dynamic": dynamic_ms})
+    monkeypatch.setattr(quantize_module, "_latency_ms",
+                        lambda models, feed, runs: {n: 1.0 if n == "static" else dynamic_ms for n in models})
     model = mlp(hidden=16)
     result = quantize(model, mode="auto")
     candidates = {c["name"]: c["calib_worst_cosine"] for c in result.details["candidates"]}

@@ -29,9 +29,10 @@ onnxruntime fuses into one DynamicQuantizeMatMul (each input's range is taken pe
 activation-activation MatMuls, Softmax, LayerNorm, GELU and residual adds in float, migrates
 activation outliers into the weights SmoothQuant-style where the statistics say it pays
 (:mod:`onnxopt.smoothing`; the division is folded into a LayerNorm or Mul constant upstream),
-and bias-corrects the weight rounding. ``mode=auto`` (the default) builds the static and the dynamic
-model, measures both on calibration samples (worst cosine to float, then onnxruntime latency),
-and keeps the more accurate, or the faster of two that are about as accurate. Embedding tables
+and bias-corrects the weight rounding. ``mode=auto`` (the default) builds the static model, the dynamic
+one, and the dynamic one with migration Muls, measures them on calibration samples (worst cosine to
+float, then onnxruntime latency) and keeps the most accurate, or of those about as accurate the simplest
+unless another is clearly faster. Embedding tables
 (``Gather`` on a big constant) become int8 per row (``embeddings``, :mod:`onnxopt.embeddings`):
 the file shrinks by the vocabulary too.
 
@@ -146,6 +147,7 @@ class _Unit:
 @dataclass
 class _Plan:
     dynamic: bool = False  # planned with dynamic MatMul/Gemm
+    smooth_mul: bool = False  # dynamic: migration also where it needs an explicit Mul
     units: list[_Unit] = field(default_factory=list)
     acts: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
     float_nodes: list[str] = field(default_factory=list)  # heavy nodes the plan keeps float on purpose
@@ -166,7 +168,7 @@ class CalibrationRequest:
     modified: bool  # the model differs from the one given (upgraded, nodes named, BatchNorm folded)
     stats: dict[str, int | float]
     plan: _Plan
-    dynamic_plan: _Plan | None  # auto mode: the dynamic alternative to ``plan`` (None: nothing to choose)
+    alternatives: dict[str, _Plan]  # auto mode: the dynamic alternatives to ``plan`` (empty: nothing to choose)
     index: GraphIndex  # of model.graph as planned
     store: WeightStore
     subgraphs: list[tuple[onnx.GraphProto, WeightStore, list[tuple[str, int | None]]]]
@@ -204,11 +206,15 @@ class QuantizePass(Pass):
             stats["biases_fused"] = sum(fuse_bias(g, make_name, opset) for g in model_graphs(model))
         index, store = GraphIndex(model.graph), WeightStore(model.graph)
         excluded = set(opt.exclude_nodes)
-        plan = _plan(index, store, opt, excluded, stats, dynamic=opt.mode == "dynamic")
-        dynamic_plan = _plan(index, store, opt, excluded, {}, dynamic=True) if opt.mode == "auto" else None
-        if dynamic_plan is not None and not any(u.dynamic for u in dynamic_plan.units):
-            dynamic_plan = None  # no MatMul/Gemm to run dynamically: static it is
-        plans = [p for p in (plan, dynamic_plan) if p is not None]
+        plan = _plan(index, store, opt, excluded, stats, dynamic=opt.mode == "dynamic", smooth_mul=opt.smooth_mul)
+        alternatives = {}
+        if opt.mode == "auto":
+            alternatives["dynamic"] = _plan(index, store, opt, excluded, {}, dynamic=True)
+            if not any(u.dynamic for u in alternatives["dynamic"].units):
+                alternatives = {}  # no MatMul/Gemm to run dynamically: static it is
+            elif opt.smooth and opt.smooth_mul:
+                alternatives["dynamic+mul"] = _plan(index, store, opt, excluded, {}, dynamic=True, smooth_mul=True)
+        plans = [plan, *alternatives.values()]
         static_units = [u for p in plans for u in p.units if not u.dynamic]
         axes = ({u.activations[0]: u.use.data_axis for u in static_units if u.use is not None}
                 if opt.bias_correction else {})
@@ -222,7 +228,7 @@ class QuantizePass(Pass):
             model=model, tensors=tensors, mean_axes=axes, channel_axes=channel_axes,
             histogram_bins=0 if opt.method == "minmax" or not tensors else 2048,
             modified=before < QDQ_OPSET or named > 0 or bool(stats.get("batchnorm_folded") or stats.get("biases_fused")),
-            stats=stats, plan=plan, dynamic_plan=dynamic_plan, index=index, store=store,
+            stats=stats, plan=plan, alternatives=alternatives, index=index, store=store,
             subgraphs=_subgraph_units(model, opt), make_name=make_name)
 
     def run(self, model: onnx.ModelProto) -> PassResult:
@@ -242,11 +248,12 @@ class QuantizePass(Pass):
         feeds = _checked(self.context.calibration_feeds(self.name), model)
         quantized = _Quantized(self._calibrate(request, feeds), opt)
         sensitivity: dict[str, float] = {}
-        if request.dynamic_plan is not None:
+        if request.alternatives:
             plan = _choose_mode(request, quantized, feeds, stats, details)
         if opt.min_cosine > 0:
             kept = _keep_sensitive(request, plan, quantized, feeds, stats, sensitivity)
-            plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {}, dynamic=plan.dynamic)
+            plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {}, dynamic=plan.dynamic,
+                         smooth_mul=plan.smooth_mul)
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
@@ -415,13 +422,13 @@ def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
 
 
 def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nodes: set[str], stats: dict,
-          dynamic: bool = False) -> _Plan:
+          dynamic: bool = False, smooth_mul: bool = False) -> _Plan:
     """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size; reads the graph only).
 
     ``dynamic``: MatMul/Gemm with a constant weight become dynamic units (no Q/DQ pairs: the range is
     taken per run) and activation-activation MatMuls stay float; Conv stays static.
     """
-    plan = _Plan(dynamic=dynamic)
+    plan = _Plan(dynamic=dynamic, smooth_mul=dynamic and smooth_mul)
     for i in index.topological_order():
         node = index.nodes[i]
         if node.domain not in ("", "ai.onnx") or node.name in float_nodes or node.op_type in opt.exclude_op_types:
@@ -730,7 +737,7 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
     dynamic = [u for u in plan.units if u.dynamic]
     if dynamic:
         layers += _quantize_dynamic(dynamic, writer, quantized, index if index.graph is graph else GraphIndex(graph),
-                                    make_name, stats)
+                                    make_name, stats, plan.smooth_mul)
     layers += [{"name": name, "op": "MatMul", "mode": "float"} for name in plan.float_nodes]
     stats["nodes_quantized"] = len(plan.units)
     for position, (sub, sub_store, units) in enumerate(subgraphs):
@@ -779,11 +786,12 @@ def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, quantized: _Quantized,
 
 
 def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized, index: GraphIndex, make_name,
-                      stats: dict) -> list[dict]:
+                      stats: dict, smooth_mul: bool) -> list[dict]:
     """Replace each dynamic unit by DynamicQuantizeLinear (one per input tensor) -> MatMulInteger -> Cast ->
     Mul(input scale x weight scales) (-> Add bias), the pattern onnxruntime fuses into DynamicQuantizeMatMul.
 
-    ``index`` is of the graph being rewritten (migration folds into its constants).
+    ``index`` is of the graph being rewritten (migration folds into its constants); ``smooth_mul``: migrate
+    with an explicit Mul where no LayerNorm absorbs it.
     """
     by_input: dict[str, list[_Unit]] = {}
     for unit in units:
@@ -800,7 +808,7 @@ def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized
                 c.output[0] in mine for c in index.consumer_nodes(source))
             if only_mine and fold_inverse_scale(source, inverse, index, store, make_name):
                 how = "folded"
-            elif quantized.opt.smooth_mul:
+            elif smooth_mul:
                 x, how = make_name(f"{source}_smoothed"), "mul"
                 where.append(onnx.helper.make_node("Mul", [source, writer.initializer("smooth", inverse)], [x]))
             else:
@@ -899,22 +907,24 @@ def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> di
 
 def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stats: dict, details: dict) -> _Plan:
     """Auto mode: the static or the dynamic plan, by measured worst cosine on calibration samples and then
-    measured latency: the more accurate, unless both are about as accurate (AUTO_ERROR_SLACK, AUTO_ERROR_FLOOR);
-    then static, unless dynamic is clearly faster (AUTO_LATENCY_MARGIN)."""
+    measured latency: the most accurate, unless several are about as accurate (AUTO_ERROR_SLACK,
+    AUTO_ERROR_FLOOR); of those the simplest (static, then dynamic, then dynamic with migration Muls), unless
+    another is clearly faster (AUTO_LATENCY_MARGIN)."""
     trials = _Trials(request, quantized, feeds)
-    plans = {"static": request.plan, "dynamic": request.dynamic_plan}
+    plans = {"static": request.plan, **request.alternatives}
     models = {name: trials.model(plan) for name, plan in plans.items()}
     cosines = {name: trials.cosine(m) for name, m in models.items()}
     latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
     best_error = min(1.0 - c for c in cosines.values())
     close = [n for n in plans
              if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
-    chosen = "static" if "static" in close else close[0]
-    if "dynamic" in close and latency["dynamic"] < latency[chosen] * (1 - AUTO_LATENCY_MARGIN):
-        chosen = "dynamic"
+    chosen = close[0]  # plans are in order of simplicity: static, dynamic, dynamic with migration Muls
+    for name in close[1:]:
+        if latency[name] < latency[chosen] * (1 - AUTO_LATENCY_MARGIN):
+            chosen = name
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
                               "chosen": n == chosen} for n in plans]
-    stats["mode_dynamic"] = int(chosen == "dynamic")
+    stats["mode_dynamic"] = int(plans[chosen].dynamic)
     stats.update({f"calib_cosine_{n}": cosines[n] for n in plans})
     return plans[chosen]
 
@@ -928,7 +938,8 @@ def _keep_sensitive(request: CalibrationRequest, plan: _Plan, quantized: _Quanti
     trials = _Trials(request, quantized, feeds)
 
     def cosine(float_nodes: set[str]) -> float:
-        trial_plan = _plan(request.index, request.store, opt, excluded | float_nodes, {}, dynamic=plan.dynamic)
+        trial_plan = _plan(request.index, request.store, opt, excluded | float_nodes, {}, dynamic=plan.dynamic,
+                           smooth_mul=plan.smooth_mul)
         return trials.cosine(trials.model(trial_plan))
 
     names = [u.node.name for u in plan.units]
