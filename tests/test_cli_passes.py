@@ -33,7 +33,7 @@ def test_quantize_from_the_cli_keeps_accuracy_and_shrinks_the_file(tmp_path):
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     dynamic = doc["steps"][0]["stats"]["mode_dynamic"]  # auto mode measured both forms and kept one
     assert ({"DynamicQuantizeLinear", "MatMulInteger"} if dynamic else {"QuantizeLinear", "DequantizeLinear"}) <= ops
-    layers = doc["steps"][0]["details"]["layers"]
+    layers = [row for row in doc["steps"][0]["details"]["layers"] if "mode" in row]  # activation ranges aside
     assert [row["mode"] for row in layers] == ["dynamic" if dynamic else "static"] * 3
 
 

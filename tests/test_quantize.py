@@ -678,3 +678,14 @@ def test_auto_mode_keeps_static_when_both_are_exact_unless_dynamic_is_clearly_fa
     candidates = {c["name"]: c["calib_worst_cosine"] for c in result.details["candidates"]}
     assert min(candidates.values()) > 0.999  # both about exact: latency decides, with a margin for noise
     assert result.stats["mode_dynamic"] == expect_dynamic
+
+
+def test_static_mode_reports_each_activation_range_with_its_noise_ratio():
+    model = encoder_block()
+    result = quantize(model, encoder_feeds(model), mode="static")
+    rows = {r["name"]: r for r in result.details["layers"] if r.get("kind") == "activation"}
+    assert 0 < len(rows) <= result.stats["activations_quantized"]  # tensors sharing a range share its row
+    assert all(r["sqnr_db"] > 20 for r in rows.values())
+    layernorm_out, tanh_out = rows["n2"], rows["t"]  # outlier channels (gamma 40) against tanh's [-1, 1]
+    assert layernorm_out["range"][0] <= 0 <= layernorm_out["range"][1]
+    assert layernorm_out["sqnr_db"] < tanh_out["sqnr_db"]

@@ -717,10 +717,12 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
     produced = index.producer
     param_names: dict[str, tuple[str, str]] = {}
     rename: dict[str, str] = {}
+    layers = []
     for tensor, src in plan.acts.items():
         if src not in param_names:
             scale, zp = quantized.activation(src)
             param_names[src] = (writer.initializer("s", scale), writer.initializer("z", zp))
+            layers.append(_activation_row(src, quantized.tensor_stats[src], scale, zp))
         s, z = param_names[src]
         q, dq = make_name("q"), make_name("dq")
         pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [q]),
@@ -729,7 +731,6 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
         rename[tensor] = dq
     stats["activations_quantized"] = len(plan.acts)
     done: set[str] = set()
-    layers = []
     for unit in plan.units:
         if not unit.dynamic:
             x_scale = quantized.activation(plan.acts[unit.activations[0]])[0] if unit.activations else None
@@ -753,6 +754,22 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
             _rebuild(sub, sub_writer, {})
     _rebuild(graph, writer, rename)
     return layers
+
+
+def _activation_row(name: str, st: TensorStats, scale: np.ndarray, zero_point: np.ndarray) -> dict:
+    """Report row of one activation range: the range and, from the histogram, the signal-to-quantization-noise
+    ratio of the observed distribution (clipping included): which tensors the static form hurts."""
+    low, high = (0, 255) if zero_point.dtype == np.uint8 else (-128, 127)
+    zp, step = float(zero_point), float(scale)
+    row = {"name": name, "kind": "activation", "min": st.min, "max": st.max,
+           "range": [(low - zp) * step, (high - zp) * step]}
+    if st.codes is not None:
+        values, counts = st.distribution()
+        restored = (np.clip(np.round(values / step) + zp, low, high) - zp) * step
+        noise = float(np.sum(counts * (restored - values) ** 2))
+        signal = float(np.sum(counts * values**2))
+        row["sqnr_db"] = float(10 * np.log10(signal / noise)) if noise > 0 and signal > 0 else None
+    return row
 
 
 def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, quantized: _Quantized, done: set[str], stats) -> dict:
