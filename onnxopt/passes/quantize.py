@@ -75,8 +75,8 @@ MODES = ("auto", "static", "dynamic")
 EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "int4": (4, 32)}
 AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate,
 AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then float-exact for any task)
-AUTO_LATENCY_MARGIN = 0.05  # dynamic replaces static only when measured at least 5 % faster (timing noise)
-AUTO_TIMING_S = 0.3  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
+AUTO_LATENCY_MARGIN = 0.1  # a less simple candidate replaces a simpler one only when measured >= 10 % faster
+AUTO_TIMING_S = 0.15  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
 
 
 @dataclass(frozen=True)
