@@ -28,7 +28,8 @@ weights as ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add bias)
 onnxruntime fuses into one DynamicQuantizeMatMul (each input's range is taken per run), keeps
 activation-activation MatMuls, Softmax, LayerNorm, GELU and residual adds in float, migrates
 activation outliers into the weights SmoothQuant-style where the statistics say it pays
-(:mod:`onnxopt.smoothing`; the division is folded into a LayerNorm or Mul constant upstream),
+(:mod:`onnxopt.smoothing`; the division is folded into the gamma and beta of a LayerNorm upstream
+when nothing else reads its output, else an explicit Mul does it, ``smooth_mul``),
 and bias-corrects the weight rounding. ``mode=auto`` (the default) builds the static model, the dynamic
 one, and the dynamic one with migration Muls, measures them on calibration samples (worst cosine to
 float, then onnxruntime latency) and keeps the most accurate, or of those about as accurate the simplest
