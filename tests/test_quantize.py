@@ -689,3 +689,21 @@ def test_static_mode_reports_each_activation_range_with_its_noise_ratio():
     layernorm_out, tanh_out = rows["n2"], rows["t"]  # outlier channels (gamma 40) against tanh's [-1, 1]
     assert layernorm_out["range"][0] <= 0 <= layernorm_out["range"][1]
     assert layernorm_out["sqnr_db"] < tanh_out["sqnr_db"]
+
+
+@pytest.mark.slow
+def test_minilm_sentence_embeddings_stay_within_the_int8_targets(shared_models):
+    """The real 3-layer MiniLM: default quantize keeps every eval sentence embedding (masked mean over its
+    real tokens) at cosine >= 0.995 to fp32, 0.998 on average, in <= 0.27x the file."""
+    folder = shared_models / "minilm_l3"
+    model = onnx.load(folder / "model.onnx")
+    result = QuantizePass(None, PassContext(calib=load_feeds(folder / "calib.npz")))(copy(model))
+    assert check_interface(model, result.model) == [] and result.stats["mode_dynamic"] == 1
+    assert result.model.ByteSize() <= 0.27 * model.ByteSize()
+    lengths = np.load(folder / "eval.lengths.npz")
+    lengths = lengths[lengths.files[0]]
+    cosines = []
+    for feed, n in zip(load_feeds(folder / "eval.npz"), lengths):
+        a, b = (run(m, feed)[0][0, :n].mean(axis=0) for m in (model, result.model))
+        cosines.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert np.mean(cosines) >= 0.998 and np.min(cosines) >= 0.995
