@@ -707,3 +707,15 @@ def test_minilm_sentence_embeddings_stay_within_the_int8_targets(shared_models):
         a, b = (run(m, feed)[0][0, :n].mean(axis=0) for m in (model, result.model))
         cosines.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     assert np.mean(cosines) >= 0.998 and np.min(cosines) >= 0.995
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_layer_sensitivity_reports_each_layer_alone_and_names_the_outlier_layer(mode):
+    model = outlier_mlp()
+    feeds = FeedSet({"x": np.random.default_rng(1).standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
+    plain = quantize(model, feeds, mode=mode, method="minmax", smooth=False)
+    assert all("cosine_alone" not in row for row in plain.details["layers"])
+    measured = quantize(model, feeds, mode=mode, method="minmax", smooth=False, layer_sensitivity=True)
+    alone = {row["name"]: row["cosine_alone"] for row in measured.details["layers"] if "cosine_alone" in row}
+    assert set(alone) == {"mm1", "mm2"} and alone["mm1"] < alone["mm2"] <= 1.0  # mm1 reads the 100x channels
+    assert onnx.checker.check_model(measured.model) is None

@@ -102,6 +102,7 @@ class QuantizeOptions:
     smooth_mul: bool = True  # also migrate where no LayerNorm upstream absorbs it (an explicit Mul at run time)
     embeddings: str = "int8"  # embedding tables: float | int8 (per row) | int8_block128 | int4: EMBEDDING_FORMATS
     latency_runs: int = 30  # auto mode: onnxruntime runs per candidate, interleaved
+    layer_sensitivity: bool = False  # report each layer's calibration cosine alone (min_cosine measures it anyway)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -257,6 +258,8 @@ class QuantizePass(Pass):
                          smooth_mul=plan.smooth_mul)
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
+        elif opt.layer_sensitivity:
+            sensitivity = _layer_sensitivity(plan, _trial_cosine(request, plan, _Trials(request, quantized, feeds)))
         layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
                         request.index)
         for row in layers:
@@ -947,27 +950,36 @@ def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stat
     return plans[chosen]
 
 
-def _keep_sensitive(request: CalibrationRequest, plan: _Plan, quantized: _Quantized, feeds, stats,
-                    sensitivity: dict[str, float]) -> set[str]:
-    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine; ``sensitivity``
-    receives each node's cosine when it alone is quantized."""
-    opt = quantized.opt
+def _trial_cosine(request: CalibrationRequest, plan: _Plan, trials: _Trials) -> Callable[[set[str]], float]:
+    """Calibration worst cosine of ``plan``'s form with the named heavy nodes kept float."""
+    opt = trials.quantized.opt
     excluded = set(opt.exclude_nodes)
-    trials = _Trials(request, quantized, feeds)
 
     def cosine(float_nodes: set[str]) -> float:
         trial_plan = _plan(request.index, request.store, opt, excluded | float_nodes, {}, dynamic=plan.dynamic,
                            smooth_mul=plan.smooth_mul)
         return trials.cosine(trials.model(trial_plan))
 
+    return cosine
+
+
+def _layer_sensitivity(plan: _Plan, cosine: Callable[[set[str]], float]) -> dict[str, float]:
+    """Each heavy node's calibration cosine when it alone is quantized."""
     names = [u.node.name for u in plan.units]
     everything = set(names)
-    sensitivity.update({n: cosine(everything - {n}) for n in names})
-    order = sorted(names, key=lambda n: sensitivity[n])
+    return {n: cosine(everything - {n}) for n in names}
+
+
+def _keep_sensitive(request: CalibrationRequest, plan: _Plan, quantized: _Quantized, feeds, stats,
+                    sensitivity: dict[str, float]) -> set[str]:
+    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine; ``sensitivity``
+    receives each node's cosine when it alone is quantized."""
+    cosine = _trial_cosine(request, plan, _Trials(request, quantized, feeds))
+    sensitivity.update(_layer_sensitivity(plan, cosine))
     kept: set[str] = set()
     score = cosine(set())
-    for n in order:
-        if score >= opt.min_cosine:
+    for n in sorted(sensitivity, key=lambda n: sensitivity[n]):
+        if score >= quantized.opt.min_cosine:
             break
         kept.add(n)
         score = cosine(kept)
