@@ -664,6 +664,8 @@ def test_accuracy_aware_static_mode_calibrates_tensors_that_shared_a_float_layer
     feeds = FeedSet({"x": rng.standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
     result = quantize(model, feeds, mode="static", method="minmax", min_cosine=0.99999)
     assert result.stats["kept_float:mm"] == 1 and check_interface(model, result.model) == []
+    measured = quantize(model, feeds, mode="static", method="minmax", layer_sensitivity=True)
+    assert {r["name"] for r in measured.details["layers"] if "cosine_alone" in r} == {"mm", "attn"}
 
 
 @pytest.mark.parametrize("dynamic_ms, expect_dynamic", [(1.0, 0), (0.95, 0), (0.85, 1)])

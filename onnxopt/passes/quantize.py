@@ -223,8 +223,8 @@ class QuantizePass(Pass):
         channel_axes = ({u.activations[0]: -1 for p in plans for u in p.units if u.dynamic}
                         if opt.smooth or opt.bias_correction else {})
         tensors = {t for p in plans for t in p.acts.values()}
-        if opt.min_cosine > 0:  # a layer kept float leaves the tensors that shared its range with their own
-            tensors |= {t for p in plans for t in p.acts}
+        if opt.min_cosine > 0 or opt.layer_sensitivity:  # trials keep layers float: tensors that shared
+            tensors |= {t for p in plans for t in p.acts}  # such a layer's range then need their own
         tensors = sorted(tensors)
         return CalibrationRequest(
             model=model, tensors=tensors, mean_axes=axes, channel_axes=channel_axes,
