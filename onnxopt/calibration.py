@@ -82,6 +82,8 @@ class TensorStats:
     channel_sum: np.ndarray | None = None
     channel_sumsq: np.ndarray | None = None
     channel_count: int = 0
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
     stride: int = 0
     _pending: np.ndarray | None = field(default=None, repr=False, compare=False)  # FLUSH_AT codes, fixed size
     _pending_n: int = field(default=0, repr=False, compare=False)
@@ -118,6 +120,9 @@ class TensorStats:
                 sq = np.einsum("pcq,pcq->c", x3, x3, dtype=np.float64)
                 self.channel_sumsq = sq if self.channel_sumsq is None else self.channel_sumsq + sq
             self.channel_count += x3.shape[0] * x3.shape[2]
+            low, high = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
+            self.channel_min = low if self.channel_min is None else np.minimum(self.channel_min, low)
+            self.channel_max = high if self.channel_max is None else np.maximum(self.channel_max, high)
 
     def _buffer(self, codes: np.ndarray) -> None:
         """Copy uint16 grid codes (rows of a 2-D view) into the fixed buffer, counting it first when
@@ -155,8 +160,8 @@ class TensorStats:
         self.flush()
         other.flush()
 
-        def add(a, b):
-            return b if a is None else a if b is None else a + b
+        def add(a, b, combine=np.add):
+            return b if a is None else a if b is None else combine(a, b)
 
         codes, code_counts = _add_counts(self.codes, self.code_counts, other.codes, other.code_counts)
         return TensorStats(
@@ -169,12 +174,18 @@ class TensorStats:
             channel_sum=add(self.channel_sum, other.channel_sum),
             channel_sumsq=add(self.channel_sumsq, other.channel_sumsq),
             channel_count=self.channel_count + other.channel_count,
+            channel_min=add(self.channel_min, other.channel_min, np.minimum),
+            channel_max=add(self.channel_max, other.channel_max, np.maximum),
             stride=self.stride or other.stride,
         )
 
     @property
     def channel_mean(self) -> np.ndarray | None:
         return None if self.channel_sum is None else self.channel_sum / max(self.channel_count, 1)
+
+    @property
+    def channel_mean_square(self) -> np.ndarray | None:
+        return None if self.channel_sumsq is None else self.channel_sumsq / max(self.channel_count, 1)
 
     def distribution(self) -> tuple[np.ndarray, np.ndarray]:
         """Occupied grid bins as (value, count), ascending by value; values clipped to [min, max]."""
@@ -278,7 +289,8 @@ def _fold(stats, samples: int, feed, values, axes, squares) -> None:
 
 # --------------------------------------------------------------------------- cache files
 
-_FIELDS = ("count", "min", "max", "bins", "channel_sum", "channel_sumsq", "channel_count")
+_FIELDS = ("count", "min", "max", "bins", "channel_sum", "channel_sumsq", "channel_count", "channel_min",
+           "channel_max")
 
 
 def model_fingerprint(model: onnx.ModelProto) -> str:

@@ -31,7 +31,10 @@ def test_quantize_from_the_cli_keeps_accuracy_and_shrinks_the_file(tmp_path):
     assert doc["steps"][0]["accuracy"] >= doc["feeds"]["accuracy"] - 0.005
     assert out.stat().st_size < 0.35 * sample("mlp", "model").stat().st_size
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    dynamic = doc["steps"][0]["stats"]["mode_dynamic"]  # auto mode measured both forms and kept one
+    assert ({"DynamicQuantizeLinear", "MatMulInteger"} if dynamic else {"QuantizeLinear", "DequantizeLinear"}) <= ops
+    layers = [row for row in doc["steps"][0]["details"]["layers"] if "mode" in row]  # activation ranges aside
+    assert [row["mode"] for row in layers] == ["dynamic" if dynamic else "static"] * 3
 
 
 def test_prune_neurons_then_zero_rows_shrinks_parameters(tmp_path):
