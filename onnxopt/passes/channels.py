@@ -23,7 +23,8 @@ outputs, unknown consumers, grouped Conv, shared weights: those *pin* it, counte
 holds a constant the consumer can fold into its bias (any constant for Gemm / MatMul / unpadded
 Conv, only zero for a padded Conv or a ReduceSum over the channels, as in hand-written layer
 norms), and (c) a grouped Conv it enters or leaves loses equally many channels from every group.
-Channels that are dead at their source but must stay are counted per reason in ``kept``.
+Groups with a dead source row that must stay are counted per reason in ``kept`` (a group may have
+several reasons: a pin, where its constant became input-dependent, a consumer that cannot fold it).
 """
 
 from __future__ import annotations
@@ -647,7 +648,7 @@ class ChannelGraph:
     def _blocked(self) -> np.ndarray:
         """Variables that must stay: pinned, or not a foldable constant at some consumer.
 
-        Also counts in ``kept``, per reason, the groups that are dead at every source and still stay.
+        Also counts in ``kept``, per reason, the groups with a dead source row that still stay.
         """
         blocked = np.zeros(self._variables, bool)
         reasons: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -665,12 +666,10 @@ class ChannelGraph:
             zero = data.const & (data.value == 0)
             np.logical_or.at(blocked, self.roots[data.ids], ~zero)
             reasons[reason].append(data.ids[~zero])
-        dead = np.zeros(self._variables, bool)
-        alive = np.zeros(self._variables, bool)
+        dead = np.zeros(self._variables, bool)  # groups with a dead source row (a head: its V, Q or K)
         for ids, const in self._sources:
-            dead[self.roots[ids]] = True
-            alive[self.roots[ids[~const]]] = True
-        kept = blocked & dead & ~alive
+            dead[self.roots[ids[const]]] = True
+        kept = blocked & dead
         for reason, parts in sorted(reasons.items()):
             hit = np.unique(self.roots[np.concatenate(parts)])
             if n := int(kept[hit].sum()):

@@ -86,6 +86,10 @@ class PruneNeurons(Pass):
     def _prune_graph(self, analysis: ChannelGraph, tensor_of: dict, norms: dict, stats: dict, new_name) -> None:
         roots = analysis.roots
         scores = np.zeros(len(roots))
+        # Wanda ranks a neuron by what it adds to the next layer, |W| times its activation norm summed over
+        # the consumer weights that read it; neurons no weight reads, by their own rows.
+        read_scores, read = np.zeros(len(roots)), np.zeros(len(roots), bool)
+        exits = {id(node): use for node, use in analysis.exits}
         links = []
         canonicals = {}  # producers with a channel that may be zeroed: their weight, read once
         width = np.ones(len(roots), np.int64)  # channels per neuron in a producer: a head's size, else 1
@@ -102,8 +106,14 @@ class PruneNeurons(Pass):
             else:
                 score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0)
                 row = score.reshape(len(canonical), -1).sum(axis=1)
+                use = exits.get(id(producer.node))
+                if use is not None:
+                    inputs = roots[analysis.values[use.data].ids]
+                    np.add.at(read_scores, inputs, _input_columns(score, use.groups))
+                    read[inputs] = True
             np.add.at(scores, producer_roots, row)
             links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
+        scores = np.where(read, read_scores, scores)
         group_of = union_roots(len(roots), links)
         produced = np.unique(np.concatenate([link[0] for link in links]))
         conv_group = _conv_group_labels(analysis)
@@ -145,6 +155,11 @@ def rounded_count(asked: int, size: int, most: int, step: int, multiple: int) ->
     """
     fits = [k for k in range(0, min(most, asked + multiple - 1) + 1, step) if (size - k) % multiple == 0]
     return min(fits, key=lambda k: (abs(k - asked), k), default=None)
+
+
+def _input_columns(score: np.ndarray, groups: int) -> np.ndarray:
+    """A canonical ``(out, ..., in per group)`` score summed per input channel (grouped Conv aware)."""
+    return score.reshape(groups, score.shape[0] // groups, -1, score.shape[-1]).sum(axis=(1, 2)).ravel()
 
 
 def _conv_group_labels(analysis: ChannelGraph) -> np.ndarray:

@@ -61,6 +61,7 @@ class ChannelRemoval:
         self.bias = BiasAdder(analysis.index, analysis.store, new_name, analysis.constant)
         self.resized: set[str] = set()  # constants rewritten in place (their value_info goes stale)
         self.sliced = 0  # elements removed by _write (net of new initializers)
+        self.copies: dict[tuple, str] = {}  # new initializers for shared constants, by name and value
 
     @property
     def parameters_removed(self) -> int:
@@ -99,9 +100,12 @@ class ChannelRemoval:
             self.store.set_array(name, array)
             self.resized.add(name)
             return
-        fresh = self.new_name(f"{name or node.name or node.op_type}_zero_rows")
-        self.store.add_initializer(fresh, array)
-        self.sliced -= array.size
+        key = (name, array.dtype.str, array.shape, array.tobytes())
+        fresh = self.copies.get(key)
+        if fresh is None:  # one copy per new value of a shared constant (a head-split target read by Q, K, V)
+            fresh = self.copies[key] = self.new_name(f"{name or node.name or node.op_type}_zero_rows")
+            self.store.add_initializer(fresh, array)
+            self.sliced -= array.size
         while len(node.input) <= position:
             node.input.append("")
         node.input[position] = fresh
