@@ -7,6 +7,8 @@ where the grouping must refuse.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -14,7 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_zero_rows import make_model, node, zero_rows_exact
 
+from onnxopt.data import load_feeds
 from onnxopt.passes.prune_neurons import PruneNeurons
+from onnxopt.passes.zero_rows import ZeroRows
+from onnxopt.validate import run_model
 
 D, HEADS, SIZE, SEQ, FFN = 16, 4, 4, 5, 12
 
@@ -85,8 +90,10 @@ def test_dead_value_head_removes_the_whole_head_and_folds_its_bias(gemm):
     model = attention_block(np.random.default_rng(0), gemm=gemm, dead_v=(1,))
     out, stats = zero_rows_exact(model)
     assert stats["channels_removed"] == 1  # a head counts once: its Q, K and V columns are one group
-    # Q/K/V columns and biases, output rows; less the new bias Add after a MatMul and the rewritten targets
-    assert stats["parameters_removed"] == 4 * SIZE * D + 3 * SIZE - (2 if gemm else D + 4)
+    # Q/K/V columns and biases, output rows; less the rewritten targets. The context's constant goes into
+    # the output projection's bias (Gemm C, or the constant of the Add after a MatMul): no node added.
+    assert stats["parameters_removed"] == 4 * SIZE * D + 3 * SIZE - (2 if gemm else 4)
+    assert len(out.graph.node) == len(model.graph.node)
     for p in "qkv":
         assert initializer(out, f"{p}_w").shape == (D, D - SIZE)
     assert initializer(out, "o_w").shape == (D - SIZE, D)
@@ -225,3 +232,29 @@ def test_two_pass_layer_norm_refuses_even_with_zero_gamma():
     _, stats = zero_rows_exact(file_type_classifier(one_pass=False, gamma_dead=True))
     assert stats["channels_removed"] == 0
     assert stats["kept_dead_summed_over_channels_while_not_zero"] == 2 + 3
+
+
+# --------------------------------------------------------------------------- real model
+
+MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MODELS / "minilm_l3").is_dir(), reason="../shared/models/minilm_l3 is absent")
+def test_minilm_heads_and_mlp_units_removed_exactly():
+    """3 of 12 heads and 384 of 1536 MLP units in each of 3 layers; zero-rows keeps the pruned outputs."""
+    model = onnx.load(MODELS / "minilm_l3" / "model.onnx")
+    feeds = load_feeds(MODELS / "minilm_l3" / "eval.npz").head(4)
+    pruned = PruneNeurons(PruneNeurons.Options(ratio=0.25))(model)
+    assert pruned.stats["neurons_zeroed"] == 3 * (3 + 384)
+    before = run_model(pruned.model, feeds)
+    work = onnx.ModelProto()
+    work.CopyFrom(pruned.model)
+    result = ZeroRows()(work)
+    assert result.stats["channels_removed"] == 3 * (3 + 384)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert initializer(result.model, "onnx::MatMul_364").shape == (384, 288)  # layer 0 query: 9 heads of 32
+    after = run_model(result.model, feeds)
+    for name, values in before.items():
+        ref, got = np.stack(values), np.stack(after[name])
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
