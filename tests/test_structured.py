@@ -234,6 +234,26 @@ def test_two_pass_layer_norm_refuses_even_with_zero_gamma():
     assert stats["kept_dead_summed_over_channels_while_not_zero"] == 2 + 3
 
 
+def test_prune_neurons_on_the_classifier_says_why_nothing_goes():
+    """Every Conv channel and hidden unit feeds a layer norm; the classes are the output."""
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.25))(file_type_classifier(one_pass=False, gamma_dead=False))
+    assert result.stats["neurons_zeroed"] == 0 and not result.modified
+    assert result.stats["unprunable_runtime_operand_Sub"] == C + HIDDEN
+    assert result.stats["unprunable_summed_over_channels_while_not_zero"] == C + HIDDEN
+    assert result.stats["unprunable_graph_output"] == CLASSES
+
+
+def test_prune_neurons_through_a_one_pass_layer_norm_with_zero_gamma():
+    """Only channels with zero gamma can go; among the hidden units, only those whose bias Add keeps
+    them zero after Relu (the rest are summed while not zero, and counted)."""
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.25, round_to=1))(file_type_classifier(one_pass=True,
+                                                                                              gamma_dead=True))
+    assert result.stats["neurons_zeroed"] == 2 + 3
+    assert result.stats["unprunable_summed_over_channels_while_not_zero"] == 4
+    _, stats = zero_rows_exact(result.model)
+    assert stats["channels_removed"] == 2 + 3
+
+
 # --------------------------------------------------------------------------- real model
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
