@@ -89,7 +89,7 @@ def test_dead_value_head_removes_the_whole_head_and_folds_its_bias(gemm):
     output projection; Q and K of the head go with it though alive. Reshape targets follow."""
     model = attention_block(np.random.default_rng(0), gemm=gemm, dead_v=(1,))
     out, stats = zero_rows_exact(model)
-    assert stats["channels_removed"] == 1  # a head counts once: its Q, K and V columns are one group
+    assert stats["channels_removed"] == stats["heads_removed"] == 1  # a head: its Q, K, V columns are one group
     # Q/K/V columns and biases, output rows; less the rewritten targets. The context's constant goes into
     # the output projection's bias (Gemm C, or the constant of the Add after a MatMul): no node added.
     assert stats["parameters_removed"] == 4 * SIZE * D + 3 * SIZE - (2 if gemm else 4)
@@ -141,9 +141,10 @@ def test_prune_neurons_takes_heads_and_mlp_units_then_zero_rows_removes_them_exa
     result = PruneNeurons(PruneNeurons.Options(ratio=0.25, method=method, round_to=1),
                           PassContext(calib=calib))(model)
     assert result.stats["neurons_zeroed"] == 1 + FFN // 4  # one of 4 heads, 3 of 12 MLP units
+    assert result.stats["heads_zeroed"] == 1
     assert result.stats["unprunable_runtime_operand_Add"] == 2 * D  # the residual stream: output projection, MLP
     out, stats = zero_rows_exact(result.model)
-    assert stats["channels_removed"] == 1 + FFN // 4
+    assert stats["channels_removed"] == 1 + FFN // 4 and stats["heads_removed"] == 1
     assert initializer(out, "v_w").shape == (D, D - SIZE) and initializer(out, "f1_w").shape == (D, FFN - 3)
 
 
@@ -266,7 +267,7 @@ def test_minilm_heads_and_mlp_units_removed_exactly():
     model = onnx.load(MODELS / "minilm_l3" / "model.onnx")
     feeds = load_feeds(MODELS / "minilm_l3" / "eval.npz").head(4)
     pruned = PruneNeurons(PruneNeurons.Options(ratio=0.25))(model)
-    assert pruned.stats["neurons_zeroed"] == 3 * (3 + 384)
+    assert pruned.stats["neurons_zeroed"] == 3 * (3 + 384) and pruned.stats["heads_zeroed"] == 3 * 3
     before = run_model(pruned.model, feeds)
     work = onnx.ModelProto()
     work.CopyFrom(pruned.model)

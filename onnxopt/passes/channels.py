@@ -120,6 +120,7 @@ class ChannelGraph:
         # Reshape targets to rewrite: node, channel value, target entry, multiplier, divisor of the kept count
         self.reshapes: list[tuple[onnx.NodeProto, str, int, int, int]] = []
         self.zero_exits: list[tuple[str, str]] = []  # values summed over their channels (a channel goes only if 0)
+        self.heads: list[np.ndarray] = []  # one variable per attention head, per split
         self.balanced: list[tuple[np.ndarray, int]] = []  # grouped Conv sides: channels, groups
         self.constants = ConstantResolver(self.index, self.store, self.opset)
         self._unions: list[tuple[np.ndarray, np.ndarray]] = []
@@ -487,6 +488,7 @@ class ChannelGraph:
         if target[-2] > 0:  # the head count is spelled out: it shrinks with the heads removed
             self.reshapes.append((node, node.input[0], len(target) - 2, 1, size))
         self._unions.append((data.ids, np.repeat(data.ids[::size], size)))
+        self.heads.append(data.ids[::size])
         self.values[node.output[0]] = replace(data, axis=-2, rank=len(shape), inner=(-1, size))
         return True
 
@@ -681,6 +683,12 @@ class ChannelGraph:
         if use.bias is not None and self.constant(use.bias) is None:
             return False
         return node.op_type != "Conv" or not _has_padding(node)
+
+    def head_count(self, chosen: np.ndarray) -> int:
+        """How many of the chosen groups (by root) are attention heads."""
+        if not self.heads:
+            return 0
+        return int(chosen[np.unique(self.roots[np.concatenate(self.heads)])].sum())
 
     def keep_mask(self, name: str, removed: np.ndarray) -> np.ndarray:
         return ~removed[self.roots[self.values[name].ids]]

@@ -140,6 +140,8 @@ class PruneNeurons(Pass):
                 chosen[pool[np.argsort(scores[pool], kind="stable")[:quota]]] = True
         analysis.balance(chosen)  # where grouped Convs still disagree, zero-rows would keep the excess
         stats["neurons_zeroed"] += int(chosen.sum())
+        if heads := analysis.head_count(chosen):
+            stats["heads_zeroed"] = stats.get("heads_zeroed", 0) + heads
         for producer in analysis.producers:
             rows = chosen[roots[analysis.values[producer.output].ids]]
             if rows.any():

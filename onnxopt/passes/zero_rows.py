@@ -6,6 +6,7 @@ consumer contracts them. Removing one slices the sources, every per-channel para
 consumers' input axes (folding its constant into their bias) and the Reshape targets that spell
 out its width or head count; no other channel changes, so outputs stay the same. Why dead channels
 stay is counted per reason as ``kept_dead_<reason>`` (channel groups; a group may have several).
+An attention head counts as one channel in ``channels_removed``, and in ``heads_removed``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class ZeroRows(Pass):
                 removal = ChannelRemoval(analysis, removed, new_name)
                 removal.apply()
                 stats["channels_removed"] += int(removed.sum())
+                if heads := analysis.head_count(removed):
+                    stats["heads_removed"] = stats.get("heads_removed", 0) + heads
                 stats["parameters_removed"] += removal.parameters_removed
         return PassResult(model, stats["channels_removed"] > 0, stats)
 
