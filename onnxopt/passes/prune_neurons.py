@@ -86,8 +86,9 @@ class PruneNeurons(Pass):
     def _prune_graph(self, analysis: ChannelGraph, tensor_of: dict, norms: dict, stats: dict, new_name) -> None:
         roots = analysis.roots
         scores = np.zeros(len(roots))
-        # Wanda ranks a neuron by what it adds to the next layer, |W| times its activation norm summed over
-        # the consumer weights that read it; neurons no weight reads, by their own rows.
+        # Wanda ranks a neuron by the geometric mean of its own rows' score (|W| times the input norms) and
+        # what it adds to the next layer (|W| times its activation norm, over the weights that read it);
+        # neurons no weight reads, by their rows alone.
         read_scores, read = np.zeros(len(roots)), np.zeros(len(roots), bool)
         exits = {id(node): use for node, use in analysis.exits}
         links = []
@@ -113,7 +114,7 @@ class PruneNeurons(Pass):
                     read[inputs] = True
             np.add.at(scores, producer_roots, row)
             links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
-        scores = np.where(read, read_scores, scores)
+        scores = np.where(read, np.sqrt(read_scores * scores), scores)
         group_of = union_roots(len(roots), links)
         produced = np.unique(np.concatenate([link[0] for link in links]))
         conv_group = _conv_group_labels(analysis)
