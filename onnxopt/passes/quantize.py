@@ -175,13 +175,14 @@ class QuantizePass(Pass):
             return PassResult(model, True, stats)
         feeds = _checked(self.context.calibration_feeds(self.name), model)
         quantized = _Quantized(self._calibrate(request, feeds), opt)
+        details: dict = {}
         if opt.min_cosine > 0:
-            kept = _keep_sensitive(request, quantized, feeds, stats)
+            kept = _keep_sensitive(request, quantized, feeds, stats, details)
             plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {})
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats, request.index)
-        return PassResult(model, True, stats)
+        return PassResult(model, True, stats, details)
 
     def _calibrate(self, request: CalibrationRequest, feeds) -> dict[str, TensorStats]:
         """Stream the calibration data once, or reuse a cache made for this model."""
@@ -628,8 +629,9 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
 # --------------------------------------------------------------------------- accuracy-aware mode
 
 
-def _keep_sensitive(request: CalibrationRequest, quantized: _Quantized, feeds, stats) -> set[str]:
-    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine.
+def _keep_sensitive(request: CalibrationRequest, quantized: _Quantized, feeds, stats, details) -> set[str]:
+    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine; the ranking
+    (cosine with that layer alone quantized, most sensitive first) goes to ``details["sensitivity"]``.
 
     Each trial plans on the prepared model (its index and store, read only) and rewrites a copy with
     the weights, biases and ranges quantized once; trial names only need to be unique in the trial.
@@ -661,4 +663,5 @@ def _keep_sensitive(request: CalibrationRequest, quantized: _Quantized, feeds, s
         kept.add(n)
         score = cosine(kept)
     stats["calib_cosine"] = score
+    details["sensitivity"] = [{"name": n, "cosine_alone": alone[n], "kept_float": n in kept} for n in order]
     return kept
