@@ -1,10 +1,10 @@
 """onnxruntime CPU latency, throughput, file size and session peak memory of models compared side by side.
 
-Models are timed interleaved, run by run (the order rotating each run), on the same feeds, so
+Models are timed interleaved, run by run (the order rotating and turning each run), on the same feeds, so
 load from other processes and clock drift hit every model alike; ratios to the first model are
-medians of the per-run ratios. Peak memory is measured in a fresh process per model, because a
-process's peak RSS only grows: the increase over the process's RSS before the session was
-opened, while onnxruntime loads the file and runs one sample.
+medians of the per-run ratios. Peak memory is measured in a fresh process per model: the peak
+RSS (reset once the imports are done) above the RSS before the session was opened, while
+onnxruntime loads the file and runs one sample; Linux only (elsewhere: not measured).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def _interleaved_times(labelled, paths: list[Path], samples: list[Feed], threads
         times = np.empty((len(sessions), runs))
         order = list(range(len(sessions)))
         for run in range(runs):
-            for k in order[run % len(order):] + order[: run % len(order)]:
+            for k in _run_order(order, run):
                 feed = own_feeds[k][run % len(samples)]
                 start = time.perf_counter()
                 sessions[k].session.run(None, feed)
@@ -167,6 +167,14 @@ def _interleaved_times(labelled, paths: list[Path], samples: list[Feed], threads
     finally:
         for session in sessions:
             session.close()
+
+
+def _run_order(order: list[int], run: int) -> list[int]:
+    """Rotated each run and reversed every other run: each model starts runs equally often and follows both
+    neighbours equally often (a small model right after a big one finds its weights evicted from the cache)."""
+    shift = (run // 2) % len(order)
+    rotated = order[shift:] + order[:shift]
+    return rotated if run % 2 == 0 else rotated[::-1]
 
 
 def _summary(label: str, size: int, seconds: np.ndarray, peak: int | None) -> ModelTiming:
@@ -186,24 +194,35 @@ def _peak_memory(path: Path, feed: Feed, threads: int) -> int | None:
 
 
 def _session_peak(path: str, feed: Feed, threads: int) -> int | None:
-    """Runs in the fresh process."""
-    try:
-        import resource
-    except ImportError:
+    """Runs in the fresh process: the peak RSS (Linux VmHWM, reset first) above the RSS before the session."""
+    if not _reset_peak():
         return None
-    before = _current_rss()
+    before = _status_kib("VmRSS")
     with Session(path, optimize=True, threads=threads) as session:
         session.run(feed)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return max(peak - before, 0) if before is not None else None
+        peak = _status_kib("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) * 1024
 
 
-def _current_rss() -> int | None:
+def _reset_peak() -> bool:
+    """Sets the process's peak RSS to its current RSS (Linux >= 4.0), so imports do not count."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
+    return None
 
 
 def format_benchmark(bench: Benchmark) -> str:
@@ -219,5 +238,5 @@ def format_benchmark(bench: Benchmark) -> str:
         rows.append(f"{m.label:<{width}} {human_bytes(m.file_bytes):>10} {m.median_ms:>10.4g} {m.p90_ms:>9.4g} "
                     f"{m.spread:>7.1%} {m.throughput_per_s:>9.5g} {memory:>10}   {ratio['latency']:>7} "
                     f"{ratio['size']:>6} {ratio['memory']:>6}")
-    rows.append("ratios: median of per-run latency ratios to the first model; size and peak memory divided by its")
+    rows.append("ratios to the first model: latency, the median of per-run ratios; size and peak memory, plain ratios")
     return "\n".join(rows)

@@ -107,7 +107,7 @@ def _step_table(steps: list[dict[str, Any]]) -> str:
         stats = ", ".join(f"{k}={_number(v)}" for k, v in step.get("stats", {}).items() if v and ":" not in k)
         body.append(
             f"<tr class=\"{'' if step.get('passed', True) else 'failed'}\"><td>{step['index']}</td>"
-            f"<td>{_step_label(step)}"
+            f"<td><code title=\"{_e(step.get('step', step['name']))}\"><b>{_e(step['name'])}</b></code>"
             + (f'<div class="stats">{_e(stats)}</div>' if stats else "") + "</td>"
             f"<td>{'exact' if step.get('exact') else 'lossy'}</td>"
             f"<td>{_change(before['nodes'], after['nodes'], str)}</td>"
@@ -129,7 +129,7 @@ def _latency(latency: dict[str, Any] | None, plots: _Plotter | None) -> str:
             "<th>peak memory</th><th>latency ×</th><th>size ×</th><th>memory ×</th></tr>")
     rows = []
     for m in latency["models"]:
-        ratios = {k: "-" if v is None else f"{v:.2f}×" for k, v in m["vs_first"].items()}
+        ratios = {k: "-" if m["vs_first"].get(k) is None else f"{m['vs_first'][k]:.2f}×" for k in ("latency", "size", "memory")}
         memory = "-" if m.get("peak_memory_bytes") is None else human_bytes(m["peak_memory_bytes"])
         rows.append(f"<tr><td>{_e(m['label'])}</td><td>{human_bytes(m['file_bytes'])}</td><td>{m['median_ms']:.4g}</td>"
                     f"<td>{m['p10_ms']:.4g}–{m['p90_ms']:.4g}</td><td>{m['throughput_per_s']:.4g}</td>"
@@ -212,7 +212,8 @@ def _numeric_columns(records: list[dict[str, Any]]) -> list[str]:
 def _records_table(records: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(k for row in records for k in row))
     head = "".join(f"<th>{_e(c.replace('_', ' '))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in records)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c), percent='sparsity' in c)}</td>" for c in columns)
+                   + "</tr>" for row in records)
     return f'<table class="grid">{"<tr>" + head + "</tr>"}{body}</table>'
 
 
@@ -223,11 +224,13 @@ def _details_block(table: str, rows: int) -> str:
     return f"<details><summary>table ({rows} rows)</summary>{table}</details>"
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, percent: bool = False) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if percent and _is_number(value):
+        return f"{value:.1%}"
     if _is_number(value):
         return _number(value)
     if isinstance(value, (list, dict)):
