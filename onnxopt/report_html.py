@@ -146,14 +146,16 @@ def _layers(layers: list[dict[str, Any]], plots: _Plotter | None) -> str:
     if not layers:
         return ""
     figures = ""
+    sparse = any(max(row.get("sparsity") or 0, row.get("sparsity_before") or 0) >= 0.005 for row in layers)
     if plots:
         figures = plots.bars(layers, "sparsity", before="sparsity_before", title="weight sparsity per layer",
-                             percent=True)
+                             percent=True) if sparse else ""
         if any(row.get("weight_change") is not None for row in layers):
             figures += plots.bars(layers, "weight_change", title="weight change vs the input (relative L2)")
     note = ('<p class="note">Layers of the result (Conv, Gemm, MatMul with a constant weight; int8 weights '
             "dequantized). Weight change: relative L2 distance to the same layer of the input, where its shape is "
-            "unchanged; for a layer only quantized, its quantization error.</p>")
+            "unchanged; for a layer only quantized, its quantization error (folding a BatchNorm changes it too)."
+            + ("" if sparse else " No layer has 0.5 % or more zero weights, before or after.") + "</p>")
     return _section("Layers", f'<div class="figs">{figures}</div>{note}' + _details_block(_records_table(layers), len(layers)))
 
 
