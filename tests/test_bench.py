@@ -1,15 +1,18 @@
 """onnxopt bench: interleaved onnxruntime timings, sizes and peak memory against the first model."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import helper
 
 import onnxopt
 from onnxopt import api
-from onnxopt.benchmark import benchmark, format_benchmark
+from onnxopt.benchmark import _run_order, benchmark, format_benchmark
 from onnxopt.cli import main
 from onnxopt.errors import InputError
 
@@ -139,3 +142,15 @@ def test_real_models_bench(shared_models, name):
     result = benchmark([folder / "model.onnx", folder / "model.onnx"], data=folder / "eval.npz", runs=10)
     assert result.models[1].vs_first["size"] == 1.0 and 0.5 < result.models[1].vs_first["latency"] < 2
     assert result.models[0].peak_memory_bytes > 0
+
+
+@given(st.integers(1, 9))
+def test_run_order_balances_positions_and_neighbours(n):
+    """Over 2n runs every model takes every position equally often and follows each neighbour equally often."""
+    orders = [_run_order(list(range(n)), run) for run in range(2 * n)]
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    positions = Counter((k, order.index(k)) for order in orders for k in order)
+    assert set(positions.values()) == {2}
+    follows = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    if n > 2:
+        assert all(follows[(k, (k + 1) % n)] == follows[((k + 1) % n, k)] for k in range(n))

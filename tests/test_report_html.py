@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
 
 import onnxopt
 from onnxopt import api
@@ -18,10 +21,12 @@ from onnxopt.data import FeedSet
 from onnxopt.modelio import copy_model
 from onnxopt.passes.base import PassContext
 from onnxopt.passes.quantize import QuantizePass
-from onnxopt.report import layer_table, report_warnings
+from onnxopt.graph import WeightStore
+from onnxopt.report import layer_table, layer_weights, report_warnings
 from onnxopt.report_html import INSTALL_HINT, render_html
+from onnxopt.validate import Session
 
-from conftest import mlp
+from conftest import make_model, mlp, tensor, value
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PIPELINE = "prune(sparsity=0.5),zero-rows,quantize(min_cosine=0.9999)"
@@ -204,3 +209,42 @@ def test_page_renders_in_headless_chromium(sample_run, tmp_path):
     blue = np.all(np.abs(pixels - np.array([0x2F, 0x6F, 0xB2]) / 255) < 0.03, axis=-1)  # bars and lines
     green = np.all(np.abs(pixels - np.array([0x27, 0x86, 0x4A]) / 255) < 0.03, axis=-1)  # the PASSED badge
     assert blue.sum() > 5000 and green.sum() > 200
+
+
+# --------------------------------------------------------------------------- laws
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 1), st.booleans(), st.integers(0, 2**31 - 1))
+def test_dequantized_layer_weights_equal_onnxruntime_dequantize_linear(rank_extra, axis, per_channel, seed):
+    """layer_table reads an int8 weight behind DequantizeLinear as onnxruntime computes it."""
+    rng = np.random.default_rng(seed)
+    shape = (4, 3) + (2,) * (rank_extra - 1)
+    q = rng.integers(-128, 128, shape).astype(np.int8)
+    scale = (rng.random(shape[axis]) + 0.1).astype(np.float32) if per_channel else np.float32(0.05)
+    zero = rng.integers(-5, 5, np.shape(scale)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=axis),
+             helper.make_node("Conv" if len(shape) > 2 else "MatMul", ["x", "w"], ["y"], name="layer")]
+    x_shape = [1, 3, 4] if len(shape) == 3 else ([1, 3, 4, 4] if len(shape) == 4 else [2, 4])
+    model = make_model(nodes, [value("x", x_shape)], [value("y", None)],
+                       [tensor("q", q), tensor("s", scale), tensor("z", zero)], opset=13)
+    with Session(model, ["w"]) as session:
+        expected = session.run({"x": np.zeros(x_shape, np.float32)}, ["w"])["w"]
+    (row,) = layer_table(model)
+    assert row["dtype"] == "int8" and row["shape"] == list(shape)
+    values = layer_weights(model)["layer"][2]()
+    np.testing.assert_allclose(values, expected, rtol=1e-6)
+    assert row["sparsity"] == np.mean(values == 0) and row["params"] == q.size
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0, 1), st.integers(0, 2**31 - 1))
+def test_sparsity_is_the_fraction_of_zero_weights_and_a_model_equals_itself(fraction, seed):
+    model = mlp(seed=seed % 1000, hidden=16)
+    store = WeightStore(model.graph)
+    weight = store.array("w1").copy()
+    weight[np.random.default_rng(seed).random(weight.shape) < fraction] = 0
+    store.set_array("w1", weight)
+    rows = {row["name"]: row for row in layer_table(model, model)}
+    assert rows["fc1"]["sparsity"] == np.mean(weight == 0) == rows["fc1"]["sparsity_before"]
+    assert rows["fc1"]["weight_change"] in (0.0, None) and rows["fc2"]["weight_change"] == 0.0
