@@ -321,8 +321,9 @@ class _Plotter:
         panels = [("worst output cosine vs original", cosine, None)]
         if any(a is not None for a in accuracy):
             panels.append(("accuracy (%)", [None if a is None else 100 * a for a in accuracy], None))
-        panels.append(("weights (KiB)", [steps[0]["before"]["weight_bytes"] / 1024]
-                       + [s["after"]["weight_bytes"] / 1024 for s in steps], None))
+        weights = [steps[0]["before"]["weight_bytes"]] + [s["after"]["weight_bytes"] for s in steps]
+        power = min(3, max(0, int(math.log(max(max(weights), 1), 1024))))
+        panels.append((f"weights ({('B', 'KiB', 'MiB', 'GiB')[power]})", [w / 1024**power for w in weights], None))
         panels.append(("nodes", [steps[0]["before"]["nodes"]] + [s["after"]["nodes"] for s in steps], None))
         failed = [i + 1 for i, s in enumerate(steps) if not s.get("passed", True)]
 
@@ -336,12 +337,15 @@ class _Plotter:
                     if values[i] is not None:
                         ax.plot([i], [values[i]], marker="X", color=COLORS["bad"], markersize=9, linestyle="none")
                 ax.set_title(title, loc="left")
-                ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+                crowded = len(labels) > 6
+                ax.set_xticks(range(len(labels)), labels, rotation=60 if crowded else 35, ha="right",
+                              fontsize=7 if crowded else None, rotation_mode="anchor")
                 ax.margins(x=0.08)
                 if "cosine" in title:
                     ax.ticklabel_format(axis="y", useOffset=False)
 
-        return self._svg(draw, (min(3.1 * len(panels), 13), 2.9), "per-step cosine, accuracy, weights and nodes")
+        height = 2.9 + 0.06 * max(0, max(len(label) for label in labels) - 12) if len(labels) > 6 else 2.9
+        return self._svg(draw, (min(3.1 * len(panels), 13), height), "per-step cosine, accuracy, weights and nodes")
 
     def latency(self, models: list[dict[str, Any]]) -> str:
         def draw(figure) -> None:
