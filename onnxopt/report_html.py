@@ -23,6 +23,11 @@ from typing import Any
 
 from .report import human_bytes, report_warnings
 
+# Fields the page lays out itself; any other field of a report or a step is shown generically.
+REPORT_KEYS = frozenset({"onnxopt_version", "pipeline", "input", "output", "passed", "failure", "reproducer", "feeds",
+                         "steps", "layers", "latency"})
+STEP_KEYS = frozenset({"index", "name", "step", "options", "exact", "seconds", "modified", "before", "after", "stats",
+                       "checks", "vs_previous", "vs_original", "accuracy", "passed", "details"})
 MAX_BARS = 40  # bar charts show this many rows (the tables below them hold every row)
 COLORS = {"before": "#9aa5b1", "after": "#2f6fb2", "bad": "#c0392b", "good": "#27864a", "line": "#2f6fb2"}
 INSTALL_HINT = 'Plots need matplotlib: <code>pip install "onnxopt[report]"</code>, then render again with ' \
@@ -41,7 +46,7 @@ def render_html(document: dict[str, Any]) -> str:
         _section("Steps", _step_table(steps) + (plots.step_panels(steps, document.get("feeds", {})) if plots else "")),
         _latency(document.get("latency"), plots),
         _layers(document.get("layers") or [], plots),
-        *(_step_details(step, plots) for step in steps if step.get("details")),
+        *(_step_details(step, plots) for step in steps if _step_extras(step)),
     ]
     if plots is None:
         sections.insert(1, f'<p class="note">{INSTALL_HINT}</p>')
@@ -69,6 +74,8 @@ def _header(document: dict[str, Any], verdict: str) -> str:
         rows.append(("failure", _e(document["failure"])))
     if document.get("reproducer"):
         rows.append(("reproducer", f"<code>{_e(document['reproducer'])}</code>"))
+    rows.extend((key.replace("_", " "), _cell(value)) for key, value in document.items()
+                if key not in REPORT_KEYS and value not in (None, "", [], {}))
     version = document.get("onnxopt_version", "")
     return (f'<header><h1>onnxopt report <span class="badge {verdict.lower()}">{verdict}</span></h1>'
             f'<p class="sub">onnxopt {_e(version)}</p>'
@@ -159,9 +166,15 @@ def _layers(layers: list[dict[str, Any]], plots: _Plotter | None) -> str:
     return _section("Layers", f'<div class="figs">{figures}</div>{note}' + _details_block(_records_table(layers), len(layers)))
 
 
+def _step_extras(step: dict[str, Any]) -> dict[str, Any]:
+    """The step's ``details``, and any field this page does not know yet (newer reports), when not empty."""
+    extras = {k: v for k, v in step.items() if k not in STEP_KEYS and v not in (None, "", [], {})}
+    return {**extras, **(step.get("details") or {})}
+
+
 def _step_details(step: dict[str, Any], plots: _Plotter | None) -> str:
     parts = []
-    for key, value in step["details"].items():
+    for key, value in _step_extras(step).items():
         title = key.replace("_", " ")
         if _is_records(value):
             figures = "".join(plots.bars(value, metric, title=f"{title}: {metric.replace('_', ' ')}")

@@ -119,6 +119,14 @@ def test_details_render_generically():
     assert "<td>conv2</td>" in page and "<td>alpha</td><td>0.5</td>" in page
 
 
+def test_fields_the_page_does_not_know_are_shown():
+    step = {**_step(1, "dce"), "gate": {"min_cosine": 0.99}}
+    page = render_html({"pipeline": "dce", "steps": [step], "exact_tolerance": {"rtol": 3e-5}})
+    assert "<th>exact tolerance</th>" in page and "rtol" in page and "3e-05" in page
+    assert 'id="step-1"' in page and "<td>min_cosine</td><td>0.99</td>" in page
+    assert 'id="step-1"' not in render_html({"pipeline": "dce", "steps": [_step(1, "dce")]})
+
+
 def test_page_without_matplotlib_keeps_the_tables_and_says_how_to_get_plots(sample_run, monkeypatch):
     folder, _ = sample_run
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
