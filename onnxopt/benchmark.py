@@ -9,10 +9,10 @@ onnxruntime loads the file and runs one sample; Linux only (elsewhere: not measu
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
-import multiprocessing
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -106,7 +106,7 @@ def benchmark(
         del first
         samples = list(itertools.islice(feed_set, FEED_SAMPLES))
         times = _interleaved_times(labelled, paths, samples, threads, runs)
-        peaks = [_peak_memory(path, samples[0], threads) if memory else None for path in paths]
+        peaks = [_peak_memory(path, samples[0], threads, Path(scratch)) if memory else None for path in paths]
     timings = [_summary(label, size, t, peak) for (label, _), size, t, peak in zip(labelled, sizes, times, peaks)]
     for timing, t in zip(timings, times):
         timing.vs_first = {
@@ -183,18 +183,29 @@ def _summary(label: str, size: int, seconds: np.ndarray, peak: int | None) -> Mo
                        len(seconds) / float(seconds.sum()), peak)
 
 
-def _peak_memory(path: Path, feed: Feed, threads: int) -> int | None:
-    """Peak RSS increase of a fresh process opening ``path`` and running ``feed`` (None where unmeasurable)."""
-    context = multiprocessing.get_context("spawn")
+def _peak_memory(path: Path, feed: Feed, threads: int, scratch: Path) -> int | None:
+    """Peak RSS increase of a fresh Python opening ``path`` and running ``feed`` (None where unmeasurable).
+
+    A plain subprocess, not multiprocessing: spawning would re-run the caller's main script.
+    """
+    feed_file = scratch / "peak-feed.npz"
+    np.savez(feed_file, **feed)
+    command = [sys.executable, "-c", "import sys; from onnxopt.benchmark import _session_peak; "
+               "print(_session_peak(sys.argv[1], sys.argv[2], int(sys.argv[3])))", str(path), str(feed_file), str(threads)]
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            return pool.submit(_session_peak, str(path), feed, threads).result()
-    except Exception:  # no subprocesses here (sandbox, frozen app): the other figures stand on their own
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    except (OSError, subprocess.SubprocessError):  # no subprocesses here: the other figures stand on their own
         return None
+    answer = done.stdout.split()[-1] if done.returncode == 0 and done.stdout.split() else "None"
+    return None if answer == "None" else int(answer)
 
 
-def _session_peak(path: str, feed: Feed, threads: int) -> int | None:
+def _session_peak(path: str, feed_file: str, threads: int) -> int | None:
     """Runs in the fresh process: the peak RSS (Linux VmHWM, reset first) above the RSS before the session."""
+    with np.load(feed_file) as arrays:
+        feed = {name: arrays[name] for name in arrays.files}
     if not _reset_peak():
         return None
     before = _status_kib("VmRSS")
