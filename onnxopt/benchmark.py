@@ -100,9 +100,9 @@ def benchmark(
             sizes.append(_file_bytes(path, model))
             first = model if first is None else first
         if data is not None:
-            feed_set = as_feeds(data, first)
+            feed_set, notes = as_feeds(data, first), []
         else:
-            feed_set = random_feeds(first, count=FEED_SAMPLES, input_shapes=input_shapes)[0]
+            feed_set, notes = random_feeds(first, count=FEED_SAMPLES, input_shapes=input_shapes)
         del first
         samples = list(itertools.islice(feed_set, FEED_SAMPLES))
         times = _interleaved_times(labelled, paths, samples, threads, runs)
@@ -116,7 +116,8 @@ def benchmark(
             "memory": (timing.peak_memory_bytes / timings[0].peak_memory_bytes
                        if timing.peak_memory_bytes is not None and timings[0].peak_memory_bytes else None),
         }
-    return Benchmark(threads, runs, {"origin": feed_set.origin, "samples": len(samples)}, ort.__version__, timings)
+    feeds = {"origin": feed_set.origin, "samples": len(samples), "notes": notes[1:]}  # notes[0]: "random feeds: ..."
+    return Benchmark(threads, runs, feeds, ort.__version__, timings)
 
 
 def _label(source: ModelSource, index: int) -> str:
@@ -242,7 +243,8 @@ def format_benchmark(bench: Benchmark) -> str:
     header = (f"{'model':<{width}} {'size':>10} {'median ms':>10} {'p90 ms':>9} {'spread':>7} {'runs/s':>9} "
               f"{'peak mem':>10}   {'latency':>7} {'size':>6} {'memory':>6}")
     rows = [f"onnxruntime {bench.onnxruntime} CPU, {bench.threads} thread(s), {bench.runs} runs per model interleaved; "
-            f"feeds: {bench.feeds['origin']} ({bench.feeds['samples']} samples)", header, "-" * len(header)]
+            f"feeds: {bench.feeds['origin']} ({bench.feeds['samples']} samples)"
+            + "".join(f"; {note}" for note in bench.feeds.get("notes", [])), header, "-" * len(header)]
     for m in bench.models:
         memory = "-" if m.peak_memory_bytes is None else human_bytes(m.peak_memory_bytes)
         ratio = {k: "-" if v is None else f"{v:.2f}x" for k, v in m.vs_first.items()}

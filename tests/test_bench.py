@@ -68,7 +68,7 @@ def test_models_in_memory_and_given_data(models, tmp_path):
     np.savez(data, x=np.random.default_rng(0).standard_normal((5, 2, 8)).astype(np.float32))
     result = benchmark({"a": mlp(), "b": models[0]}, data=data, runs=3, memory=False)
     assert [m.label for m in result.models] == ["a", "b"]
-    assert result.feeds == {"origin": str(data), "samples": 5} and result.runs == 3
+    assert result.feeds == {"origin": str(data), "samples": 5, "notes": []} and result.runs == 3
     assert all(m.peak_memory_bytes is None for m in result.models) and result.models[1].vs_first["memory"] is None
     assert "a " in format_benchmark(result)
 
@@ -87,6 +87,7 @@ def test_cli_json_fields(models):
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
     assert document["threads"] == 2 and document["runs"] == 5 and document["feeds"]["origin"] == "random"
+    assert document["feeds"]["notes"] == ["input 'x': symbolic dims batch taken as 1"]
     assert [m["label"] for m in document["models"]] == [str(small), str(big)]
     for m in document["models"]:
         assert {"file_bytes", "median_ms", "p10_ms", "p90_ms", "spread", "throughput_per_s", "peak_memory_bytes",
