@@ -265,6 +265,10 @@ class QuantizePass(Pass):
         for row in layers:
             if row["name"] in sensitivity:
                 row["cosine_alone"] = sensitivity[row["name"]]
+        if sensitivity:  # most sensitive first: the ranking the report plots
+            kept_float = {k.split(":", 1)[1] for k in stats if k.startswith("kept_float:")}
+            details["sensitivity"] = [{"name": n, "cosine_alone": c, "kept_float": n in kept_float}
+                                      for n, c in sorted(sensitivity.items(), key=lambda item: item[1])]
         details["layers"] = layers + self._embeddings(model, request, stats)
         return PassResult(model, True, stats, details)
 
