@@ -25,10 +25,12 @@ import onnx
 
 from .data import FeedSet, as_feeds, load_labels, random_feeds
 from .errors import InputError, OnnxoptError, ValidationError
+from .executor import Executor
 from .modelio import has_external_data, needs_file, save_scratch
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
+from .sharded import ShardedValidation, Validated
 from .validate import (
     VALIDATION_THREADS, Comparison, Tolerances, check_interface, check_structure, compare_outputs, exact_atols,
     measure_noise, run_model, task_accuracy,
@@ -67,18 +69,22 @@ def run_pipeline(
     input_path: str | Path | None = None,
     progress: bool = False,
     teacher=None,
+    executor: Executor | None = None,
 ) -> Result:
     """Run ``pipeline`` on ``model`` (changed in place: the caller passes a model it owns).
 
     ``teacher`` returns the original model for passes that repair against it (loaded on demand).
+    ``executor``: validation and calibration statistics run over shards through it (workers reduce
+    to metric sums); None keeps every output in this process, as before.
     """
     steps = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     report = Report(pipeline=format_pipeline(steps), input=str(input_path) if input_path else None)
     original_interface = _interface_copy(model)
     calib_feeds = as_feeds(calib, model) if calib is not None else None
     context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None,
-                          progress=progress, teacher=teacher)
-    validation = _Validation.start(model, data, labels, input_shapes, tolerances, report) if validate else None
+                          progress=progress, teacher=teacher, executor=executor)
+    validation = (_Validation.start(model, data, labels, input_shapes, tolerances, report, executor, progress)
+                  if validate else None)
     feeds = validation.feeds if validation else None
     report.gates = _gates(steps, tolerances, validation)
     pending = _Run(None)
@@ -190,28 +196,33 @@ class _Validation:
 
     feeds: FeedSet
     subset: FeedSet
-    reference: dict[str, list[np.ndarray]]
-    previous: dict[str, list[np.ndarray]]  # the last validated model's outputs on every sample
-    previous_subset: dict[str, list[np.ndarray]]  # ... on the subset (newer after a subset-checked run)
+    # outputs on every sample, held (in-process) or as a Validated model whose workers reduce them (sharded)
+    reference: dict[str, list[np.ndarray]] | Validated
+    previous: dict[str, list[np.ndarray]] | Validated  # the last validated model's outputs on every sample
+    previous_subset: dict[str, list[np.ndarray]] | Validated  # ... on the subset (newer after a subset-checked run)
     tolerances: Tolerances
     noise: dict[str, float]
     atols: dict[str, float]
     labels: np.ndarray | None = None
     reference_accuracy: float | None = None
+    sharded: ShardedValidation | None = None
 
     @classmethod
-    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report) -> _Validation:
+    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report,
+              executor: Executor | None = None, progress: bool = False) -> _Validation:
         """Feeds (given, or seeded random), the original's outputs, and its float noise, computed once."""
         if data is not None:
             feeds, notes = as_feeds(data, model), []
         else:
             feeds, notes = random_feeds(model, input_shapes=input_shapes)
         report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
+        subset = feeds.head(min(EXACT_SUBSET, len(feeds)))
+        if executor is not None:
+            return cls._start_sharded(model, feeds, subset, labels, tolerances, report, executor, progress)
         try:
             reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
         except InputError as exc:
             raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
-        subset = feeds.head(min(EXACT_SUBSET, len(feeds)))
         head = _head(reference, len(subset))
         noise = measure_noise(model, subset, head, threads=VALIDATION_THREADS)
         validation = cls(feeds, subset, reference, reference, head, tolerances, noise, exact_atols(noise, tolerances))
@@ -221,21 +232,36 @@ class _Validation:
             report.feeds["accuracy"] = validation.reference_accuracy
         return validation
 
+    @classmethod
+    def _start_sharded(cls, model, feeds, subset, labels, tolerances, report, executor, progress) -> _Validation:
+        """The same through ``executor``: workers hold no outputs between checks, only sums come back."""
+        labels = None if labels is None else load_labels(labels, len(feeds))
+        sharded = ShardedValidation(executor, feeds, len(subset), labels, progress)
+        report.executor = sharded.describe()
+        try:
+            reference, noise, accuracy = sharded.start(model)
+        except InputError as exc:
+            raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
+        if accuracy is not None:
+            report.feeds["accuracy"] = accuracy
+        return cls(feeds, subset, reference, reference, reference, tolerances, noise, exact_atols(noise, tolerances),
+                   labels, accuracy, sharded)
+
     def check_exact_run(self, model: onnx.ModelProto, run: _Run, context: PassContext, verify, *, full: bool):
         """Check (``verify``: checker and interface) and validate a run of exact steps at once
         (``full``: on every sample, else the subset). None when it passes; else (culprit step index,
         problems, model after it, model before it serialized), found by replaying the run from its
         start and bisecting."""
-        feeds, previous = (self.feeds, self.previous) if full else (self.subset, self.previous_subset)
+        previous = self.previous if full else self.previous_subset
 
         def check(candidate, record):
             problems = verify(candidate, record)
-            return (None, problems) if problems else self._check_exact(candidate, feeds, previous, record)
+            return ((None, None), problems) if problems else self._check_exact(candidate, full, previous, record)
 
-        outputs, problems = check(model, run.steps[-1][1])
+        (outputs, accuracy), problems = check(model, run.steps[-1][1])
         if not problems:
             if full:
-                self._accuracy(outputs, run.steps[-1][1])
+                self._accuracy(accuracy, run.steps[-1][1])
                 self.previous = outputs
             self.previous_subset = _head(outputs, len(self.subset))
             for _, record in run.steps[:-1]:
@@ -258,42 +284,56 @@ class _Validation:
         culprit.checks["onnxruntime"] = f"bisected: steps {run.steps[0][1].index}-{run.steps[-1][1].index} failed together"
         return culprit.index, problems, bad_model, good_bytes
 
-    def _check_exact(self, model, feeds: FeedSet, previous, record: StepRecord):
-        """The exact gate against ``previous`` and the lossy gates against the original, on ``feeds``."""
-        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
-        vs_previous = compare_outputs(previous, outputs, self.tolerances, exact=True, atols=self.atols)
+    def _check_exact(self, model, full: bool, previous, record: StepRecord):
+        """The exact gate against ``previous`` and the lossy gates against the original, on every
+        sample (``full``) or the subset: ((outputs, accuracy), problems)."""
+        outputs, vs_previous, vs_original, accuracy = self._compare(model, full, previous, exact=True)
         problems = [f"not exact: {f}" for f in vs_previous.failures]
-        problems += self._vs_original(outputs, record, len(feeds)).failures
+        problems += self._vs_original(vs_original, record, len(self.feeds if full else self.subset)).failures
         record.vs_previous = vs_previous.to_dict()
-        return outputs, problems
+        return (outputs, accuracy), problems
+
+    def _compare(self, model, full: bool, previous, *, exact: bool):
+        """Run ``model`` on every sample (``full``) or the subset; compare it with ``previous`` (the exact
+        gate when ``exact``) and the original (lossy gates): (outputs, vs previous, vs original, accuracy)."""
+        tol = self.tolerances
+        previous_tol, atols = (tol, self.atols) if exact else (Tolerances(), None)
+        original_tol = Tolerances(min_cosine=tol.min_cosine, max_abs=tol.max_abs)
+        if self.sharded is not None:
+            outputs, (vs_previous, vs_original), accuracy = self.sharded.evaluate(
+                model, full=full, against=[(previous, previous_tol, atols), (self.reference, original_tol, None)])
+            return outputs, vs_previous, vs_original, accuracy
+        feeds = self.feeds if full else self.subset
+        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
+        vs_previous = compare_outputs(previous, outputs, previous_tol, exact=exact, atols=atols)
+        vs_original = compare_outputs(_head(self.reference, len(feeds)), outputs, original_tol, exact=False)
+        accuracy = task_accuracy(outputs, self.labels) if self.labels is not None and full else None
+        return outputs, vs_previous, vs_original, accuracy
 
     def check_lossy(self, model: onnx.ModelProto, record: StepRecord, *, gate: bool) -> list[str]:
         """A lossy step on every sample: metrics against the last validated outputs and the original;
         the lossy gates' complaints when ``gate`` (the last of consecutive lossy steps: ``prune,distill``
         is judged on the repaired model), else none (``checks['lossy_gate']`` says so)."""
-        outputs = run_model(model, self.feeds, threads=VALIDATION_THREADS, join=True)
-        record.vs_previous = compare_outputs(self.previous, outputs, Tolerances(), exact=False).to_dict()
-        problems = self._vs_original(outputs, record, len(self.feeds)).failures + self._accuracy(outputs, record)
+        outputs, vs_previous, vs_original, accuracy = self._compare(model, True, self.previous, exact=False)
+        record.vs_previous = vs_previous.to_dict()
+        problems = self._vs_original(vs_original, record, len(self.feeds)).failures + self._accuracy(accuracy, record)
         self.previous, self.previous_subset = outputs, _head(outputs, len(self.subset))
         if not gate:
             record.checks["lossy_gate"] = "judged with the next lossy step"
             return []
         return problems
 
-    def _vs_original(self, outputs, record: StepRecord, samples: int) -> Comparison:
-        tol = self.tolerances
-        comparison = compare_outputs(_head(self.reference, samples), outputs,
-                                     Tolerances(min_cosine=tol.min_cosine, max_abs=tol.max_abs), exact=False)
+    def _vs_original(self, comparison: Comparison, record: StepRecord, samples: int) -> Comparison:
         record.vs_original = comparison.to_dict()
         record.vs_original["samples"] = samples
         return comparison
 
-    def _accuracy(self, outputs, record: StepRecord) -> list[str]:
+    def _accuracy(self, accuracy: float | None, record: StepRecord) -> list[str]:
         """Top-1 accuracy on every sample, with labels; the accuracy gate's complaint, if any."""
         if self.labels is None:
             return []
         tol = self.tolerances
-        record.accuracy = task_accuracy(outputs, self.labels)
+        record.accuracy = accuracy
         drop = 100 * (self.reference_accuracy - record.accuracy)
         if tol.max_accuracy_drop is not None and drop > tol.max_accuracy_drop:
             return [f"accuracy {record.accuracy:.2%} is {drop:.2f} points below the original's "
@@ -301,7 +341,10 @@ class _Validation:
         return []
 
 
-def _head(outputs: dict[str, list], n: int) -> dict[str, list]:
+def _head(outputs: dict[str, list] | Validated, n: int) -> dict[str, list] | Validated:
+    """The first ``n`` samples' outputs (a Validated model's sums are kept per shard: the subset is its first)."""
+    if isinstance(outputs, Validated):
+        return outputs
     return {name: values[:n] for name, values in outputs.items()}
 
 

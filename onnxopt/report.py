@@ -224,6 +224,7 @@ class Report:
     gates: dict[str, Any] = field(default_factory=dict)  # what validation applied: names, noise, tolerances
     layers: list[dict[str, Any]] = field(default_factory=list)  # per layer of the result: see layer_table
     latency: dict[str, Any] | None = None  # Benchmark.to_dict() of the original vs the result
+    executor: dict[str, Any] | None = None  # name, workers, shards, tasks: where the data-parallel work ran
 
     @property
     def passed(self) -> bool:
@@ -245,6 +246,7 @@ class Report:
             "steps": [asdict(s) for s in self.steps],
             "layers": self.layers,
             "latency": self.latency,
+            "executor": self.executor or {"name": "in-process", "workers": 1},
         })
 
     def write_json(self, path: str | Path) -> None:

@@ -213,16 +213,22 @@ def run_model(model: onnx.ModelProto, feeds: Iterable[dict], *, join: bool = Fal
     ``join``: samples of a FeedSet run joined along a dynamic batch axis where that gives each
     sample its own rows (:func:`joined_runs` probes it), and are split back per sample.
     """
-    results: dict[str, list[np.ndarray]] = {}
     with Session(model, **session_options) as session:
-        if not join:
-            for feed in feeds:
-                for name, value in session.run(feed).items():
-                    results.setdefault(name, []).append(value)
-            return results
-        for samples, _, values in joined_runs(session, model, feeds, session.output_names, 0):
-            for name, value in values.items():
-                results.setdefault(name, []).extend(np.split(value, samples) if samples > 1 else [value])
+        return session_outputs(session, model, feeds, join=join)
+
+
+def session_outputs(session: Session, model: onnx.ModelProto, feeds: Iterable[dict], *,
+                    join: bool = False) -> dict[str, list[np.ndarray]]:
+    """:func:`run_model` on an open session (an executor's worker keeps its sessions between shards)."""
+    results: dict[str, list[np.ndarray]] = {}
+    if not join:
+        for feed in feeds:
+            for name, value in session.run(feed).items():
+                results.setdefault(name, []).append(value)
+        return results
+    for samples, _, values in joined_runs(session, model, feeds, session.output_names, 0):
+        for name, value in values.items():
+            results.setdefault(name, []).extend(np.split(value, samples) if samples > 1 else [value])
     return results
 
 
@@ -298,7 +304,7 @@ def exact_atols(noise: Mapping[str, float], tol: Tolerances) -> dict[str, float]
 
 
 def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: float = 0.0,
-                     atol: float | None = None) -> int:
+                     atol: float | None = None, scale: float | None = None) -> int:
     """Elements outside ``atol + rtol * (|ref| + rms(ref))``, rtol at least ``2 * eps``; ``atol``
     defaults to ``tol.exact_atol`` (the manager passes the output's noise-calibrated one).
 
@@ -307,8 +313,10 @@ def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: fl
     its small result, so a purely elementwise rtol would call exact arithmetic inexact. ``eps`` is
     the output dtype's machine epsilon: a float16 output computed in another order (a value folded
     ahead of time) may differ by an ulp, 1e-3 relative, which is as exact as float16 gets.
+    ``scale``: the RMS of the whole output when ``ref`` is one shard of it.
     """
-    scale = float(np.sqrt(np.mean(np.square(ref[np.isfinite(ref)])))) if ref.size else 0.0
+    if scale is None:
+        scale = float(np.sqrt(np.mean(np.square(ref[np.isfinite(ref)])))) if ref.size else 0.0
     limit = (tol.exact_atol if atol is None else atol) + max(tol.exact_rtol, 2 * eps) * (np.abs(ref) + scale)
     same = (np.abs(cand - ref) <= limit) | (np.isnan(ref) & np.isnan(cand)) | (ref == cand)
     return int(np.count_nonzero(~same))
@@ -371,6 +379,16 @@ def output_metrics(reference: list, candidate: list, tol: Tolerances, atol: floa
 
 def _top1(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | None:
     """Argmax agreement over the last axis, for outputs that look like class scores."""
+    counts = top1_counts(reference, candidate)
+    if counts is None:
+        return None
+    agree, total = counts
+    return 0.0 if total < 0 else (agree / total if total else None)
+
+
+def top1_counts(reference: list[np.ndarray], candidate: list[np.ndarray]) -> tuple[int, int] | None:
+    """(argmax agreements, argmax positions) for outputs that look like class scores, else None;
+    total -1 when a sample's shapes differ (no agreement then)."""
     first = reference[0]
     if not isinstance(first, np.ndarray) or first.dtype.kind != "f" or first.ndim < 1 or first.shape[-1] < 2:
         return None
@@ -378,11 +396,11 @@ def _top1(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float | N
     for r, c in zip(reference, candidate):
         r, c = np.asarray(r), np.asarray(c)
         if r.shape != c.shape:
-            return 0.0
+            return 0, -1
         a, b = r.argmax(axis=-1), c.argmax(axis=-1)
         agree += int(np.count_nonzero(a == b))
         total += a.size
-    return agree / total if total else None
+    return agree, total
 
 
 def task_accuracy(outputs: dict[str, list[np.ndarray]], labels: np.ndarray) -> float:
@@ -411,18 +429,22 @@ def compare_outputs(
             result.failures.append(f"output '{name}' is missing")
             continue
         atol = (atols or {}).get(name, tol.exact_atol)
-        m = output_metrics(ref, candidate[name], tol, atol)
-        result.outputs[name] = m
-        if exact and not m.within_exact_tolerance:
-            result.failures.append(
-                f"output '{name}': {m.mismatches} values outside rtol={tol.exact_rtol:g} atol={atol:.3g} "
-                f"(max abs {m.max_abs:.3g})"
-            )
-        if tol.min_cosine is not None and m.cosine < tol.min_cosine:
-            result.failures.append(f"output '{name}': cosine {m.cosine:.6f} < min-cosine {tol.min_cosine}")
-        if tol.max_abs is not None and m.max_abs > tol.max_abs:
-            result.failures.append(f"output '{name}': max abs {m.max_abs:.3g} > max-abs {tol.max_abs}")
+        judge(result, name, output_metrics(ref, candidate[name], tol, atol), tol, exact=exact, atol=atol)
     return result
+
+
+def judge(result: Comparison, name: str, m: OutputMetrics, tol: Tolerances, *, exact: bool, atol: float) -> None:
+    """Record one output's metrics in ``result`` with the gates' complaints (shared by sharded validation)."""
+    result.outputs[name] = m
+    if exact and not m.within_exact_tolerance:
+        result.failures.append(
+            f"output '{name}': {m.mismatches} values outside rtol={tol.exact_rtol:g} atol={atol:.3g} "
+            f"(max abs {m.max_abs:.3g})"
+        )
+    if tol.min_cosine is not None and m.cosine < tol.min_cosine:
+        result.failures.append(f"output '{name}': cosine {m.cosine:.6f} < min-cosine {tol.min_cosine}")
+    if tol.max_abs is not None and m.max_abs > tol.max_abs:
+        result.failures.append(f"output '{name}': max abs {m.max_abs:.3g} > max-abs {tol.max_abs}")
 
 
 def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:

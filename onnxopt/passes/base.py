@@ -42,12 +42,15 @@ class PassContext:
     ``calib`` is re-iterable (each ``iter()`` starts again at the first sample), so a pass may
     stream the data more than once without keeping it. ``teacher`` returns the original model
     (read only) for passes that repair the optimized model against it; it is loaded only when asked.
+    ``executor`` (an :class:`onnxopt.executor.Executor`, None: in this process) is handed to the
+    calibration functions, which shard their work through it.
     """
 
     calib: Iterable[Feed] | None = None
     calib_cache: Path | None = None
     progress: bool = False
     teacher: Callable[[], onnx.ModelProto] | None = None
+    executor: Any = None
 
     def teacher_model(self, pass_name: str) -> onnx.ModelProto:
         if self.teacher is None:

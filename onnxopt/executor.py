@@ -1,0 +1,291 @@
+"""The executor seam: data-parallel work (validation metrics, calibration statistics) over shards.
+
+A task is a module-level function ``fn(cache, shard, *shared) -> partial``; an executor runs it on
+every shard and returns the partials *in shard order*, so the caller merges them in a fixed order
+and any number of workers gives the same answer. Shards have a fixed size (:func:`split`), not one
+per worker: the sums inside a shard never depend on how many workers there are.
+
+- :class:`InProcess` runs the tasks one after the other in this process (no new dependency).
+- :class:`RayExecutor` runs them on Ray actors, one per worker (``pip install "onnxopt[ray]"``), on a
+  local Ray instance or an existing cluster (``address="auto"`` or ``HOST:PORT``). A worker that dies
+  is restarted and its task retried; a task that fails for a data reason fails the run with the
+  error the in-process run raises.
+
+Models travel as :class:`ModelHandle`: serialized once into Ray's object store (or, with external
+data or over 2 GB, by path), fetched and opened once per worker and kept in the worker's
+:class:`WorkerCache`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .data import FeedSet
+from .errors import InputError, OnnxoptError
+from .modelio import load_model, needs_file, save_scratch
+
+SHARD_SAMPLES = 64  # samples per shard: fixed, so partial sums do not depend on the number of workers
+CACHE_ENTRIES = 6  # sessions a worker keeps open (original, previous, candidate, and their optimized twins)
+RETRIES = 3  # restarts of a dead Ray worker, and retries of the task it was running
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Samples ``[start, stop)`` of the data set (``feeds``: that window, read where it is processed)."""
+
+    index: int
+    start: int
+    stop: int
+    feeds: FeedSet
+
+
+def split(feeds: FeedSet, size: int = SHARD_SAMPLES, head: int = 0) -> list[Shard]:
+    """Consecutive shards of ``size`` samples; with ``head``, the first shard is the first ``head`` samples
+    (validation checks runs of exact steps on those alone)."""
+    bounds = [0, *([min(head, len(feeds))] if head else []),
+              *range((head or 0) + size, len(feeds), size), len(feeds)]
+    bounds = list(dict.fromkeys(bounds))
+    return [Shard(i, a, b, feeds.window(a, b)) for i, (a, b) in enumerate(itertools.pairwise(bounds)) if b > a]
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A model as workers receive it: ``source`` is serialized bytes, a path, or a Ray object reference
+    to the bytes; ``key`` names it in worker caches."""
+
+    key: str
+    source: Any
+
+
+class WorkerCache:
+    """What a worker keeps between tasks: opened models and sessions, least recently used dropped first."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+
+    def get(self, key, make: Callable[[], Any]):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        while len(self._items) > self.entries:
+            _, old = self._items.popitem(last=False)
+            if hasattr(old, "close"):
+                old.close()
+        return value
+
+    def model(self, handle: ModelHandle) -> onnx.ModelProto:
+        """The handle's model, fetched (from the object store, or loaded from its path) once per worker."""
+        source = handle.source
+        if not isinstance(source, (bytes, str)):  # a Ray object reference
+            import ray
+
+            source = ray.get(source)
+        if isinstance(source, str):
+            return load_model(source)
+        return onnx.ModelProto.FromString(source)
+
+    def close(self) -> None:
+        while self._items:
+            _, old = self._items.popitem()
+            if hasattr(old, "close"):
+                old.close()
+
+
+class Executor:
+    """Runs ``fn(cache, shard, *shared)`` on every shard; results come back in shard order."""
+
+    name = "in-process"
+    workers = 1
+
+    def __init__(self) -> None:
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self.tasks = 0  # shards processed, all maps together (the report records it)
+
+    def put_model(self, model: onnx.ModelProto) -> ModelHandle:
+        """A snapshot of ``model`` for workers (later in-place changes to it do not reach them)."""
+        key = uuid.uuid4().hex
+        if needs_file(model):  # external data or over 2 GB: by path (a shared folder for a multi-machine cluster)
+            if self._scratch is None:
+                self._scratch = tempfile.TemporaryDirectory(prefix="onnxopt-exec-")
+            path = Path(self._scratch.name) / key / "model.onnx"
+            path.parent.mkdir()
+            save_scratch(model, path)
+            return ModelHandle(key, str(path))
+        return ModelHandle(key, self._share(model.SerializeToString()))
+
+    def _share(self, payload: bytes) -> Any:
+        return payload
+
+    def map(self, fn: Callable, shards: Sequence[Shard], *shared, progress: Callable[[int], None] | None = None) -> list:
+        """``[fn(cache, shard, *shared) for shard in shards]``, computed wherever the executor runs tasks."""
+        self.tasks += len(shards)
+        return self._map(fn, shards, shared, progress)
+
+    def _map(self, fn, shards, shared, progress) -> list:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "workers": self.workers, "tasks": self.tasks}
+
+    def close(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InProcess(Executor):
+    """Tasks one after the other in this process, with one worker cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = WorkerCache()
+
+    def _map(self, fn, shards, shared, progress) -> list:
+        results = []
+        for shard in shards:
+            results.append(fn(self.cache, shard, *shared))
+            if progress:
+                progress(shard.stop - shard.start)
+        return results
+
+    def close(self) -> None:
+        self.cache.close()
+        super().close()
+
+
+class _RayWorker:
+    """One Ray actor: runs tasks with its own cache (models fetched once per worker)."""
+
+    def __init__(self) -> None:
+        self.cache = WorkerCache()
+
+    def run(self, fn, shard, shared):
+        return fn(self.cache, shard, *shared)
+
+    def peak_rss(self) -> int:
+        """This worker's peak resident memory in bytes (Linux ru_maxrss is in KiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RayExecutor(Executor):
+    """Tasks on ``workers`` Ray actors (one CPU each): a local Ray instance (``address=None``, started
+    with ``workers`` CPUs when none is running) or an existing cluster (``"auto"`` or ``HOST:PORT``)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+        super().__init__()
+        try:
+            import ray
+        except ImportError:
+            raise InputError('--executor ray needs Ray: pip install "onnxopt[ray]"') from None
+        self._ray = ray
+        self._started = not ray.is_initialized()  # shut down on close only a Ray instance started here
+        if self._started:
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                       "logging_level": "error"}
+            if address:
+                # a cluster's workers import onnxopt from here, whatever is installed on their machines
+                options["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
+            else:
+                options["num_cpus"] = workers or os.cpu_count()
+            try:
+                ray.init(address=address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise InputError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc})") from None
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = max(1, min(workers or cpus, cpus))
+        actor = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(_RayWorker)
+        self.actors = [actor.remote() for _ in range(self.workers)]
+
+    def _share(self, payload: bytes) -> Any:
+        return self._ray.put(payload)
+
+    def _map(self, fn, shards, shared, progress) -> list:
+        """Each worker takes the next shard when it finishes one; partials are returned in shard order."""
+        ray = self._ray
+        queue = collections.deque(enumerate(shards))
+        results: list[Any] = [None] * len(shards)
+        running: dict[Any, tuple[int, Any, Shard]] = {}
+
+        def submit(actor) -> None:
+            if queue:
+                position, shard = queue.popleft()
+                running[actor.run.remote(fn, shard, shared)] = (position, actor, shard)
+
+        for actor in self.actors:
+            submit(actor)
+        try:
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1)
+                position, actor, shard = running.pop(done[0])
+                results[position] = self._get(done[0])
+                if progress:
+                    progress(shard.stop - shard.start)
+                submit(actor)
+        finally:
+            for ref in running:
+                ray.cancel(ref)
+        return results
+
+    def _get(self, ref):
+        """A task's result; a task's own error as the in-process run raises it."""
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, OnnxoptError):
+                raise type(cause)(str(cause)) from None
+            raise
+        except ray.exceptions.RayActorError as exc:
+            raise OnnxoptError(f"a Ray worker died {RETRIES + 1} times: {str(exc).splitlines()[0]}") from None
+
+    def peak_memory(self) -> list[int]:
+        """Peak resident bytes of each worker process."""
+        return self._ray.get([a.peak_rss.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+        if self._started:
+            self._ray.shutdown()
+        super().close()
+
+
+EXECUTORS = ("in-process", "ray")
+
+
+def make_executor(executor: str | Executor | None, address: str | None = None,
+                  workers: int | None = None) -> Executor | None:
+    """None for the default in-process validation (outputs held in memory); else an executor."""
+    if isinstance(executor, Executor):
+        return executor
+    if executor in (None, "in-process"):
+        if address:
+            raise InputError("--ray-address needs --executor ray")
+        return None
+    if executor == "ray":
+        return RayExecutor(address, workers)
+    raise InputError(f"executor '{executor}': expected one of {', '.join(EXECUTORS)}")

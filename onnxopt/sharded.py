@@ -1,0 +1,265 @@
+"""Validation over shards through an executor: workers reduce outputs to mergeable metric sums.
+
+Each shard's worker runs the candidate and the models it is compared with (the original, the
+last validated model) on the shard's samples and returns, per output, sums that merge: dot
+product and squared norms (cosine, relative L2, SNR), max abs / max relative error, element
+counts outside the exact tolerance, argmax agreements, task-accuracy hits, and the candidate's
+own sum of squares (the scale of the exact gate once it is the last validated model). No output
+array leaves a worker. Partials are merged in shard order, shards have a fixed size: counts and
+maxima equal the in-process run's, float sums are the same for any number of workers.
+
+The exact gate's scale (each output's RMS over the samples compared) is global: it comes from
+the sums of the run that validated the reference, so one pass per check suffices.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .data import FeedSet
+from .errors import InputError
+from .executor import Executor, ModelHandle, Shard, WorkerCache, split
+from .validate import (
+    Comparison, OutputMetrics, Session, Tolerances, _epsilon, exact_mismatches, judge, measure_noise,
+    numeric_values, session_outputs, top1_counts,
+)
+
+WORKER_THREADS = 1  # onnxruntime threads per worker: workers, not threads, use the cores (results do not
+#   depend on the machine)
+
+
+@dataclass
+class OutputSums:
+    """Mergeable comparison sums of one output over some samples (see the module notes)."""
+
+    values: int = 0
+    dot: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    diff_sq: float = 0.0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    nonfinite: bool = False
+    mismatches: int = 0
+    top1: tuple[int, int] | None = None  # (agreements, positions); positions -1: shapes differ
+    unequal_strings: int | None = None  # string outputs: samples that differ
+    shapes_differ: bool = False
+
+    def merge(self, other: OutputSums) -> OutputSums:
+        top1 = self.top1 if other.top1 is None else other.top1 if self.top1 is None else (
+            (0, -1) if -1 in (self.top1[1], other.top1[1]) else
+            (self.top1[0] + other.top1[0], self.top1[1] + other.top1[1]))
+        strings = None if self.unequal_strings is None else self.unequal_strings + (other.unequal_strings or 0)
+        return OutputSums(
+            self.values + other.values, self.dot + other.dot, self.ref_sq + other.ref_sq,
+            self.cand_sq + other.cand_sq, self.diff_sq + other.diff_sq,
+            float(np.maximum(self.max_abs, other.max_abs)), float(np.maximum(self.max_rel, other.max_rel)),
+            self.nonfinite or other.nonfinite, self.mismatches + other.mismatches, top1, strings,
+            self.shapes_differ or other.shapes_differ,
+        )
+
+    def metrics(self) -> OutputMetrics:
+        """The metrics :func:`onnxopt.validate.output_metrics` gives on all samples at once."""
+        if self.unequal_strings is not None:
+            same = self.unequal_strings == 0
+            return OutputMetrics(0.0 if same else math.inf, 0.0 if same else math.inf, 0.0 if same else math.inf,
+                                 1.0 if same else 0.0, math.inf if same else -math.inf, None, self.unequal_strings,
+                                 same)
+        if self.shapes_differ:
+            return OutputMetrics(math.inf, math.inf, math.inf, 0.0, -math.inf, None, self.mismatches, False)
+        ref_norm, cand_norm, diff_norm = math.sqrt(self.ref_sq), math.sqrt(self.cand_sq), math.sqrt(self.diff_sq)
+        if ref_norm == 0 and cand_norm == 0:
+            cosine = 1.0
+        elif ref_norm == 0 or cand_norm == 0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / (ref_norm * cand_norm)
+        agree, total = self.top1 or (0, 0)
+        return OutputMetrics(
+            max_abs=math.inf if self.nonfinite else self.max_abs,
+            max_rel=self.max_rel,
+            rel_l2=diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else math.inf),
+            cosine=cosine,
+            snr_db=math.inf if diff_norm == 0 else (20 * math.log10(ref_norm / diff_norm) if ref_norm else -math.inf),
+            top1_agreement=None if self.top1 is None else (0.0 if total < 0 else (agree / total if total else None)),
+            mismatches=self.mismatches,
+            within_exact_tolerance=self.mismatches == 0,
+        )
+
+
+def output_sums(reference: list, candidate: list, tol: Tolerances, atol: float, scale: float) -> OutputSums:
+    """One shard's sums for one output (``scale``: the reference output's RMS over all compared samples)."""
+    try:
+        ref = np.concatenate([numeric_values(r).ravel() for r in reference])
+        cand = np.concatenate([numeric_values(c).ravel() for c in candidate])
+    except TypeError:  # strings: equal or not
+        return OutputSums(unequal_strings=sum(not np.array_equal(np.asarray(r), np.asarray(c))
+                                              for r, c in zip(reference, candidate)))
+    if ref.shape != cand.shape:
+        return OutputSums(mismatches=int(max(ref.size, cand.size)), shapes_differ=True)
+    delta = cand - ref
+    diff = np.abs(delta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / np.abs(ref))
+    return OutputSums(
+        values=ref.size, dot=float(np.dot(ref, cand)), ref_sq=float(np.dot(ref, ref)),
+        cand_sq=float(np.dot(cand, cand)), diff_sq=float(np.dot(delta, delta)),
+        max_abs=float(diff.max(initial=0.0)), max_rel=float(rel.max(initial=0.0)),
+        nonfinite=not bool((np.isfinite(ref) & np.isfinite(cand)).all()),
+        mismatches=exact_mismatches(ref, cand, tol, _epsilon(reference), atol, scale),
+        top1=top1_counts(reference, candidate),
+    )
+
+
+def _own_sums(outputs: dict[str, list]) -> dict[str, tuple[float, int]]:
+    """Per output, the sum of squares of its finite values and their count (an RMS once merged)."""
+    sums = {}
+    for name, values in outputs.items():
+        try:
+            flat = np.concatenate([numeric_values(v).ravel() for v in values])
+        except TypeError:
+            continue
+        finite = flat[np.isfinite(flat)]
+        sums[name] = (float(np.dot(finite, finite)), int(finite.size))
+    return sums
+
+
+@dataclass(frozen=True)
+class _Against:
+    """One comparison a shard task makes: the candidate against ``model``'s outputs."""
+
+    model: ModelHandle
+    tolerances: Tolerances
+    atols: dict[str, float] | None
+    scales: dict[str, float]  # the reference outputs' RMS over every sample compared
+
+
+@dataclass(frozen=True)
+class _Job:
+    candidate: ModelHandle
+    against: tuple[_Against, ...]
+    labels: np.ndarray | None
+    noise: bool = False  # also measure the candidate's float noise (on the exact-subset shard)
+
+
+@dataclass
+class _ShardResult:
+    own: dict[str, tuple[float, int]]
+    names: list[str]
+    comparisons: list[dict[str, OutputSums]]
+    missing: list[list[str]]
+    hits: tuple[int, int, int] | None = None  # (hits, predictions, labels)
+    noise: dict[str, float] | None = None
+
+
+def _opened(cache: WorkerCache, handle: ModelHandle) -> tuple[onnx.ModelProto, Session]:
+    model = cache.get(("model", handle.key), lambda: cache.model(handle))
+    return model, cache.get(("session", handle.key), lambda: Session(model, threads=WORKER_THREADS))
+
+
+def _outputs(cache: WorkerCache, handle: ModelHandle, feeds: FeedSet) -> dict[str, list]:
+    model, session = _opened(cache, handle)
+    return session_outputs(session, model, feeds, join=True)
+
+
+def _evaluate(cache: WorkerCache, shard: Shard, job: _Job) -> _ShardResult:
+    """The worker's part: run the candidate and the models it is compared with on one shard, reduce."""
+    outputs = _outputs(cache, job.candidate, shard.feeds)
+    result = _ShardResult(_own_sums(outputs), list(outputs), [], [])
+    for against in job.against:
+        reference = outputs if against.model.key == job.candidate.key else _outputs(cache, against.model, shard.feeds)
+        result.missing.append([n for n in reference if n not in outputs])
+        result.comparisons.append({
+            name: output_sums(ref, outputs[name], against.tolerances,
+                              (against.atols or {}).get(name, against.tolerances.exact_atol), against.scales.get(name, 0.0))
+            for name, ref in reference.items() if name in outputs})
+        del reference
+    if job.labels is not None:
+        predicted = np.concatenate([np.asarray(s).argmax(axis=-1).ravel() for s in next(iter(outputs.values()))])
+        expected = job.labels[shard.start: shard.stop].reshape(-1)
+        hits = int(np.count_nonzero(predicted == expected)) if predicted.shape == expected.shape else 0
+        result.hits = (hits, predicted.size, expected.size)
+    if job.noise:
+        model, _ = _opened(cache, job.candidate)
+        result.noise = measure_noise(model, shard.feeds, outputs, threads=WORKER_THREADS)
+    return result
+
+
+@dataclass
+class Validated:
+    """A validated model as sharded validation keeps it: its handle and its per-shard own sums."""
+
+    handle: ModelHandle
+    own: dict[int, dict[str, tuple[float, int]]] = field(default_factory=dict)  # shard index -> sums
+
+    def scales(self, shards: list[Shard]) -> dict[str, float]:
+        """Each output's RMS over ``shards`` (sums merged in shard order)."""
+        merged: dict[str, tuple[float, int]] = {}
+        for shard in shards:
+            for name, (sq, n) in self.own[shard.index].items():
+                total, count = merged.get(name, (0.0, 0))
+                merged[name] = (total + sq, count + n)
+        return {name: math.sqrt(sq / n) if n else 0.0 for name, (sq, n) in merged.items()}
+
+
+class ShardedValidation:
+    """The manager's validation runs through an executor (the first shard is the exact subset)."""
+
+    def __init__(self, executor: Executor, feeds: FeedSet, subset: int, labels: np.ndarray | None,
+                 progress: bool = False) -> None:
+        self.executor, self.labels, self.progress = executor, labels, progress
+        self.shards = split(feeds, head=subset)
+        self.subset = self.shards[:1]
+
+    def describe(self) -> dict:
+        return {**self.executor.describe(), "shards": len(self.shards), "worker_threads": WORKER_THREADS}
+
+    def start(self, model: onnx.ModelProto) -> tuple[Validated, dict[str, float], float | None]:
+        """The original on every shard: its sums, its float noise (on the subset), its accuracy."""
+        original, _, accuracy, noise = self._run(model, [], self.shards, noise=True)
+        return original, noise, accuracy
+
+    def evaluate(self, model: onnx.ModelProto, *, full: bool,
+                 against: list[tuple[Validated, Tolerances, dict[str, float] | None]],
+                 ) -> tuple[Validated, list[Comparison], float | None]:
+        """The candidate against each (validated model, tolerances, exact-gate atols or None for a lossy
+        comparison) on every shard, or on the subset; with labels, its accuracy there."""
+        candidate, comparisons, accuracy, _ = self._run(model, against, self.shards if full else self.subset)
+        return candidate, comparisons, accuracy
+
+    def _run(self, model, against, shards: list[Shard], noise: bool = False):
+        candidate = Validated(self.executor.put_model(model))
+        jobs = tuple(_Against(v.handle, tol, atols, v.scales(shards)) for v, tol, atols in against)
+        partials = self._map(shards, _Job(candidate.handle, jobs, self.labels, noise))
+        for shard, partial in zip(shards, partials):
+            candidate.own[shard.index] = partial.own
+        comparisons = []
+        for k, (_, tol, atols) in enumerate(against):
+            comparison = Comparison()
+            comparison.failures.extend(f"output '{n}' is missing" for n in partials[0].missing[k])
+            for name in partials[0].comparisons[k]:
+                merged = functools.reduce(OutputSums.merge, (p.comparisons[k][name] for p in partials))
+                judge(comparison, name, merged.metrics(), tol, exact=atols is not None,
+                      atol=(atols or {}).get(name, tol.exact_atol))
+            comparisons.append(comparison)
+        accuracy = None
+        if self.labels is not None:
+            hits, predicted, expected = (sum(p.hits[i] for p in partials) for i in range(3))
+            if predicted != expected:
+                raise InputError(f"labels: {expected} labels for {predicted} predictions")
+            accuracy = hits / predicted
+        return candidate, comparisons, accuracy, partials[0].noise
+
+    def _map(self, shards: list[Shard], job: _Job) -> list[_ShardResult]:
+        if not self.progress:
+            return self.executor.map(_evaluate, shards, job)
+        import click
+
+        with click.progressbar(length=sum(s.stop - s.start for s in shards), label="validating",
+                               file=None) as bar:
+            return self.executor.map(_evaluate, shards, job, progress=bar.update)
