@@ -12,6 +12,7 @@ import onnx
 from .benchmark import Benchmark, benchmark
 from .data import as_feeds, load_labels, random_feeds
 from .errors import InputError
+from .executor import Executor, make_executor
 from .manager import Result, run_pipeline
 from .modelio import check_output_path, copy_model, load_model, save_model, write_file_atomically
 from .pipeline import Step
@@ -55,6 +56,9 @@ def optimize(
     progress: bool = False,
     bench: bool = False,
     bench_runs: int = 50,
+    executor: str | Executor = "in-process",
+    ray_address: str | None = None,
+    workers: int | None = None,
 ) -> Result:
     """Run a pipeline; validate every step; write ``output`` only if every step passed (or ``keep_failed``).
 
@@ -70,6 +74,11 @@ def optimize(
     measured float noise (at least ``exact_atol``).
     The report gets a per-layer table of the result (sparsity, weight change vs the input), and with
     ``bench`` the original's and the result's onnxruntime latency (``bench_runs`` interleaved runs).
+
+    ``executor="ray"`` runs validation and calibration statistics over shards of the data on Ray
+    workers (``pip install "onnxopt[ray]"``): a local Ray instance with ``workers`` CPUs, or the
+    cluster at ``ray_address`` (``"auto"`` or ``HOST:PORT``); workers send back metric sums, never
+    outputs. An :class:`onnxopt.executor.Executor` instance is used as it is (and not closed).
     """
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, onnx.ModelProto):
@@ -77,13 +86,20 @@ def optimize(
     owned, input_path = _owned_model(model)
     if min_cosine is None and labels is None:
         min_cosine = DEFAULT_MIN_COSINE
-    result = run_pipeline(
-        owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
-        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor),
-        input_shapes=input_shapes,
-        calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
-        teacher=(lambda: model) if input_path is None else (lambda: load_model(input_path)),
-    )
+    runner = make_executor(executor, ray_address, workers)
+    try:
+        result = run_pipeline(
+            owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
+            tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor),
+            input_shapes=input_shapes,
+            calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
+            teacher=(lambda: model) if input_path is None else (lambda: load_model(input_path)), executor=runner,
+        )
+        if runner is not None:
+            result.report.executor = {**(result.report.executor or {}), **runner.describe()}
+    finally:
+        if runner is not None and runner is not executor:
+            runner.close()
     original = model if input_path is None else _small_original(input_path)
     result.report.layers = layer_table(result.model, original)
     if bench and result.report.passed:

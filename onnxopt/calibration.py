@@ -25,6 +25,8 @@ call, one numpy call per statistic and tensor) then falls on many samples at onc
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import model_inputs
+from .data import FeedSet, model_inputs
 from .errors import InputError
+from .executor import Executor, ModelHandle, Shard, WorkerCache, split
 from .graph import defined_names, model_graphs
 from .tensors import external_info, is_external, tensor_to_array
 from .validate import Session, joined_runs
@@ -228,6 +231,7 @@ def collect(
     mean_axes: Mapping[str, int] | None = None,
     batch_size: int = 0,
     progress: bool = False,
+    executor: Executor | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of the named values over all feeds; each sample runs once.
 
@@ -235,7 +239,8 @@ def collect(
     that many uniform bins; ``sumsq_axes`` maps a value to its channel axis for per-channel
     sums and sums of squares, ``mean_axes`` for per-channel sums only. Graph inputs are read from
     the feeds directly. ``batch_size`` samples run joined (0: automatic, see :func:`onnxopt.validate.joined_runs`);
-    the statistics do not depend on it.
+    the statistics do not depend on it. With an ``executor``, shards of a FeedSet are reduced by its
+    workers and merged in shard order: the same statistics for any number of workers.
     """
     names = list(dict.fromkeys(tensors))
     axes = {**dict(mean_axes or {}), **dict(sumsq_axes or {})}
@@ -247,6 +252,9 @@ def collect(
     names.extend(n for n in axes if n not in names)
     inputs = {v.name for v in model_inputs(model)}  # initializer-backed inputs are fetched like values
     fetched = [n for n in names if n not in inputs]
+    if executor is not None and isinstance(feeds, FeedSet):
+        return _collect_sharded(executor, model, feeds, _Job(None, tuple(names), tuple(fetched), histogram_bins, axes,
+                                                              frozenset(squares), batch_size), progress)
     stats = {n: TensorStats(bins=histogram_bins) for n in names}
     length = len(feeds) if hasattr(feeds, "__len__") else None
     seen = 0
@@ -266,6 +274,49 @@ def collect(
         st.flush()
     if not seen:
         raise InputError("calibration: no samples")
+    return stats
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a calibration shard task collects (``model``: the handle its worker opens)."""
+
+    model: ModelHandle | None
+    names: tuple[str, ...]
+    fetched: tuple[str, ...]
+    bins: int
+    axes: dict[str, int]
+    squares: frozenset[str]
+    batch_size: int
+
+
+def _collect_sharded(executor: Executor, model, feeds: FeedSet, job: _Job, progress: bool) -> dict[str, TensorStats]:
+    """:func:`collect` through ``executor``: each shard's statistics on a worker, merged in shard order."""
+    shards = split(feeds)
+    if not shards:
+        raise InputError("calibration: no samples")
+    job = dataclasses.replace(job, model=executor.put_model(model))
+    if progress:
+        import click
+
+        with click.progressbar(length=len(feeds), label="calibrating", file=None) as bar:
+            partials = executor.map(_collect_shard, shards, job, progress=bar.update)
+    else:
+        partials = executor.map(_collect_shard, shards, job)
+    return {name: functools.reduce(TensorStats.merge, (p[name] for p in partials)) for name in job.names}
+
+
+def _collect_shard(cache: WorkerCache, shard: Shard, job: _Job) -> dict[str, TensorStats]:
+    """A worker's part of :func:`collect`: one shard's statistics (the session stays open for the next shard)."""
+    model = cache.get(("model", job.model.key), lambda: cache.model(job.model))
+    session = cache.get(("calibration", job.model.key, job.fetched),
+                        lambda: Session(model, extra_outputs=job.fetched, optimize=True))
+    stats = {n: TensorStats(bins=job.bins) for n in job.names}
+    for _ in _folded(stats, joined_runs(session, model, shard.feeds, list(job.fetched), job.batch_size),
+                     job.axes, job.squares):
+        pass
+    for st in stats.values():
+        st.flush()
     return stats
 
 

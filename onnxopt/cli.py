@@ -12,6 +12,7 @@ import click
 from . import api
 from .data import parse_input_shapes
 from .errors import OnnxoptError
+from .executor import EXECUTORS
 from .benchmark import format_benchmark
 from .modelio import check_writable_target, write_file_atomically
 from .pipeline import describe_options
@@ -70,7 +71,9 @@ def _apply(options):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the result (nothing is written without it).")
 @click.option("-p", "--pipeline", required=True, help='Passes to run, e.g. "prune(sparsity=0.5),zero-rows,dce".')
-@click.option("--data", type=click.Path(), help="Validation feeds: .npz (sample-major) or a folder of test_data_set_*.")
+@click.option("--data", type=click.Path(), multiple=True,
+              help="Validation feeds: .npz (sample-major), a folder of .npz shards or of test_data_set_*; "
+                   "repeat it to pass several .npz shards.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class labels of the --data samples (.npz 'labels'): adds task accuracy.")
 @click.option("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP, show_default=True,
               help="With --labels: fail a step whose accuracy falls more than this many points below the original's (100: off).")
@@ -97,20 +100,27 @@ def _apply(options):
 @click.option("--external-data/--no-external-data", default=None,
               help="Force weights into MODEL.data or inline (default: external if the input had it or > 2 GB).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="in-process", show_default=True,
+              help="Where validation and calibration statistics run: this process, or shards on Ray workers "
+                   '(pip install "onnxopt[ray]").')
+@click.option("--ray-address", metavar="auto|HOST:PORT",
+              help="With --executor ray: an existing Ray cluster (default: start a local one).")
+@click.option("--workers", type=click.IntRange(min=1), help="With --executor ray: Ray workers (default: every CPU).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, calib_cache, report_path, report_html,
              bench, bench_runs, no_validate, min_cosine, max_abs,
              exact_rtol, exact_atol, noise_factor, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
-             progress, quiet) -> None:
+             progress, executor, ray_address, workers, quiet) -> None:
     """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result."""
     if report_html:
         check_writable_target(Path(report_html))
     result = api.optimize(
-        model, pipeline, output=output, data=data, labels=labels, calib=calib, validate=not no_validate,
+        model, pipeline, output=output, data=(data[0] if len(data) == 1 else list(data)) if data else None, labels=labels, calib=calib, validate=not no_validate,
         min_cosine=min_cosine, max_abs=max_abs, max_accuracy_drop=max_accuracy_drop, exact_rtol=exact_rtol, exact_atol=exact_atol,
         noise_factor=noise_factor, input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
         keep_failed=keep_failed, overwrite_input=overwrite_input, external_data=external_data,
         progress=sys.stderr.isatty() if progress is None else progress, bench=bench, bench_runs=bench_runs,
+        executor=executor, ray_address=ray_address, workers=workers,
     )
     report = result.report
     if report_path:

@@ -104,6 +104,10 @@ class _DeflatedBytes:
 
     __del__ = close
 
+    def __getstate__(self) -> dict:
+        """Sent to another process (an executor's worker) without the open stream: it reopens there."""
+        return {**self.__dict__, "_archive": None, "_stream": None, "_at": 0}
+
 
 class StoredRows:
     """Rows ``[start, stop)`` of a C-ordered array in an .npz member, read from the file on demand.
@@ -173,8 +177,50 @@ class StoredRows:
         return out
 
 
+class ChainedRows:
+    """The rows of several arrays (one per ``.npz`` shard) as one: windows keep each shard's rows where
+    they are (read on demand from each file, on the worker that processes them)."""
+
+    def __init__(self, parts: list[np.ndarray | StoredRows], origin: str) -> None:
+        shapes = {(p.dtype, tuple(p.shape[1:])) for p in parts}
+        if len(shapes) > 1:
+            raise InputError(f"{origin}: the shards' arrays differ in dtype or sample shape "
+                             f"({', '.join(f'{d} {s}' for d, s in sorted(shapes, key=str))})")
+        self.parts, self.origin = parts, origin
+        self.bounds = np.cumsum([0, *(len(p) for p in parts)])
+        self.dtype = parts[0].dtype
+        self.shape = (int(self.bounds[-1]), *parts[0].shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def window(self, start: int, stop: int):
+        """Rows ``[start, stop)``: one shard's window when they lie in one shard (nothing read)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        stop = max(start, stop)
+        pieces = [_window(p, max(start - a, 0), min(stop, b) - a)
+                  for p, a, b in zip(self.parts, self.bounds[:-1], self.bounds[1:]) if a < stop and b > start]
+        if len(pieces) == 1:
+            return pieces[0]
+        return ChainedRows(pieces or [_window(self.parts[0], 0, 0)], self.origin)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            row = range(len(self))[key]
+            part = int(np.searchsorted(self.bounds, row, side="right")) - 1
+            return self.parts[part][row - int(self.bounds[part])]
+        if isinstance(key, slice) and key.step in (None, 1):
+            return np.asarray(self.window(key.start or 0, len(self) if key.stop is None else key.stop))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = np.concatenate([np.asarray(p) for p in self.parts])
+        return rows if dtype is None else rows.astype(dtype, copy=False)
+
+
 def _window(arr, start: int, stop: int):
-    return arr.window(start, stop) if isinstance(arr, StoredRows) else arr[start:stop]
+    return arr.window(start, stop) if isinstance(arr, (StoredRows, ChainedRows)) else arr[start:stop]
 
 
 class FeedSet:
@@ -184,7 +230,8 @@ class FeedSet:
     """
 
     def __init__(self, arrays: Mapping[str, np.ndarray | StoredRows], origin: str) -> None:
-        self.arrays = {name: arr if isinstance(arr, StoredRows) else np.asarray(arr) for name, arr in arrays.items()}
+        self.arrays = {name: arr if isinstance(arr, (StoredRows, ChainedRows)) else np.asarray(arr)
+                       for name, arr in arrays.items()}
         self.origin = origin
         counts = {name: arr.shape[0] if arr.ndim else 0 for name, arr in self.arrays.items()}
         if len(set(counts.values())) > 1:
@@ -252,15 +299,20 @@ def _finite(arr: np.ndarray | StoredRows) -> bool:
     """No NaN or Inf (stored rows: read once in chunks of about CHECK_BYTES, the member's CRC checked on the way)."""
     if isinstance(arr, StoredRows):
         return arr.scan()
+    if isinstance(arr, ChainedRows):
+        return all(_finite(p) for p in arr.parts)
     return arr.dtype.kind not in "fc" or bool(np.isfinite(arr).all())
 
 
 def load_feeds(path: str | Path) -> FeedSet:
-    """Read an ``.npz`` file or a folder of ONNX ``test_data_set_*/input_*.pb``."""
+    """Read an ``.npz`` file, a folder of ``.npz`` shards, or a folder of ONNX ``test_data_set_*/input_*.pb``."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"data file not found: {path}")
     if path.is_dir():
+        shards = sorted(path.glob("*.npz"))
+        if shards and not any(path.glob("test_data_set_*")):
+            return load_shards(shards, str(path))
         return _load_test_data_folder(path)
     try:
         arrays = _read_npz(path)
@@ -271,6 +323,23 @@ def load_feeds(path: str | Path) -> FeedSet:
     if not arrays:
         raise InputError(f"{path}: the .npz file holds no arrays")
     return FeedSet(arrays, str(path))
+
+
+def load_shards(paths: Iterable[str | Path], origin: str | None = None) -> FeedSet:
+    """``.npz`` shards as one sample-major set, in the order given: every shard holds the same arrays;
+    rows stay in their files until used."""
+    sets = [load_feeds(p) for p in paths]
+    if not sets:
+        raise InputError("data: an empty list of .npz shards")
+    origin = origin or f"{sets[0].origin} (+{len(sets) - 1} shards)"
+    names = set(sets[0].arrays)
+    for feeds in sets[1:]:
+        if set(feeds.arrays) != names:
+            raise InputError(f"{feeds.origin}: holds arrays {sorted(feeds.arrays)}, the first shard "
+                             f"{sets[0].origin} holds {sorted(names)}")
+    if len(sets) == 1:
+        return sets[0]
+    return FeedSet({name: ChainedRows([f.arrays[name] for f in sets], origin) for name in sets[0].arrays}, origin)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray | StoredRows]:
@@ -401,6 +470,8 @@ def as_feeds(source: object, model: onnx.ModelProto) -> FeedSet:
         feeds = source
     elif isinstance(source, (str, Path)):
         feeds = name_positional_inputs(load_feeds(source), model)
+    elif isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
+        feeds = load_shards(source)
     elif isinstance(source, Mapping):
         feeds = FeedSet(source, "data")
     elif isinstance(source, Iterable) or callable(source):

@@ -61,7 +61,7 @@ def activation_stats(pass_: Pass, model: onnx.ModelProto, tensors: list[Prunable
 
     feeds = pass_.context.calibration_feeds(pass_.name)
     axes = {u.data: u.data_axis for t in tensors if t.top_level for u in t.uses}
-    collected = collect(model, feeds, [], sumsq_axes=axes) if axes else {}
+    collected = collect(model, feeds, [], sumsq_axes=axes, executor=pass_.context.executor) if axes else {}
     if any(not t.top_level for t in tensors):
         count(stats, "wanda_fallback_magnitude_in_subgraph", sum(not t.top_level for t in tensors))
     return {t.name: [collected[u.data] for u in t.uses] for t in tensors if t.top_level}

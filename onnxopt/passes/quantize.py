@@ -298,7 +298,8 @@ class QuantizePass(Pass):
                 stats["calib_cache_hit"] = 1
                 return cached
         result = collect(request.model, feeds, wanted, histogram_bins=bins, mean_axes=axes, sumsq_axes=channel_axes,
-                         batch_size=self.options.batch_size, progress=self.context.progress)
+                         batch_size=self.options.batch_size, progress=self.context.progress,
+                         executor=self.context.executor)
         if cache is not None:
             save_stats(cache, result, fingerprint)
         stats["calib_cache_hit"] = 0
