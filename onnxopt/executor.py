@@ -49,9 +49,10 @@ class Shard:
     feeds: FeedSet
 
 
-def split(feeds: FeedSet, size: int = SHARD_SAMPLES, head: int = 0) -> list[Shard]:
-    """Consecutive shards of ``size`` samples; with ``head``, the first shard is the first ``head`` samples
-    (validation checks runs of exact steps on those alone)."""
+def split(feeds: FeedSet, size: int | None = None, head: int = 0) -> list[Shard]:
+    """Consecutive shards of ``size`` samples (SHARD_SAMPLES); with ``head``, the first shard is the first
+    ``head`` samples (validation checks runs of exact steps on those alone)."""
+    size = size or SHARD_SAMPLES
     bounds = [0, *([min(head, len(feeds))] if head else []),
               *range((head or 0) + size, len(feeds), size), len(feeds)]
     bounds = list(dict.fromkeys(bounds))

@@ -30,7 +30,7 @@ from .modelio import has_external_data, needs_file, save_scratch
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
-from .sharded import ShardedValidation, Validated
+from .sharded import WORKER_THREADS, ShardedValidation, Validated
 from .validate import (
     VALIDATION_THREADS, Comparison, Tolerances, check_interface, check_structure, compare_outputs, exact_atols,
     measure_noise, run_model, task_accuracy,
@@ -186,7 +186,7 @@ def _gates(steps: list[Step], tol: Tolerances, validation: _Validation | None) -
         "exact": {"rtol": tol.exact_rtol, "min_atol": tol.exact_atol, "noise_factor": tol.noise_factor,
                   "noise_samples": len(validation.subset), "noise": validation.noise, "atol": validation.atols},
         "exact_subset": len(validation.subset),
-        "threads": VALIDATION_THREADS,
+        "threads": VALIDATION_THREADS if validation.sharded is None else WORKER_THREADS,
     }
 
 
