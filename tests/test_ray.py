@@ -5,9 +5,11 @@ a dead worker retried; slow-marked: a two-node cluster on this machine, through 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,17 +169,19 @@ def test_a_two_node_cluster_on_this_machine_gives_the_same_report(tmp_path, monk
     group), then the CLI in a fresh process with --ray-address: the in-process executor's report."""
     monkeypatch.setattr(executor_module, "SHARD_SAMPLES", DEFAULT_SHARD_SAMPLES)  # as the CLI process has it
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
-    common = ["--block", "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"]
+    # a throwaway cluster of this test only: no token to share between its processes
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT),
+           "RAY_AUTH_MODE": "disabled"}
+    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts", "start"]
-    nodes = [subprocess.Popen([*ray_cli, "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                               "--temp-dir", str(tmp_path / "ray"), *common], env=env, start_new_session=True,
+    nodes = [subprocess.Popen([*ray_cli, "--head", "--port", str(port), "--include-dashboard", "false",
+                               "--temp-dir", temp_dir, *common], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
         time.sleep(8)
-        nodes.append(subprocess.Popen([*ray_cli, "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-                                       *common], env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes.append(subprocess.Popen([*ray_cli, "--address", f"127.0.0.1:{port}", *common], env=env,
+                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         data, labels = mlp_data(150)
         np.savez(tmp_path / "d.npz", **data)
         np.savez(tmp_path / "labels.npz", labels=labels)
@@ -187,7 +191,8 @@ def test_a_two_node_cluster_on_this_machine_gives_the_same_report(tmp_path, monk
         deadline = time.time() + 60
         while True:  # the second node joins within seconds
             remote = subprocess.run([sys.executable, *args, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}",
-                                     "--report", str(tmp_path / "ray.json")], env=env, capture_output=True, text=True)
+                                     "--report", str(tmp_path / "ray.json")], env=env, capture_output=True, text=True,
+                                    timeout=240)
             report = json.loads((tmp_path / "ray.json").read_text()) if remote.returncode == 0 else None
             if report is None or report["executor"]["workers"] == 2 or time.time() > deadline:
                 break
@@ -208,3 +213,4 @@ def test_a_two_node_cluster_on_this_machine_gives_the_same_report(tmp_path, monk
             os.killpg(node.pid, 15)
         for node in nodes:
             node.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
