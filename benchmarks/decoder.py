@@ -5,7 +5,8 @@
 RMSNorm, rotary positions, causal multi-head attention, SwiGLU MLP, final RMSNorm and an LM head
 (untied: ``MatMul`` on its own ``(D, V)`` matrix; tied: ``Gemm(transB=1)`` on the embedding table,
 which the ``Gather`` reads too). Input ``input_ids`` int64 ``[batch, seq]``, output ``logits``
-``[batch, seq, vocab]``. Weights are drawn (seeded, std 0.02 as LLaMA initialises, norms 1) and
+``[batch, seq, vocab]``. Weights are drawn seeded as PyTorch initialises an untrained model
+(``nn.Embedding``: N(0, 1); ``nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); norm gains 1) and
 written straight to ``OUT.onnx.data`` in chunks as the graph is built, so building a model of many
 GB holds one chunk of one tensor at a time. Tests build tiny ones in code with :func:`build_decoder`.
 """
@@ -50,16 +51,20 @@ class _ExternalWriter:
         self.location = data_path.name
         self.rng = np.random.default_rng(seed)
 
-    def tensor(self, name: str, shape: tuple[int, ...], std: float | None) -> TensorProto:
-        """A tensor of N(0, std) values (std None: ones), written in chunks."""
+    def tensor(self, name: str, shape: tuple[int, ...], init: str) -> TensorProto:
+        """A tensor drawn as ``init`` says (normal: N(0, 1); linear: U(+-1/sqrt(shape[0])); ones), written in chunks."""
         pad = -self.file.tell() % ALIGN
         self.file.write(b"\0" * pad)
         offset = self.file.tell()
         total = int(np.prod(shape))
         for start in range(0, total, CHUNK):
             size = min(CHUNK, total - start)
-            chunk = (np.ones(size, np.float32) if std is None
-                     else self.rng.standard_normal(size, dtype=np.float32) * np.float32(std))
+            if init == "ones":
+                chunk = np.ones(size, np.float32)
+            elif init == "normal":
+                chunk = self.rng.standard_normal(size, dtype=np.float32)
+            else:
+                chunk = (self.rng.random(size, dtype=np.float32) * 2 - 1) / np.float32(np.sqrt(shape[0]))
             self.file.write(chunk.tobytes())
         proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
         proto.data_location = TensorProto.EXTERNAL
@@ -85,8 +90,8 @@ def build_decoder(path: str | Path, config: DecoderConfig = DecoderConfig()) -> 
         inits.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def weight(name: str, shape: tuple[int, ...], std: float | None = 0.02) -> str:
-        inits.append(writer.tensor(name, shape, std))
+    def weight(name: str, shape: tuple[int, ...], init: str = "linear") -> str:
+        inits.append(writer.tensor(name, shape, init))
         return name
 
     def node(op: str, inputs: list[str], out: str, **attrs) -> str:
@@ -125,11 +130,11 @@ def build_decoder(path: str | Path, config: DecoderConfig = DecoderConfig()) -> 
     node("Slice", ["sin_table", "zero", seq, "zero"], "sin")
     node("Slice", [node("Slice", ["causal_table", "zero", seq, "zero"], "causal_rows"), "zero", seq, "one"], "causal")
 
-    embed = weight("embed_tokens", (c.vocab, c.dim))
+    embed = weight("embed_tokens", (c.vocab, c.dim), "normal")
     h = node("Gather", [embed, "input_ids"], "embedded", axis=0)
     for i in range(c.layers):
         p = f"layer{i}"
-        x = rms_norm(h, weight(f"{p}.attn_norm", (c.dim,), None), f"{p}_attn_norm")
+        x = rms_norm(h, weight(f"{p}.attn_norm", (c.dim,), "ones"), f"{p}_attn_norm")
         heads = {}
         for proj in ("q", "k", "v"):
             flat = node("MatMul", [x, weight(f"{p}.{proj}_proj", (c.dim, c.dim))], f"{p}_{proj}")
@@ -142,12 +147,12 @@ def build_decoder(path: str | Path, config: DecoderConfig = DecoderConfig()) -> 
         merged = node("Reshape", [node("Transpose", [attn], f"{p}_attn_bshd", perm=[0, 2, 1, 3]), "merge_shape"],
                       f"{p}_attn_merged")
         h = node("Add", [h, node("MatMul", [merged, weight(f"{p}.o_proj", (c.dim, c.dim))], f"{p}_o")], f"{p}_h_attn")
-        x = rms_norm(h, weight(f"{p}.mlp_norm", (c.dim,), None), f"{p}_mlp_norm")
+        x = rms_norm(h, weight(f"{p}.mlp_norm", (c.dim,), "ones"), f"{p}_mlp_norm")
         gate = node("MatMul", [x, weight(f"{p}.gate_proj", (c.dim, c.ffn))], f"{p}_gate")
         up = node("MatMul", [x, weight(f"{p}.up_proj", (c.dim, c.ffn))], f"{p}_up")
         act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate], f"{p}_gate_sig")], f"{p}_silu"), up], f"{p}_swiglu")
         h = node("Add", [h, node("MatMul", [act, weight(f"{p}.down_proj", (c.ffn, c.dim))], f"{p}_down")], f"{p}_h")
-    x = rms_norm(h, weight("final_norm", (c.dim,), None), "final_norm")
+    x = rms_norm(h, weight("final_norm", (c.dim,), "ones"), "final_norm")
     if c.tied:
         rows = node("Reshape", [x, const("rows_shape", np.array([-1, c.dim], np.int64))], "final_rows")
         flat = node("Gemm", [rows, embed], "logits_rows", transB=1)

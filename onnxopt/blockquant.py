@@ -4,7 +4,7 @@ A weight in ONNX MatMul layout ``(K, N)`` is cut along K into blocks of ``block_
 block of every output column gets its own scale and zero point, and each value becomes an
 unsigned code in ``[0, 2**bits - 1]`` with ``w ~ (code - zero_point) * scale``. Symmetric grids
 fix the zero point at ``2**(bits - 1)`` (what ``MatMulNBits`` assumes when it has no zero-point
-input); asymmetric grids span each block's min..max. ``grid="mse"`` also tries narrower ranges
+input); asymmetric grids span each block's min..max, widened to include 0 (the zero point is a code). ``grid="mse"`` also tries narrower ranges
 per block and keeps the one with the smallest squared error (outliers cost less than the
 resolution the rest of the block loses to them).
 
@@ -28,28 +28,33 @@ def max_code(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def block_grid(blocks: np.ndarray, bits: int, symmetric: bool, shrink: float = 1.0
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of every block: ``blocks`` is ``(..., g, N)``, reduced over its ``g`` axis.
+def block_grid(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of every block: ``blocks`` is ``(..., g, N)``, reduced over its ``g`` axis."""
+    return range_grid(*_block_range(blocks), bits, symmetric)
+
+
+def _block_range(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """min and max per block, widened to include 0: a zero point must be one of the codes."""
+    return np.minimum(blocks.min(axis=-2), 0), np.maximum(blocks.max(axis=-2), 0)
+
+
+def range_grid(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The grid covering ``[lo, hi]`` per block and column.
 
     Symmetric: the value of largest magnitude maps to code 0 exactly (``scale = -absmax / 2**(bits-1)``
     keeps its sign), so the whole ``[-2**(bits-1), 2**(bits-1) - 1]`` range is used. Asymmetric:
-    ``[min, max]`` maps onto ``[0, maxq]``. A block of zeros gets scale 1 (codes equal the zero point).
+    ``[lo, hi]`` maps onto ``[0, maxq]``. A block of zeros gets scale 1 (codes equal the zero point).
     """
     maxq = max_code(bits)
-    lo = blocks.min(axis=-2) * shrink
-    hi = blocks.max(axis=-2) * shrink
     if symmetric:
         half = 1 << (bits - 1)
-        extreme = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-        scale = extreme / -half
+        scale = np.where(np.abs(hi) > np.abs(lo), hi, lo) / -half
         zero_point = np.full(scale.shape, half, dtype=np.uint8)
     else:
         scale = (hi - lo) / maxq
         safe = np.where(scale == 0, 1, scale)
         zero_point = np.clip(np.rint(-lo / safe), 0, maxq).astype(np.uint8)
-    scale = np.where(scale == 0, 1, scale).astype(blocks.dtype)
-    return scale, zero_point
+    return np.where(scale == 0, 1, scale).astype(lo.dtype), zero_point
 
 
 def to_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
@@ -67,28 +72,38 @@ def grid_chooser(bits: int, symmetric: bool, grid: str = "minmax") -> Callable[[
     """The grid of one group ``(g, N)`` -> ``(scale (N,), zero_point (N,))``: what GPTQ asks per group."""
 
     def choose(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scale, zero_point = _best_grid(group[None], bits, symmetric, grid)
+        scale, zero_point, _ = _best_grid(group[None], bits, symmetric, grid)
         return scale[0], zero_point[0]
 
     return choose
 
 
-def _best_grid(blocks: np.ndarray, bits: int, symmetric: bool, grid: str) -> tuple[np.ndarray, np.ndarray]:
-    scale, zero_point = block_grid(blocks, bits, symmetric)
-    if grid == "minmax":
-        return scale, zero_point
-    best = _block_error(blocks, scale, zero_point, bits)
-    for shrink in MSE_SHRINKS[1:]:
-        s, z = block_grid(blocks, bits, symmetric, shrink)
-        err = _block_error(blocks, s, z, bits)
+def _best_grid(blocks: np.ndarray, bits: int, symmetric: bool, grid: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The grid per block (min-max, or the best of the shrunk ranges) and its squared error per block."""
+    lo, hi = _block_range(blocks)
+    scale, zero_point = range_grid(lo, hi, bits, symmetric)
+    work = np.empty_like(blocks)
+    best = _block_error(blocks, scale, zero_point, bits, work)
+    for shrink in MSE_SHRINKS[1:] if grid == "mse" else ():
+        s, z = range_grid(lo * shrink, hi * shrink, bits, symmetric)
+        err = _block_error(blocks, s, z, bits, work)
         better = err < best
         scale, zero_point, best = np.where(better, s, scale), np.where(better, z, zero_point), np.minimum(err, best)
-    return scale, zero_point
+    return scale, zero_point, best
 
 
-def _block_error(blocks, scale, zero_point, bits) -> np.ndarray:
-    diff = from_codes(to_codes(blocks, scale, zero_point, bits), scale, zero_point) - blocks
-    return np.einsum("...gn,...gn->...n", diff, diff)
+def _block_error(blocks, scale, zero_point, bits, work) -> np.ndarray:
+    """Squared rounding error per block and column, computed in place in ``work`` (no other temporaries)."""
+    scale, zero_point = scale[..., None, :], zero_point[..., None, :].astype(blocks.dtype)
+    np.divide(blocks, scale, out=work)
+    np.rint(work, out=work)
+    work += zero_point
+    np.clip(work, 0, max_code(bits), out=work)
+    work -= zero_point
+    work *= scale
+    work -= blocks
+    return np.einsum("...gn,...gn->...n", work, work)
 
 
 @dataclass
@@ -101,6 +116,7 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int
+    sq_error: float | None = None  # |W - W_q|^2 when the grid search computed it
 
     def dequantize(self) -> np.ndarray:
         blocks = self.codes.reshape(-1, self.block_size, self.codes.shape[1])
@@ -120,9 +136,9 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: b
                     ) -> BlockQuantized:
     """Round-to-nearest on the block grid (one chunk of columns; see :func:`quantize_for_nbits` for big weights)."""
     blocks = padded_blocks(weight, block_size)
-    scale, zero_point = _best_grid(blocks, bits, symmetric, grid)
+    scale, zero_point, error = _best_grid(blocks, bits, symmetric, grid)
     codes = to_codes(blocks, scale, zero_point, bits).reshape(-1, weight.shape[1])
-    return BlockQuantized(codes, scale, zero_point, bits, block_size, weight.shape[0])
+    return BlockQuantized(codes, scale, zero_point, bits, block_size, weight.shape[0], float(error.sum()))
 
 
 # --------------------------------------------------------------------------- onnxruntime layouts
@@ -181,13 +197,13 @@ def quantize_for_nbits(weight: np.ndarray, bits: int, block_size: int, symmetric
     k, n = weight.shape
     blocks = -(-k // block_size)
     blob = block_size * bits // 8
-    out = NBitsWeight(np.empty((n, blocks, blob), np.uint8), np.empty((n, blocks), weight.dtype),
+    out = NBitsWeight(np.empty((n, blocks, blob), np.uint8), np.empty((n, blocks), np.float32),
                       None if symmetric else np.empty((n, -(-blocks * bits // 8)), np.uint8),
                       k, n, bits, block_size)
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, n, step):
         cols = slice(start, min(n, start + step))
-        chunk = np.ascontiguousarray(weight[:, cols])
+        chunk = np.ascontiguousarray(weight[:, cols], dtype=np.float32)
         if quantized is None:
             q = quantize_blocks(chunk, bits, block_size, symmetric, grid)
         else:
@@ -196,7 +212,9 @@ def quantize_for_nbits(weight: np.ndarray, bits: int, block_size: int, symmetric
         out.b[cols], out.scales[cols], zero_points = nbits_layout(q, symmetric)
         if zero_points is not None:
             out.zero_points[cols] = zero_points
-        diff = q.dequantize().astype(np.float64) - chunk
-        out.sq_error += float(np.vdot(diff, diff))
-        out.sq_norm += float(np.vdot(chunk, chunk.astype(np.float64)))
+        if q.sq_error is None:
+            diff = q.dequantize() - chunk
+            q.sq_error = float(np.vdot(diff, diff))
+        out.sq_error += q.sq_error
+        out.sq_norm += float(np.vdot(chunk, chunk))
     return out
