@@ -30,10 +30,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..blockquant import GRIDS, NBitsWeight, pack_codes, quantize_for_nbits, unpack_codes
+from ..blockquant import (GRIDS, BlockQuantized, NBitsWeight, grid_chooser, max_code, pack_codes, padded_blocks,
+                          quantize_for_nbits, unpack_codes)
 from ..errors import InputError
 from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, node_uses, unique_name_factory, value_shapes, walk_graphs
+from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, gptq
 from ..tensors import is_external, spill_tensor
+from ..validate import Session
 from .base import Pass, PassResult, count
 from .weights import attribute
 
@@ -102,12 +105,13 @@ class QuantizeWeights(Pass):
         layers: list[dict] = []
         make_name = unique_name_factory(model)
         shapes = value_shapes(model)
-        hessians = self._hessians(model) if self.options.method == "gptq" else {}
+        rewriters = [_GraphRewriter(graph, self.options, make_name, shapes, stats) for graph in walk_graphs(model.graph)]
+        plans = [(rewriter, rewriter.eligible()) for rewriter in rewriters]
+        hessians = self._hessians(model, *plans[0], stats) if self.options.method == "gptq" else {}
         errors = [0.0, 0.0]
-        for graph in walk_graphs(model.graph):
-            rewriter = _GraphRewriter(graph, self.options, make_name, shapes, stats)
-            for weight in rewriter.eligible():
-                for record in rewriter.quantize(weight, hessians.get(weight.name)):
+        for rewriter, weights in plans:
+            for weight in weights:
+                for record in rewriter.quantize(weight, hessians):
                     layers.append(record)
                     errors[0] += record.pop("sq_error")
                     errors[1] += record.pop("sq_norm")
@@ -119,9 +123,33 @@ class QuantizeWeights(Pass):
             stats["weight_relative_error"] = float(np.sqrt(errors[0] / errors[1]))
         return PassResult(model, changed, stats, {"layers": layers})
 
-    def _hessians(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-        raise InputError("quantize-weights: method=gptq is not available yet (the reconstruction engine "
-                         "that collects per-layer XᵀX has not landed); use method=rtn")
+    def _hessians(self, model: onnx.ModelProto, top: _GraphRewriter, weights: list[_Weight], stats
+                  ) -> dict[str, np.ndarray]:
+        """``XᵀX`` of every top-level layer input, from one streaming run over the calibration data.
+
+        Layers reading the same value (q/k/v, gate/up) share one; sums are float64 and do not depend
+        on how the data is batched. Layers inside subgraphs get none (they are rounded, and counted).
+        """
+        geometry: dict[str, LayerGeometry] = {}  # layer input -> its rows (features on the last axis)
+        for weight in weights:
+            dims = top.store.tensor(weight.name).dims
+            for use in weight.uses:
+                if use.node.op_type != "Gather":
+                    geometry[use.node.input[0]] = LayerGeometry.linear(dims[1] if use.transposed else dims[0], 1)
+        statistics = {name: LayerStatistics.empty(g) for name, g in geometry.items()}
+        inputs = {v.name for v in model.graph.input}
+        fetched = [name for name in statistics if name not in inputs]
+        samples = 0
+        with Session(model, extra_outputs=fetched, optimize=True) as session:
+            for feed in self.context.calibration_feeds(self.name):
+                values = {**session.run(feed, fetched), **{k: v for k, v in feed.items() if k in statistics}}
+                for name, stat in statistics.items():
+                    stat.update(geometry[name], values[name])
+                samples += 1
+        if not samples:
+            raise InputError("quantize-weights: method=gptq got no calibration samples")
+        stats["gptq_calibration_samples"] = samples
+        return {name: stat.hessian[0] for name, stat in statistics.items()}
 
 
 class _GraphRewriter:
@@ -190,8 +218,12 @@ class _GraphRewriter:
         bias = node.input[2] if len(node.input) > 2 else ""
         return not bias or bias in self.store or attribute(node, "beta", 1.0) == 1.0
 
-    def quantize(self, weight: _Weight, hessian: np.ndarray | None) -> list[dict]:
-        """Quantize ``weight`` once per layout its readers need and rewrite every reader."""
+    def quantize(self, weight: _Weight, hessians: dict[str, np.ndarray]) -> list[dict]:
+        """Quantize ``weight`` once per layout its readers need and rewrite every reader.
+
+        With GPTQ a layout's Hessian is the sum over its MatMul / Gemm readers' inputs (a tied
+        embedding table takes the codes its LM head chose); without any, the weight is rounded.
+        """
         source = self.store.tensor(weight.name)
         spill = is_external(source)
         array = self.store.array(weight.name)
@@ -200,8 +232,13 @@ class _GraphRewriter:
         records = []
         for transposed in sorted({u.transposed for u in weight.uses}):
             kn = array.T if transposed else array
+            found = [hessians[u.node.input[0]] for u in weight.uses
+                     if u.transposed == transposed and u.node.input[0] in hessians]
+            solved = self._gptq(kn, sum(found)) if found else None
+            if self.opt.method == "gptq" and solved is None and any(u.node.op_type != "Gather" for u in weight.uses):
+                count(self.stats, "gptq_rounded_without_statistics")
             forms[transposed] = quantize_for_nbits(kn, self.opt.bits, self.opt.block_size, self.opt.symmetric,
-                                                   self.opt.grid)
+                                                   self.opt.grid, solved)
             q = forms[transposed]
             if q.k % self.opt.block_size:
                 count(self.stats, "padded_k")
@@ -233,6 +270,23 @@ class _GraphRewriter:
                 self.stats["layers_quantized"] += 1
         self.touched.add(weight.name)
         return records
+
+    def _gptq(self, kn: np.ndarray, hessian: np.ndarray) -> BlockQuantized:
+        """GPTQ codes of a ``(K, N)`` weight; K is padded to whole blocks with zero rows (their inputs are 0)."""
+        bits, block = self.opt.bits, self.opt.block_size
+        k, n = kn.shape
+        padded = padded_blocks(np.asarray(kn, dtype=np.float64), block).reshape(-1, n)
+        extra = len(padded) - k
+        if extra:
+            hessian = np.pad(hessian, ((0, extra), (0, extra)))
+        with blas_threads(2.0 * len(padded) ** 2 * n):
+            codes, scales, zero_points, damping = gptq(
+                padded, hessian, maxq=max_code(bits), group_size=block,
+                choose_grid=grid_chooser(bits, self.opt.symmetric, self.opt.grid), damping=self.opt.damping)
+        self.stats["gptq_max_damping"] = max(self.stats.get("gptq_max_damping", 0.0), damping)
+        count(self.stats, "gptq_layers")
+        return BlockQuantized(codes.astype(np.uint8), scales.astype(np.float32), zero_points.astype(np.uint8),
+                              bits, block, k)
 
     def _matmul(self, node: onnx.NodeProto, q: NBitsWeight, dtype, initializer) -> None:
         tag = f"q{q.bits}"
