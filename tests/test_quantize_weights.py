@@ -19,6 +19,7 @@ from onnxopt.blockquant import (
 )
 from onnxopt.cli import main
 from onnxopt.errors import InputError
+from onnxopt.passes.base import PassContext
 from onnxopt.passes.quantize_weights import QuantizeWeights
 
 from conftest import SHARED_MODELS, make_model, run, tensor, value
@@ -233,6 +234,42 @@ def test_gptq_without_calibration_data_is_refused_before_any_work():
                        [tensor("w", np.ones((32, 4), np.float32))])
     with pytest.raises(InputError, match="calibration"):
         quantized(model, method="gptq")
+
+
+def correlated_mlp(k: int = 96):
+    """Two MatMul layers on inputs with strongly correlated features (what GPTQ's compensation exploits)."""
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((k, 64)).astype(np.float32), rng.standard_normal((64, 8)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+                        helper.make_node("Tanh", ["h"], ["t"], name="act"),
+                        helper.make_node("MatMul", ["t", "w2"], ["y"], name="fc2")],
+                       [value("x", ["batch", k])], [value("y", ["batch", 8])], [tensor("w1", w1), tensor("w2", w2)])
+    mix = rng.standard_normal((8, k)).astype(np.float32)
+    x = (rng.standard_normal((64, 4, 8)) @ mix + 0.05 * rng.standard_normal((64, 4, k))).astype(np.float32)
+    return model, x
+
+
+@pytest.mark.parametrize("k", [96, 80])  # 80: padded to whole blocks
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(k):
+    from onnxopt.data import FeedSet
+
+    model, x = correlated_mlp(k)
+    calib = FeedSet({"x": x[:48]}, "calib")
+    held_out = x[48:].reshape(-1, k)
+    reference = run(model, {"x": held_out})[0]
+    error = {}
+    for method in ("rtn", "gptq"):
+        result = QuantizeWeights(QuantizeWeights.Options(method=method), PassContext(calib=calib))(onnx_copy(model))
+        assert result.stats["layers_quantized"] == 2
+        error[method] = float(np.linalg.norm(run(result.model, {"x": held_out})[0] - reference))
+    assert result.stats["gptq_layers"] == 2 and result.stats["gptq_calibration_samples"] == 48
+    assert error["gptq"] < 0.7 * error["rtn"], error
+
+
+def onnx_copy(model):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 # --------------------------------------------------------------------------- decoder models, external data
