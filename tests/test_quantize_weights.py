@@ -347,3 +347,37 @@ def sentence_embeddings(path, folder, count):
         mean = hidden[0, : lengths[i]].mean(0)
         rows.append(mean / np.linalg.norm(mean))
     return np.array(rows)
+
+
+def test_constant_node_weights_and_subgraph_layers_are_quantized_and_the_float_removed():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((32, 4)).astype(np.float32)
+    inner = helper.make_graph([helper.make_node("MatMul", ["x", "w_inner"], ["branch_y"], name="inner_mm")], "then",
+                              [], [value("branch_y", [2, 4])], [tensor("w_inner", w)])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "w_const"], ["else_y"], name="else_mm")], "else",
+                              [], [value("else_y", [2, 4])])
+    model = make_model([helper.make_node("Constant", [], ["w_const"], value=tensor("v", w), name="const"),
+                        helper.make_node("If", ["cond"], ["y"], then_branch=inner, else_branch=other, name="if"),
+                        helper.make_node("MatMul", ["x", "w_outer"], ["z"], name="outer_mm")],
+                       [value("x", [2, 32]), value("cond", [], onnx.TensorProto.BOOL)],
+                       [value("y", [2, 4]), value("z", [2, 4])], [tensor("w_outer", w)])
+    result = quantized(model)
+    # the outer Constant is read from inside a branch: an outer-scope use, so not a weight of that branch
+    assert result.stats["layers_quantized"] == 2 and result.stats["skipped_weight_not_constant"] == 1
+    assert ops(result.model) == {"Constant": 1, "If": 1, "MatMulNBits": 1}
+    then_branch = next(a.g for a in result.model.graph.node[1].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node] == ["MatMulNBits"] and "w_inner" not in {
+        t.name for t in then_branch.initializer}
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    for cond in (True, False):
+        out = run(result.model, {"x": x, "cond": np.array(cond)})[0]
+        assert cosine(out, x @ w) > 0.99
+
+
+def test_constant_node_weight_is_replaced_and_its_node_dropped():
+    w = np.random.default_rng(9).standard_normal((32, 4)).astype(np.float32)
+    model = make_model([helper.make_node("Constant", [], ["w"], value=tensor("v", w), name="const"),
+                        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [value("x", [2, 32])], [value("y", [2, 4])])
+    result = quantized(model)
+    assert ops(result.model) == {"MatMulNBits": 1}

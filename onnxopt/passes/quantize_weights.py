@@ -109,7 +109,8 @@ class QuantizeWeights(Pass):
         plans = [(rewriter, rewriter.eligible()) for rewriter in rewriters]
         hessians = self._hessians(model, *plans[0], stats) if self.options.method == "gptq" else {}
         errors = [0.0, 0.0]
-        for rewriter, weights in plans:
+        # inner graphs first: rebuilding an outer graph's nodes copies the subgraphs they hold
+        for rewriter, weights in reversed(plans):
             for weight in weights:
                 for record in rewriter.quantize(weight, hessians):
                     layers.append(record)
