@@ -299,6 +299,21 @@ def test_generated_decoder_quantizes_end_to_end_from_external_data(tmp_path, tie
     assert cosine(reference, candidate) > 0.98
 
 
+def test_gptq_on_a_tied_decoder_solves_every_layer_and_the_table_shares_the_lm_head_codes(tmp_path):
+    config = DecoderConfig(**{**TINY.__dict__, "tied": True})
+    path = build_decoder(tmp_path / "decoder.onnx", config)
+    calib = token_feeds(tmp_path / "calib.npz", config, samples=4, seq=8, seed=5)
+    data = token_feeds(tmp_path / "eval.npz", config, samples=2, seq=8, seed=6)
+    result = onnxopt.optimize(path, "quantize-weights(method=gptq)", calib=calib, data=data)
+    assert result.report.passed, result.report.table()
+    stats = result.report.steps[0].stats
+    assert stats["gptq_layers"] == 7 * config.layers + 1  # one solve per weight (q/k/v share their XᵀX)
+    assert "gptq_rounded_without_statistics" not in stats and stats["embeddings_quantized"] == 1
+    table = next(n for n in result.model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in result.model.graph.node if n.op_type == "MatMulNBits" and n.input[0] == "final_rows")
+    assert table.input[2] == head.input[2]  # one scales tensor: the table reads the LM head's GPTQ grid
+
+
 def weight_bytes(path) -> int:
     """Bytes of every initializer (external data without the alignment padding between tensors)."""
     model = onnx.load(path, load_external_data=False)
