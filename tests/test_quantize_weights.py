@@ -266,6 +266,22 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(k):
     assert error["gptq"] < 0.7 * error["rtn"], error
 
 
+def test_gptq_statistics_over_budget_take_more_calibration_runs_with_the_same_result(monkeypatch):
+    from onnxopt.data import FeedSet
+    from onnxopt.passes import quantize_weights
+
+    model, x = correlated_mlp()
+    calib = FeedSet({"x": x[:16]}, "calib")
+    results = []
+    for budget in (quantize_weights.HESSIAN_BUDGET, 1):
+        monkeypatch.setattr(quantize_weights, "HESSIAN_BUDGET", budget)
+        results.append(QuantizeWeights(QuantizeWeights.Options(method="gptq"), PassContext(calib=calib))(
+            onnx_copy(model)))
+    assert [r.stats["gptq_calibration_passes"] for r in results] == [1, 2]
+    packed = [sorted(t.raw_data for t in r.model.graph.initializer) for r in results]
+    assert packed[0] == packed[1]
+
+
 def onnx_copy(model):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

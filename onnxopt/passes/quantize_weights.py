@@ -42,6 +42,7 @@ from .weights import attribute
 
 METHODS = ("rtn", "gptq")
 MS_DOMAIN = "com.microsoft"
+HESSIAN_BUDGET = 1 << 30  # bytes of XᵀX statistics held at once by GPTQ (more: another calibration run)
 SUPPORTED_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 
@@ -107,15 +108,18 @@ class QuantizeWeights(Pass):
         shapes = value_shapes(model)
         rewriters = [_GraphRewriter(graph, self.options, make_name, shapes, stats) for graph in walk_graphs(model.graph)]
         plans = [(rewriter, rewriter.eligible()) for rewriter in rewriters]
-        hessians = self._hessians(model, *plans[0], stats) if self.options.method == "gptq" else {}
         errors = [0.0, 0.0]
         # inner graphs first: rebuilding an outer graph's nodes copies the subgraphs they hold
         for rewriter, weights in reversed(plans):
-            for weight in weights:
-                for record in rewriter.quantize(weight, hessians):
-                    layers.append(record)
-                    errors[0] += record.pop("sq_error")
-                    errors[1] += record.pop("sq_norm")
+            gptq_top = self.options.method == "gptq" and rewriter is rewriters[0]
+            for group in _hessian_groups(rewriter, weights) if gptq_top else [weights]:
+                hessians = self._hessians(model, rewriter, group, stats) if gptq_top else {}
+                for weight in group:
+                    for record in rewriter.quantize(weight, hessians):
+                        layers.append(record)
+                        errors[0] += record.pop("sq_error")
+                        errors[1] += record.pop("sq_norm")
+                del hessians
             rewriter.finish()
         changed = stats["layers_quantized"] + stats["embeddings_quantized"] > 0
         if changed and not any(o.domain == MS_DOMAIN for o in model.opset_import):
@@ -141,6 +145,7 @@ class QuantizeWeights(Pass):
         inputs = {v.name for v in model.graph.input}
         fetched = [name for name in statistics if name not in inputs]
         samples = 0
+        count(stats, "gptq_calibration_passes")
         with Session(model, extra_outputs=fetched, optimize=True) as session:
             for feed in self.context.calibration_feeds(self.name):
                 values = {**session.run(feed, fetched), **{k: v for k, v in feed.items() if k in statistics}}
@@ -151,6 +156,27 @@ class QuantizeWeights(Pass):
             raise InputError("quantize-weights: method=gptq got no calibration samples")
         stats["gptq_calibration_samples"] = samples
         return {name: stat.hessian[0] for name, stat in statistics.items()}
+
+
+def _hessian_groups(rewriter: _GraphRewriter, weights: list[_Weight]) -> list[list[_Weight]]:
+    """Consecutive weights whose layer inputs' ``XᵀX`` (float64) fit :data:`HESSIAN_BUDGET` together.
+
+    Each group costs one calibration run and its statistics are dropped once its weights are
+    quantized, so GPTQ's memory stays bounded whatever the model's depth (one group: one run).
+    """
+    groups: list[list[_Weight]] = [[]]
+    held: dict[str, int] = {}
+    for weight in weights:
+        dims = rewriter.store.tensor(weight.name).dims
+        needed = {u.node.input[0]: 8 * (dims[1] if u.transposed else dims[0]) ** 2
+                  for u in weight.uses if u.node.op_type != "Gather"}
+        new = {name: size for name, size in needed.items() if name not in held}
+        if groups[-1] and sum(held.values()) + sum(new.values()) > HESSIAN_BUDGET:
+            groups.append([])
+            held, new = {}, needed
+        groups[-1].append(weight)
+        held.update(new)
+    return groups
 
 
 class _GraphRewriter:
