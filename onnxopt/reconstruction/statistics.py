@@ -95,16 +95,11 @@ class LayerGeometry:
         windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + spatial)))
         windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in self.strides),
                            *(slice(None, None, d) for d in self.dilations))]
-        # (B, C, out..., k...) -> (B, out..., G, k..., C/G): the canonical feature order within a group
-        batch, channels, out = windows.shape[0], windows.shape[1], windows.shape[2: 2 + spatial]
-        per_sample = math.prod(out) * channels * math.prod(self.kernel)
-        lines = max(1, CHUNK_BYTES // (4 * max(per_sample // max(out[0], 1), 1)))
-        for b in range(batch):
-            for start in range(0, out[0], lines):
-                part = windows[b, :, start: start + lines]  # (C, out..., k...)
-                part = part.reshape(self.groups, channels // self.groups, -1, *self.kernel)
-                part = np.moveaxis(part, 1, -1)  # (G, positions, k..., C/G)
-                yield part.reshape(self.groups, part.shape[1], self.inputs)
+        # (B, C, out..., k...) -> (G, rows, k..., C/G): the canonical feature order within a group
+        for part in _chunks(windows, windows.shape[2: 2 + spatial], self.inputs * self.groups):
+            part = part.reshape(len(part), self.groups, -1, math.prod(part.shape[2: 2 + spatial]), *self.kernel)
+            part = np.moveaxis(part, (1, 2), (0, -1))  # (G, n, positions, k..., C/G)
+            yield part.reshape(self.groups, -1, self.inputs)
 
     def targets(self, y: np.ndarray) -> Iterator[np.ndarray]:
         """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`rows`."""
@@ -115,12 +110,9 @@ class LayerGeometry:
             for start in range(0, len(flat), step):
                 yield flat[start: start + step].astype(np.float32, copy=False)[None]
             return
-        per_line = math.prod(y.shape[3:]) * self.inputs * self.groups
-        lines = max(1, CHUNK_BYTES // (4 * max(per_line, 1)))
-        for b in range(y.shape[0]):
-            for start in range(0, y.shape[2], lines):
-                part = y[b, :, start: start + lines].reshape(self.groups, self.outputs, -1)
-                yield np.swapaxes(part, 1, 2).astype(np.float32, copy=False)
+        for part in _chunks(y, y.shape[2:], self.inputs * self.groups):
+            part = part.reshape(len(part), self.groups, self.outputs, -1)
+            yield np.moveaxis(part, 1, 0).swapaxes(2, 3).reshape(self.groups, -1, self.outputs).astype(np.float32)
 
     def output_rows(self, y: np.ndarray) -> int:
         """How many rows an output holds (to check a target against the input's rows)."""
@@ -137,27 +129,52 @@ class LayerGeometry:
         return x.shape[0] * math.prod(out)
 
 
+def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int) -> Iterator[np.ndarray]:
+    """Slices of a ``(B, C, positions...)`` array whose ``positions x features`` float32 rows fit
+    ``CHUNK_BYTES``: several samples at once when they fit, else lines of one sample. A Conv's
+    windows and its targets get the same slices, so their rows line up."""
+    per_sample = 4 * features * math.prod(positions)
+    if per_sample <= CHUNK_BYTES:
+        step = max(1, CHUNK_BYTES // max(per_sample, 1))
+        for b in range(0, len(array), step):
+            yield array[b: b + step]
+        return
+    lines = max(1, CHUNK_BYTES // (per_sample // positions[0]))
+    for b in range(len(array)):
+        for start in range(0, positions[0], lines):
+            yield array[b: b + 1, :, start: start + lines]
+
+
 @dataclass
 class LayerStatistics:
     """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
-    a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows."""
+    a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
+
+    Products are float32 per chunk (BLAS speed), sums float64. With ``start`` weights the error of
+    those weights, ``Σ |A start - Y|²``, is summed directly as well, so residuals near a match are
+    exact instead of a difference of large float32 sums.
+    """
 
     gram: np.ndarray          # (G, K [+1], K [+1]) float64
     cross: np.ndarray | None  # (G, K [+1], N) float64, None without a target
     bias: bool
     target_sq: float = 0.0
     rows: int = 0
+    start: np.ndarray | None = None  # (G, K [+1], N)
+    start_sq: float = 0.0
 
     @classmethod
-    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False) -> LayerStatistics:
+    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False,
+              start: np.ndarray | None = None) -> LayerStatistics:
         size = geometry.inputs + bias
         return cls(np.zeros((geometry.groups, size, size)),
-                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias)
+                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias, start=start)
 
-    def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None) -> bool:
+    def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None, *, gram: bool = True) -> bool:
         """Fold one batch (the layer's input, and its target when the statistics have one) in.
 
-        False (nothing folded) when the target does not have the layer's rows and width.
+        ``gram=False`` leaves ``gram`` alone (a layer reading the same input as one before reuses its
+        gram). False (nothing folded) when the target does not have the layer's rows and width.
         """
         rows = geometry.input_rows(x)
         if rows < 0:
@@ -167,20 +184,46 @@ class LayerStatistics:
                     (np.shape(y)[-1 if not geometry.is_conv else 1] != geometry.outputs * geometry.groups):
                 return False
             targets = geometry.targets(y)
-        for chunk in geometry.rows(x):
-            a = np.concatenate([chunk, np.ones((*chunk.shape[:2], 1), np.float32)], axis=2) if self.bias else chunk
+        start = None if self.start is None else self.start.astype(np.float32)
+        for a in geometry.rows(x):
+            if self.bias:
+                a = np.concatenate([a, np.ones((*a.shape[:2], 1), np.float32)], axis=2)
             at = np.swapaxes(a, 1, 2)
-            self.gram += at @ a  # float32 products per chunk, float64 sums across chunks
+            if gram:
+                self.gram += at @ a
             self.rows += a.shape[1]
             if self.cross is not None:
                 t = next(targets)
                 self.cross += at @ t
-                self.target_sq += float(np.vdot(t.astype(np.float64), t))
+                self.target_sq += float(np.vdot(t, t.astype(np.float64)))
+                if start is not None:
+                    error = (a @ start - t).astype(np.float64)
+                    self.start_sq += float(np.vdot(error, error))
+        return True
+
+    def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
+                       gram: bool = True) -> bool:
+        """:meth:`update` over batches, consecutive ones joined up to ``CHUNK_BYTES`` (fewer, bigger products)."""
+        ys = ys if ys is not None else [None] * len(xs)
+        x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
+        start = 0
+        while start < len(xs):
+            stop, size = start + 1, np.size(xs[start])
+            while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= CHUNK_BYTES and np.ndim(xs[stop]) > 0 \
+                    and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
+                size += np.size(xs[stop])
+                stop += 1
+            x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
+            y = ys[start] if stop == start + 1 or ys[start] is None else np.concatenate(ys[start:stop])
+            if not self.update(geometry, x, y, gram=gram):
+                return False
+            start = stop
         return True
 
     def merge(self, other: LayerStatistics) -> LayerStatistics:
         return LayerStatistics(self.gram + other.gram, None if self.cross is None else self.cross + other.cross,
-                               self.bias, self.target_sq + other.target_sq, self.rows + other.rows)
+                               self.bias, self.target_sq + other.target_sq, self.rows + other.rows, self.start,
+                               self.start_sq + other.start_sq)
 
     @property
     def hessian(self) -> np.ndarray:
@@ -188,6 +231,12 @@ class LayerStatistics:
         return self.gram[:, : self.gram.shape[1] - self.bias, : self.gram.shape[1] - self.bias]
 
     def residual(self, weights: np.ndarray) -> float:
-        """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``."""
-        gw = self.gram @ weights
-        return float(np.sum(weights * gw) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
+
+        With ``start``: its exact error plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
+        """
+        if self.start is None:
+            return float(np.sum(weights * (self.gram @ weights)) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        delta = weights - self.start
+        gradient = self.gram @ self.start - self.cross
+        return float(self.start_sq + 2 * np.sum(delta * gradient) + np.sum(delta * (self.gram @ delta)))
