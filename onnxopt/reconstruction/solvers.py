@@ -170,16 +170,16 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
 
 
 def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: np.ndarray | None,
-                 damping: float, *, tolerance: float = 1e-5, max_iterations: int = 50) -> tuple[np.ndarray, float]:
+                 damping: float, *, tolerance: float = 1e-3, max_iterations: int = 100) -> tuple[np.ndarray, float]:
     """Weights minimising ``|A W - Y|² + λ|W - start|²`` (from ``AᵀA``, ``AᵀY``), ``λ = damping · mean(diag AᵀA)``.
 
     Without ``keep``: one Cholesky solve for every column (damping raised if it fails). With ``keep``,
     entries outside it are zero and each column is solved over its kept rows: all columns at once
     by Jacobi-preconditioned conjugate gradients on the masked system (one ``K x K`` by ``K x N``
     product per iteration instead of one factorisation per column; ``λ > 0`` keeps it positive
-    definite, so it converges; it stops when every column's residual is below ``tolerance`` of its
-    right-hand side, or after ``max_iterations``: on MiniLM's layers 25 iterations reach the exact
-    layer error within 0.5 %, as the error converges much faster than the residual). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
+    definite, so it converges). It stops when an iteration lowers the objective by less than
+    ``tolerance`` of what all iterations gained so far, or after ``max_iterations``: the objective
+    converges much faster than the residual (MiniLM's layers: within 0.5 % of the exact error in 10-25). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
     """
     gram = np.asarray(gram, dtype=np.float64)
     scale = float(np.mean(np.diag(gram))) if gram.size else 1.0
@@ -196,6 +196,7 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
         raise SolverError("masked_refit: the statistics stay singular")
     lam = damping * scale
     h = gram + lam * eye
+    h32 = h.astype(np.float32)  # the iteration's product in float32: twice the speed, far below the fit's noise
     rhs = (cross + lam * start) * keep
     x = start * keep
     residual = rhs - (h @ x) * keep
@@ -203,14 +204,16 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
     z = residual / diagonal
     direction = z.copy()
     rz = np.sum(residual * z, axis=0)
-    stop = tolerance ** 2 * np.maximum(np.sum(rhs * rhs / diagonal, axis=0), 1e-300)
+    gained = 0.0
     for _ in range(max_iterations):
-        if np.all(rz <= stop):
-            break
-        hp = (h @ direction) * keep
+        hp = (h32 @ direction.astype(np.float32)).astype(np.float64) * keep
         alpha = rz / np.maximum(np.sum(direction * hp, axis=0), 1e-300)
         x += alpha * direction
         residual -= alpha * hp
+        step = float(np.sum(alpha * rz)) / 2  # how much the objective fell in this iteration
+        gained += step
+        if step <= tolerance * gained:
+            break
         z = residual / diagonal
         rz_next = np.sum(residual * z, axis=0)
         direction = z + (rz_next / np.maximum(rz, 1e-300)) * direction

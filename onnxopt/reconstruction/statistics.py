@@ -80,29 +80,35 @@ class LayerGeometry:
             return [(0, 0)] * n
         return list(zip(self.pads[:n], self.pads[n:]))
 
-    def rows(self, x: np.ndarray) -> Iterator[np.ndarray]:
-        """The input as float32 rows ``(groups, R, inputs)``, in chunks of bounded size."""
+    def columns(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        """The input's rows, transposed: float32 ``(groups, inputs, R)`` in chunks of bounded size.
+
+        Transposed because a Conv's unfolding (im2col) then writes each kernel offset's values
+        contiguously; BLAS multiplies the transpose at no cost.
+        """
         if not self.is_conv:
             flat = np.moveaxis(np.asarray(x), self.data_axis, -1).reshape(-1, self.inputs)
             step = max(1, CHUNK_BYTES // (4 * self.inputs))
             for start in range(0, len(flat), step):
-                yield flat[start: start + step].astype(np.float32, copy=False)[None]
+                yield flat[start: start + step].astype(np.float32, copy=False).T[None]
             return
         x = np.asarray(x, dtype=np.float32)
-        spatial = len(self.kernel)
+        spatial, groups = len(self.kernel), self.groups
         padded = np.pad(x, [(0, 0), (0, 0), *self._pads(x.shape[2:])])
-        span = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
-        windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + spatial)))
-        windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in self.strides),
-                           *(slice(None, None, d) for d in self.dilations))]
-        # (B, C, out..., k...) -> (G, rows, k..., C/G): the canonical feature order within a group
-        for part in _chunks(windows, windows.shape[2: 2 + spatial], self.inputs * self.groups):
-            part = part.reshape(len(part), self.groups, -1, math.prod(part.shape[2: 2 + spatial]), *self.kernel)
-            part = np.moveaxis(part, (1, 2), (0, -1))  # (G, n, positions, k..., C/G)
-            yield part.reshape(self.groups, -1, self.inputs)
+        reach = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
+        out = tuple((size - r) // s + 1 for size, r, s in zip(padded.shape[2:], reach, self.strides))
+        for part in _chunks(padded, out, self.inputs * groups, self.strides[0], reach[0]):
+            n = len(part)
+            lines = [(size - r) // s + 1 for size, r, s in zip(part.shape[2:], reach, self.strides)]
+            cols = np.empty((groups, *self.kernel, part.shape[1] // groups, n, *lines), np.float32)
+            for offset in np.ndindex(*self.kernel):  # one contiguous strided copy per kernel offset
+                source = part[(slice(None), slice(None), *(slice(o * d, o * d + (m - 1) * s + 1, s) for o, d, s, m
+                                                           in zip(offset, self.dilations, self.strides, lines)))]
+                cols[(slice(None), *offset)] = np.moveaxis(source.reshape(n, groups, -1, *lines), 0, 2)
+            yield cols.reshape(groups, self.inputs, -1)
 
     def targets(self, y: np.ndarray) -> Iterator[np.ndarray]:
-        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`rows`."""
+        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`columns`."""
         y = np.asarray(y)
         if not self.is_conv:
             flat = y.reshape(-1, self.outputs)
@@ -129,10 +135,18 @@ class LayerGeometry:
         return x.shape[0] * math.prod(out)
 
 
-def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int) -> Iterator[np.ndarray]:
-    """Slices of a ``(B, C, positions...)`` array whose ``positions x features`` float32 rows fit
-    ``CHUNK_BYTES``: several samples at once when they fit, else lines of one sample. A Conv's
-    windows and its targets get the same slices, so their rows line up."""
+def _square_sum(values: np.ndarray) -> float:
+    """``Σ v²`` of a contiguous float32 chunk (BLAS dot: blocked sums, accurate to ~1e-6 of the total)."""
+    flat = values.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int, stride: int = 1,
+            reach: int = 1) -> Iterator[np.ndarray]:
+    """Slices of a ``(B, C, spatial...)`` array whose ``positions x features`` float32 rows fit
+    ``CHUNK_BYTES``: several samples at once when they fit, else runs of output lines of one sample
+    (of a padded Conv input: the input lines those outputs read, ``stride`` apart, ``reach`` high).
+    A Conv's input and its targets (``stride = reach = 1``) get the same chunks: their rows line up."""
     per_sample = 4 * features * math.prod(positions)
     if per_sample <= CHUNK_BYTES:
         step = max(1, CHUNK_BYTES // max(per_sample, 1))
@@ -142,7 +156,8 @@ def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int) -> Ite
     lines = max(1, CHUNK_BYTES // (per_sample // positions[0]))
     for b in range(len(array)):
         for start in range(0, positions[0], lines):
-            yield array[b: b + 1, :, start: start + lines]
+            stop = min(start + lines, positions[0])
+            yield array[b: b + 1, :, start * stride: (stop - 1) * stride + reach]
 
 
 @dataclass
@@ -185,20 +200,28 @@ class LayerStatistics:
                 return False
             targets = geometry.targets(y)
         start = None if self.start is None else self.start.astype(np.float32)
-        for a in geometry.rows(x):
-            if self.bias:
-                a = np.concatenate([a, np.ones((*a.shape[:2], 1), np.float32)], axis=2)
-            at = np.swapaxes(a, 1, 2)
+        k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
+        for at in geometry.columns(x):
+            a = np.swapaxes(at, 1, 2)
+            sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
             if gram:
-                self.gram += at @ a
-            self.rows += a.shape[1]
+                self.gram[:, :k, :k] += at @ a
+                if self.bias:
+                    self.gram[:, :k, k] += sums
+                    self.gram[:, k, :k] += sums
+                    self.gram[:, k, k] += at.shape[2]
+            self.rows += at.shape[2]
             if self.cross is not None:
                 t = next(targets)
-                self.cross += at @ t
-                self.target_sq += float(np.vdot(t, t.astype(np.float64)))
+                self.cross[:, :k] += at @ t
+                if self.bias:
+                    self.cross[:, k] += t.sum(axis=1, dtype=np.float64)
+                self.target_sq += _square_sum(t)
                 if start is not None:
-                    error = (a @ start - t).astype(np.float64)
-                    self.start_sq += float(np.vdot(error, error))
+                    error = a @ start[:, :k] - t
+                    if self.bias:
+                        error += start[:, k:]
+                    self.start_sq += _square_sum(error)
         return True
 
     def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
