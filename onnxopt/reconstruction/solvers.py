@@ -122,29 +122,33 @@ def _prune_budgets(zero: np.ndarray, target: int, block: int) -> Iterator[int]:
 
 
 def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = None, sparsity: float = 0.5,
-              n_m: tuple[int, int] | None = None, damping: float = 0.01, block: int = 128
+              n_m: tuple[int, int] | None = None, damping: float = 0.01, block: int = 128, fixed_rows: int = 0
               ) -> tuple[np.ndarray, float]:
     """SparseGPT: zero weights of ``weight (K, N)`` and update the survivors to compensate.
 
     Unstructured: exactly ``zeros`` weights (default ``round(sparsity · size)``) become zero, chosen
     per block by the OBS saliency ``w² / U[k, k]²``; weights already zero stay zero and count first.
-    ``n_m = (N, M)`` keeps ``N`` of every ``M`` consecutive inputs per output instead. Returns
-    ``(pruned weights, damping_used)``.
+    ``n_m = (N, M)`` keeps ``N`` of every ``M`` consecutive inputs per output instead. The last
+    ``fixed_rows`` rows are never pruned but take compensation (a bias row, with a ones column in the
+    Hessian: the bias absorbs the mean of what pruning removes); sizes and budgets count the rows
+    before them. Returns ``(pruned weights, damping_used)``.
     """
     k, n = np.shape(weight)
+    prunable = k - fixed_rows
     if np.shape(hessian) != (k, k):
         raise SolverError(f"sparsegpt: hessian {np.shape(hessian)} does not match {k} inputs")
     was_zero = np.asarray(weight) == 0
+    was_zero[prunable:] = False
     upper, used = damped_inverse_cholesky(hessian, damping)
     pruned = np.zeros((k, n), bool)
     if n_m is not None:
         keep, group = n_m
-        if k % group:
-            raise SolverError(f"sparsegpt: {k} inputs are not divisible by M={group}")
+        if prunable % group:
+            raise SolverError(f"sparsegpt: {prunable} inputs are not divisible by M={group}")
         block = max(group, block - block % group)
 
         def step(row: int, i: int, w1: np.ndarray, u1: np.ndarray) -> np.ndarray:
-            if row % group == 0:
+            if row % group == 0 and row < prunable:
                 score = w1[i: i + group] ** 2 / np.diag(u1)[i: i + group, None] ** 2
                 score[was_zero[row: row + group]] = -np.inf
                 drop = np.argsort(score, axis=0, kind="stable")[: group - keep]
@@ -152,18 +156,19 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
                 pruned[row: row + group] |= was_zero[row: row + group]
             return np.where(pruned[row], 0.0, w1[i])
     else:
-        target = int(math.floor(sparsity * k * n + 0.5)) if zeros is None else zeros
-        budgets = _prune_budgets(was_zero, target, block)
+        target = int(math.floor(sparsity * prunable * n + 0.5)) if zeros is None else zeros
+        budgets = _prune_budgets(was_zero[:prunable], target, block)
 
         def step(row: int, i: int, w1: np.ndarray, u1: np.ndarray) -> np.ndarray:
-            if i == 0:
-                score = w1 ** 2 / np.diag(u1)[:, None] ** 2
-                score[was_zero[row: row + len(w1)]] = -np.inf
+            if i == 0 and row < prunable:
+                rows = min(len(w1), prunable - row)
+                score = w1[:rows] ** 2 / np.diag(u1)[:rows, None] ** 2
+                score[was_zero[row: row + rows]] = -np.inf
                 flat = np.zeros(score.size, bool)
                 budget = next(budgets)
                 if budget:
                     flat[np.argpartition(score.ravel(), budget - 1)[:budget]] = True
-                pruned[row: row + len(w1)] = flat.reshape(score.shape)
+                pruned[row: row + rows] = flat.reshape(score.shape)
             return np.where(pruned[row], 0.0, w1[i])
 
     return obs_sweep(weight, upper, step, block), used
