@@ -253,6 +253,13 @@ class LayerStatistics:
         """``XᵀX`` per group without the bias column: ``(G, K, K)``."""
         return self.gram[:, : self.gram.shape[1] - self.bias, : self.gram.shape[1] - self.bias]
 
+    def centered(self) -> np.ndarray:
+        """``(X - mean)ᵀ(X - mean)`` per group (needs the bias column): the error that remains once a
+        weight change's mean effect is moved into the bias (bias correction)."""
+        k = self.gram.shape[1] - 1
+        sums = self.gram[:, :k, k]
+        return self.gram[:, :k, :k] - sums[:, :, None] * sums[:, None, :] / max(self.rows, 1)
+
     def residual(self, weights: np.ndarray) -> float:
         """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
 

@@ -24,6 +24,7 @@ from ..data import FeedSet
 from ..errors import InputError
 from ..graph import GraphIndex, node_uses
 from ..validate import Session
+from .statistics import LayerGeometry, LayerStatistics
 
 JOINED = 16  # samples per run when the model's batch axis is dynamic
 
@@ -114,3 +115,23 @@ def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
     array = np.asarray(array)
     return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                               [None] * array.ndim)
+
+
+def input_statistics(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]],
+                     layers: Mapping[str, LayerGeometry], batch_size: int = 0) -> dict[str, LayerStatistics]:
+    """``[X, 1]ᵀ[X, 1]`` of each named layer input (with its geometry) over the calibration data, in one pass
+    (the ones column gives input sums: :meth:`LayerStatistics.centered` needs them).
+
+    For solvers that work on the original model's inputs (learned rounding); layers that must see
+    their predecessors' changes use :class:`LayerwiseRunner` instead.
+    """
+    size = batch_size or (JOINED if isinstance(feeds, FeedSet) and _dynamic_batch(model) else 1)
+    sums = {name: LayerStatistics.empty(geometry, bias=True) for name, geometry in layers.items()}
+    inputs = {i.name for i in model.graph.input}
+    fetched = [n for n in layers if n not in inputs]
+    with Session(model, extra_outputs=fetched, optimize=True) as session:
+        for _, feed in batched(feeds, size):
+            values = session.run(feed, fetched) if fetched else {}
+            for name, geometry in layers.items():
+                sums[name].update(geometry, values[name] if name in values else feed[name])
+    return sums
