@@ -133,12 +133,10 @@ class Layer:
                 keep[:, -1] = keep[:, :-1].any(axis=1)  # a pruned neuron keeps its bias too
         solved = np.empty_like(start)
         damping = options.damping
-        size = start.shape[1]
-        with blas_threads(size * size * start.shape[2] * start.shape[0]):
-            for group in range(len(start)):
-                solved[group], used = masked_refit(sums.gram[group], sums.cross[group], start[group],
-                                                   None if keep is None else keep[group], options.damping)
-                damping = max(damping, used)
+        for group in range(len(start)):
+            solved[group], used = masked_refit(sums.gram[group], sums.cross[group], start[group],
+                                               None if keep is None else keep[group], options.damping)
+            damping = max(damping, used)
         after = sums.residual(solved)
         row.update(rel_err_after=_relative(after, sums), damping=damping)
         if not after < before:
@@ -197,14 +195,15 @@ class Distill(Pass):
             y = teacher_run.values([layer.target])[layer.target]
             sums = layer.statistics()
             reuse = shared is not None and shared[0] == layer.reads
-            if not sums.update_batches(layer.geometry, x, y, gram=not reuse):
-                count(stats, "skipped_width_mismatch")
-                continue
-            del x, y
-            if reuse:
-                sums.gram = shared[1]
-            shared = (layer.reads, sums.gram)
-            change, row = layer.fit(sums, self.options)
+            with blas_threads(layer.geometry.work(x)):  # small layers on one thread: no oversubscription
+                if not sums.update_batches(layer.geometry, x, y, gram=not reuse):
+                    count(stats, "skipped_width_mismatch")
+                    continue
+                del x, y
+                if reuse:
+                    sums.gram = shared[1]
+                shared = (layer.reads, sums.gram)
+                change, row = layer.fit(sums, self.options)
             stats_key = {"refit": "layers_refit", "reverted": "layers_reverted", "matched": "layers_matched"}
             count(stats, stats_key[row["result"]])
             if row.get("damping", self.options.damping) > self.options.damping:

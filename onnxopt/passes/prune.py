@@ -205,17 +205,22 @@ class Prune(Pass):
             alone.sort(key=lambda t: position[order[id(t.use.node)]])
             runner = LayerwiseRunner(model, self.context.calibration_feeds(self.name))
             adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
+            deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
+            now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
             for number, tensor in enumerate(alone, 1):
                 weight = canonicals[tensor.name]
                 pruned, bias = self._sparsegpt_layer(tensor, weight, runner, zeros[tensor.name], n_m, stats,
                                                      adder is not None)
                 if _record(stats, tensor, weight, pruned) and bias is not None:
-                    adder.add(tensor.use.node, bias.astype(weight.dtype))
+                    # a MatMul gets an Add after it, renaming its output: only once the runner is done
+                    (later if tensor.use.node.op_type == "MatMul" else now)(tensor.use.node, bias.astype(weight.dtype))
                     count(stats, "biases_corrected")
                 if self.context.progress:
                     import click
 
                     click.echo(f"prune: layer {number}/{len(alone)} {tensor.use.node.name or tensor.name}", err=True)
+            for node, delta in deferred:
+                adder.add(node, delta)
             if adder is not None:
                 adder.finish()
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
@@ -233,25 +238,34 @@ class Prune(Pass):
         geometry = (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
                     else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
         sums = LayerStatistics.empty(geometry, bias=with_bias)
-        if not sums.update_batches(geometry, runner.values([use.data])[use.data]):
-            count(stats, "sparsegpt_fallback_magnitude_unobservable")
-            return _magnitude(tensor, weight, zeros, n_m), None
+        x = runner.values([use.data])[use.data]
+        with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
+            if not sums.update_batches(geometry, x):
+                count(stats, "sparsegpt_fallback_magnitude_unobservable")
+                return _magnitude(tensor, weight, zeros, n_m), None
+            return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
+
+    def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias):
+        """SparseGPT per group from the layer's statistics; see :meth:`_sparsegpt_layer`."""
+        use = tensor.use
         g = geometry
         per_group = np.swapaxes(weight.reshape(g.groups, g.outputs, g.inputs), 1, 2).astype(np.float64)  # (G, K, N)
         if with_bias:  # a bias row starting at zero: what it ends at is the change
             per_group = np.concatenate([per_group, np.zeros((g.groups, 1, g.outputs))], axis=1)
         splits = [target_count(zeros / weight.size, g.inputs * g.outputs * (i + 1)) for i in range(g.groups)]
+        # fewer calibration rows than inputs leave Hessian directions unobserved; OBS updates would move
+        # the weights freely along them (overfitting): damp by how far short of the inputs the rows fall
+        damping = self.options.damping + max(0.0, g.inputs / max(sums.rows, 1) - 0.5)
         pruned = np.empty(per_group.shape)
-        with blas_threads(g.inputs * g.inputs * g.outputs * g.groups):
-            for i in range(g.groups):
-                budget = splits[i] - (splits[i - 1] if i else 0)
-                try:
-                    pruned[i], used = sparsegpt(per_group[i], sums.gram[i], zeros=budget, n_m=n_m,
-                                                damping=self.options.damping, fixed_rows=int(with_bias))
-                except SolverError as exc:
-                    raise InputError(f"prune: layer '{use.node.name or tensor.name}': {exc}") from None
-                if used > self.options.damping:
-                    count(stats, "damping_raised")
+        for i in range(g.groups):
+            budget = splits[i] - (splits[i - 1] if i else 0)
+            try:
+                pruned[i], used = sparsegpt(per_group[i], sums.gram[i], zeros=budget, n_m=n_m,
+                                            damping=damping, fixed_rows=int(with_bias))
+            except SolverError as exc:
+                raise InputError(f"prune: layer '{use.node.name or tensor.name}': {exc}") from None
+            if used > damping:
+                count(stats, "damping_raised")
         bias = None
         if with_bias:
             bias = pruned[:, -1].reshape(-1) * (attribute(use.node, "alpha", 1.0) if use.node.op_type == "Gemm" else 1.0)

@@ -120,6 +120,11 @@ class LayerGeometry:
             part = part.reshape(len(part), self.groups, self.outputs, -1)
             yield np.moveaxis(part, 1, 0).swapaxes(2, 3).reshape(self.groups, -1, self.outputs).astype(np.float32)
 
+    def work(self, batches: list[np.ndarray]) -> float:
+        """Multiply-adds of the layer's gram over these input batches: what decides BLAS threads."""
+        rows = sum(max(self.input_rows(b), 0) for b in batches)
+        return float(rows) * self.inputs * self.inputs * self.groups
+
     def output_rows(self, y: np.ndarray) -> int:
         """How many rows an output holds (to check a target against the input's rows)."""
         y = np.asarray(y)
