@@ -41,7 +41,9 @@ from ..validate import Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
 from .fold_batchnorm import fold_batchnorm
 from .fuse_bias import fuse_bias
-from .weights import WeightUse, attribute, mean_contribution, to_canonical, weight_use
+from ..reconstruction import SCHEDULES, LayerGeometry, LayerStatistics, Schedule, learned_rounding
+from ..reconstruction.stream import input_statistics
+from .weights import WeightUse, attribute, from_canonical, mean_contribution, to_canonical, weight_use
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 HEAVY = ("Conv", "MatMul", "Gemm")
@@ -66,6 +68,9 @@ class QuantizeOptions:
     min_cosine: float = 0.0  # > 0: accuracy-aware mode
     sensitivity_samples: int = 32
     batch_size: int = 0  # samples per calibration run; 0: joined automatically where the batch axis allows
+    rounding: str = "nearest"  # nearest | learned (AdaRound on each layer's input statistics)
+    lr_schedule: str = "constant"  # learned rounding: cosine | step | exponential | constant
+    rounding_steps: int = 100
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -83,6 +88,9 @@ class QuantizeOptions:
             raise InputError("quantize: sensitivity_samples must be at least 1")
         if self.batch_size < 0:
             raise InputError("quantize: batch_size must be at least 0 (0: automatic)")
+        if self.rounding not in ("nearest", "learned") or self.lr_schedule not in SCHEDULES or self.rounding_steps < 1:
+            raise InputError(f"quantize: rounding must be nearest|learned, lr_schedule {'|'.join(SCHEDULES)} and "
+                             f"rounding_steps >= 1, not {self.rounding}, {self.lr_schedule}, {self.rounding_steps}")
 
 
 @dataclass
@@ -175,13 +183,17 @@ class QuantizePass(Pass):
             return PassResult(model, True, stats)
         feeds = _checked(self.context.calibration_feeds(self.name), model)
         quantized = _Quantized(self._calibrate(request, feeds), opt)
+        if opt.rounding == "learned":
+            quantized.hessians = input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
+                                                                for u in plan.units if u.use is not None})
         if opt.min_cosine > 0:
             kept = _keep_sensitive(request, quantized, feeds, stats)
             plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {})
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats, request.index)
-        return PassResult(model, True, stats)
+        stats.update(quantized.rounding_stats)
+        return PassResult(model, True, stats, {"loss_curves": quantized.curves} if quantized.curves else {})
 
     def _calibrate(self, request: CalibrationRequest, feeds) -> dict[str, TensorStats]:
         """Stream the calibration data once, or reuse a cache made for this model."""
@@ -469,6 +481,9 @@ class _Quantized:
         self.tensor_stats, self.opt = tensor_stats, opt
         self._activations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._weights: dict[tuple, tuple] = {}
+        self.hessians: dict[str, LayerStatistics] = {}  # learned rounding: XᵀX of each unit's data input
+        self.curves: dict[str, dict] = {}
+        self.rounding_stats: dict[str, int] = {}
 
     def activation(self, src: str) -> tuple[np.ndarray, np.ndarray]:
         """(scale, zero point) of one activation range."""
@@ -490,6 +505,8 @@ class _Quantized:
         if key not in self._weights:
             w = store.array(unit.weight)
             q, scale = self.weight(unit.weight, unit.axis, store)
+            if unit.use is not None and unit.use.data in self.hessians:
+                q = self._learned(unit, store, scale)
             bias = store.array(bias_name) if bias_name else None
             mean = (self.tensor_stats[unit.activations[0]].channel_mean
                     if self.opt.bias_correction and unit.use is not None else None)
@@ -501,6 +518,41 @@ class _Quantized:
                 corrected = True
             self._weights[key] = (q, scale, bias, corrected)
         return self._weights[key]
+
+
+    def _learned(self, unit: _Unit, store: WeightStore, scale: np.ndarray) -> np.ndarray:
+        """int8 codes by learned rounding against the unit's input statistics (per Conv group)."""
+        geometry, w = _geometry(unit, store), store.array(unit.weight)
+        canonical = to_canonical(w, unit.use)
+        g = geometry
+        per_group = np.swapaxes(canonical.reshape(g.groups, g.outputs, g.inputs), 1, 2)  # (G, K, N) MatMul layout
+        scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g.groups * g.outputs,))
+        qmax = 63 if self.opt.reduce_range else 127
+        schedule = Schedule(self.opt.lr_schedule, steps=self.opt.rounding_steps)
+        codes, curves, learned = [], [], True
+        sums = self.hessians[unit.use.data]
+        corrected = self.opt.bias_correction and (unit.bias or unit.add_bias)  # the mean error goes to the bias
+        hessians = sums.centered() if corrected else sums.hessian
+        for i in range(g.groups):
+            c, curve, better = learned_rounding(per_group[i], hessians[i],
+                                                scales[i * g.outputs: (i + 1) * g.outputs], qmin=-qmax, qmax=qmax,
+                                                schedule=schedule)
+            codes.append(c)
+            curves.append(curve)
+            learned &= better
+        key = "rounding_learned" if learned else "rounding_kept_nearest"
+        self.rounding_stats[key] = self.rounding_stats.get(key, 0) + 1
+        self.curves[unit.node.name] = {"schedule": schedule.kind, "optimizer": "adam", "steps": schedule.steps,
+                                       "loss": np.mean(curves, axis=0).tolist()}
+        q = np.swapaxes(np.stack(codes), 1, 2).reshape(canonical.shape)
+        return from_canonical(q, unit.use).astype(np.int8)
+
+
+def _geometry(unit: _Unit, store: WeightStore) -> LayerGeometry:
+    dims = tuple(store.tensor(unit.weight).dims)
+    use = unit.use
+    return (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
+            else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
 
 
 class _Writer:

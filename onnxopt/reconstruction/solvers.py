@@ -122,29 +122,33 @@ def _prune_budgets(zero: np.ndarray, target: int, block: int) -> Iterator[int]:
 
 
 def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = None, sparsity: float = 0.5,
-              n_m: tuple[int, int] | None = None, damping: float = 0.01, block: int = 128
+              n_m: tuple[int, int] | None = None, damping: float = 0.01, block: int = 128, fixed_rows: int = 0
               ) -> tuple[np.ndarray, float]:
     """SparseGPT: zero weights of ``weight (K, N)`` and update the survivors to compensate.
 
     Unstructured: exactly ``zeros`` weights (default ``round(sparsity · size)``) become zero, chosen
     per block by the OBS saliency ``w² / U[k, k]²``; weights already zero stay zero and count first.
-    ``n_m = (N, M)`` keeps ``N`` of every ``M`` consecutive inputs per output instead. Returns
-    ``(pruned weights, damping_used)``.
+    ``n_m = (N, M)`` keeps ``N`` of every ``M`` consecutive inputs per output instead. The last
+    ``fixed_rows`` rows are never pruned but take compensation (a bias row, with a ones column in the
+    Hessian: the bias absorbs the mean of what pruning removes); sizes and budgets count the rows
+    before them. Returns ``(pruned weights, damping_used)``.
     """
     k, n = np.shape(weight)
+    prunable = k - fixed_rows
     if np.shape(hessian) != (k, k):
         raise SolverError(f"sparsegpt: hessian {np.shape(hessian)} does not match {k} inputs")
     was_zero = np.asarray(weight) == 0
+    was_zero[prunable:] = False
     upper, used = damped_inverse_cholesky(hessian, damping)
     pruned = np.zeros((k, n), bool)
     if n_m is not None:
         keep, group = n_m
-        if k % group:
-            raise SolverError(f"sparsegpt: {k} inputs are not divisible by M={group}")
+        if prunable % group:
+            raise SolverError(f"sparsegpt: {prunable} inputs are not divisible by M={group}")
         block = max(group, block - block % group)
 
         def step(row: int, i: int, w1: np.ndarray, u1: np.ndarray) -> np.ndarray:
-            if row % group == 0:
+            if row % group == 0 and row < prunable:
                 score = w1[i: i + group] ** 2 / np.diag(u1)[i: i + group, None] ** 2
                 score[was_zero[row: row + group]] = -np.inf
                 drop = np.argsort(score, axis=0, kind="stable")[: group - keep]
@@ -152,33 +156,35 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
                 pruned[row: row + group] |= was_zero[row: row + group]
             return np.where(pruned[row], 0.0, w1[i])
     else:
-        target = int(math.floor(sparsity * k * n + 0.5)) if zeros is None else zeros
-        budgets = _prune_budgets(was_zero, target, block)
+        target = int(math.floor(sparsity * prunable * n + 0.5)) if zeros is None else zeros
+        budgets = _prune_budgets(was_zero[:prunable], target, block)
 
         def step(row: int, i: int, w1: np.ndarray, u1: np.ndarray) -> np.ndarray:
-            if i == 0:
-                score = w1 ** 2 / np.diag(u1)[:, None] ** 2
-                score[was_zero[row: row + len(w1)]] = -np.inf
+            if i == 0 and row < prunable:
+                rows = min(len(w1), prunable - row)
+                score = w1[:rows] ** 2 / np.diag(u1)[:rows, None] ** 2
+                score[was_zero[row: row + rows]] = -np.inf
                 flat = np.zeros(score.size, bool)
                 budget = next(budgets)
                 if budget:
                     flat[np.argpartition(score.ravel(), budget - 1)[:budget]] = True
-                pruned[row: row + len(w1)] = flat.reshape(score.shape)
+                pruned[row: row + rows] = flat.reshape(score.shape)
             return np.where(pruned[row], 0.0, w1[i])
 
     return obs_sweep(weight, upper, step, block), used
 
 
 def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: np.ndarray | None,
-                 damping: float, *, tolerance: float = 1e-9, max_iterations: int = 500) -> tuple[np.ndarray, float]:
+                 damping: float, *, tolerance: float = 1e-3, max_iterations: int = 100) -> tuple[np.ndarray, float]:
     """Weights minimising ``|A W - Y|² + λ|W - start|²`` (from ``AᵀA``, ``AᵀY``), ``λ = damping · mean(diag AᵀA)``.
 
     Without ``keep``: one Cholesky solve for every column (damping raised if it fails). With ``keep``,
     entries outside it are zero and each column is solved over its kept rows: all columns at once
     by Jacobi-preconditioned conjugate gradients on the masked system (one ``K x K`` by ``K x N``
     product per iteration instead of one factorisation per column; ``λ > 0`` keeps it positive
-    definite, so it converges; it stops when every column's residual is below ``tolerance`` of its
-    right-hand side). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
+    definite, so it converges). It stops when an iteration lowers the objective by less than
+    ``tolerance`` of what all iterations gained so far, or after ``max_iterations``: the objective
+    converges much faster than the residual (MiniLM's layers: within 0.5 % of the exact error in 10-25). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
     """
     gram = np.asarray(gram, dtype=np.float64)
     scale = float(np.mean(np.diag(gram))) if gram.size else 1.0
@@ -195,6 +201,7 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
         raise SolverError("masked_refit: the statistics stay singular")
     lam = damping * scale
     h = gram + lam * eye
+    h32 = h.astype(np.float32)  # the iteration's product in float32: twice the speed, far below the fit's noise
     rhs = (cross + lam * start) * keep
     x = start * keep
     residual = rhs - (h @ x) * keep
@@ -202,14 +209,16 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
     z = residual / diagonal
     direction = z.copy()
     rz = np.sum(residual * z, axis=0)
-    stop = tolerance ** 2 * np.maximum(np.sum(rhs * rhs / diagonal, axis=0), 1e-300)
+    gained = 0.0
     for _ in range(max_iterations):
-        if np.all(rz <= stop):
-            break
-        hp = (h @ direction) * keep
+        hp = (h32 @ direction.astype(np.float32)).astype(np.float64) * keep
         alpha = rz / np.maximum(np.sum(direction * hp, axis=0), 1e-300)
         x += alpha * direction
         residual -= alpha * hp
+        step = float(np.sum(alpha * rz)) / 2  # how much the objective fell in this iteration
+        gained += step
+        if step <= tolerance * gained:
+            break
         z = residual / diagonal
         rz_next = np.sum(residual * z, axis=0)
         direction = z + (rz_next / np.maximum(rz, 1e-300)) * direction

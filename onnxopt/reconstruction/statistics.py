@@ -80,34 +80,35 @@ class LayerGeometry:
             return [(0, 0)] * n
         return list(zip(self.pads[:n], self.pads[n:]))
 
-    def rows(self, x: np.ndarray) -> Iterator[np.ndarray]:
-        """The input as float32 rows ``(groups, R, inputs)``, in chunks of bounded size."""
+    def columns(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        """The input's rows, transposed: float32 ``(groups, inputs, R)`` in chunks of bounded size.
+
+        Transposed because a Conv's unfolding (im2col) then writes each kernel offset's values
+        contiguously; BLAS multiplies the transpose at no cost.
+        """
         if not self.is_conv:
             flat = np.moveaxis(np.asarray(x), self.data_axis, -1).reshape(-1, self.inputs)
             step = max(1, CHUNK_BYTES // (4 * self.inputs))
             for start in range(0, len(flat), step):
-                yield flat[start: start + step].astype(np.float32, copy=False)[None]
+                yield flat[start: start + step].astype(np.float32, copy=False).T[None]
             return
         x = np.asarray(x, dtype=np.float32)
-        spatial = len(self.kernel)
+        spatial, groups = len(self.kernel), self.groups
         padded = np.pad(x, [(0, 0), (0, 0), *self._pads(x.shape[2:])])
-        span = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
-        windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + spatial)))
-        windows = windows[(slice(None), slice(None), *(slice(None, None, s) for s in self.strides),
-                           *(slice(None, None, d) for d in self.dilations))]
-        # (B, C, out..., k...) -> (B, out..., G, k..., C/G): the canonical feature order within a group
-        batch, channels, out = windows.shape[0], windows.shape[1], windows.shape[2: 2 + spatial]
-        per_sample = math.prod(out) * channels * math.prod(self.kernel)
-        lines = max(1, CHUNK_BYTES // (4 * max(per_sample // max(out[0], 1), 1)))
-        for b in range(batch):
-            for start in range(0, out[0], lines):
-                part = windows[b, :, start: start + lines]  # (C, out..., k...)
-                part = part.reshape(self.groups, channels // self.groups, -1, *self.kernel)
-                part = np.moveaxis(part, 1, -1)  # (G, positions, k..., C/G)
-                yield part.reshape(self.groups, part.shape[1], self.inputs)
+        reach = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
+        out = tuple((size - r) // s + 1 for size, r, s in zip(padded.shape[2:], reach, self.strides))
+        for part in _chunks(padded, out, self.inputs * groups, self.strides[0], reach[0]):
+            n = len(part)
+            lines = [(size - r) // s + 1 for size, r, s in zip(part.shape[2:], reach, self.strides)]
+            cols = np.empty((groups, *self.kernel, part.shape[1] // groups, n, *lines), np.float32)
+            for offset in np.ndindex(*self.kernel):  # one contiguous strided copy per kernel offset
+                source = part[(slice(None), slice(None), *(slice(o * d, o * d + (m - 1) * s + 1, s) for o, d, s, m
+                                                           in zip(offset, self.dilations, self.strides, lines)))]
+                cols[(slice(None), *offset)] = np.moveaxis(source.reshape(n, groups, -1, *lines), 0, 2)
+            yield cols.reshape(groups, self.inputs, -1)
 
     def targets(self, y: np.ndarray) -> Iterator[np.ndarray]:
-        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`rows`."""
+        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`columns`."""
         y = np.asarray(y)
         if not self.is_conv:
             flat = y.reshape(-1, self.outputs)
@@ -115,12 +116,14 @@ class LayerGeometry:
             for start in range(0, len(flat), step):
                 yield flat[start: start + step].astype(np.float32, copy=False)[None]
             return
-        per_line = math.prod(y.shape[3:]) * self.inputs * self.groups
-        lines = max(1, CHUNK_BYTES // (4 * max(per_line, 1)))
-        for b in range(y.shape[0]):
-            for start in range(0, y.shape[2], lines):
-                part = y[b, :, start: start + lines].reshape(self.groups, self.outputs, -1)
-                yield np.swapaxes(part, 1, 2).astype(np.float32, copy=False)
+        for part in _chunks(y, y.shape[2:], self.inputs * self.groups):
+            part = part.reshape(len(part), self.groups, self.outputs, -1)
+            yield np.moveaxis(part, 1, 0).swapaxes(2, 3).reshape(self.groups, -1, self.outputs).astype(np.float32)
+
+    def work(self, batches: list[np.ndarray]) -> float:
+        """Multiply-adds of the layer's gram over these input batches: what decides BLAS threads."""
+        rows = sum(max(self.input_rows(b), 0) for b in batches)
+        return float(rows) * self.inputs * self.inputs * self.groups
 
     def output_rows(self, y: np.ndarray) -> int:
         """How many rows an output holds (to check a target against the input's rows)."""
@@ -137,27 +140,61 @@ class LayerGeometry:
         return x.shape[0] * math.prod(out)
 
 
+def _square_sum(values: np.ndarray) -> float:
+    """``Σ v²`` of a contiguous float32 chunk (BLAS dot: blocked sums, accurate to ~1e-6 of the total)."""
+    flat = values.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int, stride: int = 1,
+            reach: int = 1) -> Iterator[np.ndarray]:
+    """Slices of a ``(B, C, spatial...)`` array whose ``positions x features`` float32 rows fit
+    ``CHUNK_BYTES``: several samples at once when they fit, else runs of output lines of one sample
+    (of a padded Conv input: the input lines those outputs read, ``stride`` apart, ``reach`` high).
+    A Conv's input and its targets (``stride = reach = 1``) get the same chunks: their rows line up."""
+    per_sample = 4 * features * math.prod(positions)
+    if per_sample <= CHUNK_BYTES:
+        step = max(1, CHUNK_BYTES // max(per_sample, 1))
+        for b in range(0, len(array), step):
+            yield array[b: b + step]
+        return
+    lines = max(1, CHUNK_BYTES // (per_sample // positions[0]))
+    for b in range(len(array)):
+        for start in range(0, positions[0], lines):
+            stop = min(start + lines, positions[0])
+            yield array[b: b + 1, :, start * stride: (stop - 1) * stride + reach]
+
+
 @dataclass
 class LayerStatistics:
     """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
-    a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows."""
+    a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
+
+    Products are float32 per chunk (BLAS speed), sums float64. With ``start`` weights the error of
+    those weights, ``Σ |A start - Y|²``, is summed directly as well, so residuals near a match are
+    exact instead of a difference of large float32 sums.
+    """
 
     gram: np.ndarray          # (G, K [+1], K [+1]) float64
     cross: np.ndarray | None  # (G, K [+1], N) float64, None without a target
     bias: bool
     target_sq: float = 0.0
     rows: int = 0
+    start: np.ndarray | None = None  # (G, K [+1], N)
+    start_sq: float = 0.0
 
     @classmethod
-    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False) -> LayerStatistics:
+    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False,
+              start: np.ndarray | None = None) -> LayerStatistics:
         size = geometry.inputs + bias
         return cls(np.zeros((geometry.groups, size, size)),
-                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias)
+                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias, start=start)
 
-    def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None) -> bool:
+    def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None, *, gram: bool = True) -> bool:
         """Fold one batch (the layer's input, and its target when the statistics have one) in.
 
-        False (nothing folded) when the target does not have the layer's rows and width.
+        ``gram=False`` leaves ``gram`` alone (a layer reading the same input as one before reuses its
+        gram). False (nothing folded) when the target does not have the layer's rows and width.
         """
         rows = geometry.input_rows(x)
         if rows < 0:
@@ -167,27 +204,74 @@ class LayerStatistics:
                     (np.shape(y)[-1 if not geometry.is_conv else 1] != geometry.outputs * geometry.groups):
                 return False
             targets = geometry.targets(y)
-        for chunk in geometry.rows(x):
-            a = np.concatenate([chunk, np.ones((*chunk.shape[:2], 1), np.float32)], axis=2) if self.bias else chunk
-            at = np.swapaxes(a, 1, 2)
-            self.gram += at @ a  # float32 products per chunk, float64 sums across chunks
-            self.rows += a.shape[1]
+        start = None if self.start is None else self.start.astype(np.float32)
+        k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
+        for at in geometry.columns(x):
+            a = np.swapaxes(at, 1, 2)
+            sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
+            if gram:
+                self.gram[:, :k, :k] += at @ a
+                if self.bias:
+                    self.gram[:, :k, k] += sums
+                    self.gram[:, k, :k] += sums
+                    self.gram[:, k, k] += at.shape[2]
+            self.rows += at.shape[2]
             if self.cross is not None:
                 t = next(targets)
-                self.cross += at @ t
-                self.target_sq += float(np.vdot(t.astype(np.float64), t))
+                self.cross[:, :k] += at @ t
+                if self.bias:
+                    self.cross[:, k] += t.sum(axis=1, dtype=np.float64)
+                self.target_sq += _square_sum(t)
+                if start is not None:
+                    error = a @ start[:, :k] - t
+                    if self.bias:
+                        error += start[:, k:]
+                    self.start_sq += _square_sum(error)
+        return True
+
+    def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
+                       gram: bool = True) -> bool:
+        """:meth:`update` over batches, consecutive ones joined up to ``CHUNK_BYTES`` (fewer, bigger products)."""
+        ys = ys if ys is not None else [None] * len(xs)
+        x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
+        start = 0
+        while start < len(xs):
+            stop, size = start + 1, np.size(xs[start])
+            while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= CHUNK_BYTES and np.ndim(xs[stop]) > 0 \
+                    and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
+                size += np.size(xs[stop])
+                stop += 1
+            x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
+            y = ys[start] if stop == start + 1 or ys[start] is None else np.concatenate(ys[start:stop])
+            if not self.update(geometry, x, y, gram=gram):
+                return False
+            start = stop
         return True
 
     def merge(self, other: LayerStatistics) -> LayerStatistics:
         return LayerStatistics(self.gram + other.gram, None if self.cross is None else self.cross + other.cross,
-                               self.bias, self.target_sq + other.target_sq, self.rows + other.rows)
+                               self.bias, self.target_sq + other.target_sq, self.rows + other.rows, self.start,
+                               self.start_sq + other.start_sq)
 
     @property
     def hessian(self) -> np.ndarray:
         """``XᵀX`` per group without the bias column: ``(G, K, K)``."""
         return self.gram[:, : self.gram.shape[1] - self.bias, : self.gram.shape[1] - self.bias]
 
+    def centered(self) -> np.ndarray:
+        """``(X - mean)ᵀ(X - mean)`` per group (needs the bias column): the error that remains once a
+        weight change's mean effect is moved into the bias (bias correction)."""
+        k = self.gram.shape[1] - 1
+        sums = self.gram[:, :k, k]
+        return self.gram[:, :k, :k] - sums[:, :, None] * sums[:, None, :] / max(self.rows, 1)
+
     def residual(self, weights: np.ndarray) -> float:
-        """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``."""
-        gw = self.gram @ weights
-        return float(np.sum(weights * gw) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
+
+        With ``start``: its exact error plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
+        """
+        if self.start is None:
+            return float(np.sum(weights * (self.gram @ weights)) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        delta = weights - self.start
+        gradient = self.gram @ self.start - self.cross
+        return float(self.start_sq + 2 * np.sum(delta * gradient) + np.sum(delta * (self.gram @ delta)))
