@@ -132,13 +132,19 @@ def padded_blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
     return weight.reshape(-1, block_size, n)
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, grid: str = "minmax"
-                    ) -> BlockQuantized:
-    """Round-to-nearest on the block grid (one chunk of columns; see :func:`quantize_for_nbits` for big weights)."""
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, grid: str = "minmax",
+                    scale_dtype=np.float32) -> BlockQuantized:
+    """Round-to-nearest on the block grid (one chunk of columns; see :func:`quantize_for_nbits` for big weights).
+
+    Scales stored in a narrower ``scale_dtype`` (float16 models) are rounded to it before the codes are chosen,
+    so the codes fit the scales the runtime will use."""
     blocks = padded_blocks(weight, block_size)
     scale, zero_point, error = _best_grid(blocks, bits, symmetric, grid)
+    sq_error = float(error.sum())
+    if np.dtype(scale_dtype) != scale.dtype:
+        scale, sq_error = scale.astype(scale_dtype).astype(scale.dtype), None
     codes = to_codes(blocks, scale, zero_point, bits).reshape(-1, weight.shape[1])
-    return BlockQuantized(codes, scale, zero_point, bits, block_size, weight.shape[0], float(error.sum()))
+    return BlockQuantized(codes, scale, zero_point, bits, block_size, weight.shape[0], sq_error)
 
 
 # --------------------------------------------------------------------------- onnxruntime layouts
@@ -188,7 +194,7 @@ def nbits_layout(q: BlockQuantized, symmetric: bool) -> tuple[np.ndarray, np.nda
 
 
 def quantize_for_nbits(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, grid: str = "minmax",
-                       quantized: BlockQuantized | None = None) -> NBitsWeight:
+                       quantized: BlockQuantized | None = None, scale_dtype=np.float32) -> NBitsWeight:
     """A ``(K, N)`` weight (any strides: a transposed view is fine) in ``MatMulNBits`` form.
 
     Columns go in chunks of about :data:`CHUNK_ELEMENTS` weights, so the temporaries stay small
@@ -205,7 +211,7 @@ def quantize_for_nbits(weight: np.ndarray, bits: int, block_size: int, symmetric
         cols = slice(start, min(n, start + step))
         chunk = np.ascontiguousarray(weight[:, cols], dtype=np.float32)
         if quantized is None:
-            q = quantize_blocks(chunk, bits, block_size, symmetric, grid)
+            q = quantize_blocks(chunk, bits, block_size, symmetric, grid, scale_dtype)
         else:
             q = BlockQuantized(quantized.codes[:, cols], quantized.scales[:, cols], quantized.zero_points[:, cols],
                                bits, block_size, k)

@@ -265,7 +265,7 @@ class _GraphRewriter:
             if self.opt.method == "gptq" and solved is None and any(u.node.op_type != "Gather" for u in weight.uses):
                 count(self.stats, "gptq_rounded_without_statistics")
             forms[transposed] = quantize_for_nbits(kn, self.opt.bits, self.opt.block_size, self.opt.symmetric,
-                                                   self.opt.grid, solved)
+                                                   self.opt.grid, solved, dtype)
             q = forms[transposed]
             if q.k % self.opt.block_size:
                 count(self.stats, "padded_k")
