@@ -10,7 +10,9 @@ VmHWM) include loading and saving, as a user running it would see. Scores run in
 further children, one model at a time: minilm_l3 is scored as its info.json says (cosine of the
 masked-mean sentence embedding to fp32, mean and worst over the eval sentences); the others by the
 cosine of their first output to fp32 over the eval samples (the decoder: logits). ``file x fp32`` is
-the model file plus its external data against the fp32 model's. Numpy and onnxruntime run on one
+the model file plus its external data against the fp32 model's. Latency (small models): one child runs
+fp32 and every output round-robin on the first eval sample, one thread, all graph optimizations,
+median of 200 rounds, as a ratio to fp32. Numpy and onnxruntime run on one
 thread in the scoring children (OPENBLAS_NUM_THREADS=1, intra_op_num_threads=1).
 Prints markdown tables and writes benchmarks/out/bench_weight_only.json.
 """
@@ -85,6 +87,29 @@ for i in range(len(feeds[feeds.files[0]])):
         out = out[0, : lengths[i]].mean(0)
     rows.append(out.astype(np.float32).ravel())
 np.save(out_path, np.array(rows))
+"""
+
+
+LATENCY = """
+import json, sys, time
+import numpy as np, onnxruntime as ort
+feeds_path, rounds, paths = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+options.inter_op_num_threads = 1
+sessions = [ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for p in paths]
+arrays = np.load(feeds_path)
+feed = {k: arrays[k][0] for k in arrays.files}
+for s in sessions:
+    for _ in range(5):
+        s.run(None, feed)
+times = [[] for _ in sessions]
+for _ in range(rounds):  # round-robin: load on the machine hits every model alike
+    for s, t in zip(sessions, times):
+        start = time.perf_counter()
+        s.run(None, feed)
+        t.append(time.perf_counter() - start)
+print(json.dumps([float(np.median(t) * 1e3) for t in times]))
 """
 
 
@@ -167,9 +192,10 @@ def tools(calib: Path, external: bool, data: Path | None) -> dict[str, callable]
 
 
 def bench_model(name: str, model: Path, calib: Path, evals: Path, lengths: Path | None, work: Path,
-                only: list[str] | None, external: bool = False, data: Path | None = None) -> list[dict]:
+                only: list[str] | None, external: bool = False, data: Path | None = None,
+                latency_rounds: int = 200) -> list[dict]:
     reference = scores(model, evals, lengths, work, f"{name}.fp32")
-    rows = []
+    rows, kept = [], {}
     for tool, command in tools(calib, external, data).items():
         if only and tool not in only:
             continue
@@ -182,23 +208,34 @@ def bench_model(name: str, model: Path, calib: Path, evals: Path, lengths: Path 
                        file_x_fp32=round(model_bytes(out) / model_bytes(model), 4),
                        matmulnbits=op_count(out, "MatMulNBits"),
                        gather_quantized=op_count(out, "GatherBlockQuantized"))
-            for p in (out, out.with_name(out.name + ".data")):
-                p.unlink(missing_ok=True)
+            if external:  # big models: not kept for the latency round
+                for p in (out, out.with_name(out.name + ".data")):
+                    p.unlink(missing_ok=True)
+            else:
+                kept[tool] = out
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if kept:
+        timed = subprocess.run([sys.executable, "-c", LATENCY, str(evals), str(latency_rounds), str(model),
+                                *map(str, kept.values())], capture_output=True, text=True, check=True)
+        fp32, *others = json.loads(timed.stdout)
+        for row in rows:
+            if row["tool"] in kept:
+                row["latency_x_fp32"] = round(others[list(kept).index(row["tool"])] / fp32, 3)
+                row["fp32_latency_ms"] = round(fp32, 3)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | tool | cosine mean / worst | file × fp32 | MatMulNBits / GatherBQ | wall s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | tool | cosine mean / worst | file × fp32 | MatMulNBits / GatherBQ | latency × fp32 | wall s "
+             "| peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "cosine_mean" in r:
             lines.append(f"| {r['model']} | {r['tool']} | {r['cosine_mean']:.4f} / {r['cosine_worst']:.4f} | "
-                         f"{r['file_x_fp32']:.3f} | {r['matmulnbits']} / {r['gather_quantized']} | {r['wall_s']} | "
-                         f"{r['peak_rss_mib']} |")
+                         f"{r['file_x_fp32']:.3f} | {r['matmulnbits']} / {r['gather_quantized']} | "
+                         f"{r.get('latency_x_fp32', '—')} | {r['wall_s']} | {r['peak_rss_mib']} |")
         else:
-            lines.append(f"| {r['model']} | {r['tool']} | failed: {' '.join(r['tail'])[:90]} | | | {r['wall_s']} | "
+            lines.append(f"| {r['model']} | {r['tool']} | failed: {' '.join(r['tail'])[:90]} | | | | {r['wall_s']} | "
                          f"{r['peak_rss_mib']} |")
     return "\n".join(lines)
 
