@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from .benchmark import Benchmark, benchmark
 from .data import as_feeds, load_labels, random_feeds
+from .errors import InputError
 from .manager import Result, run_pipeline
-from .modelio import check_output_path, copy_model, load_model, save_model
+from .modelio import check_output_path, copy_model, load_model, save_model, write_file_atomically
 from .pipeline import Step
-from .report import model_info
-from .validate import Comparison, Tolerances, compare_outputs, run_model, task_accuracy
+from .report import layer_table, model_info
+from .report_html import render_html
+from .validate import (DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_COSINE, NOISE_FACTOR, Comparison, Tolerances,
+                       compare_outputs, run_model, task_accuracy)
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+LAYER_COMPARE_LIMIT = 256 * 2**20  # input files up to this size are read again to compare layers with the result
 
 
 def _owned_model(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
@@ -36,9 +42,10 @@ def optimize(
     validate: bool = True,
     min_cosine: float | None = None,
     max_abs: float | None = None,
-    max_accuracy_drop: float | None = None,
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
     exact_rtol: float = 1e-5,
     exact_atol: float = 1e-6,
+    noise_factor: float = NOISE_FACTOR,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     calib_cache: str | os.PathLike | None = None,
     repro_dir: str | os.PathLike | None = None,
@@ -46,6 +53,8 @@ def optimize(
     overwrite_input: bool = False,
     external_data: bool | None = None,
     progress: bool = False,
+    bench: bool = False,
+    bench_runs: int = 50,
 ) -> Result:
     """Run a pipeline; validate every step; write ``output`` only if every step passed (or ``keep_failed``).
 
@@ -53,23 +62,44 @@ def optimize(
     ONNX test data, a mapping of sample-major arrays, or an iterable of feed dicts; ``labels``
     (one class per validation sample) adds task accuracy to the report. The caller's
     model object and input file are never changed. Check ``result.report.passed``.
+
+    Lossy gates, judged after each run of consecutive lossy steps: with ``labels``, top-1 accuracy
+    may fall at most ``max_accuracy_drop`` points (100: off); every output's cosine to the original
+    must stay >= ``min_cosine`` (None: 0.99 without labels, no cosine gate with them; 0 relaxes it).
+    Exact steps stay within ``exact_rtol`` and an atol of ``noise_factor`` times the model's
+    measured float noise (at least ``exact_atol``).
+    The report gets a per-layer table of the result (sparsity, weight change vs the input), and with
+    ``bench`` the original's and the result's onnxruntime latency (``bench_runs`` interleaved runs).
     """
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, onnx.ModelProto):
         check_output_path(out_path, model, overwrite_input)
     owned, input_path = _owned_model(model)
+    if min_cosine is None and labels is None:
+        min_cosine = DEFAULT_MIN_COSINE
     result = run_pipeline(
         owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
-        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop),
+        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor),
         input_shapes=input_shapes,
         calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
         teacher=(lambda: model) if input_path is None else (lambda: load_model(input_path)),
     )
+    original = model if input_path is None else _small_original(input_path)
+    result.report.layers = layer_table(result.model, original)
+    if bench and result.report.passed:
+        result.report.latency = benchmark({"original": model if input_path is None else input_path,
+                                           "result": result.model}, data=data, input_shapes=input_shapes,
+                                          runs=bench_runs).to_dict()
     if out_path is not None and (result.report.passed or keep_failed):
         save_model(result.model, out_path, external=external_data, input_path=input_path,
                    overwrite_input=overwrite_input)
         result.report.output = str(out_path)
     return result
+
+
+def _small_original(path: Path) -> onnx.ModelProto | None:
+    """The input again, for the per-layer comparison, unless its inline weights are too big to hold twice."""
+    return load_model(path) if path.stat().st_size <= LAYER_COMPARE_LIMIT else None
 
 
 def compare(
@@ -104,3 +134,35 @@ def info(model: ModelLike) -> dict[str, Any]:
     if isinstance(model, onnx.ModelProto):
         return model_info(model)
     return model_info(load_model(model), model)
+
+
+def bench(
+    models: list[ModelLike],
+    *,
+    data: Any = None,
+    threads: int = 1,
+    runs: int = 50,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Benchmark:
+    """onnxruntime CPU latency (median, p10/p90, runs interleaved), throughput, file size and session peak
+    memory of each model, with ratios to the first: see :mod:`onnxopt.benchmark`."""
+    return benchmark(models, data=data, threads=threads, runs=runs, input_shapes=input_shapes)
+
+
+def report_html(report: str | os.PathLike | dict[str, Any], output: str | os.PathLike) -> None:
+    """Render a JSON report (a path, or ``Report.to_dict()``) as one self-contained HTML page at ``output``."""
+    if not isinstance(report, dict):
+        path = Path(report)
+        try:
+            report = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"report file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: not a JSON report ({exc})") from None
+        if not isinstance(report, dict) or not isinstance(report.get("steps"), list) or "pipeline" not in report:
+            raise InputError(f"{path}: not an onnxopt report (no 'pipeline' and 'steps')")
+    try:
+        page = render_html(report)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"not an onnxopt report: {exc.__class__.__name__}: {exc}") from None
+    write_file_atomically(output, page.encode())

@@ -245,7 +245,7 @@ def test_prune_neurons_zeroes_rows_that_zero_rows_removes():
     w1 = weight(8, 5)
     result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1))(mlp(w1, weight(3, 8)))
     assert result.stats == {"neurons_zeroed": 4, "neurons_removable": 8, "neuron_groups": 2,
-                            "skipped_graph_output": 1}
+                            "skipped_graph_output": 1, "unprunable_graph_output": 3}
     dead = ~array(result.model, "w1").any(axis=1)
     assert set(np.flatnonzero(dead)) == set(np.argsort(np.linalg.norm(w1, axis=1))[:4])
     assert (array(result.model, "b1")[dead] == 0).all()
@@ -305,7 +305,8 @@ def test_prune_neurons_zeroes_a_residual_channel_in_every_branch():
 def test_prune_neurons_exclude_keeps_a_layer_whole():
     result = PruneNeurons(PruneNeurons.Options(ratio=0.5, exclude=("h",)))(mlp(weight(8, 5), weight(3, 8)))
     assert result.stats == {"neurons_zeroed": 0, "neurons_removable": 0, "neuron_groups": 2,
-                            "skipped_excluded": 1, "skipped_graph_output": 1}
+                            "skipped_excluded": 1, "skipped_graph_output": 1, "unprunable_excluded": 8,
+                            "unprunable_graph_output": 3}
 
 
 @pytest.mark.parametrize(("asked", "size", "most", "step", "multiple", "expected"), [
