@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..blockquant import (GRIDS, BlockQuantized, NBitsWeight, grid_chooser, max_code, pack_codes, padded_blocks,
-                          quantize_for_nbits, unpack_codes)
+from ..blockquant import GRIDS, BlockQuantized, NBitsWeight, grid_chooser, max_code, padded_blocks, quantize_for_nbits
+from ..embeddings import MS_DOMAIN, gather_block_quantized, table_data, table_zero_points
 from ..errors import InputError
 from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, node_uses, unique_name_factory, value_shapes, walk_graphs
 from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, gptq
@@ -41,7 +41,6 @@ from .base import Pass, PassResult, count
 from .weights import attribute
 
 METHODS = ("rtn", "gptq")
-MS_DOMAIN = "com.microsoft"
 HESSIAN_BUDGET = 1 << 30  # bytes of XᵀX statistics held at once by GPTQ (more: another calibration run)
 SUPPORTED_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -349,32 +348,14 @@ class _GraphRewriter:
 
     def _gather(self, node: onnx.NodeProto, q: NBitsWeight, dtype, initializer) -> None:
         """``GatherBlockQuantized`` of the table ``(V, D)``: the ``(N, K)`` form of ``MatMulNBits`` is its rows."""
-        vocab, width, blocks = q.n, q.k, q.scales.shape[1]
-        if q.bits == 4:
-            codes = unpack_codes(q.b.reshape(vocab, -1), 4, width)
-            if self.opt.symmetric:  # int4 data, zero point 0: the codes less 8
-                data_type, codes = onnx.TensorProto.INT4, (codes.astype(np.int8) - 8).astype(np.uint8) & 0xF
-            else:
-                data_type = onnx.TensorProto.UINT4
-            data_bytes = pack_codes(codes.reshape(-1), 4).tobytes()
-        else:
-            data_type, data_bytes = onnx.TensorProto.UINT8, q.b.reshape(vocab, -1)[:, :width].tobytes()
-        data = initializer(("table",), "table_q", lambda name: helper.make_tensor(name, data_type, [vocab, width],
-                                                                                  data_bytes, raw=True))
+        data = initializer(("table",), "table_q", lambda name: table_data(q, self.opt.symmetric, name))
         scales = initializer((id(q), "scales", 1.0), "scales",  # shared with a tied MatMulNBits reader
                              lambda name: numpy_helper.from_array(q.scales.astype(dtype), name))
-        inputs = [data, node.input[1], scales]
-        if q.zero_points is not None:
-            zero = unpack_codes(q.zero_points, q.bits, blocks)
-            raw = pack_codes(zero.reshape(-1), 4).tobytes() if q.bits == 4 else zero.tobytes()
-            inputs.append(initializer(("table_zp",), "table_zero_points",
-                                      lambda name: helper.make_tensor(name, data_type, [vocab, blocks], raw, raw=True)))
-        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": q.block_size}
-        if q.bits == 8:
-            attrs["bits"] = 8
-        self.replaced[id(node)] = [helper.make_node("GatherBlockQuantized", inputs, list(node.output), domain=MS_DOMAIN,
-                                                    name=self.make_name(f"{node.name or node.output[0]}_q{q.bits}"),
-                                                    **attrs)]
+        zero_points = (initializer(("table_zp",), "table_zero_points", lambda name: table_zero_points(q, name))
+                       if q.zero_points is not None else None)
+        self.replaced[id(node)] = [gather_block_quantized(
+            data, node.input[1], scales, zero_points, list(node.output),
+            self.make_name(f"{node.name or node.output[0]}_q{q.bits}"), q.bits, q.block_size)]
 
     def _new_tensor(self, base: str, array: np.ndarray) -> str:
         name = self.make_name(base)
