@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
+from pathlib import Path
 
 import click
 
 from . import api
 from .data import parse_input_shapes
 from .errors import OnnxoptError
-from .modelio import write_file_atomically
+from .modelio import check_writable_target, write_file_atomically
 from .pipeline import describe_options
 from .registry import PASSES, PRESETS
 from .report import jsonable, format_info
@@ -44,6 +46,17 @@ class _Group(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """Make ONNX models smaller and faster, and prove they still compute what they computed."""
     ctx.obj = {"debug": debug}
+
+
+def _debug_option(f):
+    """``--debug`` after the subcommand too (``onnxopt optimize ... --debug``), not only before it."""
+
+    def enable(ctx: click.Context, _param, value: bool) -> None:
+        if value:
+            ctx.find_root().obj["debug"] = True
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=enable,
+                        help="Show Python tracebacks.")(f)
 
 
 _input_shape = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
@@ -84,26 +97,34 @@ def _apply(options):
 @click.option("--external-data/--no-external-data", default=None,
               help="Force weights into MODEL.data or inline (default: external if the input had it or > 2 GB).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line (and the reproducer's path).")
+@_debug_option
 def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, calib_cache, report_path, no_validate, min_cosine, max_abs,
              exact_rtol, exact_atol, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
              progress, quiet) -> None:
-    """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result."""
+    """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result (with -o)."""
+    if report_path:
+        check_writable_target(Path(report_path))
     result = api.optimize(
         model, pipeline, output=output, data=data, labels=labels, calib=calib, validate=not no_validate,
         min_cosine=min_cosine, max_abs=max_abs, max_accuracy_drop=max_accuracy_drop, exact_rtol=exact_rtol, exact_atol=exact_atol,
-        input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
+        input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache,
+        repro_dir=repro_dir or Path.cwd() / f"onnxopt-repro-{time.strftime('%Y%m%d-%H%M%S')}",
         keep_failed=keep_failed, overwrite_input=overwrite_input, external_data=external_data,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
     report = result.report
     if report_path:
         report.write_json(report_path)
-    click.echo(report.table().splitlines()[-1] if quiet else report.table())
+    table = report.table()
+    click.echo("\n".join(line for line in table.splitlines() if line.startswith(("verdict:", "reproducer:")))
+               if quiet else table)
     if output and report.output:
         click.echo(f"wrote {report.output}")
     elif output:
         click.echo(f"nothing written to {output} (use --keep-failed to write it anyway)", err=True)
+    else:
+        click.echo("nothing written: no -o/--output given (validation only)", err=True)
     if not report.passed:
         sys.exit(1)
 
@@ -111,6 +132,7 @@ def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, ca
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--markdown", is_flag=True, help="The README's pass table.")
+@_debug_option
 def passes(as_json: bool, markdown: bool) -> None:
     """List every registered pass with its options."""
     rows = pass_rows()
@@ -131,6 +153,7 @@ def passes(as_json: bool, markdown: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_debug_option
 def info(model: str, as_json: bool) -> None:
     """Opset, inputs/outputs, op histogram, parameters, bytes, sparsity, subgraphs, external data."""
     details = api.info(model)
@@ -145,8 +168,11 @@ def info(model: str, as_json: bool) -> None:
 @_apply(_thresholds)
 @_input_shape
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON comparison here.")
+@_debug_option
 def compare(reference, candidate, data, labels, min_cosine, max_abs, input_shapes, report_path) -> None:
     """Run REFERENCE and CANDIDATE on the same feeds and compare every output (exit 1 if a threshold fails)."""
+    if report_path:
+        check_writable_target(Path(report_path))
     comparison, feeds = api.compare(reference, candidate, data=data, labels=labels, min_cosine=min_cosine, max_abs=max_abs,
                                     input_shapes=parse_input_shapes(input_shapes))
     document = {"reference": reference, "candidate": candidate, "feeds": feeds, **comparison.to_dict()}

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import FeedSet, as_feeds, load_labels, random_feeds
+from .data import FeedSet, as_feeds, load_labels
 from .errors import InputError, OnnxoptError, ValidationError
 from .modelio import has_external_data, needs_file, save_scratch
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
+from .synthetic import synthetic_reference
 from .validate import (
     Tolerances, check_interface, check_structure, compare_outputs, run_model, task_accuracy,
 )
@@ -64,7 +65,10 @@ def run_pipeline(
     calib_feeds = as_feeds(calib, model) if calib is not None else None
     context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None,
                           progress=progress, teacher=teacher)
-    validation = _Validation.start(model, data, labels, input_shapes, tolerances, report) if validate else None
+    _check_input(model)
+    validation = (_Validation.start(model, data if data is not None else calib_feeds, labels, input_shapes, tolerances,
+                                    report, from_calib=data is None and calib_feeds is not None)
+                  if validate else None)
     feeds = validation.feeds if validation else None
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
         for index, step in enumerate(steps, start=1):
@@ -79,7 +83,7 @@ def run_pipeline(
             except Exception as exc:
                 report.failure = f"step {index} '{step.name}' crashed: {exc.__class__.__name__}: {exc}"
                 report.reproducer = _write_reproducer(repro_dir, steps, index, before_bytes, feeds, calib_feeds,
-                                                      input_path, traceback.format_exc())
+                                                      input_path, traceback.format_exc(), tolerances, validation)
                 raise ValidationError(report.failure + (f" (reproducer: {report.reproducer})" if report.reproducer else "")) from exc
             seconds = time.perf_counter() - start
             model = result.model
@@ -94,7 +98,7 @@ def run_pipeline(
                 record.passed = False
                 report.failure = f"step {index} '{step.name}': " + "; ".join(problems)
                 report.reproducer = _write_reproducer(repro_dir, steps, index, before_bytes, feeds, calib_feeds,
-                                                      input_path, None)
+                                                      input_path, None, tolerances, validation, pass_.exact)
                 return Result(model, report)
     return Result(model, report)
 
@@ -111,17 +115,21 @@ class _Validation:
     reference_accuracy: float | None = None
 
     @classmethod
-    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report) -> _Validation:
-        """Feeds (given, or seeded random) and the original's outputs, computed once."""
-        if data is not None:
-            feeds, notes = as_feeds(data, model), []
+    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report,
+              from_calib: bool = False) -> _Validation:
+        """Feeds (given, the calibration samples, or synthetic) and the original's outputs, computed once."""
+        if data is None:
+            feeds, notes, reference = synthetic_reference(model, input_shapes)
         else:
-            feeds, notes = random_feeds(model, input_shapes=input_shapes)
-        report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
-        try:
-            reference = run_model(model, feeds)
-        except InputError as exc:
-            raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
+            feeds = as_feeds(data, model)
+            notes = []
+            try:
+                reference = run_model(model, feeds)
+            except InputError as exc:
+                raise InputError(f"the input model cannot run on {feeds.origin}: {exc} "
+                                 "(--no-validate skips onnxruntime)") from None
+        origin = f"{feeds.origin} (the calibration samples: no --data given)" if from_calib else feeds.origin
+        report.feeds = {"origin": origin, "samples": len(feeds), "notes": notes}
         validation = cls(feeds, reference, reference, tolerances)
         if labels is not None:
             validation.labels = load_labels(labels, len(feeds))
@@ -159,6 +167,18 @@ def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def _check_input(model: onnx.ModelProto) -> None:
+    """Every step must pass the full checker: an input that already fails it is the input's fault, said up front."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
+        path = Path(scratch) / "input.onnx"
+        if needs_file(model):
+            save_scratch(model, path, placeholders=True)
+        complaint = check_structure(model, path if needs_file(model) else None)
+    if complaint:
+        raise InputError(f"the input model fails the ONNX checker with shape inference (every step is held to "
+                         f"it, so none could pass): {complaint}")
+
+
 def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Path, record: StepRecord) -> list[str]:
     """Checker and interface check; a big or external model is checked from a file, as the checker needs."""
     problems = check_interface(original, model)
@@ -180,15 +200,29 @@ def _snapshot(model: onnx.ModelProto) -> bytes | None:
     return model.SerializeToString()
 
 
+def _gate_arguments(tolerances: Tolerances) -> list[str]:
+    """The command-line options that set ``tolerances`` where they differ from the defaults."""
+    defaults = Tolerances()
+    arguments = []
+    for gate in dataclasses.fields(Tolerances):
+        given = getattr(tolerances, gate.name)
+        if given is not None and given != getattr(defaults, gate.name):
+            arguments += [f"--{gate.name.replace('_', '-')}", repr(given)]
+    return arguments
+
+
 def _write_reproducer(
     repro_dir, steps: list[Step], index: int, before: bytes | None, feeds: FeedSet | None,
-    calib: FeedSet | None, input_path, trace: str | None,
+    calib: FeedSet | None, input_path, trace: str | None, tolerances: Tolerances = Tolerances(),
+    validation: _Validation | None = None, exact: bool = True,
 ) -> str | None:
-    """A folder that replays the failing step: model before it, one-step pipeline, feeds, command."""
-    folder = Path(repro_dir) if repro_dir else Path.cwd() / f"onnxopt-repro-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A folder that replays the failing step with the same feeds and gates: model before it, one-step
+    pipeline, command. A lossy step after others is gated against the original, so it replays from the
+    input. Without ``repro_dir``: a new temporary folder (never the current directory)."""
     try:
+        folder = Path(repro_dir) if repro_dir else Path(tempfile.mkdtemp(prefix="onnxopt-repro-"))
         folder.mkdir(parents=True, exist_ok=True)
-        if before is not None:
+        if before is not None and not (not exact and index > 1 and input_path is not None):
             model_arg, pipeline = "model.onnx", format_step(steps[index - 1])
             (folder / "model.onnx").write_bytes(before)
         elif input_path is not None:
@@ -197,7 +231,10 @@ def _write_reproducer(
         else:
             return None
         (folder / "pipeline.txt").write_text(pipeline + "\n")
-        command = ["onnxopt", "optimize", model_arg, "-o", "replayed.onnx", "-p", pipeline]
+        command = ["onnxopt", "optimize", model_arg, "-o", "replayed.onnx", "-p", pipeline, *_gate_arguments(tolerances)]
+        if validation is not None and validation.labels is not None:
+            np.savez(folder / "labels.npz", labels=validation.labels)
+            command += ["--labels", "labels.npz"]
         for name, feed_set in (("feeds", feeds), ("calib", calib)):
             if feed_set is not None:
                 np.savez(folder / f"{name}.npz", **feed_set.arrays)

@@ -29,6 +29,16 @@ class Tolerances:
     max_abs: float | None = None
     max_accuracy_drop: float | None = None  # in points (percent), needs labels
 
+    def __post_init__(self) -> None:
+        """Refuse gates that cannot mean anything (a cosine above 1 would fail every step)."""
+        limits = {"min-cosine": (self.min_cosine, -1.0, 1.0), "max-abs": (self.max_abs, 0.0, math.inf),
+                  "max-accuracy-drop": (self.max_accuracy_drop, 0.0, 100.0),
+                  "exact-rtol": (self.exact_rtol, 0.0, math.inf), "exact-atol": (self.exact_atol, 0.0, math.inf)}
+        for name, (given, low, high) in limits.items():
+            if given is not None and not low <= given <= high:
+                span = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+                raise InputError(f"--{name} must be {span}, not {given:g}")
+
 
 class Session:
     """An onnxruntime CPU session over a model in memory (or a temporary file for big / external models)."""
@@ -280,8 +290,8 @@ def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str
     """Graph inputs/outputs keep their names, dtypes and ranks."""
     problems = []
     for kind in ("input", "output"):
-        old = _signature(getattr(before.graph, kind), before)
-        new = _signature(getattr(after.graph, kind), after)
+        old = _signature(getattr(before.graph, kind), before, kind)
+        new = _signature(getattr(after.graph, kind), after, kind)
         if [n for n, _, _ in old] != [n for n, _, _ in new]:
             problems.append(f"graph {kind}s changed: {[n for n, _, _ in old]} -> {[n for n, _, _ in new]}")
             continue
@@ -293,8 +303,9 @@ def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str
     return problems
 
 
-def _signature(values, model: onnx.ModelProto) -> list[tuple[str, int, int | None]]:
-    initializers = {t.name for t in model.graph.initializer}
+def _signature(values, model: onnx.ModelProto, kind: str) -> list[tuple[str, int, int | None]]:
+    """Name, dtype and rank of each input a caller must feed, or of every output (an initializer may be one)."""
+    initializers = {t.name for t in model.graph.initializer} if kind == "input" else set()
     sig = []
     for v in values:
         if v.name in initializers:
