@@ -128,7 +128,7 @@ class _Validation:
             except InputError as exc:
                 raise InputError(f"the input model cannot run on {feeds.origin}: {exc} "
                                  "(--no-validate skips onnxruntime)") from None
-        origin = f"{feeds.origin} (the calibration samples: no --data given)" if from_calib else feeds.origin
+        origin = f"--calib {feeds.origin}, as no --data was given" if from_calib else feeds.origin
         report.feeds = {"origin": origin, "samples": len(feeds), "notes": notes}
         validation = cls(feeds, reference, reference, tolerances)
         if labels is not None:
