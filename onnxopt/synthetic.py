@@ -18,7 +18,7 @@ from .data import FeedSet, input_dims, model_inputs, random_feeds
 from .errors import InputError
 from .graph import STANDARD_DOMAINS, constant_tensor, walk_graphs
 from .tensors import tensor_nbytes, tensor_to_array
-from .validate import run_model
+from .validate import Session
 
 # ops that pass an integer input's values on unchanged (only their layout or dtype changes)
 VALUE_PRESERVING_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose",
@@ -104,13 +104,10 @@ def shape_layouts(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
         return
     for size in SYMBOLIC_SIZES[1:]:
         for last_only in (False, True):
-            def pick(name, axis):
-                d = dims[name][axis]
-                if axis == 0 or d in batch_names or (last_only and axis != len(dims[name]) - 1):
-                    return 1
-                return size
-            shapes = {name: tuple(d if axis not in symbolic.get(name, ()) else pick(name, axis)
-                                  for axis, d in enumerate(ds)) for name, ds in dims.items()}
+            shapes = {name: tuple(d if axis not in symbolic.get(name, ()) else
+                                  1 if axis == 0 or d in batch_names or (last_only and axis < len(ds) - 1) else size
+                                  for axis, d in enumerate(ds))
+                      for name, ds in dims.items()}
             notes = [f"input '{name}': symbolic dims taken as "
                      + ", ".join(f"{dims[name][axis] or '?'}={shapes[name][axis]}" for axis in axes)
                      for name, axes in symbolic.items()]
@@ -127,13 +124,14 @@ def synthetic_reference(
     bounds = integer_bounds(model)
     first_error: InputError | None = None
     tried = 0
-    for shapes, shape_notes in shape_layouts(model, input_shapes):
-        tried += 1
-        feeds, notes = random_feeds(model, count, seed, shapes, integer_bounds=bounds)
-        try:
-            return feeds, notes + shape_notes, run_model(model, feeds)
-        except InputError as exc:
-            first_error = first_error or exc
+    with Session(model) as session:  # one session for every try: loading a big model once is enough
+        for shapes, shape_notes in shape_layouts(model, input_shapes):
+            tried += 1
+            feeds, notes = random_feeds(model, count, seed, shapes, integer_bounds=bounds)
+            try:
+                return feeds, notes + shape_notes, session.run_all(feeds)
+            except InputError as exc:
+                first_error = first_error or exc
     layouts = f" (symbolic dims tried as 1, then {' and '.join(map(str, SYMBOLIC_SIZES[1:]))})" if tried > 1 else ""
     inputs = ", ".join(f"{v.name}{list(d if d is not None else '?' for d in input_dims(v) or [])}"
                        for v in model_inputs(model))

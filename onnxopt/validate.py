@@ -88,6 +88,14 @@ class Session:
             raise InputError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
         return dict(zip(names, values))
 
+    def run_all(self, feeds: Iterable[dict]) -> dict[str, list[np.ndarray]]:
+        """Outputs for every sample, in order: ``{output name: [array per sample]}``."""
+        results: dict[str, list[np.ndarray]] = {}
+        for feed in feeds:
+            for name, value in self.run(feed).items():
+                results.setdefault(name, []).append(value)
+        return results
+
     def close(self) -> None:
         del self.session
         if self._tmp is not None:
@@ -116,12 +124,8 @@ def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> int:
 
 def run_model(model: onnx.ModelProto, feeds: Iterable[dict], **session_options) -> dict[str, list[np.ndarray]]:
     """Outputs for every sample, in order: ``{output name: [array per sample]}``."""
-    results: dict[str, list[np.ndarray]] = {}
     with Session(model, **session_options) as session:
-        for feed in feeds:
-            for name, value in session.run(feed).items():
-                results.setdefault(name, []).append(value)
-    return results
+        return session.run_all(feeds)
 
 
 @dataclass

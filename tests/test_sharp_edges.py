@@ -119,6 +119,23 @@ def test_symbolic_spatial_dims_grow_until_the_model_runs():
     assert "symbolic dims taken as n=1, height=64, width=64" in "; ".join(notes)
 
 
+def test_a_detector_neck_gets_spatial_dims_its_downsampling_can_take():
+    """YOLO-style: two stride-2 convs, upsample x2, concat with the stride-2 map; at 1x1 the shapes do not meet."""
+    w = tensor("w", np.full((1, 1, 3, 3), 0.1, np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["p1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p1", "w"], ["p2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["p2", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Concat", ["up", "p1"], ["y"], axis=1)]
+    model = make_model(nodes, [value("x", ["batch", 1, "height", "width"])],
+                       [value("y", ["batch", 2, "h2", "w2"])],
+                       [w, tensor("scales", np.array([1, 1, 2, 2], np.float32))])
+    with pytest.raises(InputError):
+        run_model(model, random_feeds(model)[0])
+    result = onnxopt.optimize(model, "dce,cleanup")
+    assert result.report.passed, result.report.failure
+    assert "height=64, width=64" in "; ".join(result.report.feeds["notes"])
+
+
 def test_feeds_that_never_run_say_how_to_fix_it(tmp_path):
     """A fixed 3x3 input is too small whatever the symbolic dims: the error names --data and --input-shape."""
     path = tmp_path / "m.onnx"
