@@ -338,3 +338,12 @@ def test_fold_never_grows_weight_bytes_beyond_the_allowance(shared, rows, op):
     expected, got = run_model(model, feeds), run_model(result.model, feeds)
     for name in expected:
         np.testing.assert_allclose(got[name][0], expected[name][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn", "ppocr_cls", "minilm_l3"])
+def test_shared_models_clean_up_without_data_and_never_grow(shared_models, name):
+    """As a new user runs it: no --data; synthetic feeds must be valid (MiniLM's token ids stay in its vocabulary)."""
+    report = onnxopt.optimize(shared_models / name / "model.onnx", "cleanup").report
+    assert report.passed, report.failure
+    assert report.steps[-1].after["weight_bytes"] <= report.steps[0].before["weight_bytes"]
