@@ -422,7 +422,7 @@ def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[
             raise InputError(f"--input-shape {name}: {len(shape)} dims given, the model's input has rank "
                              f"{len(dims)} {tuple(d if d is not None else '?' for d in dims)}")
         for axis, (given, fixed) in enumerate(zip(shape, dims)):
-            if isinstance(fixed, int) and given != fixed:
+            if isinstance(fixed, int) and fixed >= 0 and given != fixed:
                 raise InputError(f"--input-shape {name}: axis {axis} is fixed at {fixed} in the model, not {given}")
 
 

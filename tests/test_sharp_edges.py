@@ -347,3 +347,12 @@ def test_shared_models_clean_up_without_data_and_never_grow(shared_models, name)
     report = onnxopt.optimize(shared_models / name / "model.onnx", "cleanup").report
     assert report.passed, report.failure
     assert report.steps[-1].after["weight_bytes"] <= report.steps[0].before["weight_bytes"]
+
+
+def test_input_shape_may_set_a_dim_exported_as_minus_one():
+    """paddle2onnx writes dynamic dims as -1: --input-shape may set them, and fixed dims must match."""
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [value("x", [-1, 3])], [value("y", [-1, 3])])
+    feeds, _ = random_feeds(model, input_shapes={"x": (5, 3)})
+    assert feeds.arrays["x"].shape == (4, 5, 3)
+    with pytest.raises(InputError, match="axis 1 is fixed at 3"):
+        random_feeds(model, input_shapes={"x": (5, 4)})
