@@ -170,10 +170,10 @@ def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check_input(model: onnx.ModelProto) -> None:
     """Every step must pass the full checker: an input that already fails it is the input's fault, said up front."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
-        path = Path(scratch) / "input.onnx"
-        if needs_file(model):
+        path = Path(scratch) / "input.onnx" if needs_file(model) else None
+        if path is not None:
             save_scratch(model, path, placeholders=True)
-        complaint = check_structure(model, path if needs_file(model) else None)
+        complaint = check_structure(model, path)
     if complaint:
         raise InputError(f"the input model fails the ONNX checker with shape inference (every step is held to "
                          f"it, so none could pass): {complaint}")
@@ -222,12 +222,12 @@ def _write_reproducer(
     try:
         folder = Path(repro_dir) if repro_dir else Path(tempfile.mkdtemp(prefix="onnxopt-repro-"))
         folder.mkdir(parents=True, exist_ok=True)
-        if before is not None and not (not exact and index > 1 and input_path is not None):
+        # Too big to keep a copy, or gated against the original: replay every step up to the failing one.
+        if input_path is not None and (before is None or (not exact and index > 1)):
+            model_arg, pipeline = str(Path(input_path).resolve()), format_pipeline(steps[:index])
+        elif before is not None:
             model_arg, pipeline = "model.onnx", format_step(steps[index - 1])
             (folder / "model.onnx").write_bytes(before)
-        elif input_path is not None:
-            # Too big to keep a copy: replay every step up to the failing one from the original input.
-            model_arg, pipeline = str(Path(input_path).resolve()), format_pipeline(steps[:index])
         else:
             return None
         (folder / "pipeline.txt").write_text(pipeline + "\n")
