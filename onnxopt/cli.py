@@ -12,7 +12,7 @@ import click
 
 from . import api
 from .data import parse_input_shapes
-from .errors import OnnxoptError
+from .errors import InputError, OnnxoptError
 from .modelio import check_writable_target, write_file_atomically
 from .pipeline import describe_options
 from .registry import PASSES, PRESETS
@@ -59,6 +59,15 @@ def _debug_option(f):
                         help="Show Python tracebacks.")(f)
 
 
+def _check_report_path(path: str | None) -> None:
+    """A report that cannot be written is refused before the work it would report."""
+    if path:
+        try:
+            check_writable_target(Path(path))
+        except InputError as exc:
+            raise InputError(f"--report: {exc}") from None
+
+
 _input_shape = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
                             help="Shape for random feeds where the model's dims are symbolic (repeatable).")
 _thresholds = [
@@ -103,8 +112,7 @@ def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, ca
              exact_rtol, exact_atol, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
              progress, quiet) -> None:
     """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result (with -o)."""
-    if report_path:
-        check_writable_target(Path(report_path))
+    _check_report_path(report_path)
     result = api.optimize(
         model, pipeline, output=output, data=data, labels=labels, calib=calib, validate=not no_validate,
         min_cosine=min_cosine, max_abs=max_abs, max_accuracy_drop=max_accuracy_drop, exact_rtol=exact_rtol, exact_atol=exact_atol,
@@ -171,8 +179,7 @@ def info(model: str, as_json: bool) -> None:
 @_debug_option
 def compare(reference, candidate, data, labels, min_cosine, max_abs, input_shapes, report_path) -> None:
     """Run REFERENCE and CANDIDATE on the same feeds and compare every output (exit 1 if a threshold fails)."""
-    if report_path:
-        check_writable_target(Path(report_path))
+    _check_report_path(report_path)
     comparison, feeds = api.compare(reference, candidate, data=data, labels=labels, min_cosine=min_cosine, max_abs=max_abs,
                                     input_shapes=parse_input_shapes(input_shapes))
     document = {"reference": reference, "candidate": candidate, "feeds": feeds, **comparison.to_dict()}

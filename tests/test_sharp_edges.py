@@ -175,7 +175,7 @@ def test_calib_without_data_validates_on_the_calibration_samples(model_path, tmp
     (["--max-accuracy-drop", "1"], "--max-accuracy-drop needs --labels"),
     (["--min-cosine", "2"], "--min-cosine must be between -1 and 1, not 2"),
     (["--max-abs", "-1"], "--max-abs must be at least 0"),
-    (["--report", "no/such/folder/r.json"], "output folder does not exist"),
+    (["--report", "no/such/folder/r.json"], "--report: output folder does not exist"),
     (["--calib-cache", "no/such/folder/c.npz"], "--calib-cache: folder does not exist"),
 ])
 def test_bad_options_exit_2_before_any_work(model_path, tmp_path, args, message, monkeypatch):
