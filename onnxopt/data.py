@@ -372,7 +372,8 @@ def random_feeds(
     """Seeded random samples of the right dtype and shape, and notes on every assumed dimension.
 
     Symbolic dims are 1 unless ``input_shapes`` says otherwise; a fixed 0 stays 0 (a zero-size
-    input). Integer inputs take values in ``integer_bounds[name]`` (low, high exclusive), else in [0, 8).
+    input). Integer inputs take values in ``integer_bounds[name]`` (low, high exclusive), else 0 or 1:
+    valid for the commonest integer inputs, attention masks (a 6 in a BERT mask overflows to NaN) and flags.
     """
     check_input_shapes(model, input_shapes)
     rng = np.random.default_rng(seed)
@@ -395,7 +396,7 @@ def random_feeds(
         elif dtype.kind == "b":
             arr = rng.integers(0, 2, (count, *shape)).astype(dtype)
         elif dtype.kind in "iu":
-            low, high = integer_bounds.get(value.name, (0, 8))
+            low, high = integer_bounds.get(value.name, (0, 2))
             arr = rng.integers(low, high, (count, *shape)).astype(dtype)
             if value.name in integer_bounds:
                 notes.append(f"input '{value.name}': integers in [{low}, {high}) as the graph reads it")

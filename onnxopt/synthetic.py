@@ -3,9 +3,9 @@
 Random feeds are only useful when the model can run on them. The graph says part of what is valid:
 an integer input that (through casts and reshapes) indexes a ``Gather`` must stay below the table's
 size (token ids, token-type ids), and one compared by ``Equal`` with a constant (a sample rate that
-picks an ``If`` branch) takes that constant. Symbolic dims are first taken as 1; when the model cannot
-run on that (a detector that downsamples by 32, an audio model whose padding needs a long window),
-larger sizes are tried. When nothing runs, the error says so and names the fixes: real samples with
+picks an ``If`` branch) takes that constant. Symbolic dims other than the batch are first taken as 64
+(room for a detector's downsampling; a sequence long enough for attention to mean something), then
+larger (an audio model whose padding needs a long window), then 1. When nothing runs, the error says so and names the fixes: real samples with
 ``--data``, or shapes with ``--input-shape``.
 """
 
@@ -24,7 +24,7 @@ from .validate import Session
 VALUE_PRESERVING_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose",
                                   "Expand", "Tile", "Slice", "Concat"})
 # sizes tried, in order, for symbolic dims that are not a batch axis; the first that runs is kept
-SYMBOLIC_SIZES = (1, 64, 512)
+SYMBOLIC_SIZES = (64, 512, 1)
 
 
 def integer_bounds(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -90,20 +90,24 @@ def _bound(name: str, readers: dict[str, list[onnx.NodeProto]],
 
 
 def shape_layouts(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None):
-    """Shapes to try for inputs with symbolic dims, and a note for each: all 1 first; then each of
-    SYMBOLIC_SIZES for every non-batch dim (a batch dim is on axis 0 or named like one), and for the
-    last axis only (unnamed dims elsewhere are often a batch too: an RNN state's ``[2, ?, 128]``)."""
+    """Shapes to try for inputs with symbolic dims, each with its notes, best first.
+
+    Batch dims (axis 0, or named like an axis-0 dim) are 1. Other symbolic dims take each of
+    SYMBOLIC_SIZES in turn: a sequence of one token or an image of one pixel would hide what attention
+    or pooling do, and a detector needs room to downsample. Each size is tried on every such dim, then
+    on the last axis only (an unnamed dim elsewhere is often a batch too: an RNN state's ``[2, ?, 128]``).
+    """
     given = dict(input_shapes or {})
     dims = {v.name: input_dims(v) or [] for v in model_inputs(model) if v.name not in given}
     symbolic = {name: [axis for axis, d in enumerate(ds) if not (isinstance(d, int) and d >= 0)]
                 for name, ds in dims.items()}
     symbolic = {name: axes for name, axes in symbolic.items() if axes}
-    batch_names = {ds[0] for ds in dims.values() if ds and isinstance(ds[0], str)}
-    yield given, []
     if not symbolic:
+        yield given, []
         return
-    for size in SYMBOLIC_SIZES[1:]:
-        for last_only in (False, True):
+    batch_names = {ds[0] for ds in dims.values() if ds and isinstance(ds[0], str)}
+    for size in SYMBOLIC_SIZES:
+        for last_only in (False, True) if size > 1 else (False,):
             shapes = {name: tuple(d if axis not in symbolic.get(name, ()) else
                                   1 if axis == 0 or d in batch_names or (last_only and axis < len(ds) - 1) else size
                                   for axis, d in enumerate(ds))
@@ -129,10 +133,16 @@ def synthetic_reference(
             tried += 1
             feeds, notes = random_feeds(model, count, seed, shapes, integer_bounds=bounds)
             try:
-                return feeds, notes + shape_notes, session.run_all(feeds)
+                outputs = session.run_all(feeds)
             except InputError as exc:
                 first_error = first_error or exc
-    layouts = f" (symbolic dims tried as 1, then {' and '.join(map(str, SYMBOLIC_SIZES[1:]))})" if tried > 1 else ""
+                continue
+            if not all(np.isfinite(v).all() for values in outputs.values() for v in values
+                       if isinstance(v, np.ndarray) and v.dtype.kind in "fc"):
+                shape_notes.append("the original's outputs hold NaN or Inf on these random feeds: comparisons "
+                                   "prove little there; pass real samples with --data")
+            return feeds, notes + shape_notes, outputs
+    layouts = f" (symbolic dims tried as {', '.join(map(str, SYMBOLIC_SIZES))})" if tried > 1 else ""
     inputs = ", ".join(f"{v.name}{list(d if d is not None else '?' for d in input_dims(v) or [])}"
                        for v in model_inputs(model))
     raise InputError(f"random feeds are not valid inputs for this model{layouts}: {first_error}. "

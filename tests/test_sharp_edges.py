@@ -60,7 +60,7 @@ def test_the_interface_check_passes_an_initializer_output():
 
 
 def _encoder() -> onnx.ModelProto:
-    """A BERT-style embedding: token ids into a 30-row table, token-type ids (cast, unsqueezed) into a 2-row one."""
+    """A BERT-style embedding: token ids into a 30-row table, token-type ids (cast) into a one-row one (RoBERTa's)."""
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Gather", ["word", "input_ids"], ["w"]),
@@ -72,21 +72,22 @@ def _encoder() -> onnx.ModelProto:
                               value("token_type_ids", ["batch", "seq"], TensorProto.INT32)],
                       [value("y", ["batch", "seq", 4])],
                       [tensor("word", rng.standard_normal((30, 4)).astype(np.float32)),
-                       tensor("types", rng.standard_normal((2, 4)).astype(np.float32))])
+                       tensor("types", rng.standard_normal((1, 4)).astype(np.float32))])
 
 
 def test_integer_inputs_that_index_a_table_stay_below_its_size():
     model = _encoder()
-    assert integer_bounds(model) == {"input_ids": (0, 30), "token_type_ids": (0, 2)}
+    assert integer_bounds(model) == {"input_ids": (0, 30), "token_type_ids": (0, 1)}
     feeds, notes, _ = synthetic_reference(model)
-    assert feeds.arrays["token_type_ids"].max() < 2 and feeds.arrays["token_type_ids"].dtype == np.int32
-    assert any("token_type_ids': integers in [0, 2)" in n for n in notes)
+    assert feeds.arrays["token_type_ids"].max() == 0 and feeds.arrays["token_type_ids"].dtype == np.int32
+    assert feeds.arrays["input_ids"].max() > 1  # ids spread over the vocabulary, not only 0 and 1
+    assert any("token_type_ids': integers in [0, 1)" in n for n in notes)
     assert onnxopt.optimize(model, "dce,cleanup").report.passed
 
 
 def test_plain_random_integers_overrun_the_small_table():
     """The negative twin: without the graph's bounds the same model cannot run on random ids."""
-    feeds, _ = random_feeds(_encoder())
+    feeds, _ = random_feeds(_encoder(), input_shapes={"input_ids": (1, 16), "token_type_ids": (1, 16)})
     with pytest.raises(InputError, match="indices"):
         run_model(_encoder(), feeds)
 
@@ -104,6 +105,30 @@ def test_an_integer_compared_with_a_constant_takes_that_constant():
     assert integer_bounds(model) == {"sr": (16000, 16001)}
     result = onnxopt.optimize(model, "dce")
     assert result.report.passed, result.report.failure
+
+
+def test_an_attention_mask_gets_zeros_and_ones():
+    """HF-style extended mask (1 - mask) * float.min: a 6 in the mask overflows to inf, softmax to NaN."""
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "m"], ["inverted"]),
+             helper.make_node("Mul", ["inverted", "lowest"], ["bias"]),
+             helper.make_node("Add", ["scores", "bias"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["y"], axis=-1)]
+    model = make_model(nodes, [value("scores", ["batch", "seq"]),
+                               value("attention_mask", ["batch", "seq"], TensorProto.INT64)],
+                       [value("y", ["batch", "seq"])],
+                       [tensor("one", np.array(1, np.float32)),
+                        tensor("lowest", np.array(np.finfo(np.float32).min, np.float32))])
+    feeds, notes, outputs = synthetic_reference(model)
+    assert set(np.unique(feeds.arrays["attention_mask"])) <= {0, 1}
+    assert all(np.isfinite(y).all() for y in outputs["y"]) and not any("NaN" in n for n in notes)
+
+
+def test_random_feeds_that_give_nan_are_named_in_the_report():
+    model = make_model([helper.make_node("Sqrt", ["x"], ["y"])], [value("x", [4])], [value("y", [4])])
+    report = onnxopt.optimize(model, "dce").report
+    assert report.passed and any("NaN or Inf" in n and "--data" in n for n in report.feeds["notes"])
+    assert "verdict: PASSED" in report.table()
 
 
 def _convs(shape) -> onnx.ModelProto:
