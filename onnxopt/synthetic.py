@@ -25,6 +25,9 @@ VALUE_PRESERVING_OPS = frozenset({"Identity", "Cast", "Reshape", "Squeeze", "Uns
                                   "Expand", "Tile", "Slice", "Concat"})
 # sizes tried, in order, for symbolic dims that are not a batch axis; the first that runs is kept
 SYMBOLIC_SIZES = (64, 512, 1)
+_INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+                            onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                            onnx.TensorProto.UINT32, onnx.TensorProto.UINT64})
 
 
 def integer_bounds(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
@@ -53,11 +56,6 @@ def integer_bounds(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return bounds
 
 
-_INTEGER_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
-                            onnx.TensorProto.INT64, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
-                            onnx.TensorProto.UINT32, onnx.TensorProto.UINT64})
-
-
 def _bound(name: str, readers: dict[str, list[onnx.NodeProto]],
            constants: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
     """The tightest bound found by following ``name`` through value-preserving ops (each value once)."""
@@ -71,8 +69,9 @@ def _bound(name: str, readers: dict[str, list[onnx.NodeProto]],
             if node.op_type == "Equal":
                 other = node.input[1] if node.input[0] == current else node.input[0]
                 tensor = constants.get(other)
-                if tensor is not None and tensor_nbytes(tensor) <= 8 and np.size(tensor_to_array(tensor)) == 1:
-                    target = int(tensor_to_array(tensor).reshape(-1)[0])
+                scalar = tensor_to_array(tensor) if tensor is not None and tensor_nbytes(tensor) <= 8 else None
+                if scalar is not None and scalar.size == 1 and scalar.dtype.kind in "iuf" and np.isfinite(scalar).all():
+                    target = int(scalar.reshape(-1)[0])
                     return target, target + 1
             elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == current:
                 table = constants.get(node.input[0])
