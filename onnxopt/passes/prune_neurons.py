@@ -93,7 +93,7 @@ class PruneNeurons(Pass):
                 row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
             else:
                 score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0)
-                row = score.reshape(len(canonical), -1).sum(axis=1)
+                row = score.reshape(len(canonical), -1).sum(axis=1, dtype=np.float64)
             np.add.at(scores, producer_roots, row)
             links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
         group_of = union_roots(len(roots), links)
