@@ -266,7 +266,7 @@ class Report:
         for s in self.steps:
             metrics = s.vs_original or {}
             outputs = metrics.get("outputs", {})
-            cosine = min((o["cosine"] for o in outputs.values()), default=None)
+            cosine = min((float(o["cosine"]) for o in outputs.values()), default=None)  # "nan" from NaN outputs
             max_abs = max((float(o["max_abs"]) for o in outputs.values()), default=None)
             rows.append(
                 f"{s.index:>2}  {s.name:<28} {s.before['nodes']:>6}>{s.after['nodes']:<6} "
@@ -280,6 +280,11 @@ class Report:
             interesting = {k: v for k, v in s.stats.items() if v}
             if interesting:
                 rows.append(f"    {s.name}: " + ", ".join(f"{k}={_short(v)}" for k, v in interesting.items()))
+        for s in self.steps:  # learned solvers: the schedule and where each layer's loss went
+            for layer, curve in s.details.get("loss_curves", {}).items():
+                loss = curve["loss"]
+                rows.append(f"    {s.name} loss {layer} ({curve['schedule']}, {curve['optimizer']}, {curve['steps']} steps): "
+                            f"{loss[0]:.4g} -> {loss[-1]:.4g}")
         if self.feeds:
             accuracy = self.feeds.get("accuracy")
             rows.append(f"feeds: {self.feeds.get('origin')} ({self.feeds.get('samples')} samples)"

@@ -219,10 +219,10 @@ class ShardedValidation:
     def describe(self) -> dict:
         return {**self.executor.describe(), "shards": len(self.shards), "worker_threads": WORKER_THREADS}
 
-    def start(self, model: onnx.ModelProto) -> tuple[Validated, dict[str, float], float | None]:
-        """The original on every shard: its sums, its float noise (on the subset), its accuracy."""
-        original, _, accuracy, noise = self._run(model, [], self.shards, noise=True)
-        return original, noise, accuracy
+    def start(self, model: onnx.ModelProto, noise: bool = True) -> tuple[Validated, dict[str, float], float | None]:
+        """The original on every shard: its sums, its float noise (on the subset, when ``noise``), its accuracy."""
+        original, _, accuracy, measured = self._run(model, [], self.shards, noise=noise)
+        return original, measured or {}, accuracy
 
     def evaluate(self, model: onnx.ModelProto, *, full: bool,
                  against: list[tuple[Validated, Tolerances, dict[str, float] | None]],
