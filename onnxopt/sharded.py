@@ -25,95 +25,11 @@ from .data import FeedSet
 from .errors import InputError
 from .executor import Executor, ModelHandle, Shard, WorkerCache, split
 from .validate import (
-    Comparison, OutputMetrics, Session, Tolerances, _epsilon, exact_mismatches, judge, measure_noise,
-    numeric_values, session_outputs, top1_counts,
+    Comparison, OutputSums, Session, Tolerances, judge, measure_noise, numeric_values, output_sums, session_outputs,
 )
 
 WORKER_THREADS = 1  # onnxruntime threads per worker: workers, not threads, use the cores (results do not
 #   depend on the machine)
-
-
-@dataclass
-class OutputSums:
-    """Mergeable comparison sums of one output over some samples (see the module notes)."""
-
-    values: int = 0
-    dot: float = 0.0
-    ref_sq: float = 0.0
-    cand_sq: float = 0.0
-    diff_sq: float = 0.0
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    nonfinite: bool = False
-    mismatches: int = 0
-    top1: tuple[int, int] | None = None  # (agreements, positions); positions -1: shapes differ
-    unequal_strings: int | None = None  # string outputs: samples that differ
-    shapes_differ: bool = False
-
-    def merge(self, other: OutputSums) -> OutputSums:
-        top1 = self.top1 if other.top1 is None else other.top1 if self.top1 is None else (
-            (0, -1) if -1 in (self.top1[1], other.top1[1]) else
-            (self.top1[0] + other.top1[0], self.top1[1] + other.top1[1]))
-        strings = None if self.unequal_strings is None else self.unequal_strings + (other.unequal_strings or 0)
-        return OutputSums(
-            self.values + other.values, self.dot + other.dot, self.ref_sq + other.ref_sq,
-            self.cand_sq + other.cand_sq, self.diff_sq + other.diff_sq,
-            float(np.maximum(self.max_abs, other.max_abs)), float(np.maximum(self.max_rel, other.max_rel)),
-            self.nonfinite or other.nonfinite, self.mismatches + other.mismatches, top1, strings,
-            self.shapes_differ or other.shapes_differ,
-        )
-
-    def metrics(self) -> OutputMetrics:
-        """The metrics :func:`onnxopt.validate.output_metrics` gives on all samples at once."""
-        if self.unequal_strings is not None:
-            same = self.unequal_strings == 0
-            return OutputMetrics(0.0 if same else math.inf, 0.0 if same else math.inf, 0.0 if same else math.inf,
-                                 1.0 if same else 0.0, math.inf if same else -math.inf, None, self.unequal_strings,
-                                 same)
-        if self.shapes_differ:
-            return OutputMetrics(math.inf, math.inf, math.inf, 0.0, -math.inf, None, self.mismatches, False)
-        ref_norm, cand_norm, diff_norm = math.sqrt(self.ref_sq), math.sqrt(self.cand_sq), math.sqrt(self.diff_sq)
-        if ref_norm == 0 and cand_norm == 0:
-            cosine = 1.0
-        elif ref_norm == 0 or cand_norm == 0:
-            cosine = 0.0
-        else:
-            cosine = self.dot / (ref_norm * cand_norm)
-        agree, total = self.top1 or (0, 0)
-        return OutputMetrics(
-            max_abs=math.inf if self.nonfinite else self.max_abs,
-            max_rel=self.max_rel,
-            rel_l2=diff_norm / ref_norm if ref_norm else (0.0 if diff_norm == 0 else math.inf),
-            cosine=cosine,
-            snr_db=math.inf if diff_norm == 0 else (20 * math.log10(ref_norm / diff_norm) if ref_norm else -math.inf),
-            top1_agreement=None if self.top1 is None else (0.0 if total < 0 else (agree / total if total else None)),
-            mismatches=self.mismatches,
-            within_exact_tolerance=self.mismatches == 0,
-        )
-
-
-def output_sums(reference: list, candidate: list, tol: Tolerances, atol: float, scale: float) -> OutputSums:
-    """One shard's sums for one output (``scale``: the reference output's RMS over all compared samples)."""
-    try:
-        ref = np.concatenate([numeric_values(r).ravel() for r in reference])
-        cand = np.concatenate([numeric_values(c).ravel() for c in candidate])
-    except TypeError:  # strings: equal or not
-        return OutputSums(unequal_strings=sum(not np.array_equal(np.asarray(r), np.asarray(c))
-                                              for r, c in zip(reference, candidate)))
-    if ref.shape != cand.shape:
-        return OutputSums(mismatches=int(max(ref.size, cand.size)), shapes_differ=True)
-    delta = cand - ref
-    diff = np.abs(delta)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / np.abs(ref))
-    return OutputSums(
-        values=ref.size, dot=float(np.dot(ref, cand)), ref_sq=float(np.dot(ref, ref)),
-        cand_sq=float(np.dot(cand, cand)), diff_sq=float(np.dot(delta, delta)),
-        max_abs=float(diff.max(initial=0.0)), max_rel=float(rel.max(initial=0.0)),
-        nonfinite=not bool((np.isfinite(ref) & np.isfinite(cand)).all()),
-        mismatches=exact_mismatches(ref, cand, tol, _epsilon(reference), atol, scale),
-        top1=top1_counts(reference, candidate),
-    )
 
 
 def _own_sums(outputs: dict[str, list]) -> dict[str, tuple[float, int]]:
