@@ -34,6 +34,7 @@ from .data import FeedSet
 from .errors import InputError, OnnxoptError
 from .modelio import load_model, needs_file, save_scratch
 
+PACKAGE = Path(__file__).resolve().parent
 SHARD_SAMPLES = 64  # samples per shard: fixed, so partial sums do not depend on the number of workers
 CACHE_ENTRIES = 6  # sessions a worker keeps open (original, previous, candidate, and their optimized twins)
 RETRIES = 3  # restarts of a dead Ray worker, and retries of the task it was running
@@ -205,9 +206,8 @@ class RayExecutor(Executor):
         if self._started:
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                        "logging_level": "error"}
-            if address:
-                # a cluster's workers import onnxopt from here, whatever is installed on their machines
-                options["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
+            if address:  # a cluster's workers import onnxopt from here (uploaded once), whatever is installed there
+                options["runtime_env"] = {"py_modules": [str(PACKAGE)]}
             else:
                 options["num_cpus"] = workers or os.cpu_count()
             try:
@@ -216,7 +216,9 @@ class RayExecutor(Executor):
                 raise InputError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc})") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, min(workers or cpus, cpus))
-        actor = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(_RayWorker)
+        # workers on this machine import this onnxopt, installed or not (in a Ray instance started by the caller too)
+        actor = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES,
+                           runtime_env={"env_vars": {"PYTHONPATH": str(PACKAGE.parent)}})(_RayWorker)
         self.actors = [actor.remote() for _ in range(self.workers)]
 
     def _share(self, payload: bytes) -> Any:
@@ -284,8 +286,8 @@ def make_executor(executor: str | Executor | None, address: str | None = None,
     if isinstance(executor, Executor):
         return executor
     if executor in (None, "in-process"):
-        if address:
-            raise InputError("--ray-address needs --executor ray")
+        if address or workers:
+            raise InputError(f"{'--ray-address' if address else '--workers'} needs --executor ray")
         return None
     if executor == "ray":
         return RayExecutor(address, workers)
