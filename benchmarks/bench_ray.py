@@ -56,6 +56,7 @@ def run(job: str, executor_name: str, data, calib) -> dict:
         row["tasks"] = executor.tasks
     if not isinstance(executor, str):
         executor.close()
+    print(json.dumps(row), flush=True)
     return row
 
 

@@ -87,14 +87,16 @@ def _evaluate(cache: WorkerCache, shard: Shard, job: _Job) -> _ShardResult:
     """The worker's part: run the candidate and the models it is compared with on one shard, reduce."""
     outputs = _outputs(cache, job.candidate, shard.feeds)
     result = _ShardResult(_own_sums(outputs), list(outputs), [], [])
+    computed = {job.candidate.key: outputs}  # the last validated model is often the original: run it once
     for against in job.against:
-        reference = outputs if against.model.key == job.candidate.key else _outputs(cache, against.model, shard.feeds)
+        if against.model.key not in computed:
+            computed[against.model.key] = _outputs(cache, against.model, shard.feeds)
+        reference = computed[against.model.key]
         result.missing.append([n for n in reference if n not in outputs])
         result.comparisons.append({
             name: output_sums(ref, outputs[name], against.tolerances,
                               (against.atols or {}).get(name, against.tolerances.exact_atol), against.scales.get(name, 0.0))
             for name, ref in reference.items() if name in outputs})
-        del reference
     if job.labels is not None:
         predicted = np.concatenate([np.asarray(s).argmax(axis=-1).ravel() for s in next(iter(outputs.values()))])
         expected = job.labels[shard.start: shard.stop].reshape(-1)
