@@ -76,8 +76,14 @@ MODES = ("auto", "static", "dynamic")
 EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "int4": (4, 32)}
 AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate,
 AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then float-exact for any task)
-AUTO_LATENCY_MARGIN = 0.1  # a less simple candidate replaces a simpler one only when measured >= 10 % faster
-AUTO_TIMING_S = 0.15  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
+AUTO_KEEPS_COSINE = 0.9995  # and so does any candidate whose calibration worst cosine reaches this
+AUTO_LATENCY_MARGIN = 0.03  # of those, the fastest; a simpler one within 3 % of it is kept (timing noise)
+AUTO_TIMING_S = 0.3  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
+AUTO_LATENCY_QUANTILE = 25  # percentile of the interleaved runs: load on the machine only ever adds time
+# Conv with a reduction (input channels per group x kernel area) this small: onnxruntime's QLinearConv runs it
+# slower than its float NCHWc kernels (depthwise 3x3 / 5x5, 3-channel stems: measured on ppocr_cls), and the
+# Q/DQ around it cost more; auto mode also measures a candidate that keeps them float
+NARROW_CONV_REDUCTION = 32
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ class QuantizeOptions:
     smooth_alpha: float = 0.0  # migration strength in (0, 1); 0: chosen per tensor from the statistics
     smooth_mul: bool = True  # also migrate where no LayerNorm upstream absorbs it (an explicit Mul at run time)
     embeddings: str = "int8"  # embedding tables: float | int8 (per row) | int8_block128 | int4: EMBEDDING_FORMATS
-    latency_runs: int = 30  # auto mode: onnxruntime runs per candidate, interleaved
+    latency_runs: int = 50  # auto mode: onnxruntime runs per candidate (at least), interleaved, 1 thread
     layer_sensitivity: bool = False  # report each layer's calibration cosine alone (min_cosine measures it anyway)
 
     def __post_init__(self) -> None:
@@ -152,7 +158,8 @@ class _Plan:
     smooth_mul: bool = False  # dynamic: migration also where it needs an explicit Mul
     units: list[_Unit] = field(default_factory=list)
     acts: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
-    float_nodes: list[str] = field(default_factory=list)  # heavy nodes the plan keeps float on purpose
+    float_nodes: dict[str, str] = field(default_factory=dict)  # heavy nodes the plan keeps float on purpose: op
+    narrow_float: frozenset[str] = frozenset()  # narrow Convs this form keeps float (auto's latency candidate)
 
 
 @dataclass
@@ -211,11 +218,15 @@ class QuantizePass(Pass):
         plan = _plan(index, store, opt, excluded, stats, dynamic=opt.mode == "dynamic", smooth_mul=opt.smooth_mul)
         alternatives = {}
         if opt.mode == "auto":
-            alternatives["dynamic"] = _plan(index, store, opt, excluded, {}, dynamic=True)
-            if not any(u.dynamic for u in alternatives["dynamic"].units):
-                alternatives = {}  # no MatMul/Gemm to run dynamically: static it is
-            elif opt.smooth and opt.smooth_mul:
-                alternatives["dynamic+mul"] = _plan(index, store, opt, excluded, {}, dynamic=True, smooth_mul=True)
+            narrow = {u.node.name for u in plan.units if _narrow_conv(u, store)}
+            if narrow and len(narrow) < len(plan.units):
+                alternatives["static+float_narrow_convs"] = _plan(index, store, opt, excluded, {},
+                                                                  narrow_float=frozenset(narrow))
+            dynamic = _plan(index, store, opt, excluded, {}, dynamic=True)
+            if any(u.dynamic for u in dynamic.units):  # else no MatMul/Gemm to run dynamically
+                alternatives["dynamic"] = dynamic
+                if opt.smooth and opt.smooth_mul:
+                    alternatives["dynamic+mul"] = _plan(index, store, opt, excluded, {}, dynamic=True, smooth_mul=True)
         plans = [plan, *alternatives.values()]
         static_units = [u for p in plans for u in p.units if not u.dynamic]
         axes = ({u.activations[0]: u.use.data_axis for u in static_units if u.use is not None}
@@ -255,7 +266,7 @@ class QuantizePass(Pass):
         if opt.min_cosine > 0:
             kept = _keep_sensitive(request, plan, quantized, feeds, stats, sensitivity)
             plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {}, dynamic=plan.dynamic,
-                         smooth_mul=plan.smooth_mul)
+                         smooth_mul=plan.smooth_mul, narrow_float=plan.narrow_float)
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         elif opt.layer_sensitivity:
@@ -429,17 +440,28 @@ def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
     return attribute(node, "min") == 0.0
 
 
+def _narrow_conv(unit: _Unit, store: WeightStore) -> bool:
+    """A Conv whose every output sums few products (NARROW_CONV_REDUCTION): int8 does not pay there."""
+    if unit.node.op_type != "Conv" or unit.weight is None:
+        return False
+    return int(np.prod(store.tensor(unit.weight).dims[1:])) <= NARROW_CONV_REDUCTION
+
+
 def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nodes: set[str], stats: dict,
-          dynamic: bool = False, smooth_mul: bool = False) -> _Plan:
+          dynamic: bool = False, smooth_mul: bool = False, narrow_float: frozenset[str] = frozenset()) -> _Plan:
     """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size; reads the graph only).
 
     ``dynamic``: MatMul/Gemm with a constant weight become dynamic units (no Q/DQ pairs: the range is
     taken per run) and activation-activation MatMuls stay float; Conv stays static.
     """
-    plan = _Plan(dynamic=dynamic, smooth_mul=dynamic and smooth_mul)
+    plan = _Plan(dynamic=dynamic, smooth_mul=dynamic and smooth_mul, narrow_float=narrow_float)
     for i in index.topological_order():
         node = index.nodes[i]
-        if node.domain not in ("", "ai.onnx") or node.name in float_nodes or node.op_type in opt.exclude_op_types:
+        if node.domain not in ("", "ai.onnx") or node.op_type in opt.exclude_op_types:
+            continue
+        if node.name in narrow_float:
+            plan.float_nodes[node.name] = node.op_type
+        if node.name in float_nodes or node.name in narrow_float:
             continue
         if node.op_type in opt.op_types:
             unit = _unit(node, index, store, opt, stats)
@@ -447,7 +469,7 @@ def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nod
                 continue
             if dynamic and node.op_type != "Conv":
                 if unit.weight is None:
-                    plan.float_nodes.append(node.name)
+                    plan.float_nodes[node.name] = node.op_type
                     count(stats, "float_activation_matmul")
                     continue
                 if _runs_dynamic(unit, index, store):
@@ -747,7 +769,7 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
     if dynamic:
         layers += _quantize_dynamic(dynamic, writer, quantized, index if index.graph is graph else GraphIndex(graph),
                                     make_name, stats, plan.smooth_mul)
-    layers += [{"name": name, "op": "MatMul", "mode": "float"} for name in plan.float_nodes]
+    layers += [{"name": name, "op": op, "mode": "float"} for name, op in plan.float_nodes.items()]
     stats["nodes_quantized"] = len(plan.units)
     for position, (sub, sub_store, units) in enumerate(subgraphs):
         sub_writer, sub_done = _Writer(sub_store, make_name), set()
@@ -909,13 +931,15 @@ class _Trials:
 
 
 def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> dict[str, float]:
-    """Median onnxruntime latency per model (1 thread, all graph optimizations), the models run interleaved
-    so that load on the machine hits all alike: at least ``runs`` rounds, and AUTO_TIMING_S per model (tiny
-    models need many runs for a stable median)."""
-    sessions = {name: Session(m, optimize=True) for name, m in models.items()}
+    """onnxruntime latency per model (1 thread, all graph optimizations): the models run interleaved, one run
+    each per round, so that load on the machine hits all alike; at least ``runs`` rounds and AUTO_TIMING_S per
+    model (tiny models need many runs); the AUTO_LATENCY_QUANTILE percentile of each model's runs, since load
+    from other processes only ever adds time (a median on a busy machine moves with it)."""
+    sessions = {name: Session(m, optimize=True, threads=1) for name, m in models.items()}
     try:
-        for s in sessions.values():
-            s.run(feed)  # first run allocates
+        for _ in range(3):  # the first runs allocate and warm the caches
+            for s in sessions.values():
+                s.run(feed)
         times: dict[str, list[float]] = {name: [] for name in sessions}
         rounds = 0
         while rounds < runs or min(sum(t) for t in times.values()) < AUTO_TIMING_S:
@@ -927,26 +951,24 @@ def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> di
     finally:
         for s in sessions.values():
             s.close()
-    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+    return {name: float(np.percentile(t, AUTO_LATENCY_QUANTILE) * 1e3) for name, t in times.items()}
 
 
 def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stats: dict, details: dict) -> _Plan:
-    """Auto mode: the static or the dynamic plan, by measured worst cosine on calibration samples and then
-    measured latency: the most accurate, unless several are about as accurate (AUTO_ERROR_SLACK,
-    AUTO_ERROR_FLOOR); of those the simplest (static, then dynamic, then dynamic with migration Muls), unless
-    another is clearly faster (AUTO_LATENCY_MARGIN)."""
+    """Auto mode: of the candidate plans (static, static with narrow Convs float, dynamic, dynamic with
+    migration Muls, in order of simplicity) those that keep accuracy, by measured worst cosine on calibration
+    samples (within AUTO_ERROR_SLACK / AUTO_ERROR_FLOOR of the best, or at least AUTO_KEEPS_COSINE), and of
+    those the fastest by measured latency, unless a simpler one is within AUTO_LATENCY_MARGIN of it."""
     trials = _Trials(request, quantized, feeds)
     plans = {"static": request.plan, **request.alternatives}
     models = {name: trials.model(plan) for name, plan in plans.items()}
     cosines = {name: trials.cosine(m) for name, m in models.items()}
     latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
     best_error = min(1.0 - c for c in cosines.values())
-    close = [n for n in plans
-             if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
-    chosen = close[0]  # plans are in order of simplicity: static, dynamic, dynamic with migration Muls
-    for name in close[1:]:
-        if latency[name] < latency[chosen] * (1 - AUTO_LATENCY_MARGIN):
-            chosen = name
+    close = [n for n in plans if cosines[n] >= AUTO_KEEPS_COSINE
+             or 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
+    fastest = min(latency[n] for n in close)
+    chosen = next(n for n in close if latency[n] <= fastest * (1 + AUTO_LATENCY_MARGIN))
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
                               "chosen": n == chosen} for n in plans]
     stats["mode_dynamic"] = int(plans[chosen].dynamic)
@@ -961,7 +983,7 @@ def _trial_cosine(request: CalibrationRequest, plan: _Plan, trials: _Trials) -> 
 
     def cosine(float_nodes: set[str]) -> float:
         trial_plan = _plan(request.index, request.store, opt, excluded | float_nodes, {}, dynamic=plan.dynamic,
-                           smooth_mul=plan.smooth_mul)
+                           smooth_mul=plan.smooth_mul, narrow_float=plan.narrow_float)
         return trials.cosine(trials.model(trial_plan))
 
     return cosine
