@@ -76,13 +76,13 @@ MODES = ("auto", "static", "dynamic")
 EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "int4": (4, 32)}
 AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate,
 AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then float-exact for any task)
-AUTO_KEEPS_COSINE = 0.9995  # and so does any candidate whose calibration worst cosine reaches this
 AUTO_LATENCY_MARGIN = 0.03  # of those, the fastest; a simpler one within 3 % of it is kept (timing noise)
 AUTO_TIMING_S = 0.3  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
 AUTO_LATENCY_QUANTILE = 25  # percentile of the interleaved runs: load on the machine only ever adds time
-# Conv with a reduction (input channels per group x kernel area) this small: onnxruntime's QLinearConv runs it
-# slower than its float NCHWc kernels (depthwise 3x3 / 5x5, 3-channel stems: measured on ppocr_cls), and the
-# Q/DQ around it cost more; auto mode also measures a candidate that keeps them float
+# spatial Conv with a reduction (input channels per group x kernel area) this small: onnxruntime's QLinearConv
+# runs it slower than its float NCHWc kernels (depthwise 3x3 / 5x5, 3-channel stems: profiled on ppocr_cls,
+# 1.4 of its 3.2 ms of QLinearConv), and the Q/DQ and NHWC transposes around it cost more; auto mode also
+# measures a candidate that keeps them float
 NARROW_CONV_REDUCTION = 32
 
 
@@ -441,10 +441,13 @@ def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
 
 
 def _narrow_conv(unit: _Unit, store: WeightStore) -> bool:
-    """A Conv whose every output sums few products (NARROW_CONV_REDUCTION): int8 does not pay there."""
+    """A spatial Conv whose every output sums few products (NARROW_CONV_REDUCTION): int8 does not pay there
+    (1x1 Convs are plain GEMMs that do gain; a weight-only int8 form would not help either, since
+    onnxruntime keeps a weight's DequantizeLinear unfolded and the float Conv then loses its NCHWc kernel)."""
     if unit.node.op_type != "Conv" or unit.weight is None:
         return False
-    return int(np.prod(store.tensor(unit.weight).dims[1:])) <= NARROW_CONV_REDUCTION
+    dims = store.tensor(unit.weight).dims
+    return int(np.prod(dims[2:])) > 1 and int(np.prod(dims[1:])) <= NARROW_CONV_REDUCTION
 
 
 def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nodes: set[str], stats: dict,
@@ -867,7 +870,6 @@ def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized
             q, scale, bias, error = quantized.dynamic_unit(unit, store, s)
             node, out = unit.node, unit.node.output[0]
             stored, _ = writer.store_int(unit.weight, q)
-            zero = writer.initializer("z", np.zeros(scale.shape, np.int8))
             product, as_int, as_float = make_name(f"{out}_scales"), make_name(f"{out}_int32"), make_name(f"{out}_float")
             bias_input = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
             if bias is not None:  # bias-corrected: Gemm C, or the Add after a MatMul
@@ -876,7 +878,8 @@ def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized
             scaled = make_name(f"{out}_matmul") if bias_input else out
             replacement = [
                 onnx.helper.make_node("Mul", [xs, writer.initializer("s", scale)], [product]),
-                onnx.helper.make_node("MatMulInteger", [xq, stored, xz, zero], [as_int], name=node.name),
+                # symmetric weights: no zero point (an all-zero one per column costs a quarter of the scales)
+                onnx.helper.make_node("MatMulInteger", [xq, stored, xz], [as_int], name=node.name),
                 onnx.helper.make_node("Cast", [as_int], [as_float], to=onnx.TensorProto.FLOAT),
                 onnx.helper.make_node("Mul", [as_float, product], [scaled])]
             if bias_input:
@@ -957,7 +960,7 @@ def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> di
 def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stats: dict, details: dict) -> _Plan:
     """Auto mode: of the candidate plans (static, static with narrow Convs float, dynamic, dynamic with
     migration Muls, in order of simplicity) those that keep accuracy, by measured worst cosine on calibration
-    samples (within AUTO_ERROR_SLACK / AUTO_ERROR_FLOOR of the best, or at least AUTO_KEEPS_COSINE), and of
+    samples (within AUTO_ERROR_SLACK / AUTO_ERROR_FLOOR of the best), and of
     those the fastest by measured latency, unless a simpler one is within AUTO_LATENCY_MARGIN of it."""
     trials = _Trials(request, quantized, feeds)
     plans = {"static": request.plan, **request.alternatives}
@@ -965,8 +968,8 @@ def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stat
     cosines = {name: trials.cosine(m) for name, m in models.items()}
     latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
     best_error = min(1.0 - c for c in cosines.values())
-    close = [n for n in plans if cosines[n] >= AUTO_KEEPS_COSINE
-             or 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
+    close = [n for n in plans
+             if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
     fastest = min(latency[n] for n in close)
     chosen = next(n for n in close if latency[n] <= fastest * (1 + AUTO_LATENCY_MARGIN))
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
