@@ -289,6 +289,13 @@ def sentence_cosines(reference: list, output: list, lengths: np.ndarray) -> np.n
     return np.array(cos)
 
 
+def auto_choice(stats: dict) -> str:
+    """Which candidate quantize's auto mode kept, from its stats."""
+    if stats.get("mode_dynamic"):
+        return "dynamic"
+    return "static, narrow Convs float" if stats.get("narrow_convs_float") else "static"
+
+
 def print_model(name: str, result: dict, has_labels: bool) -> None:
     rows = result["rows"]
     fp32 = rows["fp32"]
@@ -305,7 +312,7 @@ def print_model(name: str, result: dict, has_labels: bool) -> None:
         acc = f"{r['accuracy'] * 100:.1f}% | " if has_labels else ""
         sent = f"{r['sentence_mean']:.4f} / {r['sentence_worst']:.4f} | " if sentences else ""
         chosen = r.get("stats", {}).get("mode_dynamic")
-        label = qname if chosen is None else f"{qname}: {'dynamic' if chosen else 'static'}"
+        label = qname if chosen is None else f"{qname}: {auto_choice(r['stats'])}"
         print(f"| {label} | {acc}{sent}{r['cosine']:.5f} | {r['size_kb']:.0f} ({r['size_kb'] / fp32['size_kb']:.2f}) | "
               f"{r['latency_ms']:.3f} ({r['latency_ms'] / fp32['latency_ms']:.2f}) | {r.get('quantize_s', 0):.2f} |")
     if "calib" not in result:

@@ -975,6 +975,7 @@ def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stat
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
                               "chosen": n == chosen} for n in plans]
     stats["mode_dynamic"] = int(plans[chosen].dynamic)
+    stats["narrow_convs_float"] = len(plans[chosen].narrow_float)
     stats.update({f"calib_cosine_{n}": cosines[n] for n in plans})
     return plans[chosen]
 
