@@ -48,16 +48,18 @@ def outputs(path: Path, feeds: FeedSet) -> list[np.ndarray]:
 
 
 def latencies_ms(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, float]:
-    """Median latency per model, the models timed round-robin (one run each per round)."""
+    """Median latency per model, the models timed round-robin (one run each per round, each round starting at
+    the next model)."""
     sessions = {name: session(path, optimize=True) for name, path in paths.items()}
     for s in sessions.values():
         for _ in range(10):
             s.run(None, feed)
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
+    names = list(sessions)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: the first of a round runs colder
             t = time.perf_counter()
-            s.run(None, feed)
+            sessions[name].run(None, feed)
             times[name].append(time.perf_counter() - t)
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
