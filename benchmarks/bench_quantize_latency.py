@@ -8,10 +8,9 @@ Issue 9's latency target compares onnxopt's default with the fastest of onnxrunt
 accuracy*: so every model is scored on the eval data first (labelled models: accuracy within 0.5 point of fp32;
 the sentence encoders: sentence cosine mean >= 0.998 and worst >= 0.995, as bench_quantize.py measures them).
 Latency: onnxruntime CPU, 1 thread (intra and inter op), all graph optimizations, batch 1, one eval sample; the
-sessions are interleaved (one run each per round, --runs rounds after 10 warm-up runs each), the round-robin is
-repeated --repeats times, and the median of the per-repeat medians is reported, so that load from other processes
-hits every model alike. bench_quantize.py times a dozen sessions round-robin, which on a loaded 2-core machine
-thrashes the caches of the larger models; here eight.
+sessions take turns in blocks of 10 runs (the first of each block, which finds the caches the others used, not
+counted; each round starts at the next model) until each has --runs counted runs, repeated --repeats times; the
+median of the per-repeat medians is reported, so that load from other processes hits every model alike.
 """
 
 from __future__ import annotations

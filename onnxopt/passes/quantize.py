@@ -79,6 +79,10 @@ AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then floa
 AUTO_LATENCY_MARGIN = 0.03  # of those, the fastest; a simpler one within 3 % of it is kept (timing noise)
 AUTO_TIMING_S = 0.3  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
 AUTO_LATENCY_QUANTILE = 25  # percentile of the interleaved runs: load on the machine only ever adds time
+# runs per turn: a model timed right after another finds colder caches than a deployed one (one run per turn
+# over four copies of digits_cnn measured 28.5/21.3/18.7/18.7 us by position; eight models per round made
+# ppocr_cls's identical static models differ by 2x)
+AUTO_LATENCY_BLOCK = 10
 # spatial Conv with a reduction (input channels per group x kernel area) this small: onnxruntime's QLinearConv
 # runs it slower than its float NCHWc kernels (depthwise 3x3 / 5x5, 3-channel stems: profiled on ppocr_cls,
 # 1.4 of its 3.2 ms of QLinearConv), and the Q/DQ and NHWC transposes around it cost more; auto mode also
@@ -934,28 +938,27 @@ class _Trials:
 
 
 def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> dict[str, float]:
-    """onnxruntime latency per model (1 thread, all graph optimizations): the models run interleaved, one run
-    each per round, so that load on the machine hits all alike; at least ``runs`` rounds and AUTO_TIMING_S per
-    model (tiny models need many runs); the AUTO_LATENCY_QUANTILE percentile of each model's runs, since load
-    from other processes only ever adds time (a median on a busy machine moves with it)."""
+    """onnxruntime latency per model (1 thread, all graph optimizations) as a deployed model runs, warm: the
+    models take turns in blocks of AUTO_LATENCY_BLOCK runs (the first of a block, which finds caches that the
+    other models used, is not counted), each round starting at the next model, so that load on the machine hits
+    all alike; at least ``runs`` counted runs and AUTO_TIMING_S per model; the AUTO_LATENCY_QUANTILE percentile
+    of each model's runs, since load from other processes only ever adds time."""
     sessions = {name: Session(m, optimize=True, threads=1) for name, m in models.items()}
     try:
-        for _ in range(3):  # the first runs allocate and warm the caches
-            for s in sessions.values():
-                s.run(feed)
         names = list(sessions)
         times: dict[str, list[float]] = {name: [] for name in names}
         total = dict.fromkeys(names, 0.0)
         rounds = 0
-        while rounds < runs or min(total.values()) < AUTO_TIMING_S:
-            # each round starts at the next candidate: whichever runs first after the loop's own work finds
-            # colder caches (measured: the first of four copies of one model ran 1.5x slower at 20 us)
+        while min(len(t) for t in times.values()) < runs or min(total.values()) < AUTO_TIMING_S:
             for name in names[rounds % len(names):] + names[:rounds % len(names)]:
-                start = time.perf_counter()
-                sessions[name].run(feed)
-                elapsed = time.perf_counter() - start
-                times[name].append(elapsed)
-                total[name] += elapsed
+                session = sessions[name]
+                session.run(feed)
+                for _ in range(AUTO_LATENCY_BLOCK - 1):
+                    start = time.perf_counter()
+                    session.run(feed)
+                    elapsed = time.perf_counter() - start
+                    times[name].append(elapsed)
+                    total[name] += elapsed
             rounds += 1
     finally:
         for s in sessions.values():
