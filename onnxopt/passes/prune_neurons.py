@@ -105,7 +105,8 @@ class PruneNeurons(Pass):
             if self.options.method == "l2":
                 row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
             else:
-                score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0)
+                # float64 sums: magnitude importance comes in the weight's own dtype
+                score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0).astype(np.float64)
                 row = score.reshape(len(canonical), -1).sum(axis=1)
                 use = exits.get(id(producer.node))
                 if use is not None:
