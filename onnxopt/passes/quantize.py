@@ -30,10 +30,12 @@ activation-activation MatMuls, Softmax, LayerNorm, GELU and residual adds in flo
 activation outliers into the weights SmoothQuant-style where the statistics say it pays
 (:mod:`onnxopt.smoothing`; the division is folded into the gamma and beta of a LayerNorm upstream
 when nothing else reads its output, else an explicit Mul does it, ``smooth_mul``),
-and bias-corrects the weight rounding. ``mode=auto`` (the default) builds the static model, the dynamic
-one, and the dynamic one with migration Muls, measures them on calibration samples (worst cosine to
-float, then onnxruntime latency) and keeps the most accurate, or of those about as accurate the simplest
-unless another is clearly faster. Embedding tables
+and bias-corrects the weight rounding. ``mode=auto`` (the default) builds the static model, the static one
+with narrow Convs float (depthwise, 3-channel stems: onnxruntime's QLinearConv runs them slower than its
+float NCHWc kernels, and the Q/DQ and layout transposes around them cost more), the dynamic one, and the
+dynamic one with migration Muls, measures them on calibration samples (worst cosine to float, then warm
+1-thread onnxruntime latency, interleaved) and keeps the fastest of those about as accurate as the most
+accurate. Embedding tables
 (``Gather`` on a big constant) become int8 per row (``embeddings``, :mod:`onnxopt.embeddings`):
 the file shrinks by the vocabulary too.
 
