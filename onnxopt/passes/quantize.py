@@ -54,6 +54,7 @@ quantized: where the error comes from. ``details["candidates"]`` holds auto mode
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -89,12 +90,13 @@ EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "
 AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate,
 AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then float-exact for any task)
 AUTO_LATENCY_MARGIN = 0.03  # of those, the fastest; a simpler one within 3 % of it is kept (timing noise)
-AUTO_TIMING_S = 0.3  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
+AUTO_TIMING_S = 0.6  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
 AUTO_LATENCY_QUANTILE = 25  # percentile of the interleaved runs: load on the machine only ever adds time
 # runs per turn: a model timed right after another finds colder caches than a deployed one (one run per turn
 # over four copies of digits_cnn measured 28.5/21.3/18.7/18.7 us by position; eight models per round made
-# ppocr_cls's identical static models differ by 2x)
-AUTO_LATENCY_BLOCK = 10
+# ppocr_cls's identical static models differ by 2x); short blocks: many turns, so load swings hit all alike
+AUTO_LATENCY_BLOCK = 6
+AUTO_MUL_TRIALS = 24  # auto mode: migration Muls tried without, one input tensor each (see _fewer_muls)
 # spatial Conv with a reduction (input channels per group x kernel area) this small: onnxruntime's QLinearConv
 # runs it slower than its float NCHWc kernels (depthwise 3x3 / 5x5, 3-channel stems: profiled on ppocr_cls,
 # 1.4 of its 3.2 ms of QLinearConv), and the Q/DQ and NHWC transposes around it cost more; auto mode also
@@ -178,6 +180,7 @@ class _Unit:
 class _Plan:
     dynamic: bool = False  # planned with dynamic MatMul/Gemm
     smooth_mul: bool = False  # dynamic: migration also where it needs an explicit Mul
+    mul_sources: frozenset[str] | None = None  # smooth_mul only on these input tensors (None: wherever it pays)
     units: list[_Unit] = field(default_factory=list)
     acts: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
     float_nodes: dict[str, str] = field(default_factory=dict)  # heavy nodes the plan keeps float on purpose: op
@@ -287,8 +290,7 @@ class QuantizePass(Pass):
             plan = _choose_mode(request, quantized, feeds, stats, details)
         if opt.min_cosine > 0:
             kept = _keep_sensitive(request, plan, quantized, feeds, stats, sensitivity)
-            plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {}, dynamic=plan.dynamic,
-                         smooth_mul=plan.smooth_mul, narrow_float=plan.narrow_float)
+            plan = _replan(request, opt, plan, set(opt.exclude_nodes) | kept)
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         elif opt.layer_sensitivity:
@@ -863,7 +865,7 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
     dynamic = [u for u in plan.units if u.dynamic]
     if dynamic:
         layers += _quantize_dynamic(dynamic, writer, quantized, index if index.graph is graph else GraphIndex(graph),
-                                    make_name, stats, plan.smooth_mul)
+                                    make_name, stats, plan.smooth_mul, plan.mul_sources)
     layers += [{"name": name, "op": op, "mode": "float"} for name, op in plan.float_nodes.items()]
     stats["nodes_quantized"] = len(plan.units)
     for position, (sub, sub_store, units) in enumerate(subgraphs):
@@ -928,7 +930,7 @@ def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, quantized: _Quantized,
 
 
 def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized, index: GraphIndex, make_name,
-                      stats: dict, smooth_mul: bool) -> list[dict]:
+                      stats: dict, smooth_mul: bool, mul_sources: frozenset[str] | None = None) -> list[dict]:
     """Replace each dynamic unit by DynamicQuantizeLinear (one per input tensor) -> MatMulInteger -> Cast ->
     Mul(input scale x weight scales) (-> Add bias), the pattern onnxruntime fuses into DynamicQuantizeMatMul.
 
@@ -950,7 +952,7 @@ def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized
                 c.output[0] in mine for c in index.consumer_nodes(source))
             if only_mine and fold_inverse_scale(source, inverse, index, store, make_name):
                 how = "folded"
-            elif smooth_mul:
+            elif smooth_mul and (mul_sources is None or source in mul_sources):
                 x, how = make_name(f"{source}_smoothed"), "mul"
                 where.append(onnx.helper.make_node("Mul", [source, writer.initializer("smooth", inverse)], [x]))
             else:
@@ -979,7 +981,7 @@ def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized
             writer.replaced[out] = replacement
             count(stats, "weights_quantized")
             count(stats, "dynamic_nodes")
-            rows.append({"name": node.name, "op": node.op_type, "mode": "dynamic", "weight_rel_err": error,
+            rows.append({"name": node.name, "op": node.op_type, "mode": "dynamic", "input": source, "weight_rel_err": error,
                          "smoothing": how, "smooth_alpha": alpha if how in ("folded", "mul") else 0.0,
                          "smooth_error_ratio": ratio})
     return rows
@@ -1018,7 +1020,8 @@ class _Trials:
         trial.CopyFrom(request.model)
         subgraphs = [(g, WeightStore(g), units) for g, (_, _, units)
                      in zip(itertools.islice(walk_graphs(trial.graph), 1, None), request.subgraphs)]
-        _apply(trial, WeightStore(trial.graph), plan, subgraphs, self.quantized, self.names, {}, request.index)
+        self.rows = _apply(trial, WeightStore(trial.graph), plan, subgraphs, self.quantized, self.names, {},
+                           request.index)  # the last trial's report rows
         return trial
 
     def cosine(self, trial: onnx.ModelProto) -> float:
@@ -1061,20 +1064,58 @@ def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stat
     those the fastest by measured latency, unless a simpler one is within AUTO_LATENCY_MARGIN of it."""
     trials = _Trials(request, quantized, feeds)
     plans = {"static": request.plan, **request.alternatives}
-    models = {name: trials.model(plan) for name, plan in plans.items()}
-    cosines = {name: trials.cosine(m) for name, m in models.items()}
-    latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
+    models, cosines, mul_rows = {}, {}, []
+    for name, plan in plans.items():
+        models[name] = trials.model(plan)
+        cosines[name] = trials.cosine(models[name])
+        mul_rows = trials.rows if plan.smooth_mul else mul_rows
     best_error = min(1.0 - c for c in cosines.values())
-    close = [n for n in plans
-             if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
+    budget = max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)
+    if "dynamic+mul" in plans:
+        fewer = _fewer_muls(trials, plans["dynamic+mul"], mul_rows, budget)
+        if fewer is not None:
+            plans["dynamic+some_mul"], models["dynamic+some_mul"], cosines["dynamic+some_mul"] = fewer
+    latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
+    close = [n for n in plans if 1.0 - cosines[n] <= budget]
     fastest = min(latency[n] for n in close)
     chosen = next(n for n in close if latency[n] <= fastest * (1 + AUTO_LATENCY_MARGIN))
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
                               "chosen": n == chosen} for n in plans]
     stats["mode_dynamic"] = int(plans[chosen].dynamic)
     stats["narrow_convs_float"] = len(plans[chosen].narrow_float)
+    if plans[chosen].mul_sources is not None:
+        stats["smoothing_mul_dropped"] = len({r["input"] for r in mul_rows if r.get("smoothing") == "mul"}
+                                             - plans[chosen].mul_sources)
     stats.update({f"calib_cosine_{n}": cosines[n] for n in plans})
     return plans[chosen]
+
+
+def _replan(request: CalibrationRequest, opt: QuantizeOptions, plan: _Plan, float_nodes: set[str]) -> _Plan:
+    """``plan``'s form (static / dynamic, narrow Convs, migration Muls) with the named heavy nodes float."""
+    replanned = _plan(request.index, request.store, opt, float_nodes, {}, dynamic=plan.dynamic,
+                      smooth_mul=plan.smooth_mul, narrow_float=plan.narrow_float)
+    return dataclasses.replace(replanned, mul_sources=plan.mul_sources)
+
+
+def _fewer_muls(trials: _Trials, plan: _Plan, rows: list[dict], budget: float
+                ) -> tuple[_Plan, onnx.ModelProto, float] | None:
+    """The migration Muls cost run time (12 elementwise passes, ~5 % of minilm_l3), and most buy little: drop
+    them one input tensor at a time, least estimated gain first (AUTO_MUL_TRIALS at most), while the
+    calibration error stays within ``budget`` (what auto counts as accurate). The plan with the Muls left,
+    its trial model and cosine; None when none could go or all could (that is the ``dynamic`` candidate)."""
+    gain: dict[str, float] = {}
+    for row in rows:
+        if row.get("smoothing") == "mul":
+            gain[row["input"]] = min(gain.get(row["input"], 1.0), row["smooth_error_ratio"])
+    kept, best = set(gain), None
+    for source in sorted(gain, key=lambda s: -gain[s])[:AUTO_MUL_TRIALS]:
+        candidate = dataclasses.replace(plan, mul_sources=frozenset(kept - {source}))
+        model = trials.model(candidate)
+        cosine = trials.cosine(model)
+        if 1.0 - cosine <= budget:
+            kept.discard(source)
+            best = (candidate, model, cosine)
+    return best if best is not None and kept else None
 
 
 def _trial_cosine(request: CalibrationRequest, plan: _Plan, trials: _Trials) -> Callable[[set[str]], float]:
@@ -1083,9 +1124,7 @@ def _trial_cosine(request: CalibrationRequest, plan: _Plan, trials: _Trials) -> 
     excluded = set(opt.exclude_nodes)
 
     def cosine(float_nodes: set[str]) -> float:
-        trial_plan = _plan(request.index, request.store, opt, excluded | float_nodes, {}, dynamic=plan.dynamic,
-                           smooth_mul=plan.smooth_mul, narrow_float=plan.narrow_float)
-        return trials.cosine(trials.model(trial_plan))
+        return trials.cosine(trials.model(_replan(request, opt, plan, excluded | float_nodes)))
 
     return cosine
 
