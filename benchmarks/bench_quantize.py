@@ -296,7 +296,9 @@ def sentence_cosines(reference: list, output: list, lengths: np.ndarray) -> np.n
 def auto_choice(stats: dict) -> str:
     """Which candidate quantize's auto mode kept, from its stats."""
     if stats.get("mode_dynamic"):
-        return "dynamic"
+        muls = stats.get("smoothing_mul", 0)
+        return f"dynamic, {muls} migration Muls" + (f" ({stats['smoothing_mul_dropped']} dropped)"
+                                                   if stats.get("smoothing_mul_dropped") else "")
     return "static, narrow Convs float" if stats.get("narrow_convs_float") else "static"
 
 

@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     only = args.only.split(",") if args.only else None
+    qualities = []
     print("| model | " + " | ".join(["fp32", *OURS, *PEERS]) + " | auto chose | fastest accurate ort | "
           "default × that |")
     print("|---|" + "---|" * (len(OURS) + len(PEERS) + 4))
@@ -102,6 +103,20 @@ def main() -> None:
             print(f"| {name} | " + " | ".join(cell(k) for k in paths) + f" | {chosen} | {peer or 'none'} | "
                   f"{ratio} |")
             sys.stdout.flush()
+            qualities.append((name, quality))
+    print("\nAccuracy on the eval data (labelled: top-1; sentence encoders: sentence cosine mean / worst):\n")
+    print("| model | " + " | ".join([*OURS, *PEERS]) + " |")
+    print("|---|" + "---|" * (len(OURS) + len(PEERS)))
+    for name, quality in qualities:
+        print(f"| {name} | " + " | ".join(describe(quality[k]) for k in [*OURS, *PEERS]) + " |")
+
+
+def describe(result: dict) -> str:
+    if "accuracy" in result:
+        return f"{result['accuracy'] * 100:.1f}%"
+    if "sentence_mean" in result:
+        return f"{result['sentence_mean']:.4f} / {result['sentence_worst']:.4f}"
+    return f"cos {result['cosine']:.5f}"
 
 
 if __name__ == "__main__":
