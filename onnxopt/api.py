@@ -10,13 +10,14 @@ from typing import Any
 import onnx
 
 from .benchmark import Benchmark, benchmark
-from .data import as_feeds, load_labels, random_feeds
+from .data import as_feeds, check_input_shapes, load_labels
 from .errors import InputError
 from .manager import Result, run_pipeline
 from .modelio import check_output_path, copy_model, load_model, save_model, write_file_atomically
 from .pipeline import Step
 from .report import layer_table, model_info
 from .report_html import render_html
+from .synthetic import synthetic_reference
 from .validate import (DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_COSINE, NOISE_FACTOR, Comparison, Tolerances,
                        compare_outputs, run_model, task_accuracy)
 
@@ -42,7 +43,7 @@ def optimize(
     validate: bool = True,
     min_cosine: float | None = None,
     max_abs: float | None = None,
-    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+    max_accuracy_drop: float | None = None,
     exact_rtol: float = 1e-5,
     exact_atol: float = 1e-6,
     noise_factor: float = NOISE_FACTOR,
@@ -61,10 +62,12 @@ def optimize(
     ``data`` feeds validation and ``calib`` feeds calibrating passes: an .npz path, a folder of
     ONNX test data, a mapping of sample-major arrays, or an iterable of feed dicts; ``labels``
     (one class per validation sample) adds task accuracy to the report. The caller's
-    model object and input file are never changed. Check ``result.report.passed``.
+    model object and input file are never changed. Check ``result.report.passed``; a failing
+    step leaves a reproducer in ``repro_dir`` (default: a new temporary folder), named by
+    ``result.report.reproducer``.
 
     Lossy gates, judged after each run of consecutive lossy steps: with ``labels``, top-1 accuracy
-    may fall at most ``max_accuracy_drop`` points (100: off); every output's cosine to the original
+    may fall at most ``max_accuracy_drop`` points (None: 1 point; 100: off; needs ``labels``); every output's cosine to the original
     must stay >= ``min_cosine`` (None: 0.99 without labels, no cosine gate with them; 0 relaxes it).
     Exact steps stay within ``exact_rtol`` and an atol of ``noise_factor`` times the model's
     measured float noise (at least ``exact_atol``).
@@ -74,13 +77,20 @@ def optimize(
     out_path = Path(output) if output is not None else None
     if out_path is not None and not isinstance(model, onnx.ModelProto):
         check_output_path(out_path, model, overwrite_input)
-    owned, input_path = _owned_model(model)
+    if max_accuracy_drop is not None and labels is None:
+        raise InputError("--max-accuracy-drop needs --labels (class labels of the validation samples)")
+    if calib_cache is not None and not Path(calib_cache).parent.is_dir():
+        raise InputError(f"--calib-cache: folder does not exist: {Path(calib_cache).parent}")
     if min_cosine is None and labels is None:
         min_cosine = DEFAULT_MIN_COSINE
+    if max_accuracy_drop is None and labels is not None:
+        max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
+    tolerances = Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor)
+    owned, input_path = _owned_model(model)
+    check_input_shapes(owned, input_shapes)
     result = run_pipeline(
         owned, pipeline, data=data, labels=labels, calib=calib, validate=validate,
-        tolerances=Tolerances(exact_rtol, exact_atol, min_cosine, max_abs, max_accuracy_drop, noise_factor),
-        input_shapes=input_shapes,
+        tolerances=tolerances, input_shapes=input_shapes,
         calib_cache=calib_cache, repro_dir=repro_dir, input_path=input_path, progress=progress,
         teacher=(lambda: model) if input_path is None else (lambda: load_model(input_path)),
     )
@@ -115,12 +125,15 @@ def compare(
     """Run both models on the same feeds; per-output metrics and a verdict against the thresholds."""
     ref_model = reference if isinstance(reference, onnx.ModelProto) else load_model(reference)
     cand_model = candidate if isinstance(candidate, onnx.ModelProto) else load_model(candidate)
+    check_input_shapes(ref_model, input_shapes)
+    tolerances = Tolerances(min_cosine=min_cosine, max_abs=max_abs)
     if data is not None:
         feeds, notes = as_feeds(data, ref_model), []
+        reference = run_model(ref_model, feeds)
     else:
-        feeds, notes = random_feeds(ref_model, input_shapes=input_shapes)
-    reference, candidate = run_model(ref_model, feeds), run_model(cand_model, feeds)
-    comparison = compare_outputs(reference, candidate, Tolerances(min_cosine=min_cosine, max_abs=max_abs), exact=False)
+        feeds, notes, reference = synthetic_reference(ref_model, input_shapes)
+    candidate = run_model(cand_model, feeds)
+    comparison = compare_outputs(reference, candidate, tolerances, exact=False)
     details = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
     if labels is not None:
         labels = load_labels(labels, len(feeds))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import click
 
 from . import api
 from .data import parse_input_shapes
-from .errors import OnnxoptError
 from .benchmark import format_benchmark
+from .errors import InputError, OnnxoptError
 from .modelio import check_writable_target, write_file_atomically
 from .pipeline import describe_options
 from .registry import PASSES, PRESETS
@@ -49,6 +50,26 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _debug_option(f):
+    """``--debug`` after the subcommand too (``onnxopt optimize ... --debug``), not only before it."""
+
+    def enable(ctx: click.Context, _param, value: bool) -> None:
+        if value:
+            ctx.find_root().obj["debug"] = True
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=enable,
+                        help="Show Python tracebacks.")(f)
+
+
+def _check_report_path(path: str | None) -> None:
+    """A report that cannot be written is refused before the work it would report."""
+    if path:
+        try:
+            check_writable_target(Path(path))
+        except InputError as exc:
+            raise InputError(f"--report: {exc}") from None
+
+
 _input_shape = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
                             help="Shape for random feeds where the model's dims are symbolic (repeatable).")
 _thresholds = [
@@ -72,8 +93,9 @@ def _apply(options):
 @click.option("-p", "--pipeline", required=True, help='Passes to run, e.g. "prune(sparsity=0.5),zero-rows,dce".')
 @click.option("--data", type=click.Path(), help="Validation feeds: .npz (sample-major) or a folder of test_data_set_*.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Class labels of the --data samples (.npz 'labels'): adds task accuracy.")
-@click.option("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP, show_default=True,
-              help="With --labels: fail a step whose accuracy falls more than this many points below the original's (100: off).")
+@click.option("--max-accuracy-drop", type=float,
+              help=f"With --labels: fail a step whose accuracy falls more than this many points below the original's "
+                   f"(default {DEFAULT_MAX_ACCURACY_DROP:g}; 100: off).")
 @click.option("--calib", type=click.Path(), help="Calibration feeds for passes that need them (same formats).")
 @click.option("--calib-cache", type=click.Path(dir_okay=False), help="Save/reuse calibration statistics here.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
@@ -97,18 +119,21 @@ def _apply(options):
 @click.option("--external-data/--no-external-data", default=None,
               help="Force weights into MODEL.data or inline (default: external if the input had it or > 2 GB).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line (and the reproducer's path).")
+@_debug_option
 def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, calib_cache, report_path, report_html,
              bench, bench_runs, no_validate, min_cosine, max_abs,
              exact_rtol, exact_atol, noise_factor, input_shapes, keep_failed, overwrite_input, repro_dir, external_data,
              progress, quiet) -> None:
-    """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result."""
+    """Run PIPELINE on MODEL, validate every step with onnxruntime, write the result (with -o)."""
+    _check_report_path(report_path)
     if report_html:
         check_writable_target(Path(report_html))
     result = api.optimize(
         model, pipeline, output=output, data=data, labels=labels, calib=calib, validate=not no_validate,
         min_cosine=min_cosine, max_abs=max_abs, max_accuracy_drop=max_accuracy_drop, exact_rtol=exact_rtol, exact_atol=exact_atol,
-        noise_factor=noise_factor, input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache, repro_dir=repro_dir,
+        noise_factor=noise_factor, input_shapes=parse_input_shapes(input_shapes), calib_cache=calib_cache,
+        repro_dir=repro_dir or Path.cwd() / f"onnxopt-repro-{time.strftime('%Y%m%d-%H%M%S')}",
         keep_failed=keep_failed, overwrite_input=overwrite_input, external_data=external_data,
         progress=sys.stderr.isatty() if progress is None else progress, bench=bench, bench_runs=bench_runs,
     )
@@ -117,11 +142,15 @@ def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, ca
         report.write_json(report_path)
     if report_html:
         report.write_html(report_html)
-    click.echo(report.table().splitlines()[-1] if quiet else report.table())
+    table = report.table()
+    click.echo("\n".join(line for line in table.splitlines() if line.startswith(("verdict:", "reproducer:")))
+               if quiet else table)
     if output and report.output:
         click.echo(f"wrote {report.output}")
     elif output:
         click.echo(f"nothing written to {output} (use --keep-failed to write it anyway)", err=True)
+    else:
+        click.echo("nothing written: no -o/--output given (validation only)", err=True)
     if not report.passed:
         sys.exit(1)
 
@@ -129,6 +158,7 @@ def optimize(model, output, pipeline, data, labels, max_accuracy_drop, calib, ca
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--markdown", is_flag=True, help="The README's pass table.")
+@_debug_option
 def passes(as_json: bool, markdown: bool) -> None:
     """List every registered pass with its options."""
     rows = pass_rows()
@@ -149,6 +179,7 @@ def passes(as_json: bool, markdown: bool) -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_debug_option
 def info(model: str, as_json: bool) -> None:
     """Opset, inputs/outputs, op histogram, parameters, bytes, sparsity, subgraphs, external data."""
     details = api.info(model)
@@ -163,8 +194,10 @@ def info(model: str, as_json: bool) -> None:
 @_apply(_thresholds)
 @_input_shape
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON comparison here.")
+@_debug_option
 def compare(reference, candidate, data, labels, min_cosine, max_abs, input_shapes, report_path) -> None:
     """Run REFERENCE and CANDIDATE on the same feeds and compare every output (exit 1 if a threshold fails)."""
+    _check_report_path(report_path)
     comparison, feeds = api.compare(reference, candidate, data=data, labels=labels, min_cosine=min_cosine, max_abs=max_abs,
                                     input_shapes=parse_input_shapes(input_shapes))
     document = {"reference": reference, "candidate": candidate, "feeds": feeds, **comparison.to_dict()}

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import FeedSet, as_feeds, load_labels, random_feeds
+from .data import FeedSet, as_feeds, load_labels
 from .errors import InputError, OnnxoptError, ValidationError
 from .modelio import has_external_data, needs_file, save_scratch
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
+from .synthetic import synthetic_reference
 from .validate import (
     VALIDATION_THREADS, Comparison, Tolerances, check_interface, check_structure, compare_outputs, exact_atols,
     measure_noise, run_model, task_accuracy,
@@ -78,15 +79,19 @@ def run_pipeline(
     calib_feeds = as_feeds(calib, model) if calib is not None else None
     context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None,
                           progress=progress, teacher=teacher)
-    validation = _Validation.start(model, data, labels, input_shapes, tolerances, report) if validate else None
+    _check_input(model)
+    validation = (_Validation.start(model, data if data is not None else calib_feeds, labels, input_shapes, tolerances,
+                                    report, from_calib=data is None and calib_feeds is not None)
+                  if validate else None)
     feeds = validation.feeds if validation else None
     report.gates = _gates(steps, tolerances, validation)
     pending = _Run(None)
     lossy_from = 0  # first step of the current run of consecutive lossy steps
 
-    def fail(index: int, message: str, before: bytes | None, trace: str | None = None) -> None:
+    def fail(index: int, message: str, before: bytes | None, trace: str | None = None, exact: bool = True) -> None:
         report.failure = f"step {index} '{steps[index - 1].name}'{message}"
-        report.reproducer = _write_reproducer(repro_dir, steps, index, before, feeds, calib_feeds, input_path, trace)
+        report.reproducer = _write_reproducer(repro_dir, steps, index, before, feeds, calib_feeds, input_path, trace,
+                                              tolerances, validation, exact)
 
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
 
@@ -144,7 +149,7 @@ def run_pipeline(
                     lossy_from = 0
                 if problems:
                     record.passed = False
-                    fail(index, ": " + "; ".join(problems), pending.start)
+                    fail(index, ": " + "; ".join(problems), pending.start, exact=False)
                     return Result(model, report)
     return Result(model, report)
 
@@ -200,17 +205,21 @@ class _Validation:
     reference_accuracy: float | None = None
 
     @classmethod
-    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report) -> _Validation:
-        """Feeds (given, or seeded random), the original's outputs, and its float noise, computed once."""
-        if data is not None:
-            feeds, notes = as_feeds(data, model), []
+    def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report,
+              from_calib: bool = False) -> _Validation:
+        """Feeds (given, the calibration samples, or synthetic), the original's outputs, and its float
+        noise, computed once."""
+        if data is None:
+            feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS)
         else:
-            feeds, notes = random_feeds(model, input_shapes=input_shapes)
-        report.feeds = {"origin": feeds.origin, "samples": len(feeds), "notes": notes}
-        try:
-            reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
-        except InputError as exc:
-            raise InputError(f"the input model: {exc} (--no-validate skips onnxruntime)") from None
+            feeds, notes = as_feeds(data, model), []
+            try:
+                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
+            except InputError as exc:
+                raise InputError(f"the input model cannot run on {feeds.origin}: {exc} "
+                                 "(--no-validate skips onnxruntime)") from None
+        origin = f"--calib {feeds.origin}, as no --data was given" if from_calib else feeds.origin
+        report.feeds = {"origin": origin, "samples": len(feeds), "notes": notes}
         subset = feeds.head(min(EXACT_SUBSET, len(feeds)))
         head = _head(reference, len(subset))
         noise = measure_noise(model, subset, head, threads=VALIDATION_THREADS)
@@ -315,6 +324,18 @@ def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def _check_input(model: onnx.ModelProto) -> None:
+    """Every step must pass the full checker: an input that already fails it is the input's fault, said up front."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
+        path = Path(scratch) / "input.onnx" if needs_file(model) else None
+        if path is not None:
+            save_scratch(model, path, placeholders=True)
+        complaint = check_structure(model, path)
+    if complaint:
+        raise InputError(f"the input model fails the ONNX checker with shape inference (every step is held to "
+                         f"it, so none could pass): {complaint}")
+
+
 def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Path, record: StepRecord) -> list[str]:
     """Checker and interface check; a big or external model is checked from a file, as the checker needs."""
     problems = check_interface(original, model)
@@ -336,24 +357,41 @@ def _snapshot(model: onnx.ModelProto) -> bytes | None:
     return model.SerializeToString()
 
 
+def _gate_arguments(tolerances: Tolerances) -> list[str]:
+    """The command-line options that set ``tolerances`` where they differ from the defaults."""
+    defaults = Tolerances()
+    arguments = []
+    for gate in dataclasses.fields(Tolerances):
+        given = getattr(tolerances, gate.name)
+        if given is not None and given != getattr(defaults, gate.name):
+            arguments += [f"--{gate.name.replace('_', '-')}", repr(given)]
+    return arguments
+
+
 def _write_reproducer(
     repro_dir, steps: list[Step], index: int, before: bytes | None, feeds: FeedSet | None,
-    calib: FeedSet | None, input_path, trace: str | None,
+    calib: FeedSet | None, input_path, trace: str | None, tolerances: Tolerances = Tolerances(),
+    validation: _Validation | None = None, exact: bool = True,
 ) -> str | None:
-    """A folder that replays the failing step: model before it, one-step pipeline, feeds, command."""
-    folder = Path(repro_dir) if repro_dir else Path.cwd() / f"onnxopt-repro-{time.strftime('%Y%m%d-%H%M%S')}"
+    """A folder that replays the failing step with the same feeds and gates: model before it, one-step
+    pipeline, command. A lossy step after others is gated against the original, so it replays from the
+    input. Without ``repro_dir``: a new temporary folder (never the current directory)."""
     try:
+        folder = Path(repro_dir) if repro_dir else Path(tempfile.mkdtemp(prefix="onnxopt-repro-"))
         folder.mkdir(parents=True, exist_ok=True)
-        if before is not None:
+        # Too big to keep a copy, or gated against the original: replay every step up to the failing one.
+        if input_path is not None and (before is None or (not exact and index > 1)):
+            model_arg, pipeline = str(Path(input_path).resolve()), format_pipeline(steps[:index])
+        elif before is not None:
             model_arg, pipeline = "model.onnx", format_step(steps[index - 1])
             (folder / "model.onnx").write_bytes(before)
-        elif input_path is not None:
-            # Too big to keep a copy: replay every step up to the failing one from the original input.
-            model_arg, pipeline = str(Path(input_path).resolve()), format_pipeline(steps[:index])
         else:
             return None
         (folder / "pipeline.txt").write_text(pipeline + "\n")
-        command = ["onnxopt", "optimize", model_arg, "-o", "replayed.onnx", "-p", pipeline]
+        command = ["onnxopt", "optimize", model_arg, "-o", "replayed.onnx", "-p", pipeline, *_gate_arguments(tolerances)]
+        if validation is not None and validation.labels is not None:
+            np.savez(folder / "labels.npz", labels=validation.labels)
+            command += ["--labels", "labels.npz"]
         for name, feed_set in (("feeds", feeds), ("calib", calib)):
             if feed_set is not None:
                 np.savez(folder / f"{name}.npz", **feed_set.arrays)

@@ -148,6 +148,17 @@ def save_model(
     return path
 
 
+def _file_mode(path: Path) -> int:
+    """The mode a written file gets: the mode of the file it replaces, else what the umask leaves of 0666
+    (mkstemp's 0600 would make models and reports unreadable to everyone else)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextmanager
 def _atomic_file(path: Path):
     """A temporary file beside ``path`` that replaces it only when the block completes."""
@@ -156,6 +167,7 @@ def _atomic_file(path: Path):
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), _file_mode(path))
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

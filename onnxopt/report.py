@@ -264,7 +264,7 @@ class Report:
         for s in self.steps:
             metrics = s.vs_original or {}
             outputs = metrics.get("outputs", {})
-            cosine = min((o["cosine"] for o in outputs.values()), default=None)
+            cosine = min((float(o["cosine"]) for o in outputs.values()), default=None)  # "nan" from NaN outputs
             max_abs = max((float(o["max_abs"]) for o in outputs.values()), default=None)
             rows.append(
                 f"{s.index:>2}  {s.name:<28} {s.before['nodes']:>6}>{s.after['nodes']:<6} "

@@ -52,6 +52,16 @@ class Tolerances:
             gates.append(f"accuracy drop <= {drop:g} point{'' if drop == 1 else 's'}")
         return gates
 
+    def __post_init__(self) -> None:
+        """Refuse gates that cannot mean anything (a cosine above 1 would fail every step)."""
+        limits = {"min-cosine": (self.min_cosine, -1.0, 1.0), "max-abs": (self.max_abs, 0.0, math.inf),
+                  "max-accuracy-drop": (self.max_accuracy_drop, 0.0, 100.0),
+                  "exact-rtol": (self.exact_rtol, 0.0, math.inf), "exact-atol": (self.exact_atol, 0.0, math.inf)}
+        for name, (given, low, high) in limits.items():
+            if given is not None and not low <= given <= high:
+                span = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+                raise InputError(f"--{name} must be {span}, not {given:g}")
+
 
 class Session:
     """An onnxruntime CPU session over a model in memory (or a temporary file for big / external models),
@@ -109,6 +119,14 @@ class Session:
         except Exception as exc:
             raise InputError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
         return dict(zip(names, values))
+
+    def run_all(self, feeds: Iterable[dict]) -> dict[str, list[np.ndarray]]:
+        """Outputs for every sample, in order: ``{output name: [array per sample]}``."""
+        results: dict[str, list[np.ndarray]] = {}
+        for feed in feeds:
+            for name, value in self.run(feed).items():
+                results.setdefault(name, []).append(value)
+        return results
 
     def close(self) -> None:
         del self.session
@@ -216,10 +234,7 @@ def run_model(model: onnx.ModelProto, feeds: Iterable[dict], *, join: bool = Fal
     results: dict[str, list[np.ndarray]] = {}
     with Session(model, **session_options) as session:
         if not join:
-            for feed in feeds:
-                for name, value in session.run(feed).items():
-                    results.setdefault(name, []).append(value)
-            return results
+            return session.run_all(feeds)
         for samples, _, values in joined_runs(session, model, feeds, session.output_names, 0):
             for name, value in values.items():
                 results.setdefault(name, []).extend(np.split(value, samples) if samples > 1 else [value])
@@ -429,8 +444,8 @@ def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str
     """Graph inputs/outputs keep their names, dtypes and ranks."""
     problems = []
     for kind in ("input", "output"):
-        old = _signature(getattr(before.graph, kind), before)
-        new = _signature(getattr(after.graph, kind), after)
+        old = _signature(getattr(before.graph, kind), before, kind)
+        new = _signature(getattr(after.graph, kind), after, kind)
         if [n for n, _, _ in old] != [n for n, _, _ in new]:
             problems.append(f"graph {kind}s changed: {[n for n, _, _ in old]} -> {[n for n, _, _ in new]}")
             continue
@@ -442,8 +457,9 @@ def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str
     return problems
 
 
-def _signature(values, model: onnx.ModelProto) -> list[tuple[str, int, int | None]]:
-    initializers = {t.name for t in model.graph.initializer}
+def _signature(values, model: onnx.ModelProto, kind: str) -> list[tuple[str, int, int | None]]:
+    """Name, dtype and rank of each input a caller must feed, or of every output (an initializer may be one)."""
+    initializers = {t.name for t in model.graph.initializer} if kind == "input" else set()
     sig = []
     for v in values:
         if v.name in initializers:
