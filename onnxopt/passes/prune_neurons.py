@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..calibration import TensorStats
 from ..errors import InputError
 from ..graph import model_graphs, opset_version, unique_name_factory, value_shapes, walk_graphs
 from .base import Pass, PassResult, count
-from ..calibration import TensorStats
 from .prune import activation_stats, check_choice, importance, input_norm, target_count
 from .weights import BiasAdder, PrunableTensor, attribute, mean_contribution, per_input_channel
 from .channels import ChannelGraph, Producer, has_producers, union_roots
@@ -122,7 +122,7 @@ class PruneNeurons(Pass):
             inputs_read = roots[analysis.values[use.data].ids] if use is not None else producer_roots[:0]
             if not (analysis.blocked[producer_roots].all() and analysis.blocked[inputs_read].all()):
                 canonicals[id(producer.node)] = canonical
-            observed = inputs.get(tensor.name)
+            observed = inputs.get(tensor.name) if tensor.top_level else None  # none inside subgraphs
             np.add.at(cost, producer_roots, canonical[0].size + (producer.use.bias is not None))
             if method == "l2":
                 row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
@@ -222,7 +222,7 @@ def _correct_biases(analysis: ChannelGraph, chosen: np.ndarray, tensor_of: dict,
         tensor = tensor_of[id(node)]
         data = analysis.values[use.data]
         removed = chosen[roots[data.ids]]
-        if not removed.any() or tensor.name not in inputs:
+        if not removed.any() or not tensor.top_level or tensor.name not in inputs:
             continue
         shift = np.where(removed, _moments(inputs[tensor.name])[0] - data.value, 0.0)
         canonical = canonicals[id(node)]  # its own zeroed rows are zero already: masked below
