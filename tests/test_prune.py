@@ -420,6 +420,23 @@ def test_magnitude_scores_keep_the_large_constant_neurons_and_lose_accuracy(meth
     assert np.abs(calib_outputs(result.model, calib) - dense).max() > 1e-2
 
 
+@pytest.mark.parametrize("options", [{"method": "wanda"}, {"method": "fluctuation", "scope": "global"},
+                                     {"method": "l2", "scope": "global"}])
+def test_prune_neurons_beside_a_subgraph_without_weights(options):
+    """An If whose branches hold no weight: nothing to prune there, the top-level MLP still is."""
+    branch = helper.make_graph([node("Identity", ["x"], "yb")], "b", [],
+                               [helper.make_tensor_value_info("yb", TensorProto.FLOAT, [2, 5])])
+    model = make_model([node("Gemm", ["x", "w1", "b1"], "h", transB=1), node("Relu", ["h"], "r"),
+                        node("Gemm", ["r", "w2"], "y", transB=1),
+                        node("If", ["cond"], "z", then_branch=branch, else_branch=branch)],
+                       {"x": [2, 5]}, ["y", "z"], {"w1": weight(8, 5), "b1": weight(8), "w2": weight(3, 8),
+                                                   "cond": np.array(True)})
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1, **options),
+                          PassContext(calib=calib_for(model)))(model)
+    assert result.stats["neurons_zeroed"] == 4
+    zero_rows_exact(result.model)
+
+
 def test_prune_neurons_balances_grouped_conv_inputs():
     weights = {"w1": weight(8, 2, 1, 1), "g": weight(4, 2, 1, 1), "w3": weight(3, 4, 1, 1)}
     weights["w1"][:4] *= 0.01  # the weakest channels all sit in group 0 and 1 of the grouped Conv

@@ -99,6 +99,8 @@ class PruneNeurons(Pass):
 
     def _prune_graph(self, analysis: ChannelGraph, tensor_of: dict, inputs: dict[str, list[TensorStats]],
                      stats: dict, new_name) -> None:
+        if not analysis.producers:  # a subgraph without weights of its own
+            return
         roots = analysis.roots
         method = self.options.method
         scores = np.zeros(len(roots))
