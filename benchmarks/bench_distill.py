@@ -1,81 +1,144 @@
-"""distill: pruned models with and without repair against the original, scored on held-out eval data.
+"""Layer-wise reconstruction side by side: Wanda, Wanda + distill, SparseGPT, SparseGPT + distill, and
+onnxsim's apply_sparsegpt_pruning; distill's wall time against fp32 passes; learned vs nearest int8 rounding.
 
-    python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples]
+    python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples] [--skip-onnxsim]
+                                       [--skip-rounding]
 
-For samples/mlp, cnn, transformer and the shared digits_mlp / digits_cnn: prune 50 % and 70 %
-(magnitude) and prune-neurons 50 % + zero-rows, each as is and with ``distill`` (after zero-rows, or
-between prune-neurons and zero-rows, where hidden layers still have the teacher's width), run through
-``onnxopt.optimize`` with the model's calibration file. Scores are on the EVAL file (never seen by
-distill): top-1 accuracy (where labels exist) and output cosine to the dense model; plus distill's
-own calibration error before/after and its run time. Prints a markdown table and writes
-benchmarks/out/bench_distill.json.
+Every shared model and sample with eval data, 50 % unstructured, all in one run. Scores on the EVAL
+file (never seen by prune or distill): top-1 accuracy where labels exist, minilm_l3's sentence
+cosine (masked-mean embedding, as its info.json says), otherwise output cosine to the dense model.
+"recovered" is the share of what Wanda alone loses that SparseGPT + distill wins back (target ≥ 2/3).
+Distill runs with numpy's BLAS limited to 1 thread and unlimited; its wall time is given in fp32 passes
+over the calibration data (onnxruntime, 1 thread, graph optimizations off, measured in the same run).
+Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned` (same scores).
+Prints markdown tables and writes benchmarks/out/bench_distill.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
-from common import SAMPLES, SHARED_MODELS, cases, fmt, outputs, score  # noqa: E402
+from common import SAMPLES, SHARED_MODELS, cases, fmt, outputs  # noqa: E402
 from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
+from onnxopt.modelio import copy_model  # noqa: E402
+from onnxopt.passes.base import PassContext  # noqa: E402
+from onnxopt.passes.distill import Distill  # noqa: E402
+from onnxopt.validate import output_metrics, Tolerances, task_accuracy  # noqa: E402
 
-NEURONS = "prune-neurons(ratio=0.5)"
-SETTINGS = (  # (label, without distill, with distill)
-    ("prune 50%", "prune(sparsity=0.5)", "prune(sparsity=0.5),distill"),
-    ("prune 70%", "prune(sparsity=0.7)", "prune(sparsity=0.7),distill"),
-    ("neurons 50% + zero-rows", f"{NEURONS},zero-rows", f"{NEURONS},zero-rows,distill"),
-    ("neurons 50%, distill before zero-rows", f"{NEURONS},zero-rows", f"{NEURONS},distill,zero-rows"),
-)
+PRUNE = {"wanda": "prune(sparsity=0.5,method=wanda)", "sparsegpt": "prune(sparsity=0.5,method=sparsegpt)"}
 
 
-DISTILLED = ("samples/mlp", "samples/cnn", "samples/transformer", "digits_mlp", "digits_cnn")
+def scorer(name: str, folder: Path, labels):
+    """The task score of outputs (per-sample lists of the first output) against the dense ones."""
+    lengths = folder / "eval.lengths.npz"
+    if lengths.exists():  # sentence embeddings: masked mean over real tokens, L2-normalised
+        with np.load(lengths) as data:
+            counts = data[data.files[0]].reshape(-1)
+
+        def embed(values):
+            e = np.stack([v.reshape(-1, v.shape[-1])[:n].mean(axis=0) for v, n in zip(values, counts)])
+            return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+        return "sentence cosine", lambda dense, out: float(np.mean(np.sum(embed(dense) * embed(out), axis=1)))
+    if labels is not None:
+        return "accuracy", lambda dense, out: task_accuracy({"output": list(out)}, labels)
+    return "output cosine", lambda dense, out: output_metrics(list(dense), list(out), Tolerances()).cosine
 
 
-def rows_for(name, path, calib_path, eval_path, labels) -> list[dict]:
+def onnxsim_sparsegpt(model, calib):
+    from onnxsim.pruning import apply_sparsegpt_pruning
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return apply_sparsegpt_pruning(copy_model(model), calibration_data=list(calib), num_samples=len(calib),
+                                       sparsity=0.5)
+
+
+def fp32_pass_seconds(model, calib) -> float:
+    start = time.perf_counter()
+    outputs(model, calib, optimize=False)
+    return time.perf_counter() - start
+
+
+def distill_seconds(pruned, teacher, calib, threads) -> tuple[onnx.ModelProto, float, dict]:
+    start = time.perf_counter()
+    with threadpool_limits(limits=threads, user_api="blas"):
+        result = Distill(None, PassContext(calib=calib, teacher=lambda: teacher))(copy_model(pruned))
+    return result.model, time.perf_counter() - start, result.stats
+
+
+def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip_rounding: bool) -> dict:
     model = onnx.load(path)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     evals = name_positional_inputs(load_feeds(eval_path), model)
+    metric, task = scorer(name, Path(path).parent, labels)
     dense = outputs(model, evals, optimize=False)
-    rows = [{"model": name, "setting": "dense", "distill": False, **score(dense, dense, labels)}]
-    for setting, *pipelines in SETTINGS:
-        for repaired, pipeline in enumerate(pipelines):
-            result = onnxopt.optimize(model, pipeline, calib=calib, validate=False)
-            row = {"model": name, "setting": setting, "distill": bool(repaired),
-                   **score(dense, outputs(result.model, evals, optimize=False), labels)}
-            step = next((s for s in result.report.steps if s.name == "distill"), None)
-            if step is not None:
-                row.update(stats=step.stats, seconds=step.seconds)
-            rows.append(row)
-    return rows
+    row = {"model": name, "metric": metric, "dense": task(dense, dense), "fp32_pass_s": fp32_pass_seconds(model, calib)}
+    for method, pipeline in PRUNE.items():
+        start = time.perf_counter()
+        pruned = onnxopt.optimize(model, pipeline, calib=calib, validate=False).model
+        row[f"{method}_prune_s"] = time.perf_counter() - start
+        row[method] = task(dense, outputs(pruned, evals, optimize=False))
+        for threads in (1, None):
+            repaired, seconds, stats = distill_seconds(pruned, model, calib, threads)
+            row[f"{method}_distill_s_{threads or 'all'}_threads"] = seconds
+        row[f"{method}+distill"] = task(dense, outputs(repaired, evals, optimize=False))
+        row[f"{method}_distill_stats"] = stats
+    if not skip_onnxsim:
+        start = time.perf_counter()
+        try:
+            pruned = onnxsim_sparsegpt(model, calib)
+            row["onnxsim_sparsegpt"] = task(dense, outputs(pruned, evals, optimize=False))
+            zeros = sum(int(np.count_nonzero(onnx.numpy_helper.to_array(t) == 0)) for t in pruned.graph.initializer)
+            row["onnxsim_zeros"] = zeros
+        except Exception as exc:  # a peer failing is a result, not a crash
+            row["onnxsim_sparsegpt"] = f"{type(exc).__name__}: {str(exc)[:60]}"
+        row["onnxsim_s"] = time.perf_counter() - start
+    if not skip_rounding:
+        for rounding in ("nearest", "learned"):
+            start = time.perf_counter()
+            quantized = onnxopt.optimize(model, f"quantize(rounding={rounding})", calib=calib, validate=False)
+            row[f"int8_{rounding}_s"] = time.perf_counter() - start
+            out = outputs(quantized.model, evals, optimize=False)
+            row[f"int8_{rounding}"] = task(dense, out)
+            row[f"int8_{rounding}_rel_err"] = output_metrics(list(dense), list(out), Tolerances()).rel_l2
+    lost = row["dense"] - row["wanda"]
+    row["recovered"] = (row["sparsegpt+distill"] - row["wanda"]) / lost if lost > 0 else None
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | setting | acc | acc + distill | cosine | cosine + distill | "
-             "distill calib rel err (before → after) | layers refit / biases corrected / reverted | distill s |",
-             "|---" * 9 + "|"]
-    by = {(r["model"], r["setting"], r["distill"]): r for r in rows}
-    for (model, setting, repaired), plain in by.items():
-        if repaired or setting == "dense":
-            continue
-        fixed = by[(model, setting, True)]
-        st = fixed["stats"]
+    lines = ["| model | metric | dense | wanda | wanda + distill | sparsegpt | sparsegpt + distill | recovered | "
+             "onnxsim sparsegpt | fp32 pass s | distill s (1 / all BLAS threads) | distill / fp32 pass |",
+             "|---" * 12 + "|"]
+    for r in rows:
+        sim = r.get("onnxsim_sparsegpt")
+        sim = "—" if sim is None else sim if isinstance(sim, str) else \
+            f"{sim:.4f}{' (0 zeros)' if not r.get('onnxsim_zeros') else ''} in {r['onnxsim_s']:.1f} s"
+        one, every = r["sparsegpt_distill_s_1_threads"], r["sparsegpt_distill_s_all_threads"]
         lines.append(
-            f"| {model} | {setting} | {fmt(plain.get('accuracy'), 3)} | {fmt(fixed.get('accuracy'), 3)} | "
-            f"{fmt(plain['cosine'])} | {fmt(fixed['cosine'])} | "
-            f"{st['calib_rel_err_before']:.3f} → {st['calib_rel_err_after']:.3f} | "
-            f"{st['layers_refit']} / {st['biases_corrected']} / {st['layers_reverted']} | "
-            f"{fixed['seconds']:.2f} |")
-    dense = [r for r in rows if r["setting"] == "dense" and "accuracy" in r]
-    lines.append("")
-    lines.append("Dense accuracy: " + ", ".join(f"{r['model']} {r['accuracy']:.3f}" for r in dense))
+            f"| {r['model']} | {r['metric']} | {r['dense']:.4f} | {r['wanda']:.4f} | {r['wanda+distill']:.4f} | "
+            f"{r['sparsegpt']:.4f} | {r['sparsegpt+distill']:.4f} | {fmt(r['recovered'], 2)} | {sim} | "
+            f"{r['fp32_pass_s']:.2f} | {one:.2f} / {every:.2f} | {max(one, every) / r['fp32_pass_s']:.1f} |")
+    if any("int8_nearest" in r for r in rows):
+        lines += ["", "| model | metric | int8 nearest | int8 learned | rel err nearest | rel err learned | "
+                      "quantize s nearest / learned |", "|---" * 7 + "|"]
+        lines += [f"| {r['model']} | {r['metric']} | {r['int8_nearest']:.4f} | {r['int8_learned']:.4f} | "
+                  f"{r['int8_nearest_rel_err']:.4f} | {r['int8_learned_rel_err']:.4f} | "
+                  f"{r['int8_nearest_s']:.1f} / {r['int8_learned_s']:.1f} |" for r in rows if "int8_nearest" in r]
     return "\n".join(lines)
 
 
@@ -83,15 +146,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=SHARED_MODELS)
     parser.add_argument("--samples", type=Path, default=SAMPLES)
+    parser.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
+    parser.add_argument("--skip-onnxsim", action="store_true")
+    parser.add_argument("--skip-rounding", action="store_true")
     args = parser.parse_args()
     rows = []
-    for case in cases(args.models, args.samples, only=DISTILLED):
-        print(case[0], file=sys.stderr)
-        rows += rows_for(*case)
+    for name, *case in cases(args.models, args.samples, only=args.only):
+        print(name, file=sys.stderr)
+        rows.append(rows_for(name, *case, args.skip_onnxsim, args.skip_rounding))
+        print(table(rows[-1:]), file=sys.stderr)
     print(table(rows))
     out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_distill.json").write_text(json.dumps(rows, indent=1))
+    (out / "bench_distill.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Pruning side by side: onnxopt prune (magnitude vs Wanda, unstructured vs 2:4) vs onnxsim's pruning,
+"""Pruning side by side: onnxopt prune (magnitude vs Wanda vs SparseGPT, unstructured vs 2:4) vs onnxsim's pruning,
 and prune-neurons + zero-rows (parameters, bytes, latency) against the dense model.
 Wanda runs with its default bias correction, prune-neurons with its default round_to=8 and
 bias correction, by l2, Wanda and fluctuation per group, and fluctuation with one global budget.
@@ -63,19 +63,22 @@ def onnxopt_prune(model, calib, sparsity, method, pattern) -> onnx.ModelProto:
 
 
 def onnxsim_prune(model, calib, sparsity, method, pattern) -> onnx.ModelProto:
-    from onnxsim.pruning import apply_magnitude_pruning, apply_wanda_pruning
+    from onnxsim.pruning import apply_magnitude_pruning, apply_sparsegpt_pruning, apply_wanda_pruning
 
     n_m = {"n": 2, "m": 4} if pattern == "2:4" else {}
     with contextlib.redirect_stdout(io.StringIO()):
         if method == "magnitude":
             return apply_magnitude_pruning(copy_model(model), sparsity=sparsity, **n_m)
+        if method == "sparsegpt":
+            return apply_sparsegpt_pruning(copy_model(model), calibration_data=list(calib), num_samples=len(calib),
+                                           sparsity=sparsity, **n_m)
         return apply_wanda_pruning(copy_model(model), calibration_data=list(calib), sparsity=sparsity, **n_m)
 
 
 def prune_rows(name, model, calib, evals, labels, dense) -> list[dict]:
     rows = []
-    settings = [(s, m, "unstructured") for s in SPARSITIES for m in ("magnitude", "wanda")]
-    settings += [(0.5, m, "2:4") for m in ("magnitude", "wanda")]
+    settings = [(s, m, "unstructured") for s in SPARSITIES for m in ("magnitude", "wanda", "sparsegpt")]
+    settings += [(0.5, m, "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
     for sparsity, method, pattern in settings:
         for tool, fn in (("onnxopt", onnxopt_prune), ("onnxsim", onnxsim_prune)):
             start = time.perf_counter()

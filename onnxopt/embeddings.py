@@ -2,58 +2,81 @@
 
 A vocabulary table is most of a small transformer's file (MiniLM: 11.7M of 17.1M parameters) and
 a Gather reads a handful of its rows, so the table is stored as integers and the few gathered rows
-are turned back into float after the Gather:
+are turned back into float after the Gather. The grid is :mod:`onnxopt.blockquant`'s, the one
+``MatMulNBits`` weights use: a table ``(V, D)`` is the ``(N, K)`` form of a weight, blocks along a row.
 
-- ``bits=8, block_size=0``: symmetric int8 per row, in standard ONNX ops any runtime has:
-  ``Gather(int8 table) -> Cast -> Mul(Unsqueeze(Gather(row scales)))``.
-- ``block_size > 0`` (bits 4 or 8): onnxruntime's ``com.microsoft.GatherBlockQuantized``, one
-  scale per ``block_size`` values of a row (uint8 storage, two 4-bit values per byte, zero point
-  8 or 128: the values are symmetric). ``block_size`` must be a power of two >= 16 dividing the row.
+- ``bits=8, block_size=0``: int8 per row (one block the width of the row, symmetric), in standard ONNX
+  ops any runtime has: ``Gather(int8 table) -> Cast -> Mul(Unsqueeze(Gather(row scales)))``.
+- ``block_size > 0`` (bits 4 or 8): onnxruntime's ``com.microsoft.GatherBlockQuantized``, one scale
+  (and, asymmetric, one zero point) per ``block_size`` values of a row: :func:`table_data`,
+  :func:`table_zero_points` and
+  :func:`gather_block_quantized`, which the weight-only quantizer uses for its tables too (a tied table
+  there takes its LM head's codes and scales).
 
-Shared by the int8 ``quantize`` pass and the weight-only quantizer. A table qualifies when it is a
-float32 2-D constant that only ``Gather(axis=0)`` nodes read (a tied LM head that also multiplies
-by it is skipped and counted: it needs the float, or its own weight-only form).
+:func:`quantize_embeddings` is the int8 ``quantize`` pass's rewrite: a table qualifies when it is a
+float32 2-D constant that only ``Gather(axis=0)`` nodes read (a tied LM head that also multiplies by
+it is skipped and counted: it needs the float, or the weight-only form), symmetric, with
+``block_size`` a power of two >= 16 dividing the row.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
+from .blockquant import NBitsWeight, pack_codes, quantize_for_nbits, unpack_codes
 from .graph import GraphIndex, WeightStore, replace_nodes
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_MIN_ELEMENTS = 1 << 14  # smaller tables (position, token-type embeddings) are not worth the nodes
 
 
-def quantize_rows(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric integer codes (int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1]) and float32 scales,
-    one per row (``block_size=0``) or per ``block_size`` values of a row."""
-    qmax = (1 << (bits - 1)) - 1
-    rows, width = table.shape
-    blocks = table.reshape(rows, -1, block_size or width)
-    absmax = np.abs(blocks).max(axis=2)
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
-    codes = np.clip(np.round(blocks / scale[:, :, None]), -qmax, qmax).astype(np.int8).reshape(rows, width)
-    return codes, scale if block_size else scale[:, 0]
+def quantize_table(table: np.ndarray, bits: int, block_size: int, symmetric: bool = True,
+                   grid: str = "minmax") -> NBitsWeight:
+    """A ``(V, D)`` table on the block grid, blocks of ``block_size`` values along each row (0: the whole row)."""
+    return quantize_for_nbits(table.T, bits, block_size or table.shape[1], symmetric, grid)
 
 
-def dequantize_rows(codes: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
-    """The float table that :func:`quantize_rows`' codes and scales stand for."""
-    rows, width = codes.shape
-    shaped = scale.reshape(rows, -1, 1)
-    return (codes.reshape(rows, -1, block_size or width) * shaped).reshape(rows, width).astype(np.float32)
+def row_codes(q: NBitsWeight) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes ``(V, D)`` and scales ``(V,)`` of a symmetric 8-bit table quantized per row (zero point 0)."""
+    return (q.b.reshape(q.n, q.k) ^ np.uint8(0x80)).view(np.int8), q.scales[:, 0]
 
 
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """GatherBlockQuantized storage: uint8 offset by 2^(bits-1); 4-bit pairs packed low nibble first."""
-    shifted = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+def table_data(q: NBitsWeight, symmetric: bool, name: str) -> onnx.TensorProto:
+    """GatherBlockQuantized's ``data`` ``(V, D)`` of a table in ``MatMulNBits`` form. 4-bit: int4 (symmetric: the
+    codes less 8, zero point 0) or uint4; 8-bit: uint8 (symmetric: zero point 128, the op's default for uint8)."""
+    vocab, width = q.n, q.k
+    if q.bits == 4:
+        codes = unpack_codes(q.b.reshape(vocab, -1), 4, width)
+        if symmetric:
+            data_type, codes = onnx.TensorProto.INT4, (codes.astype(np.int8) - 8).astype(np.uint8) & 0xF
+        else:
+            data_type = onnx.TensorProto.UINT4
+        data_bytes = pack_codes(codes.reshape(-1), 4).tobytes()
+    else:
+        data_type, data_bytes = onnx.TensorProto.UINT8, q.b.reshape(vocab, -1)[:, :width].tobytes()
+    return helper.make_tensor(name, data_type, [vocab, width], data_bytes, raw=True)
+
+
+def table_zero_points(q: NBitsWeight, name: str) -> onnx.TensorProto:
+    """GatherBlockQuantized's ``zero_points`` ``(V, blocks)`` of an asymmetric table, in its data's type."""
+    blocks = q.scales.shape[1]
+    zero = unpack_codes(q.zero_points, q.bits, blocks)
+    if q.bits == 4:
+        return helper.make_tensor(name, onnx.TensorProto.UINT4, [q.n, blocks], pack_codes(zero.reshape(-1), 4).tobytes(),
+                                  raw=True)
+    return helper.make_tensor(name, onnx.TensorProto.UINT8, [q.n, blocks], zero.tobytes(), raw=True)
+
+
+def gather_block_quantized(data: str, ids: str, scales: str, zero_points: str | None, outputs: list[str], name: str,
+                           bits: int, block_size: int) -> onnx.NodeProto:
+    """The ``GatherBlockQuantized`` node that reads :func:`table_data`'s tables (rows gathered along axis 0)."""
+    attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": block_size}
     if bits == 8:
-        return shifted
-    if shifted.shape[-1] % 2:
-        shifted = np.concatenate([shifted, np.full((*shifted.shape[:-1], 1), 8, np.uint8)], axis=-1)
-    return shifted[..., 0::2] | (shifted[..., 1::2] << 4)
+        attrs["bits"] = 8
+    inputs = [data, ids, scales, *([zero_points] if zero_points else [])]
+    return helper.make_node("GatherBlockQuantized", inputs, outputs, domain=MS_DOMAIN, name=name, **attrs)
 
 
 def table_problem(table: onnx.TensorProto | None, bits: int, block_size: int, min_elements: int) -> str | None:
@@ -135,12 +158,17 @@ def quantize_embeddings(model: onnx.ModelProto, graph: onnx.GraphProto, index: G
 
 def _write_table(graph, index: GraphIndex, store: WeightStore, make_name, table_name: str, bits: int,
                  block_size: int) -> tuple[tuple[str, str, str | None], dict]:
-    """Replace the float table by its integer codes where it lives; scales (and zero points) beside it."""
+    """Replace the float table by its integer codes where it lives; the scales beside it."""
     table = store.array(table_name)
-    codes, scale = quantize_rows(table, bits, block_size)
-    error = float(np.linalg.norm(dequantize_rows(codes, scale, block_size) - table) / max(np.linalg.norm(table), 1e-30))
+    q = quantize_table(table, bits, block_size)
     stored = make_name(f"{table_name}_q{bits}")
-    tensor = numpy_helper.from_array(_pack(codes, bits) if block_size else codes, stored)
+    scale_name = make_name(f"{table_name}_scale")
+    if block_size:
+        tensor = table_data(q, True, stored)
+        scale = q.scales
+    else:
+        codes, scale = row_codes(q)
+        tensor = numpy_helper.from_array(codes, stored)
     if store.is_constant_node(table_name):
         node = index.producer_node(table_name)
         del node.attribute[:]
@@ -148,15 +176,11 @@ def _write_table(graph, index: GraphIndex, store: WeightStore, make_name, table_
         node.output[0] = stored
     else:
         store.tensor(table_name).CopyFrom(tensor)
-    scale_name = make_name(f"{table_name}_scale")
     store.add_initializer(scale_name, scale)
-    zero_name = None
-    if block_size:
-        zero_name = make_name(f"{table_name}_zero_point")
-        store.add_initializer(zero_name, _pack(np.zeros(scale.shape, np.int8), bits))
     layout = f"int{bits} per {block_size} values" if block_size else "int8 per row"
-    return (stored, scale_name, zero_name), {"name": table_name, "kind": "embedding", "shape": list(table.shape),
-                                              "format": layout, "params": int(table.size), "weight_rel_err": error}
+    error = float(np.sqrt(q.sq_error / q.sq_norm)) if q.sq_norm else 0.0
+    return (stored, scale_name, None), {"name": table_name, "kind": "embedding", "shape": list(table.shape),
+                                         "format": layout, "params": int(table.size), "weight_rel_err": error}
 
 
 def _gather_nodes(node: onnx.NodeProto, table: tuple[str, str, str | None], make_name, bits: int, block_size: int,
@@ -166,9 +190,7 @@ def _gather_nodes(node: onnx.NodeProto, table: tuple[str, str, str | None], make
     codes, scale, zero_point = table
     ids, out = node.input[1], node.output[0]
     if block_size:
-        return [onnx.helper.make_node("GatherBlockQuantized", [codes, ids, scale, zero_point], [out], name=node.name,
-                                      domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block_size,
-                                      bits=bits)]
+        return [gather_block_quantized(codes, ids, scale, zero_point, [out], node.name, bits, block_size)]
     rows, row_scale, shaped, as_float = (make_name(f"{out}_{part}") for part in ("q", "scale", "scale_col", "float"))
     unsqueeze = (onnx.helper.make_node("Unsqueeze", [row_scale, axes], [shaped]) if axes
                  else onnx.helper.make_node("Unsqueeze", [row_scale], [shaped], axes=[-1]))

@@ -81,7 +81,8 @@ def run_pipeline(
                           progress=progress, teacher=teacher)
     _check_input(model)
     validation = (_Validation.start(model, data if data is not None else calib_feeds, labels, input_shapes, tolerances,
-                                    report, from_calib=data is None and calib_feeds is not None)
+                                    report, from_calib=data is None and calib_feeds is not None,
+                                    exact_steps=any(step.pass_type.exact for step in steps))
                   if validate else None)
     feeds = validation.feeds if validation else None
     report.gates = _gates(steps, tolerances, validation)
@@ -177,13 +178,15 @@ def _gates(steps: list[Step], tol: Tolerances, validation: _Validation | None) -
     lossy = tol.lossy_gates(validation.labels is not None)
     if any(not s.pass_type.exact for s in steps):
         applied.append(f"lossy gate: {', '.join(lossy) or 'none'}")
-    if any(s.pass_type.exact for s in steps):
+    exact = any(s.pass_type.exact for s in steps)
+    if exact:
         applied.append(f"exact gate: rtol {tol.exact_rtol:g}, atol >= {tol.noise_factor:g} x float noise")
     return {
         "applied": applied,
         "lossy": lossy,
         "exact": {"rtol": tol.exact_rtol, "min_atol": tol.exact_atol, "noise_factor": tol.noise_factor,
-                  "noise_samples": len(validation.subset), "noise": validation.noise, "atol": validation.atols},
+                  "noise_samples": len(validation.subset), "noise": validation.noise, "atol": validation.atols}
+        if exact else None,
         "exact_subset": len(validation.subset),
         "threads": VALIDATION_THREADS,
     }
@@ -206,9 +209,10 @@ class _Validation:
 
     @classmethod
     def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report,
-              from_calib: bool = False) -> _Validation:
+              from_calib: bool = False, exact_steps: bool = True) -> _Validation:
         """Feeds (given, the calibration samples, or synthetic), the original's outputs, and its float
-        noise, computed once."""
+        noise, computed once (only for a pipeline with exact steps: nothing else is gated by it, and on
+        a multi-GB model it costs one more onnxruntime session)."""
         if data is None:
             feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS)
         else:
@@ -222,7 +226,7 @@ class _Validation:
         report.feeds = {"origin": origin, "samples": len(feeds), "notes": notes}
         subset = feeds.head(min(EXACT_SUBSET, len(feeds)))
         head = _head(reference, len(subset))
-        noise = measure_noise(model, subset, head, threads=VALIDATION_THREADS)
+        noise = measure_noise(model, subset, head, threads=VALIDATION_THREADS) if exact_steps else {}
         validation = cls(feeds, subset, reference, reference, head, tolerances, noise, exact_atols(noise, tolerances))
         if labels is not None:
             validation.labels = load_labels(labels, len(feeds))

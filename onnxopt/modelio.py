@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from .errors import InputError
 from .graph import model_graphs
-from .tensors import SPILL, external_info, is_external, set_external_location, tensor_nbytes
+from .tensors import external_info, is_external, set_external_location, spill_tensor, tensor_nbytes
 
 TWO_GB = 2**31
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this large go to the data file when saving externally
@@ -199,11 +199,7 @@ def _save_external(model: onnx.ModelProto, path: Path) -> None:
             if not is_external(tensor):
                 if len(tensor.raw_data) < EXTERNAL_THRESHOLD:
                     continue  # small tensors and typed fields (float_data, ...) stay inline
-                raw = tensor.raw_data
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                SPILL.append(tensor, raw)
-                del raw
+                spill_tensor(tensor)
             pad = -offset % ALIGNMENT
             data.write(b"\0" * pad)
             offset += pad
@@ -252,11 +248,7 @@ def save_scratch(model: onnx.ModelProto, path: Path, *, placeholders: bool = Fal
     if model.ByteSize() >= TWO_GB - 2**24:
         for tensor in model_tensors(model):
             if not is_external(tensor) and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
-                raw = tensor.raw_data
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                SPILL.append(tensor, raw)
-                del raw
+                spill_tensor(tensor)
     links: dict[str, str] = {}
     moved: list[tuple[onnx.TensorProto, str]] = []
     for tensor in model_tensors(model):

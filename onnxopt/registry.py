@@ -13,6 +13,7 @@ from .passes.lift_constants import LiftConstants
 from .passes.prune import Prune
 from .passes.prune_neurons import PruneNeurons
 from .passes.quantize import QuantizePass
+from .passes.quantize_weights import QuantizeWeights
 from .passes.remove_noops import RemoveNoops
 from .passes.zero_rows import ZeroRows
 
@@ -31,6 +32,7 @@ PASSES: dict[str, type[Pass]] = {
         ZeroRows,
         Distill,
         QuantizePass,
+        QuantizeWeights,
     )
 }
 

@@ -278,6 +278,11 @@ class Report:
             interesting = {k: v for k, v in s.stats.items() if v}
             if interesting:
                 rows.append(f"    {s.name}: " + ", ".join(f"{k}={_short(v)}" for k, v in interesting.items()))
+        for s in self.steps:  # learned solvers: the schedule and where each layer's loss went
+            for layer, curve in s.details.get("loss_curves", {}).items():
+                loss = curve["loss"]
+                rows.append(f"    {s.name} loss {layer} ({curve['schedule']}, {curve['optimizer']}, {curve['steps']} steps): "
+                            f"{loss[0]:.4g} -> {loss[-1]:.4g}")
         if self.feeds:
             accuracy = self.feeds.get("accuracy")
             rows.append(f"feeds: {self.feeds.get('origin')} ({self.feeds.get('samples')} samples)"

@@ -80,6 +80,14 @@ def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     SPILL.append(tensor, array.tobytes())
 
 
+def spill_tensor(tensor: onnx.TensorProto) -> None:
+    """Move an inline tensor's bytes to the spill file: the in-memory model keeps only its header."""
+    raw = tensor.raw_data
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    SPILL.append(tensor, raw)
+
+
 class SpillFile:
     """An append-only temporary file (deleted at exit) that holds rewritten external tensors."""
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from conftest import make_model, tensor, value
-from onnxopt.embeddings import dequantize_rows, quantize_embeddings, quantize_rows
+from onnxopt.blockquant import unpack_codes
+from onnxopt.embeddings import quantize_embeddings, quantize_table
 from onnxopt.graph import GraphIndex, WeightStore, unique_name_factory
 from onnxopt.validate import Session
 
@@ -26,6 +27,18 @@ def embedding_model(rows=64, width=32, tied=False, seed=0) -> onnx.ModelProto:
         nodes += [helper.make_node("Transpose", ["table"], ["tt"]), helper.make_node("MatMul", ["y", "tt"], ["logits"])]
         outputs.append(value("logits", [1, 5, rows]))
     return make_model(nodes, [value("ids", [1, 5], TensorProto.INT64)], outputs, inits)
+
+
+def dequantized(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The table the symmetric grid stands for (codes less 2^(bits-1), times the block scale), and each
+    value's step, recomputed here from the packed codes."""
+    rows, width = table.shape
+    q = quantize_table(table, bits, block_size)
+    block = block_size or width
+    codes = unpack_codes(q.b.reshape(rows, -1), bits, width).reshape(rows, -1, block).astype(np.float64)
+    values = (codes - (1 << (bits - 1))) * q.scales[:, :, None]
+    step = np.broadcast_to(np.abs(q.scales[:, :, None]), values.shape)
+    return values.reshape(rows, width), step.reshape(rows, width)
 
 
 def rewrite(model, **kwargs):
@@ -46,8 +59,7 @@ def test_gathered_rows_equal_the_dequantized_table(bits, block_size):
     ids = np.array([[0, 5, 63, 5, 17]], np.int64)
     with Session(model) as s:
         got = s.run({"ids": ids}, ["y"])["y"]
-    codes, scale = quantize_rows(table, bits, block_size)
-    expected = np.maximum(dequantize_rows(codes, scale, block_size)[ids], 0)
+    expected = np.maximum(dequantized(table, bits, block_size)[0][ids], 0)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     # the error is that of the format: small at 8 bits, bounded by half a step at 4
     assert rows[0]["weight_rel_err"] < (0.01 if bits == 8 else 0.15)
@@ -79,9 +91,33 @@ def test_bad_format_is_refused():
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 6), st.sampled_from([(8, 0), (8, 16), (4, 16)]), st.floats(1e-3, 1e3), st.integers(0, 1 << 30))
-def test_quantize_rows_error_is_at_most_half_a_step(rows, fmt, magnitude, seed):
+def test_table_error_is_at_most_half_a_step_inside_the_grid(rows, fmt, magnitude, seed):
+    """Round to nearest on blockquant's symmetric grid: the value of largest magnitude is a code exactly;
+    the other side ends one code short (2^(bits-1) - 1 steps), so a value beyond it is off by at most a step."""
     bits, block_size = fmt
     table = (np.random.default_rng(seed).standard_normal((rows, 32)) * magnitude).astype(np.float32)
-    codes, scale = quantize_rows(table, bits, block_size)
-    step = np.repeat(scale.reshape(rows, -1), block_size or 32, axis=1)
-    assert np.all(np.abs(dequantize_rows(codes, scale, block_size) - table) <= step * 0.5001 + 1e-30)
+    values, step = dequantized(table, bits, block_size)
+    error = np.abs(values - table)
+    inside = np.abs(table) <= step * ((1 << (bits - 1)) - 1)
+    assert np.all(error[inside] <= step[inside] * 0.5001 + 1e-30)
+    assert np.all(error <= step * 1.0001 + 1e-30)
+
+
+@pytest.mark.parametrize("bits,block_size", [(8, 16), (4, 16)])
+def test_quantize_and_quantize_weights_write_the_same_table(bits, block_size):
+    """One implementation: quantize's embedding rewrite and quantize-weights (symmetric, minmax grid) store
+    the same GatherBlockQuantized data and scales."""
+    from onnxopt.passes.base import PassContext
+    from onnxopt.passes.quantize_weights import QuantizeWeights
+
+    mine = embedding_model()
+    rewrite(mine, bits=bits, block_size=block_size)
+    options = QuantizeWeights.Options(bits=bits, block_size=block_size, symmetric=True, grid="minmax")
+    theirs = QuantizeWeights(options, PassContext())(embedding_model()).model
+    tables = []
+    for model in (mine, theirs):
+        node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        inits = {t.name: t for t in model.graph.initializer}
+        tables.append((inits[node.input[0]].data_type, inits[node.input[0]].raw_data,
+                       onnx.numpy_helper.to_array(inits[node.input[2]]).tobytes(), len(node.input)))
+    assert tables[0] == tables[1]

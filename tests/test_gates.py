@@ -230,6 +230,21 @@ def test_batchnorm_folding_on_a_deep_conv_net_passes_the_calibrated_gate(tmp_pat
     assert "exact gate: atol = max(1e-06, 4 x float noise) per output; y noise" in result.report.table()
 
 
+def test_noise_is_measured_only_for_pipelines_with_exact_steps(tmp_path, monkeypatch):
+    """A lossy-only pipeline has no exact gate to calibrate: no optimized session (costly on big models)."""
+    from onnxopt import manager
+
+    calls = []
+    monkeypatch.setattr(manager, "measure_noise", lambda *a, **k: calls.append(1) or {"y": 0.0})
+    data = conv_feeds()
+    lossy = onnxopt.optimize(deep_conv_net(), "prune(sparsity=0.1)", data=data, min_cosine=0, repro_dir=tmp_path / "r")
+    assert lossy.report.passed and calls == [] and lossy.report.gates["exact"] is None
+    assert "exact gate" not in lossy.report.table()
+    exact = onnxopt.optimize(deep_conv_net(), "prune(sparsity=0.1),dce", data=data, min_cosine=0,
+                             repro_dir=tmp_path / "r")
+    assert exact.report.passed and calls == [1] and exact.report.gates["exact"]["noise"] == {"y": 0.0}
+
+
 @pytest.mark.parametrize("wrong", [_SignFlip, _WrongChannel, _EpsilonDropped])
 def test_wrong_folds_fail_the_calibrated_gate(wrong, tmp_path, test_passes):
     result = onnxopt.optimize(deep_conv_net(), wrong.name, data=conv_feeds(), repro_dir=tmp_path / "r")

@@ -1,22 +1,30 @@
 """distill: repair the optimized model (the student) against the original (the teacher) on real data.
 
 Knowledge distillation in the form a graph tool can do it. Layer by layer, in topological order,
-each MatMul / Gemm is refit by ridge least squares so that, fed the student's own input (earlier
-layers already repaired), it reproduces the teacher's value of the same name after the bias;
-each Conv gets bias correction (the teacher's per-channel means). One paired stream of the
-calibration data per layer accumulates only mergeable float64 sums (normal equations, channel
-sums), so memory does not grow with the number of samples.
+each MatMul / Gemm / Conv is refit by ridge least squares (:mod:`onnxopt.reconstruction`) so that,
+fed the student's own input (earlier layers already repaired), it reproduces the teacher's value
+of the same name after the bias. Conv layers are refit whole, weights and bias, through their
+unfolded inputs (grouped and depthwise too); a Conv without a bias gets one.
+
+Student and teacher each run once over the calibration data, piece by piece
+(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input and target are
+computed just before it is fit, and the layer itself runs with its new weights. Statistics are
+float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of samples beyond the
+values at the current cut.
 
 The ridge pulls toward the current weights, not toward zero: with fewer calibration rows than
 inputs, the directions the data does not see keep the student's values instead of collapsing.
-Zeros from pruning stay zero (each output column is solved over its nonzero inputs; an all-zero
-column, a pruned neuron, is left alone). A layer's change is kept only if the model's output
-error against the teacher on the calibration data goes down; otherwise it is undone.
+Zeros from pruning stay zero (each output column is solved over its nonzero inputs, all columns at
+once; an all-zero column, a pruned neuron, is left alone, bias included). A layer's change is kept
+only if it lowers the layer's own error against the teacher; and the whole repair is kept only if
+the model's output error against the teacher on the calibration data goes down: otherwise the
+student is returned unchanged (``reverted_whole``), so distill never makes a model worse on it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,10 +32,12 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from ..tensors import FLOAT_TYPES
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      unique_name_factory, walk_nodes)
-from ..validate import Session, batched, numeric_values
+from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, masked_refit
+from ..reconstruction.stream import LayerwiseRunner
+from ..tensors import FLOAT_TYPES
+from ..validate import numeric_values
 from .base import Pass, PassResult, count
 from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_use
 
@@ -35,205 +45,112 @@ LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
 
 
-@dataclass
-class NormalEquations:
-    """``G = sum A^T A``, ``C = sum A^T Y`` and ``sum Y^2`` over every row ``A = [X, 1]`` (``[X]`` without a bias).
-
-    Rows are all leading axes of the layer input flattened. Sums merge across shards and batches.
-    """
-
-    gram: np.ndarray
-    cross: np.ndarray
-    data_axis: int
-    bias: bool
-    target_sq: float = 0.0
-
-    @classmethod
-    def empty(cls, inputs: int, outputs: int, data_axis: int, bias: bool) -> NormalEquations:
-        size = inputs + bias
-        return cls(np.zeros((size, size)), np.zeros((size, outputs)), data_axis, bias)
-
-    def update(self, x: np.ndarray, y: np.ndarray) -> bool:
-        """Fold one batch in; False when the teacher's value does not have the layer's rows and width."""
-        rows = np.moveaxis(x, self.data_axis, -1).reshape(-1, len(self.gram) - self.bias)
-        if y.ndim == 0 or y.shape[-1] != self.cross.shape[1] or y.size != len(rows) * y.shape[-1]:
-            return False
-        a = np.hstack([rows, np.ones((len(rows), 1))]) if self.bias else rows.astype(np.float64)
-        self.gram += a.T @ a
-        y = y.reshape(len(rows), -1).astype(np.float64)
-        self.cross += a.T @ y
-        self.target_sq += float(np.vdot(y, y))
-        return True
-
-    def merge(self, other: NormalEquations) -> NormalEquations:
-        """The sums over both shards' rows: what makes a fit independent of how the calibration data is
-        batched or sharded (streaming invariance; tests pin it so any future shard-parallel streaming
-        can rely on it)."""
-        return NormalEquations(self.gram + other.gram, self.cross + other.cross, self.data_axis, self.bias,
-                               self.target_sq + other.target_sq)
-
-    def residual(self, w: np.ndarray) -> float:
-        """``|A W - Y|^2`` from the sums alone."""
-        return float(np.sum(w * (self.gram @ w)) - 2 * np.sum(w * self.cross) + self.target_sq)
-
-    def solve(self, start: np.ndarray, keep: np.ndarray | None, damping: float) -> np.ndarray:
-        """Weights (rows as in ``A``) minimising ``|A W - Y|^2 + lam |W - start|^2``, lam = damping x mean diag G.
-
-        With ``keep``, entries outside it stay as in ``start`` and each column is solved over its
-        kept rows only; columns with the same mask share one factorisation.
-        """
-        lam = damping * (float(np.mean(np.diag(self.gram))) or 1.0)
-        gram = self.gram + lam * np.eye(len(self.gram))
-        rhs = self.cross + lam * start
-        if keep is None:
-            return np.linalg.solve(gram, rhs)
-        solved = start.copy()
-        masks, inverse = np.unique(keep.T, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        groups = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
-        for mask, columns in zip(masks, groups):
-            rows = np.flatnonzero(mask)
-            if rows.size:
-                solved[np.ix_(rows, columns)] = np.linalg.solve(gram[np.ix_(rows, rows)], rhs[np.ix_(rows, columns)])
-        return solved
-
-
-@dataclass
-class ChannelMeans:
-    """Per-channel float64 sums of the student's and the teacher's Conv output (channels on axis 1)."""
-
-    student: np.ndarray | float = 0.0
-    teacher: np.ndarray | float = 0.0
-    count: int = 0
-
-    def update(self, s: np.ndarray, t: np.ndarray) -> bool:
-        if s.shape != t.shape:
-            return False
-        axes = (0, *range(2, s.ndim))
-        self.student = self.student + s.sum(axis=axes, dtype=np.float64)
-        self.teacher = self.teacher + t.sum(axis=axes, dtype=np.float64)
-        self.count += s.size // s.shape[1]
-        return True
-
-    @property
-    def shift(self) -> np.ndarray:
-        """What the student's channel means lack: teacher mean - student mean."""
-        return (self.teacher - self.student) / self.count
-
-    def matched(self) -> bool:
-        return bool(np.all(np.abs(self.shift) <= MATCHED * np.abs(self.teacher / self.count).max(initial=0.0)))
-
-
 @dataclass(eq=False)
-class LinearLayer:
-    """A MatMul / Gemm whose output after its bias must match the teacher's ``target``."""
+class Layer:
+    """A MatMul / Gemm / Conv whose output after its bias must match the teacher's ``target``.
+
+    Weights are solved as ``(groups, inputs [+1 bias row], outputs per group)``; Gemm's
+    ``alpha`` / ``beta`` scale them (``y = alpha x W + beta bias``). A Conv without a bias gets one.
+    """
 
     store: WeightStore
     use: WeightUse
     target: str
     bias: str | None
-    alpha: float = 1.0  # Gemm: y = alpha * x W + beta * bias
+    geometry: LayerGeometry
+    new_name: Callable[[str], str]
+    alpha: float = 1.0
     beta: float = 1.0
-    stat = "layers_refit"
 
     @property
-    def fetched(self) -> str:
-        return self.use.data
+    def name(self) -> str:
+        return self.use.node.name or self.target
 
-    def sums(self) -> NormalEquations:
-        dims = self.store.tensor(self.use.weight).dims
-        return NormalEquations.empty(dims[self.use.in_axis], dims[self.use.out_axis], self.use.data_axis,
-                                     self.bias is not None)
+    @property
+    def with_bias(self) -> bool:
+        return self.bias is not None or self.geometry.is_conv
+
+    def statistics(self) -> LayerStatistics:
+        """Empty statistics against the teacher, tracking the error of the current weights exactly."""
+        return LayerStatistics.empty(self.geometry, bias=self.with_bias, target=True, start=self.current()[1])
+
+    @property
+    def reads(self) -> tuple:
+        """What determines the layer's gram: layers with equal ``reads`` share it (Q, K, V of one block)."""
+        return self.use.data, self.geometry, self.with_bias
 
     def current(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The stored arrays, and the effective weights as rows of ``A`` (``(in [+1], out)``)."""
+        """The stored arrays, and the effective weights ``(G, K [+1], N/G)``."""
         old = {n: self.store.array(n) for n in (self.use.weight, self.bias) if n}
-        start = to_canonical(old[self.use.weight], self.use).T.astype(np.float64) * self.alpha
-        if self.bias:
-            start = np.vstack([start, old[self.bias].astype(np.float64).reshape(1, -1) * self.beta])
+        canonical = to_canonical(old[self.use.weight], self.use).astype(np.float64) * self.alpha
+        g = self.geometry
+        start = np.swapaxes(canonical.reshape(g.groups, g.outputs, g.inputs), 1, 2)
+        if self.with_bias:
+            bias = (old[self.bias].astype(np.float64).reshape(-1) * self.beta if self.bias
+                    else np.zeros(g.groups * g.outputs))
+            start = np.concatenate([start, bias.reshape(g.groups, 1, g.outputs)], axis=1)
         return old, start
 
-    def matched(self, sums: NormalEquations) -> bool:
-        return sums.residual(self.current()[1]) <= MATCHED**2 * sums.target_sq
-
-    def apply(self, sums: NormalEquations, options) -> Callable[[], None]:
-        """Write the refit weights (and bias); return what undoes it."""
-        old, start = self.current()
-        weight = old[self.use.weight]
-        keep = None
-        if options.keep_zeros:
-            keep = start != 0
+    def write(self, solved: np.ndarray, old: dict[str, np.ndarray]) -> Callable[[], None]:
+        """Store solved weights (and bias); return what undoes it."""
+        g, weight = self.geometry, old[self.use.weight]
+        kernel = to_canonical(weight, self.use).shape
+        canonical = np.swapaxes(solved[:, : g.inputs], 1, 2).reshape(kernel) / self.alpha
+        self.store.set_array(self.use.weight, from_canonical(canonical, self.use).astype(weight.dtype))
+        node, inputs, added = self.use.node, list(self.use.node.input), None
+        if self.with_bias:
+            bias = solved[:, g.inputs].reshape(-1) / self.beta
             if self.bias:
-                keep[-1] = keep[:-1].any(axis=0)  # a pruned neuron keeps its bias too
-        solved = sums.solve(start, keep, options.damping)
-        inputs = weight.shape[self.use.in_axis]
-        self.store.set_array(self.use.weight, from_canonical((solved[:inputs] / self.alpha).T, self.use)
-                             .astype(weight.dtype))
-        if self.bias:
-            self.store.set_array(self.bias, (solved[inputs] / self.beta).reshape(old[self.bias].shape)
-                                 .astype(old[self.bias].dtype))
+                self.store.set_array(self.bias, bias.reshape(old[self.bias].shape).astype(old[self.bias].dtype))
+            else:
+                added = self.new_name(f"{self.name}_bias")
+                self.store.add_initializer(added, bias.astype(weight.dtype))
+                del node.input[2:]
+                node.input.append(added)
 
         def undo() -> None:
             for name, array in old.items():
                 self.store.set_array(name, array)
+            if added:
+                del node.input[:]
+                node.input.extend(inputs)
+                _remove_initializer(self.store, added)
 
         return undo
 
-
-@dataclass(eq=False)
-class ConvLayer:
-    """A Conv whose output's per-channel means must match the teacher's (bias correction)."""
-
-    store: WeightStore
-    use: WeightUse
-    target: str
-    bias: str | None
-    new_name: Callable[[str], str]
-    stat = "biases_corrected"
-
-    @property
-    def fetched(self) -> str:
-        return self.target
-
-    def sums(self) -> ChannelMeans:
-        return ChannelMeans()
-
-    def matched(self, sums: ChannelMeans) -> bool:
-        return sums.matched()
-
-    def apply(self, sums: ChannelMeans, options) -> Callable[[], None]:
-        """Add the mean difference to the bias (a Conv without one gets one); return what undoes it.
-
-        With ``keep_zeros``, channels whose weights are all zero (pruned) are left alone, so
-        zero-rows can still remove them.
-        """
-        node = self.use.node
-        delta = sums.shift
+    def fit(self, sums: LayerStatistics, options) -> tuple[Callable[[], None] | None, dict]:
+        """Refit from the statistics; ``(undo, row for the report)``, undo None when nothing changed
+        (already matched, or the fit would not lower the layer's error)."""
+        old, start = self.current()
+        before = sums.residual(start)
+        row = {"name": self.name, "op": self.use.node.op_type, "rel_err_before": _relative(before, sums)}
+        if before <= MATCHED**2 * sums.target_sq:
+            return None, {**row, "result": "matched"}
+        keep = None
         if options.keep_zeros:
-            weight = self.store.array(self.use.weight)
-            delta = np.where(weight.reshape(len(weight), -1).any(axis=1), delta, 0.0)
-        if self.bias:
-            old = self.store.array(self.bias)
-            self.store.set_array(self.bias, (old + delta).astype(old.dtype))
-            return lambda: self.store.set_array(self.bias, old)
-        inputs = list(node.input)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.store.tensor(self.use.weight).data_type)
-        name = self.new_name(f"{node.name or self.target}_bias")
-        self.store.add_initializer(name, delta.astype(dtype))
-        del node.input[2:]
-        node.input.append(name)
+            keep = start != 0
+            if self.with_bias:
+                keep[:, -1] = keep[:, :-1].any(axis=1)  # a pruned neuron keeps its bias too
+        solved = np.empty_like(start)
+        damping = options.damping
+        for group in range(len(start)):
+            solved[group], used = masked_refit(sums.gram[group], sums.cross[group], start[group],
+                                               None if keep is None else keep[group], options.damping)
+            damping = max(damping, used)
+        after = sums.residual(solved)
+        row.update(rel_err_after=_relative(after, sums), damping=damping)
+        if not after < before:
+            return None, {**row, "result": "reverted"}
+        return self.write(solved, old), {**row, "result": "refit"}
 
-        def undo() -> None:
-            del node.input[:]
-            node.input.extend(inputs)
-            _remove_initializer(self.store, name)
 
-        return undo
+def _relative(residual: float, sums: LayerStatistics) -> float:
+    return float(np.sqrt(max(residual, 0.0) / sums.target_sq)) if sums.target_sq else 0.0
 
 
 class Distill(Pass):
     name = "distill"
-    summary = "refit MatMul/Gemm weights (zeros kept) and Conv biases to match the original model on calibration data"
+    summary = "refit MatMul/Gemm/Conv weights and biases (zeros kept) to match the original model on calibration data"
     exact = False
 
     @dataclass(frozen=True)
@@ -243,7 +160,7 @@ class Distill(Pass):
         op_types: tuple[str, ...] = LAYER_OPS
         exclude: tuple[str, ...] = ()
         max_layers: int = 0
-        batch_size: int = 1
+        batch_size: int = 0  # samples per run; 0: joined when the batch axis is dynamic
 
         def __post_init__(self) -> None:
             if not self.damping > 0:
@@ -254,64 +171,64 @@ class Distill(Pass):
                                  f"'{'|'.join(self.op_types)}'")
             if self.max_layers < 0:
                 raise InputError(f"distill: max_layers must be >= 0 (0 = all), not {self.max_layers}")
-            if self.batch_size < 1:
-                raise InputError(f"distill: batch_size must be >= 1, not {self.batch_size}")
+            if self.batch_size < 0:
+                raise InputError(f"distill: batch_size must be >= 0 (0 = automatic), not {self.batch_size}")
 
     def requires(self, model: onnx.ModelProto) -> None:
         self.context.calibration_feeds(self.name)
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         teacher = self.context.teacher_model(self.name)
-        stats: dict[str, int | float] = {"layers_refit": 0, "biases_corrected": 0, "layers_reverted": 0}
+        feeds = self.context.calibration_feeds(self.name)
+        stats: dict[str, int | float] = {"layers_refit": 0, "layers_reverted": 0}
         layers = self._layers(model, teacher, stats)
-        with Session(teacher, extra_outputs=[layer.target for layer in layers]) as teacher_session:
-            sums, error = self._stream(model, teacher_session, layers[0] if layers else None)
-            stats["calib_rel_err_before"] = error
-            for layer, following in zip(layers, [*layers[1:], None]):
-                if error == 0:
-                    break
-                if sums is None or layer.matched(sums):  # nothing to fit, or nothing to gain
-                    count(stats, "skipped_width_mismatch" if sums is None else "layers_matched")
-                    sums, error = self._stream(model, teacher_session, following)
+        outputs = [o.name for o in model.graph.output]
+        teacher_run = LayerwiseRunner(teacher, feeds, self.options.batch_size)
+        before = LayerwiseRunner(model, feeds, self.options.batch_size).values(outputs)
+        student_run = LayerwiseRunner(model, feeds, self.options.batch_size)
+        undo: list[Callable[[], None]] = []
+        rows = []
+        shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
+        for number, layer in enumerate(layers, 1):
+            start = time.perf_counter()
+            x = student_run.values([layer.use.data])[layer.use.data]
+            y = teacher_run.values([layer.target])[layer.target]
+            sums = layer.statistics()
+            reuse = shared is not None and shared[0] == layer.reads
+            with blas_threads(layer.geometry.work(x)):  # small layers on one thread: no oversubscription
+                if not sums.update_batches(layer.geometry, x, y, gram=not reuse):
+                    count(stats, "skipped_width_mismatch")
                     continue
-                undo = layer.apply(sums, self.options)
-                after_sums, after = self._stream(model, teacher_session, following)
-                if after < error:
-                    count(stats, layer.stat)
-                    sums, error = after_sums, after
-                else:
-                    undo()
-                    count(stats, "layers_reverted")
-                    sums = self._stream(model, teacher_session, following)[0] if following else None
-        stats["calib_rel_err_after"] = error
-        return PassResult(model, stats["layers_refit"] + stats["biases_corrected"] > 0, stats)
+                del x, y
+                if reuse:
+                    sums.gram = shared[1]
+                shared = (layer.reads, sums.gram)
+                change, row = layer.fit(sums, self.options)
+            stats_key = {"refit": "layers_refit", "reverted": "layers_reverted", "matched": "layers_matched"}
+            count(stats, stats_key[row["result"]])
+            if row.get("damping", self.options.damping) > self.options.damping:
+                count(stats, "damping_raised")
+            if change is not None:
+                undo.append(change)
+            rows.append({**row, "seconds": round(time.perf_counter() - start, 4)})
+            if self.context.progress:
+                import click
 
-    def _stream(self, student: onnx.ModelProto, teacher: Session, layer) -> tuple[object | None, float]:
-        """One paired pass of the calibration data through student and teacher.
-
-        Returns the layer's sums (None when the teacher's value has another shape, or no layer)
-        and the student's output error relative to the teacher's (L2 over all outputs).
-        """
-        outputs = [o.name for o in student.graph.output]
-        sums = layer.sums() if layer else None
-        fetched = [layer.fetched] if layer and layer.fetched not in {i.name for i in student.graph.input} else []
-        err = ref = 0.0
-        with Session(student, extra_outputs=fetched) as session:
-            for _, feed in batched(self.context.calibration_feeds(self.name), self.options.batch_size):
-                s = session.run(feed, outputs + fetched)
-                t = teacher.run(feed, outputs + ([layer.target] if layer else []))
-                for name in outputs:
-                    try:
-                        student_values, teacher_values = numeric_values(s[name]), numeric_values(t[name])
-                    except TypeError:  # string outputs carry no error to reduce
-                        continue
-                    diff = student_values - teacher_values
-                    err += float(np.vdot(diff, diff))
-                    ref += float(np.vdot(teacher_values, teacher_values))
-                if sums is not None and not sums.update(s.get(layer.fetched, feed.get(layer.fetched)),
-                                                        t[layer.target]):
-                    sums = None
-        return sums, (float(np.sqrt(err / ref)) if ref else (0.0 if err == 0 else float("inf")))
+                click.echo(f"distill: layer {number}/{len(layers)} {row['name']}: {row['result']} "
+                           f"({row['rel_err_before']:.4f} -> {row.get('rel_err_after', row['rel_err_before']):.4f}, "
+                           f"{rows[-1]['seconds']:.2f} s)", err=True)
+        after = student_run.values(outputs)
+        reference = teacher_run.values(outputs)
+        stats["calib_rel_err_before"] = error = _output_error(before, reference)
+        stats["calib_rel_err_after"] = _output_error(after, reference)
+        if undo and not stats["calib_rel_err_after"] < error:
+            for change in reversed(undo):
+                change()
+            stats["reverted_whole"] = 1  # the output got no closer to the teacher: the student is kept as it was
+            stats["calib_rel_err_after"] = error
+            undo = []
+        stats["pieces_run"] = student_run.sessions
+        return PassResult(model, bool(undo), stats, {"layers": rows})
 
     def _layers(self, model: onnx.ModelProto, teacher: onnx.ModelProto, stats) -> list:
         """The student's repairable layers in topological order; every other candidate counted as a skip."""
@@ -367,11 +284,28 @@ class Distill(Pass):
                 return "bias_not_per_channel"
         if target not in taught:
             return "missing_in_teacher"
+        weight_shape = tuple(store.tensor(use.weight).dims)
         if node.op_type == "Conv":
-            return ConvLayer(store, use, target, bias, new_name)
+            return Layer(store, use, target, bias, LayerGeometry.conv(node, weight_shape), new_name)
         gemm = node.op_type == "Gemm"
-        return LinearLayer(store, use, target, bias, attribute(node, "alpha", 1.0) if gemm else 1.0,
-                           attribute(node, "beta", 1.0) if gemm else 1.0)
+        geometry = LayerGeometry.linear(weight_shape[use.in_axis], width, use.data_axis)
+        return Layer(store, use, target, bias, geometry, new_name, attribute(node, "alpha", 1.0) if gemm else 1.0,
+                     attribute(node, "beta", 1.0) if gemm else 1.0)
+
+
+def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
+    """The student's output error relative to the teacher's (L2 over every numeric output and batch)."""
+    err = ref = 0.0
+    for name, values in teacher.items():
+        for s, t in zip(student[name], values):
+            try:
+                s, t = numeric_values(s), numeric_values(t)
+            except TypeError:  # string outputs carry no error to reduce
+                continue
+            diff = s - t
+            err += float(np.vdot(diff, diff))
+            ref += float(np.vdot(t, t))
+    return float(np.sqrt(err / ref)) if ref else (0.0 if err == 0 else float("inf"))
 
 
 def _remove_initializer(store: WeightStore, name: str) -> None:

@@ -1,5 +1,12 @@
 """prune: zero the least important weights of MatMul / Gemm / Conv (lossy; pair with zero-rows).
 
+``method=sparsegpt`` (Frantar & Alistarh 2023) also *updates* the surviving weights: layers are
+pruned in topological order, each from its input's Hessian ``XᵀX`` as computed with the layers
+before it already pruned (:mod:`onnxopt.reconstruction`: one streaming pass over the calibration
+data in all, piece by piece), choosing weights by the OBS saliency ``w² / [H⁻¹]ₖₖ`` and spreading
+each pruned weight's error over the inputs not yet visited. Tied weights and weights inside
+subgraphs have no single observable input: they fall back to magnitude and are counted.
+
 Importance is ``|w|`` (magnitude) or ``|w| * ||x_in||_2`` (Wanda: the L2 norm of the input feature
 or channel the weight multiplies, over the calibration data, from one streaming calibration run).
 Wanda with ``bias_correction`` (the default) adds the pruned weights' mean contribution,
@@ -24,9 +31,11 @@ from ..errors import InputError
 from .base import Pass, PassResult, count
 from ..calibration import TensorStats
 from ..graph import unique_name_factory
+from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, sparsegpt
+from ..reconstruction.stream import LayerwiseRunner
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution, per_input_channel
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
 
 
@@ -105,7 +114,7 @@ def n_m_mask(score: np.ndarray, keep: int, group: int) -> np.ndarray:
 
 class Prune(Pass):
     name = "prune"
-    summary = "zero the least important MatMul/Gemm/Conv weights (magnitude or Wanda; unstructured or N:M)"
+    summary = "zero the least important MatMul/Gemm/Conv weights (magnitude, Wanda or SparseGPT; unstructured or N:M)"
     exact = False
 
     @dataclass(frozen=True)
@@ -116,7 +125,8 @@ class Prune(Pass):
         pattern: str = "unstructured"
         exclude: tuple[str, ...] = ()
         min_size: int = 0
-        bias_correction: bool = True  # wanda only
+        bias_correction: bool = True  # wanda and sparsegpt
+        damping: float = 0.01  # sparsegpt: relative to the mean input energy, raised when the Hessian is singular
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.sparsity < 1.0:
@@ -132,9 +142,11 @@ class Prune(Pass):
                                      f"got sparsity={self.sparsity}")
             if self.min_size < 0:
                 raise InputError(f"prune: min_size must be >= 0, not {self.min_size}")
+            if not self.damping > 0:
+                raise InputError(f"prune: damping must be > 0, not {self.damping}")
 
     def requires(self, model: onnx.ModelProto) -> None:
-        if self.options.method == "wanda":
+        if self.options.method in ("wanda", "sparsegpt"):
             self.context.calibration_feeds(self.name)
 
     def run(self, model: onnx.ModelProto) -> PassResult:
@@ -148,6 +160,8 @@ class Prune(Pass):
         if not tensors:
             stats["skipped_nothing_prunable"] = 1
             return PassResult(model, False, stats)
+        if opts.method == "sparsegpt":
+            return self._sparsegpt(model, tensors, n_m, stats)
         inputs = activation_stats(self, model, tensors, stats) if opts.method == "wanda" else {}
         correct = opts.method == "wanda" and opts.bias_correction
         canonicals = [t.canonical() for t in tensors]
@@ -157,22 +171,106 @@ class Prune(Pass):
         top = next((t for t in tensors if t.top_level), None)  # bias correction is for top-level weights only
         adder = BiasAdder(top.index, top.store, unique_name_factory(model)) if correct and top else None
         for tensor, weight, mask in zip(tensors, canonicals, masks):
-            stats["weights_eligible"] += int(weight.size)
-            before = int(weight.size - np.count_nonzero(weight))
-            stats["weights_zero_before"] += before
             pruned = np.where(mask, np.zeros((), weight.dtype), weight)
-            after = int(pruned.size - np.count_nonzero(pruned))
-            stats["weights_zero_after"] += after
-            if after > before:
-                tensor.write_canonical(pruned)
-                stats["tensors_pruned"] += 1
-                if adder is not None and tensor.name in inputs:  # top-level weights only
-                    _correct_bias(adder, tensor, weight - pruned, inputs[tensor.name])
-                    count(stats, "biases_corrected", len(tensor.uses))
+            if _record(stats, tensor, weight, pruned) and adder is not None and tensor.name in inputs:
+                _correct_bias(adder, tensor, weight - pruned, inputs[tensor.name])  # top-level weights only
+                count(stats, "biases_corrected", len(tensor.uses))
         if adder is not None:
             adder.finish()
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
         return PassResult(model, stats["tensors_pruned"] > 0, stats)
+
+    def _sparsegpt(self, model: onnx.ModelProto, tensors: list[PrunableTensor], n_m, stats) -> PassResult:
+        """Prune layer by layer in topological order from each input's Hessian, updating the survivors."""
+        opts = self.options
+        alone = [t for t in tensors if t.top_level and len(t.uses) == 1]
+        others = [t for t in tensors if not (t.top_level and len(t.uses) == 1)]
+        if others:  # no single observable input: magnitude, within the same budgets
+            count(stats, "sparsegpt_fallback_magnitude_in_subgraph", sum(not t.top_level for t in others))
+            count(stats, "sparsegpt_fallback_magnitude_tied", sum(t.top_level for t in others))
+        canonicals = {t.name: t.canonical() for t in tensors}
+        if opts.scope == "global":  # per-tensor budgets from one global Wanda ranking
+            inputs = activation_stats(self, model, alone, stats) if alone else {}
+            scores = [importance(t, canonicals[t.name], input_norm(inputs[t.name]) if t.name in inputs else None)
+                      for t in tensors]
+            zeros = {t.name: int(m.sum()) for t, m in zip(tensors, self._masks(scores, None))}
+        else:
+            zeros = {t.name: target_count(opts.sparsity, canonicals[t.name].size) for t in tensors}
+        for tensor in others:
+            weight = canonicals[tensor.name]
+            _record(stats, tensor, weight, _magnitude(tensor, weight, zeros[tensor.name], n_m))
+        if alone:
+            order = {id(node): i for i, node in enumerate(alone[0].index.nodes)}
+            position = {i: p for p, i in enumerate(alone[0].index.topological_order())}
+            alone.sort(key=lambda t: position[order[id(t.use.node)]])
+            runner = LayerwiseRunner(model, self.context.calibration_feeds(self.name))
+            adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
+            deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
+            now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
+            for number, tensor in enumerate(alone, 1):
+                weight = canonicals[tensor.name]
+                pruned, bias = self._sparsegpt_layer(tensor, weight, runner, zeros[tensor.name], n_m, stats,
+                                                     adder is not None)
+                if _record(stats, tensor, weight, pruned) and bias is not None:
+                    # a MatMul gets an Add after it, renaming its output: only once the runner is done
+                    (later if tensor.use.node.op_type == "MatMul" else now)(tensor.use.node, bias.astype(weight.dtype))
+                    count(stats, "biases_corrected")
+                if self.context.progress:
+                    import click
+
+                    click.echo(f"prune: layer {number}/{len(alone)} {tensor.use.node.name or tensor.name}", err=True)
+            for node, delta in deferred:
+                adder.add(node, delta)
+            if adder is not None:
+                adder.finish()
+        stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
+        return PassResult(model, stats["tensors_pruned"] > 0, stats)
+
+    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner, zeros: int,
+                         n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One layer: its Hessian from the runner's current input, SparseGPT per group, in canonical layout.
+
+        With ``with_bias`` the Hessian gets a ones column and the weights a bias row that is never
+        pruned: returns the bias change (output units) that compensates the pruned weights' mean too.
+        """
+        use = tensor.use
+        dims = tuple(tensor.store.tensor(tensor.name).dims)
+        geometry = (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
+                    else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
+        sums = LayerStatistics.empty(geometry, bias=with_bias)
+        x = runner.values([use.data])[use.data]
+        with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
+            if not sums.update_batches(geometry, x):
+                count(stats, "sparsegpt_fallback_magnitude_unobservable")
+                return _magnitude(tensor, weight, zeros, n_m), None
+            return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
+
+    def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias):
+        """SparseGPT per group from the layer's statistics; see :meth:`_sparsegpt_layer`."""
+        use = tensor.use
+        g = geometry
+        per_group = np.swapaxes(weight.reshape(g.groups, g.outputs, g.inputs), 1, 2).astype(np.float64)  # (G, K, N)
+        if with_bias:  # a bias row starting at zero: what it ends at is the change
+            per_group = np.concatenate([per_group, np.zeros((g.groups, 1, g.outputs))], axis=1)
+        splits = [target_count(zeros / weight.size, g.inputs * g.outputs * (i + 1)) for i in range(g.groups)]
+        # fewer calibration rows than inputs leave Hessian directions unobserved; OBS updates would move
+        # the weights freely along them (overfitting): damp by how far short of the inputs the rows fall
+        damping = self.options.damping + max(0.0, g.inputs / max(sums.rows, 1) - 0.5)
+        pruned = np.empty(per_group.shape)
+        for i in range(g.groups):
+            budget = splits[i] - (splits[i - 1] if i else 0)
+            try:
+                pruned[i], used = sparsegpt(per_group[i], sums.gram[i], zeros=budget, n_m=n_m,
+                                            damping=damping, fixed_rows=int(with_bias))
+            except SolverError as exc:
+                raise InputError(f"prune: layer '{use.node.name or tensor.name}': {exc}") from None
+            if used > damping:
+                count(stats, "damping_raised")
+        bias = None
+        if with_bias:
+            bias = pruned[:, -1].reshape(-1) * (attribute(use.node, "alpha", 1.0) if use.node.op_type == "Gemm" else 1.0)
+            pruned = pruned[:, :-1]
+        return np.swapaxes(pruned, 1, 2).reshape(weight.shape).astype(weight.dtype), bias
 
     def _divisible(self, tensors: list[PrunableTensor], group: int, stats) -> list[PrunableTensor]:
         kept = [t for t in tensors if t.store.tensor(t.name).dims[t.use.in_axis] % group == 0]
@@ -189,6 +287,27 @@ class Prune(Pass):
         mask = smallest_mask(flat, target_count(sparsity, flat.size))
         splits = np.cumsum([s.size for s in scores])[:-1]
         return [m.reshape(s.shape) for m, s in zip(np.split(mask, splits), scores)]
+
+
+def _magnitude(tensor: PrunableTensor, weight: np.ndarray, zeros: int, n_m) -> np.ndarray:
+    """The weight pruned by magnitude (sparsegpt's fallback), ``zeros`` of them or N:M."""
+    score = importance(tensor, weight, None)
+    mask = n_m_mask(score, *n_m) if n_m else smallest_mask(score, zeros)
+    return np.where(mask, np.zeros((), weight.dtype), weight)
+
+
+def _record(stats: dict[str, int | float], tensor: PrunableTensor, weight: np.ndarray, pruned: np.ndarray) -> bool:
+    """Count a tensor's zeros before and after; write it when pruning added zeros (True then)."""
+    stats["weights_eligible"] += int(weight.size)
+    before = int(weight.size - np.count_nonzero(weight))
+    stats["weights_zero_before"] += before
+    after = int(pruned.size - np.count_nonzero(pruned))
+    stats["weights_zero_after"] += after
+    if after <= before:
+        return False
+    tensor.write_canonical(pruned)
+    stats["tensors_pruned"] += 1
+    return True
 
 
 def _correct_bias(adder: BiasAdder, tensor: PrunableTensor, removed: np.ndarray, inputs: list[TensorStats]) -> None:

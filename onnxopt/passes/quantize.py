@@ -37,6 +37,14 @@ unless another is clearly faster. Embedding tables
 (``Gather`` on a big constant) become int8 per row (``embeddings``, :mod:`onnxopt.embeddings`):
 the file shrinks by the vocabulary too.
 
+``rounding=learned`` rounds each static or dynamic layer's int8 weight by learned rounding (AdaRound,
+:mod:`onnxopt.reconstruction`) against the XᵀX of its input (for a smoothed dynamic layer, of the
+smoothed input), from one more pass over the calibration data; it is never worse than nearest rounding
+per layer. ``mode=auto`` and ``min_cosine`` decide with nearest rounding (their trials would otherwise
+learn every candidate's weights); learned rounding then applies to the plan they chose. Weights inside
+subgraphs and embedding tables keep nearest rounding (their inputs are not observed). The loss curves
+go to ``details["loss_curves"]``.
+
 ``PassResult.details["layers"]`` lists every quantized (or deliberately float) layer with its
 mode, weight rounding error, smoothing and, where measured, the cosine with that layer alone
 quantized: where the error comes from. ``details["candidates"]`` holds auto mode's measurements.
@@ -64,7 +72,9 @@ from ..validate import Session, Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
 from .fold_batchnorm import fold_batchnorm
 from .fuse_bias import fuse_bias
-from .weights import WeightUse, attribute, mean_contribution, to_canonical, weight_use
+from ..reconstruction import SCHEDULES, LayerGeometry, LayerStatistics, Schedule, learned_rounding
+from ..reconstruction.stream import input_statistics
+from .weights import WeightUse, attribute, from_canonical, mean_contribution, to_canonical, weight_use
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 HEAVY = ("Conv", "MatMul", "Gemm")
@@ -103,6 +113,9 @@ class QuantizeOptions:
     embeddings: str = "int8"  # embedding tables: float | int8 (per row) | int8_block128 | int4: EMBEDDING_FORMATS
     latency_runs: int = 30  # auto mode: onnxruntime runs per candidate, interleaved
     layer_sensitivity: bool = False  # report each layer's calibration cosine alone (min_cosine measures it anyway)
+    rounding: str = "nearest"  # nearest | learned (AdaRound on each layer's input statistics)
+    lr_schedule: str = "constant"  # learned rounding: cosine | step | exponential | constant
+    rounding_steps: int = 100
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -129,6 +142,9 @@ class QuantizeOptions:
                              f"not '{self.embeddings}'")
         if self.latency_runs < 1:
             raise InputError("quantize: latency_runs must be at least 1")
+        if self.rounding not in ("nearest", "learned") or self.lr_schedule not in SCHEDULES or self.rounding_steps < 1:
+            raise InputError(f"quantize: rounding must be nearest|learned, lr_schedule {'|'.join(SCHEDULES)} and "
+                             f"rounding_steps >= 1, not {self.rounding}, {self.lr_schedule}, {self.rounding_steps}")
 
 
 @dataclass
@@ -260,8 +276,14 @@ class QuantizePass(Pass):
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         elif opt.layer_sensitivity:
             sensitivity = _layer_sensitivity(plan, _trial_cosine(request, plan, _Trials(request, quantized, feeds)))
+        if opt.rounding == "learned":  # after the choices above, which measure nearest rounding (see the notes)
+            quantized.learn(input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
+                                                            for u in plan.units if u.use is not None}))
         layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
                         request.index)
+        stats.update(quantized.rounding_stats)
+        if quantized.curves:
+            details["loss_curves"] = quantized.curves
         for row in layers:
             if row["name"] in sensitivity:
                 row["cosine_alone"] = sensitivity[row["name"]]
@@ -586,12 +608,26 @@ def _quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool) -> tup
 
 class _Quantized:
     """Quantized weights, bias-corrected float biases and activation parameters, each computed once
-    from the calibration statistics (accuracy-aware trials reuse them instead of quantizing again)."""
+    from the calibration statistics (accuracy-aware trials reuse them instead of quantizing again).
+
+    Learned rounding (``learn``) applies to every weight quantized after it is given the layers' input
+    statistics: static units' int8 weights and dynamic units' (smoothed) [K, N] weights alike.
+    """
 
     def __init__(self, tensor_stats: dict[str, TensorStats], opt: QuantizeOptions) -> None:
         self.tensor_stats, self.opt = tensor_stats, opt
         self._activations: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._weights: dict[tuple, tuple] = {}
+        self.hessians: dict[str, LayerStatistics] = {}  # learned rounding: XᵀX of each unit's data input
+        self.curves: dict[str, dict] = {}
+        self.rounding_stats: dict[str, int] = {}
+
+    def learn(self, hessians: dict[str, LayerStatistics]) -> None:
+        """Round the weights quantized from now on by learned rounding against these input statistics."""
+        self.hessians = hessians
+
+    def _learns(self, unit: _Unit) -> bool:
+        return unit.use is not None and unit.use.data in self.hessians
 
     def activation(self, src: str) -> tuple[np.ndarray, np.ndarray]:
         """(scale, zero point) of one activation range."""
@@ -609,10 +645,13 @@ class _Quantized:
     def unit(self, unit: _Unit, store: WeightStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
         """(int8 weight, scale, float bias or None, whether bias correction changed the bias) of a unit."""
         bias_name = unit.bias or unit.add_bias
-        key = ("unit", unit.weight, unit.axis, bias_name, unit.activations[0] if unit.activations else None)
+        learned = self._learns(unit)
+        key = ("unit", unit.weight, unit.axis, bias_name, unit.activations[0] if unit.activations else None, learned)
         if key not in self._weights:
             w = store.array(unit.weight)
             q, scale = self.weight(unit.weight, unit.axis, store)
+            if learned:
+                q = self._learned_static(unit, store, scale)
             bias = store.array(bias_name) if bias_name else None
             mean = (self.tensor_stats[unit.activations[0]].channel_mean
                     if self.opt.bias_correction and unit.use is not None else None)
@@ -643,27 +682,74 @@ class _Quantized:
                                                                                           np.ndarray | None, float]:
         """(int8 [K, N] weight, scale per column, bias-corrected float bias or None, weight relative error) of a
         dynamic unit whose input is divided by ``s`` (None: not smoothed)."""
-        key = ("dynamic", unit.weight, None if s is None else s.tobytes())
+        learned = self._learns(unit)
+        key = ("dynamic", unit.weight, None if s is None else s.tobytes(), learned)
         if key not in self._weights:
             w = _as_k_by_n(store.array(unit.weight), unit)
             if s is not None:
                 w = w * s[:, None].astype(np.float32)
             q, scale = _quantize_weight(w, 1 if self.opt.per_channel else None, self.opt.reduce_range)
-            dw = q.astype(np.float64) * scale - w
             bias_name = unit.bias or unit.add_bias
             bias = store.array(bias_name) if bias_name else None
             st = self.tensor_stats.get(unit.activations[0])
-            if bias is not None and self.opt.bias_correction and st is not None and st.channel_mean is not None:
+            corrects = bias is not None and self.opt.bias_correction and st is not None and st.channel_mean is not None
+            if learned:  # the input is x / s: its second moments are H / (s sᵀ)
+                sums = self.hessians[unit.use.data]
+                h = (sums.centered() if corrects else sums.hessian)[0]
+                if s is not None:
+                    h = h / np.outer(s, s)
+                scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[1],))
+                q = self._learned(unit, w[None], h[None], scales)[0].astype(np.int8)
+            dw = q.astype(np.float64) * scale - w
+            if corrects:
                 mean = st.channel_mean if s is None else st.channel_mean / s
                 bias = (bias - mean @ dw).astype(np.float32)  # E[(Wq - W) x] per output column
             error = float(np.linalg.norm(dw) / max(np.linalg.norm(w), 1e-30))
             self._weights[key] = (q, scale, bias, error)
         return self._weights[key]
 
+    def _learned_static(self, unit: _Unit, store: WeightStore, scale: np.ndarray) -> np.ndarray:
+        """int8 codes of a static unit by learned rounding against its input statistics (per Conv group)."""
+        g, w = _geometry(unit, store), store.array(unit.weight)
+        canonical = to_canonical(w, unit.use)
+        per_group = np.swapaxes(canonical.reshape(g.groups, g.outputs, g.inputs), 1, 2)  # (G, K, N) MatMul layout
+        scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g.groups * g.outputs,))
+        sums = self.hessians[unit.use.data]
+        corrected = self.opt.bias_correction and (unit.bias or unit.add_bias)  # the mean error goes to the bias
+        codes = self._learned(unit, per_group, sums.centered() if corrected else sums.hessian, scales)
+        q = np.swapaxes(codes, 1, 2).reshape(canonical.shape)
+        return from_canonical(q, unit.use).astype(np.int8)
+
+    def _learned(self, unit: _Unit, per_group: np.ndarray, hessians: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """Codes (G, K, N) of weights (G, K, N) with per-column ``scales`` (G·N), each group against its
+        (K, K) statistics; counts the outcome and keeps the mean loss curve for the report."""
+        qmax = 63 if self.opt.reduce_range else 127
+        schedule = Schedule(self.opt.lr_schedule, steps=self.opt.rounding_steps)
+        outputs = per_group.shape[2]
+        codes, curves, learned = [], [], True
+        for i in range(per_group.shape[0]):
+            c, curve, better = learned_rounding(per_group[i], hessians[i], scales[i * outputs: (i + 1) * outputs],
+                                                qmin=-qmax, qmax=qmax, schedule=schedule)
+            codes.append(c)
+            curves.append(curve)
+            learned &= better
+        key = "rounding_learned" if learned else "rounding_kept_nearest"
+        self.rounding_stats[key] = self.rounding_stats.get(key, 0) + 1
+        self.curves[unit.node.name] = {"schedule": schedule.kind, "optimizer": "adam", "steps": schedule.steps,
+                                       "loss": np.mean(curves, axis=0).tolist()}
+        return np.stack(codes)
+
 
 def _as_k_by_n(w: np.ndarray, unit: _Unit) -> np.ndarray:
     """A MatMul/Gemm weight as [K, N] (Gemm transB=1 stores it [N, K]), the layout MatMulInteger reads."""
     return w.T if unit.use.out_axis == 0 else w
+
+
+def _geometry(unit: _Unit, store: WeightStore) -> LayerGeometry:
+    dims = tuple(store.tensor(unit.weight).dims)
+    use = unit.use
+    return (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
+            else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
 
 
 class _Writer:

@@ -1,0 +1,277 @@
+"""Per-layer input statistics streamed from calibration data: ``XᵀX`` (and ``XᵀY`` against a target).
+
+A layer's rows are its inputs as the weight sees them: a MatMul / Gemm reads rows of its data
+input (all leading axes flattened); a Conv reads the unfolded patches of its input (im2col), one
+row per output position, split by group (a depthwise Conv is ``C`` groups of ``kernel`` inputs).
+Feature order is the canonical weight order ``(kernel..., in)`` of :mod:`onnxopt.passes.weights`,
+so a group's weight as a MatMul is ``canonical[outs of group].reshape(outs, -1).T``.
+
+Sums are float64, mergeable, and never hold rows: a batch is unfolded in chunks of at most
+``CHUNK_BYTES`` so a big feature map never exists unfolded in memory at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+CHUNK_BYTES = 32 << 20  # unfolded rows per chunk (float32)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """How a layer's data input becomes rows: ``groups`` blocks of ``inputs`` features, ``outputs`` per group.
+
+    ``data_axis`` is the feature axis of a MatMul / Gemm input; Conv layers carry kernel, strides,
+    dilations and pads (begin..., end...) of their spatial axes.
+    """
+
+    groups: int
+    inputs: int
+    outputs: int
+    data_axis: int = -1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+    @property
+    def is_conv(self) -> bool:
+        return bool(self.kernel)
+
+    @classmethod
+    def linear(cls, inputs: int, outputs: int, data_axis: int = -1) -> LayerGeometry:
+        return cls(1, inputs, outputs, data_axis)
+
+    @classmethod
+    def conv(cls, node: onnx.NodeProto, weight_shape: tuple[int, ...]) -> LayerGeometry:
+        """From a Conv node and its weight ``(M, C/group, k...)``."""
+        kernel = tuple(int(k) for k in weight_shape[2:])
+        spatial = len(kernel)
+        groups = int(_attribute(node, "group", 1))
+        auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+        return cls(groups, int(weight_shape[1]) * math.prod(kernel), int(weight_shape[0]) // groups, 1, kernel,
+                   tuple(_attribute(node, "strides", [1] * spatial)), tuple(_attribute(node, "dilations", [1] * spatial)),
+                   tuple(_attribute(node, "pads", [0] * 2 * spatial)),
+                   (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) or "NOTSET")
+
+    def _pads(self, spatial: tuple[int, ...]) -> list[tuple[int, int]]:
+        n = len(self.kernel)
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = []
+            for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations):
+                total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+                small = total // 2
+                pads.append((small, total - small) if self.auto_pad == "SAME_UPPER" else (total - small, small))
+            return pads
+        if self.auto_pad == "VALID":
+            return [(0, 0)] * n
+        return list(zip(self.pads[:n], self.pads[n:]))
+
+    def columns(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        """The input's rows, transposed: float32 ``(groups, inputs, R)`` in chunks of bounded size.
+
+        Transposed because a Conv's unfolding (im2col) then writes each kernel offset's values
+        contiguously; BLAS multiplies the transpose at no cost.
+        """
+        if not self.is_conv:
+            flat = np.moveaxis(np.asarray(x), self.data_axis, -1).reshape(-1, self.inputs)
+            step = max(1, CHUNK_BYTES // (4 * self.inputs))
+            for start in range(0, len(flat), step):
+                yield flat[start: start + step].astype(np.float32, copy=False).T[None]
+            return
+        x = np.asarray(x, dtype=np.float32)
+        groups = self.groups
+        padded = np.pad(x, [(0, 0), (0, 0), *self._pads(x.shape[2:])])
+        reach = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
+        out = tuple((size - r) // s + 1 for size, r, s in zip(padded.shape[2:], reach, self.strides))
+        for part in _chunks(padded, out, self.inputs * groups, self.strides[0], reach[0]):
+            n = len(part)
+            lines = [(size - r) // s + 1 for size, r, s in zip(part.shape[2:], reach, self.strides)]
+            cols = np.empty((groups, *self.kernel, part.shape[1] // groups, n, *lines), np.float32)
+            for offset in np.ndindex(*self.kernel):  # one contiguous strided copy per kernel offset
+                source = part[(slice(None), slice(None), *(slice(o * d, o * d + (m - 1) * s + 1, s) for o, d, s, m
+                                                           in zip(offset, self.dilations, self.strides, lines)))]
+                cols[(slice(None), *offset)] = np.moveaxis(source.reshape(n, groups, -1, *lines), 0, 2)
+            yield cols.reshape(groups, self.inputs, -1)
+
+    def targets(self, y: np.ndarray) -> Iterator[np.ndarray]:
+        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`columns`."""
+        y = np.asarray(y)
+        if not self.is_conv:
+            flat = y.reshape(-1, self.outputs)
+            step = max(1, CHUNK_BYTES // (4 * self.inputs))
+            for start in range(0, len(flat), step):
+                yield flat[start: start + step].astype(np.float32, copy=False)[None]
+            return
+        for part in _chunks(y, y.shape[2:], self.inputs * self.groups):
+            part = part.reshape(len(part), self.groups, self.outputs, -1)
+            yield np.moveaxis(part, 1, 0).swapaxes(2, 3).reshape(self.groups, -1, self.outputs).astype(np.float32)
+
+    def work(self, batches: list[np.ndarray]) -> float:
+        """Multiply-adds of the layer's gram over these input batches: what decides BLAS threads."""
+        rows = sum(max(self.input_rows(b), 0) for b in batches)
+        return float(rows) * self.inputs * self.inputs * self.groups
+
+    def output_rows(self, y: np.ndarray) -> int:
+        """How many rows an output holds (to check a target against the input's rows)."""
+        y = np.asarray(y)
+        return y.size // (self.outputs * self.groups)
+
+    def input_rows(self, x: np.ndarray) -> int:
+        x = np.asarray(x)
+        if not self.is_conv:
+            return x.size // self.inputs if x.ndim and x.shape[self.data_axis] == self.inputs else -1
+        pads = self._pads(x.shape[2:])
+        out = [(size + a + b - (k - 1) * d - 1) // s + 1
+               for size, (a, b), k, d, s in zip(x.shape[2:], pads, self.kernel, self.dilations, self.strides)]
+        return x.shape[0] * math.prod(out)
+
+
+def _square_sum(values: np.ndarray) -> float:
+    """``Σ v²`` of a contiguous float32 chunk (BLAS dot: blocked sums, accurate to ~1e-6 of the total)."""
+    flat = values.reshape(-1)
+    return float(np.dot(flat, flat))
+
+
+def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int, stride: int = 1,
+            reach: int = 1) -> Iterator[np.ndarray]:
+    """Slices of a ``(B, C, spatial...)`` array whose ``positions x features`` float32 rows fit
+    ``CHUNK_BYTES``: several samples at once when they fit, else runs of output lines of one sample
+    (of a padded Conv input: the input lines those outputs read, ``stride`` apart, ``reach`` high).
+    A Conv's input and its targets (``stride = reach = 1``) get the same chunks: their rows line up."""
+    per_sample = 4 * features * math.prod(positions)
+    if per_sample <= CHUNK_BYTES:
+        step = max(1, CHUNK_BYTES // max(per_sample, 1))
+        for b in range(0, len(array), step):
+            yield array[b: b + step]
+        return
+    lines = max(1, CHUNK_BYTES // (per_sample // positions[0]))
+    for b in range(len(array)):
+        for start in range(0, positions[0], lines):
+            stop = min(start + lines, positions[0])
+            yield array[b: b + 1, :, start * stride: (stop - 1) * stride + reach]
+
+
+@dataclass
+class LayerStatistics:
+    """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
+    a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
+
+    Products are float32 per chunk (BLAS speed), sums float64. With ``start`` weights the error of
+    those weights, ``Σ |A start - Y|²``, is summed directly as well, so residuals near a match are
+    exact instead of a difference of large float32 sums.
+    """
+
+    gram: np.ndarray          # (G, K [+1], K [+1]) float64
+    cross: np.ndarray | None  # (G, K [+1], N) float64, None without a target
+    bias: bool
+    target_sq: float = 0.0
+    rows: int = 0
+    start: np.ndarray | None = None  # (G, K [+1], N)
+    start_sq: float = 0.0
+
+    @classmethod
+    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False,
+              start: np.ndarray | None = None) -> LayerStatistics:
+        size = geometry.inputs + bias
+        return cls(np.zeros((geometry.groups, size, size)),
+                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias, start=start)
+
+    def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None, *, gram: bool = True) -> bool:
+        """Fold one batch (the layer's input, and its target when the statistics have one) in.
+
+        ``gram=False`` leaves ``gram`` alone (a layer reading the same input as one before reuses its
+        gram). False (nothing folded) when the target does not have the layer's rows and width.
+        """
+        rows = geometry.input_rows(x)
+        if rows < 0:
+            return False
+        if self.cross is not None:
+            if y is None or np.ndim(y) == 0 or geometry.output_rows(y) != rows or \
+                    (np.shape(y)[-1 if not geometry.is_conv else 1] != geometry.outputs * geometry.groups):
+                return False
+            targets = geometry.targets(y)
+        start = None if self.start is None else self.start.astype(np.float32)
+        k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
+        for at in geometry.columns(x):
+            a = np.swapaxes(at, 1, 2)
+            sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
+            if gram:
+                self.gram[:, :k, :k] += at @ a
+                if self.bias:
+                    self.gram[:, :k, k] += sums
+                    self.gram[:, k, :k] += sums
+                    self.gram[:, k, k] += at.shape[2]
+            self.rows += at.shape[2]
+            if self.cross is not None:
+                t = next(targets)
+                self.cross[:, :k] += at @ t
+                if self.bias:
+                    self.cross[:, k] += t.sum(axis=1, dtype=np.float64)
+                self.target_sq += _square_sum(t)
+                if start is not None:
+                    error = a @ start[:, :k] - t
+                    if self.bias:
+                        error += start[:, k:]
+                    self.start_sq += _square_sum(error)
+        return True
+
+    def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
+                       gram: bool = True) -> bool:
+        """:meth:`update` over batches, consecutive ones joined up to ``CHUNK_BYTES`` (fewer, bigger products)."""
+        ys = ys if ys is not None else [None] * len(xs)
+        x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
+        start = 0
+        while start < len(xs):
+            stop, size = start + 1, np.size(xs[start])
+            while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= CHUNK_BYTES and np.ndim(xs[stop]) > 0 \
+                    and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
+                size += np.size(xs[stop])
+                stop += 1
+            x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
+            y = ys[start] if stop == start + 1 or ys[start] is None else np.concatenate(ys[start:stop])
+            if not self.update(geometry, x, y, gram=gram):
+                return False
+            start = stop
+        return True
+
+    def merge(self, other: LayerStatistics) -> LayerStatistics:
+        return LayerStatistics(self.gram + other.gram, None if self.cross is None else self.cross + other.cross,
+                               self.bias, self.target_sq + other.target_sq, self.rows + other.rows, self.start,
+                               self.start_sq + other.start_sq)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """``XᵀX`` per group without the bias column: ``(G, K, K)``."""
+        return self.gram[:, : self.gram.shape[1] - self.bias, : self.gram.shape[1] - self.bias]
+
+    def centered(self) -> np.ndarray:
+        """``(X - mean)ᵀ(X - mean)`` per group (needs the bias column): the error that remains once a
+        weight change's mean effect is moved into the bias (bias correction)."""
+        k = self.gram.shape[1] - 1
+        sums = self.gram[:, :k, k]
+        return self.gram[:, :k, :k] - sums[:, :, None] * sums[:, None, :] / max(self.rows, 1)
+
+    def residual(self, weights: np.ndarray) -> float:
+        """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
+
+        With ``start``: its exact error plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
+        """
+        if self.start is None:
+            return float(np.sum(weights * (self.gram @ weights)) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        delta = weights - self.start
+        gradient = self.gram @ self.start - self.cross
+        return float(self.start_sq + 2 * np.sum(delta * gradient) + np.sum(delta * (self.gram @ delta)))

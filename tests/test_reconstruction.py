@@ -1,0 +1,194 @@
+"""The reconstruction engine: layer statistics (MatMul rows, unfolded Conv patches) and the OBS / ridge solvers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from onnx import helper
+
+from conftest import make_model, tensor, value
+from onnxopt.reconstruction import (LayerGeometry, LayerStatistics, SolverError, damped_inverse_cholesky, gptq,
+                                    masked_refit, sparsegpt)
+from onnxopt.validate import Session
+
+
+def correlated(rows: int, inputs: int, rank: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, inputs)) + 0.1 * rng.standard_normal((rows, inputs))
+
+
+def minmax_grid(maxq: int):
+    def choose(rows: np.ndarray):
+        low, high = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
+        scale = (high - low) / maxq
+        return scale, np.rint(-low / np.where(scale == 0, 1, scale))
+    return choose
+
+
+def layer_error(x: np.ndarray, w: np.ndarray, approx: np.ndarray) -> float:
+    return float(np.linalg.norm(x @ w - x @ approx) / np.linalg.norm(x @ w))
+
+
+def dequantize(codes, scales, zero_points, group):
+    return (codes - np.repeat(zero_points, group, axis=0)) * np.repeat(scales, group, axis=0)
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+@pytest.mark.parametrize("group", [16, 64])
+def test_gptq_layer_error_is_below_round_to_nearest_on_correlated_inputs(group):
+    x = correlated(1024, 64, 12)
+    w = np.random.default_rng(1).standard_normal((64, 24))
+    choose = minmax_grid(15)
+    codes, scales, zero_points, used = gptq(w, x.T @ x, maxq=15, group_size=group, choose_grid=choose)
+    assert codes.dtype == np.int64 and codes.min() >= 0 and codes.max() <= 15
+    assert scales.shape == zero_points.shape == (64 // group, 24) and used == 0.01
+    nearest = np.concatenate([dequantize(np.clip(np.rint(b / s) + z, 0, 15), s[None], z[None], 1)
+                              for b in np.split(w, 64 // group) for s, z in [choose(b)]])
+    assert layer_error(x, w, dequantize(codes, scales, zero_points, group)) < 0.6 * layer_error(x, w, nearest)
+
+
+def test_gptq_on_uncorrelated_identity_statistics_is_round_to_nearest():
+    """No correlation to exploit: every row's error stays its own (the negative twin)."""
+    w = np.random.default_rng(2).standard_normal((32, 8))
+    choose = minmax_grid(7)
+    codes, scales, zero_points, _ = gptq(w, np.eye(32), maxq=7, group_size=32, choose_grid=choose)
+    s, z = choose(w)
+    assert np.array_equal(codes, np.clip(np.rint(w / s) + z, 0, 7))
+
+
+def test_gptq_rejects_a_group_size_that_does_not_divide_the_inputs():
+    with pytest.raises(SolverError, match="group_size 5 must divide the 32 inputs"):
+        gptq(np.zeros((32, 4)), np.eye(32), maxq=15, group_size=5, choose_grid=minmax_grid(15))
+
+
+def test_singular_statistics_raise_the_damping_and_report_it():
+    x = correlated(64, 16, 3)
+    gram = x.T @ x
+    gram[:, 0] = gram[0, :] = 0  # an input that is always zero: rank deficient, no damping can be zero
+    upper, used = damped_inverse_cholesky(gram, 0.0)
+    assert used > 0 and np.all(np.isfinite(upper))
+    _, used_given = damped_inverse_cholesky(gram, 0.05)
+    assert used_given == 0.05
+
+
+# --------------------------------------------------------------------------- SparseGPT
+
+
+def test_sparsegpt_error_is_below_magnitude_and_wanda_at_equal_sparsity():
+    x = correlated(2048, 128, 24)
+    w = np.random.default_rng(3).standard_normal((128, 48))
+    pruned, _ = sparsegpt(w, x.T @ x, sparsity=0.5)
+    assert np.count_nonzero(pruned == 0) == w.size // 2
+    magnitude = np.where(np.abs(w) >= np.median(np.abs(w)), w, 0)
+    score = np.abs(w) * np.linalg.norm(x, axis=0)[:, None]
+    wanda = np.where(score >= np.median(score, axis=0), w, 0)  # per output, as in the paper
+    assert layer_error(x, w, pruned) < 0.5 * min(layer_error(x, w, magnitude), layer_error(x, w, wanda))
+
+
+def test_sparsegpt_n_m_keeps_n_of_every_m_inputs_and_existing_zeros():
+    x = correlated(512, 32, 8)
+    w = np.random.default_rng(4).standard_normal((32, 8))
+    w[5, 3] = 0
+    pruned, _ = sparsegpt(w, x.T @ x, n_m=(2, 4))
+    assert (np.count_nonzero(pruned.reshape(8, 4, 8), axis=1) == 2).all() and pruned[5, 3] == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.floats(0.0, 0.95), st.integers(0, 2**16))
+def test_sparsegpt_meets_the_exact_target_and_keeps_zeros(blocks, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    k = 8 * blocks
+    w = rng.standard_normal((k, 5))
+    w[rng.random(w.shape) < 0.2] = 0
+    x = correlated(64, k, 4, seed)
+    pruned, _ = sparsegpt(w, x.T @ x, sparsity=sparsity, block=8)
+    target = int(np.floor(sparsity * w.size + 0.5))
+    assert np.count_nonzero(pruned == 0) == max(target, np.count_nonzero(w == 0)) or \
+        np.count_nonzero(pruned == 0) >= target  # zeros in one block can exceed its share
+    assert (pruned[w == 0] == 0).all()
+
+
+# --------------------------------------------------------------------------- masked ridge refit
+
+
+def test_masked_refit_equals_one_solve_per_column():
+    x = correlated(512, 48, 10)
+    rng = np.random.default_rng(5)
+    y = x @ rng.standard_normal((48, 12))
+    start = rng.standard_normal((48, 12))
+    keep = rng.random((48, 12)) < 0.5
+    keep[:, 3] = False  # a pruned neuron stays as it is
+    gram, cross = x.T @ x, x.T @ y
+    fitted, _ = masked_refit(gram, cross, start * keep, keep, 1e-3, tolerance=1e-14, max_iterations=500)
+    lam = 1e-3 * np.mean(np.diag(gram))
+
+    def objective(w):
+        return np.sum((x @ w - y) ** 2) + lam * np.sum((w - start * keep) ** 2)
+
+    exact = np.zeros_like(fitted)
+    for j in range(12):
+        rows = np.flatnonzero(keep[:, j])
+        if rows.size:
+            exact[rows, j] = np.linalg.solve(gram[np.ix_(rows, rows)] + lam * np.eye(rows.size),
+                                             cross[rows, j] + lam * start[rows, j])
+    exact[:, 3] = (start * keep)[:, 3]
+    np.testing.assert_allclose(fitted, exact, rtol=1e-2, atol=1e-3)  # float32 products in the iteration
+    assert objective(exact) <= objective(fitted) <= objective(exact) * (1 + 1e-6)
+    assert (fitted[~keep] == 0).all()
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def conv_case(group: int, **attrs):
+    rng = np.random.default_rng(group)
+    channels, out = 4 * group if group > 1 else 6, 2 * group if group > 1 else 5
+    w = rng.standard_normal((out, channels // group, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, **attrs)
+    model = make_model([node], [value("x", ["batch", channels, 9, 11])], [value("y", None)], [tensor("w", w)])
+    x = rng.standard_normal((3, channels, 9, 11)).astype(np.float32)
+    with Session(model) as session:
+        y = session.run({"x": x})["y"]
+    return node, w, x, y
+
+
+@pytest.mark.parametrize("group,attrs", [
+    (1, {"pads": [1, 0, 1, 2], "strides": [2, 1]}),
+    (1, {"dilations": [2, 1], "pads": [2, 1, 2, 1]}),
+    (1, {"auto_pad": "SAME_UPPER", "strides": [2, 3]}),
+    (2, {"strides": [1, 2]}),
+    (4, {"auto_pad": "SAME_LOWER", "strides": [2, 2]}),  # depthwise with a channel multiplier of 2
+])
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 4096, 64])  # whole batch, a few lines, one line a chunk
+def test_conv_rows_times_the_group_weight_reproduce_onnxruntime(group, attrs, chunk_bytes, monkeypatch):
+    monkeypatch.setattr("onnxopt.reconstruction.statistics.CHUNK_BYTES", chunk_bytes)
+    node, w, x, y = conv_case(group, **attrs)
+    geometry = LayerGeometry.conv(node, w.shape)
+    canonical = np.moveaxis(w, 1, -1)  # (out, kh, kw, in)
+    per_group = canonical.reshape(group, w.shape[0] // group, -1)  # (G, out/G, K)
+    rows = np.swapaxes(np.concatenate(list(geometry.columns(x)), axis=2), 1, 2)
+    targets = np.concatenate(list(geometry.targets(y)), axis=1)
+    np.testing.assert_allclose(rows @ np.swapaxes(per_group, 1, 2), targets, rtol=1e-4, atol=1e-4)
+    assert geometry.input_rows(x) == rows.shape[1] == geometry.output_rows(y)
+
+
+def test_statistics_merge_equals_one_stream_and_target_mismatch_is_refused():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((10, 3, 8)).astype(np.float32)
+    y = rng.standard_normal((10, 3, 5)).astype(np.float32)
+    geometry = LayerGeometry.linear(8, 5)
+    whole = LayerStatistics.empty(geometry, bias=True, target=True)
+    assert whole.update(geometry, x, y)
+    parts = [LayerStatistics.empty(geometry, bias=True, target=True) for _ in range(2)]
+    assert parts[0].update(geometry, x[:4], y[:4]) and parts[1].update(geometry, x[4:], y[4:])
+    merged = parts[0].merge(parts[1])
+    np.testing.assert_allclose(merged.gram, whole.gram, rtol=1e-5, atol=1e-5)  # float32 products
+    np.testing.assert_allclose(merged.cross, whole.cross, rtol=1e-5, atol=1e-5)
+    assert merged.rows == whole.rows == 30 and whole.gram[0, -1, -1] == 30
+    assert not LayerStatistics.empty(geometry, target=True).update(geometry, x, y[..., :4])
+    w = rng.standard_normal((1, 9, 5))
+    a = np.concatenate([x.reshape(-1, 8), np.ones((30, 1))], axis=1)
+    assert whole.residual(w) == pytest.approx(float(np.sum((a @ w[0] - y.reshape(-1, 5)) ** 2)), rel=1e-5)

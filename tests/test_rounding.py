@@ -1,0 +1,131 @@
+"""Learned rounding (AdaRound) and its learning-rate schedules; quantize(rounding=learned)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from onnx import helper
+
+from conftest import make_model, run, tensor, value
+from onnxopt.data import FeedSet
+from onnxopt.errors import InputError
+from onnxopt.passes.base import PassContext
+from onnxopt.passes.quantize import QuantizePass
+from onnxopt.reconstruction import Schedule, learned_rounding
+from onnxopt.reconstruction.rounding import layer_error
+
+
+def correlated(rows: int, inputs: int, rank: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, rank)) @ rng.standard_normal((rank, inputs)) + 0.3 * rng.standard_normal((rows, inputs))
+
+
+def test_schedules_warm_up_then_decay_as_named():
+    rates = {kind: [Schedule(kind, rate=1.0, steps=100, warmup=0.1)(s) for s in range(100)]
+             for kind in ("cosine", "step", "exponential", "constant")}
+    for curve in rates.values():
+        assert curve[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up
+    assert rates["constant"][10:] == [1.0] * 90
+    assert rates["cosine"][10] == 1.0 and rates["cosine"][-1] < 1e-3
+    assert rates["step"][54] == 1.0 and rates["step"][56] == pytest.approx(0.1) and rates["step"][-1] == pytest.approx(0.01)
+    assert rates["exponential"][-1] == pytest.approx(0.01, rel=0.06)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        Schedule("linear")
+
+
+@pytest.mark.parametrize("qmax", [7, 127])
+@pytest.mark.parametrize("kind,optimizer,rate", [("constant", "adam", 0.1), ("cosine", "adam", 0.3),
+                                                  ("exponential", "adam", 0.3), ("step", "adam", 0.3)])
+def test_learned_rounding_beats_nearest_on_correlated_inputs(qmax, kind, optimizer, rate):
+    x = correlated(2048, 64, 8)
+    w = np.random.default_rng(1).standard_normal((64, 16)) * 0.1
+    scale = np.abs(w).max(axis=0) / qmax
+    codes, curve, learned = learned_rounding(w, x.T @ x, scale, qmin=-qmax, qmax=qmax,
+                                             schedule=Schedule(kind, rate, 200), optimizer=optimizer)
+    nearest = np.clip(np.rint(w / scale), -qmax, qmax)
+    assert learned and codes.min() >= -qmax and codes.max() <= qmax and len(curve) == 50
+    assert np.all(np.abs(codes - w / scale) < 1 + 1e-9)  # rounded down or up, never further
+    h = x.T @ x
+    assert layer_error(codes * scale - w, h) < 0.9 * layer_error(nearest * scale - w, h)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from([7, 127]))
+def test_learned_rounding_is_never_worse_than_nearest(seed, qmax):
+    """Uncorrelated inputs leave nothing to learn: nearest comes back whenever it is better."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((64, 12)) * rng.uniform(0.1, 3, 12)
+    w = rng.standard_normal((12, 5))
+    scale = np.abs(w).max(axis=0) / qmax
+    h = x.T @ x
+    codes, _, learned = learned_rounding(w, h, scale, qmin=-qmax, qmax=qmax, schedule=Schedule(steps=30))
+    nearest = np.clip(np.rint(w / scale), -qmax, qmax)
+    assert layer_error(codes * scale - w, h) <= layer_error(nearest * scale - w, h) * (1 + 1e-12)
+    if not learned:
+        assert np.array_equal(codes, nearest)
+
+
+def test_sgd_runs_and_never_returns_worse_than_nearest():
+    x = correlated(512, 32, 4)
+    w = np.random.default_rng(2).standard_normal((32, 8))
+    scale = np.abs(w).max(axis=0) / 7
+    h = x.T @ x
+    codes, curve, _ = learned_rounding(w, h, scale, qmin=-7, qmax=7, schedule=Schedule("cosine", 10.0, 60),
+                                       optimizer="sgd")
+    nearest = np.clip(np.rint(w / scale), -7, 7)
+    assert len(curve) == 50 and layer_error(codes * scale - w, h) <= layer_error(nearest * scale - w, h)
+
+
+def test_bad_optimizer_is_refused():
+    with pytest.raises(ValueError, match="optimizer must be one of adam|sgd"):
+        learned_rounding(np.ones((2, 2)), np.eye(2), np.ones(2), qmin=-7, qmax=7, optimizer="lbfgs")
+
+
+def correlated_mlp():
+    """x[b,32] -> Gemm(transB) 24 -> Relu -> MatMul 8: weights large enough for int8 rounding to show."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    inits = [tensor("w1", rng.standard_normal((24, 32)).astype(np.float32)),
+             tensor("b1", rng.standard_normal(24).astype(np.float32)),
+             tensor("w2", rng.standard_normal((24, 8)).astype(np.float32))]
+    model = make_model(nodes, [value("x", ["batch", 32])], [value("y", ["batch", 8])], inits)
+    x = correlated(256, 32, 4, seed=3)[:, None, :].astype(np.float32)
+    return model, FeedSet({"x": x}, "correlated")
+
+
+def output_error(model, reference, feeds) -> float:
+    a = np.concatenate([run(model, f)[0] for f in feeds])
+    b = np.concatenate([run(reference, f)[0] for f in feeds])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("options", [{"mode": "static"}, {"mode": "dynamic"}, {"mode": "auto"},
+                                     {"mode": "dynamic", "smooth_alpha": 0.8}])
+def test_quantize_learned_rounding_lowers_the_error_and_reports_loss_curves(options):
+    """Static QDQ weights, dynamic MatMulInteger weights and smoothed dynamic weights (input statistics
+    rescaled by the migration) alike; auto learns the weights of the mode it chose."""
+    model, feeds = correlated_mlp()
+    learned = QuantizePass(QuantizePass.Options(**options, rounding="learned", rounding_steps=150),
+                           PassContext(calib=feeds))(model.__deepcopy__())
+    chosen = "dynamic" if learned.stats.get("dynamic_nodes") else "static"  # auto: by measured latency
+    assert options["mode"] in ("auto", chosen)
+    nearest = QuantizePass(QuantizePass.Options(**{**options, "mode": chosen}), PassContext(calib=feeds))(model.__deepcopy__())
+    assert learned.stats["rounding_learned"] + learned.stats.get("rounding_kept_nearest", 0) == 2
+    assert learned.stats.get("dynamic_nodes", 0) == nearest.stats.get("dynamic_nodes", 0)
+    if "smooth_alpha" in options:
+        assert learned.stats["smoothing_mul"] == 2
+    curves = learned.details["loss_curves"]
+    assert set(curves) == {"fc1", "fc2"} and curves["fc1"]["schedule"] == "constant" and len(curves["fc1"]["loss"]) == 50
+    assert "loss_curves" not in nearest.details
+    assert output_error(learned.model, model, feeds) < 0.95 * output_error(nearest.model, model, feeds)
+
+
+@pytest.mark.parametrize("options, message", [({"rounding": "stochastic"}, "rounding must be nearest|learned"),
+                                               ({"lr_schedule": "linear"}, "lr_schedule"),
+                                               ({"rounding_steps": 0}, "rounding_steps >= 1")])
+def test_bad_rounding_options_are_input_errors(options, message):
+    with pytest.raises(InputError, match=message):
+        QuantizePass.Options(**options)
