@@ -25,7 +25,7 @@ import onnx
 
 from .data import FeedSet, as_feeds, load_labels
 from .errors import InputError, OnnxoptError, ValidationError
-from .modelio import has_external_data, needs_file, save_scratch
+from .modelio import has_external_data, needs_file, save_scratch, serialized_size_above
 from .passes.base import PassContext
 from .pipeline import Step, format_pipeline, format_step, parse_pipeline
 from .report import Report, StepRecord, size_summary
@@ -79,7 +79,7 @@ def run_pipeline(
     calib_feeds = as_feeds(calib, model) if calib is not None else None
     context = PassContext(calib=calib_feeds, calib_cache=Path(calib_cache) if calib_cache else None,
                           progress=progress, teacher=teacher)
-    _check_input(model)
+    _check_input(model, input_path)
     validation = (_Validation.start(model, data if data is not None else calib_feeds, labels, input_shapes, tolerances,
                                     report, from_calib=data is None and calib_feeds is not None,
                                     exact_steps=any(step.pass_type.exact for step in steps))
@@ -328,11 +328,16 @@ def _interface_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _check_input(model: onnx.ModelProto) -> None:
-    """Every step must pass the full checker: an input that already fails it is the input's fault, said up front."""
+def _check_input(model: onnx.ModelProto, input_path: str | Path | None) -> None:
+    """Every step must pass the full checker: an input that already fails it is the input's fault, said up front.
+
+    A model read from a file is checked from that file (the checker parses it in C++: half the time
+    of serializing the model in Python first).
+    """
     with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as scratch:
-        path = Path(scratch) / "input.onnx" if needs_file(model) else None
-        if path is not None:
+        path = Path(input_path) if input_path is not None else (
+            Path(scratch) / "input.onnx" if needs_file(model) else None)
+        if input_path is None and path is not None:
             save_scratch(model, path, placeholders=True)
         complaint = check_structure(model, path)
     if complaint:
@@ -356,7 +361,7 @@ def _verify(model: onnx.ModelProto, original: onnx.ModelProto, scratch_path: Pat
 
 def _snapshot(model: onnx.ModelProto) -> bytes | None:
     """The model before a step, for a reproducer, when that is cheap enough to keep."""
-    if has_external_data(model) or model.ByteSize() > REPRO_COPY_LIMIT:
+    if has_external_data(model) or serialized_size_above(model, REPRO_COPY_LIMIT):
         return None
     return model.SerializeToString()
 

@@ -129,7 +129,9 @@ class PruneNeurons(Pass):
             if method == "l2":
                 row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
             elif method == "wanda":
-                score = np.maximum(importance(tensor, canonical, input_norm(observed) if observed else None), 0.0)
+                # float64 sums: magnitude importance (no calibration stats) comes in the weight's own dtype
+                score = np.maximum(importance(tensor, canonical, input_norm(observed) if observed else None),
+                                   0.0).astype(np.float64)
                 row = score.reshape(len(canonical), -1).sum(axis=1)
             else:
                 square = np.square(canonical.astype(np.float64))
