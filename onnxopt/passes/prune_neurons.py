@@ -36,9 +36,9 @@ from ..calibration import TensorStats
 from ..errors import InputError
 from ..graph import model_graphs, opset_version, unique_name_factory, value_shapes, walk_graphs
 from .base import Pass, PassResult, count
+from .channels import ChannelGraph, Producer, has_producers, union_roots
 from .prune import activation_stats, check_choice, importance, input_norm, target_count
 from .weights import BiasAdder, PrunableTensor, attribute, mean_contribution, per_input_channel
-from .channels import ChannelGraph, Producer, has_producers, union_roots
 
 METHODS = ("l2", "wanda", "fluctuation")
 SCOPES = ("group", "global")
