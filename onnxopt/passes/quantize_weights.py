@@ -3,7 +3,9 @@
 Every MatMul / Gemm with a constant 2-D float weight becomes a ``com.microsoft.MatMulNBits``
 (packed codes, per-block scales and zero points; a Gemm's ``alpha`` goes into the scales and its
 bias ``beta * C`` into the bias input), and with ``embeddings`` every ``Gather`` on a constant
-float table becomes a ``com.microsoft.GatherBlockQuantized`` (blocks along the embedding width).
+float table becomes a ``com.microsoft.GatherBlockQuantized`` (blocks along the embedding width),
+at ``embedding_bits`` (default ``bits``; 8 keeps more of an LLM's logits for a little more file: a
+table is read one row per token, so its bits cost file bytes, not memory traffic).
 Activations stay float: the interface and the activation dtype never change.
 
 Built for models bigger than memory: weights are read from external data one tensor at a time,
@@ -77,6 +79,7 @@ class QuantizeWeights(Pass):
         symmetric: bool = False
         grid: str = "mse"
         embeddings: bool = True
+        embedding_bits: int = 0  # tables read only by Gather (0: ``bits``); a table tied to a layer takes its bits
         accuracy_level: int = 0
         exclude: tuple[str, ...] = ()
         damping: float = 0.01
@@ -84,6 +87,8 @@ class QuantizeWeights(Pass):
         def __post_init__(self) -> None:
             if self.bits not in (4, 8):
                 raise InputError(f"quantize-weights: bits must be 4 or 8, not {self.bits}")
+            if self.embedding_bits not in (0, 4, 8):
+                raise InputError(f"quantize-weights: embedding_bits must be 0 (as bits), 4 or 8, not {self.embedding_bits}")
             if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
                 raise InputError(f"quantize-weights: block_size must be a power of two from 16 to 256 "
                                  f"(onnxruntime's kernels), not {self.block_size}")
@@ -263,7 +268,9 @@ class _GraphRewriter:
             solved = self._gptq(kn, sum(found)) if found else None
             if self.opt.method == "gptq" and solved is None and any(u.node.op_type != "Gather" for u in weight.uses):
                 count(self.stats, "gptq_rounded_without_statistics")
-            forms[transposed] = quantize_for_nbits(kn, self.opt.bits, self.opt.block_size, self.opt.symmetric,
+            tables_only = all(u.node.op_type == "Gather" for u in weight.uses if u.transposed == transposed)
+            bits = self.opt.embedding_bits if tables_only and self.opt.embedding_bits else self.opt.bits
+            forms[transposed] = quantize_for_nbits(kn, bits, self.opt.block_size, self.opt.symmetric,
                                                    self.opt.grid, solved, dtype)
             q = forms[transposed]
             if q.k % self.opt.block_size:
