@@ -771,8 +771,8 @@ def test_auto_mode_keeps_narrow_convs_float_when_that_measures_faster(monkeypatc
 
 
 def test_pointwise_convs_and_wide_convs_are_not_narrow():
-    # 1x1 Convs are GEMMs that int8 speeds up, whatever their width; cnn()'s 3-channel 3x3 stem is narrow but
-    # the only Conv (with the Gemm gone) leaves nothing else to quantize: no such candidate then
+    # 1x1 Convs are GEMMs that int8 speeds up, whatever their width: only the depthwise 5x5 is narrow; a model
+    # without Convs has no such candidate
     from onnxopt.graph import WeightStore
     from onnxopt.passes.quantize import _narrow_conv, _Unit
 
