@@ -43,7 +43,7 @@ from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
-NEAR = 0.05  # relative error (from the sums) below which the current weights' error is measured exactly
+NEAR = 0.01  # relative error (from the sums) below which the current weights' error is measured exactly
 
 
 @dataclass(eq=False)
@@ -81,9 +81,7 @@ class Layer:
             return None
         if gram is not None:
             sums.gram = gram
-        start = self.current()[1]
-        if sums.residual(start) < NEAR**2 * sums.target_sq:
-            sums.measure(self.geometry, xs, ys, start)
+        sums.anchor(self.geometry, xs, ys, self.current()[1], NEAR)
         return sums
 
     @property
@@ -205,10 +203,12 @@ class Distill(Pass):
         for number, layer in enumerate(layers, 1):
             start = time.perf_counter()
             x = student_run.values([layer.use.data])[layer.use.data]
-            y = teacher_run.values([layer.target])[layer.target]
-            if layer.stream is not None and student_run.ready(layer.stream[1]):
-                y = _stream_target(y, teacher_run.values([layer.stream[0]])[layer.stream[0]],
-                                   student_run.values([layer.stream[1]])[layer.stream[1]], stats)
+            stream = layer.stream if layer.stream is not None and student_run.ready(layer.stream[1]) else None
+            taught = teacher_run.values([layer.target, *stream[:1]] if stream else [layer.target])  # one piece
+            y = taught[layer.target]
+            if stream:
+                y = _stream_target(y, taught[stream[0]], student_run.values([stream[1]])[stream[1]], stats)
+            del taught
             reuse = shared is not None and shared[0] == layer.reads
             with blas_threads(layer.geometry.work(x)):  # small layers on one thread: no oversubscription
                 sums = layer.statistics(x, y, shared[1] if reuse else None)

@@ -175,7 +175,7 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
 
 
 def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: np.ndarray | None,
-                 damping: float, *, tolerance: float = 1e-3, max_iterations: int = 100) -> tuple[np.ndarray, float]:
+                 damping: float, *, tolerance: float = 3e-3, max_iterations: int = 100) -> tuple[np.ndarray, float]:
     """Weights minimising ``|A W - Y|² + λ|W - start|²`` (from ``AᵀA``, ``AᵀY``), ``λ = damping · mean(diag AᵀA)``.
 
     Without ``keep``: one Cholesky solve for every column (damping raised if it fails). With ``keep``,
@@ -184,7 +184,8 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
     product per iteration instead of one factorisation per column; ``λ > 0`` keeps it positive
     definite, so it converges). It stops when an iteration lowers the objective by less than
     ``tolerance`` of what all iterations gained so far, or after ``max_iterations``: the objective
-    converges much faster than the residual (MiniLM's layers: within 0.5 % of the exact error in 10-25). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
+    converges much faster than the residual (MiniLM's layers: within 1.5 % of the exact error in 10-20; its
+    sentence cosine after SparseGPT + distill is the same to 1e-4 as with ``tolerance=1e-3``). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
     """
     gram = np.asarray(gram, dtype=np.float64)
     scale = float(np.mean(np.diag(gram))) if gram.size else 1.0

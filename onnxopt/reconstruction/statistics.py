@@ -170,9 +170,9 @@ class LayerStatistics:
     """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
     a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
 
-    Products are float32 per chunk (BLAS speed), sums float64. :meth:`measure` sums the error of
-    ``start`` weights, ``Σ |A start - Y|²``, directly (one more product), so residuals near a match
-    are exact instead of a difference of large float32 sums; it is only worth it near a match.
+    Products are float32 per chunk (BLAS speed), sums float64. :meth:`anchor` sums the error of
+    ``start`` weights, ``Σ |A start - Y|²``, directly (one more product) near a match, so residuals
+    there are exact instead of a difference of large float32 sums.
     """
 
     gram: np.ndarray          # (G, K [+1], K [+1]) float64
@@ -222,11 +222,20 @@ class LayerStatistics:
                 self.target_sq += _square_sum(t)
         return True
 
-    def measure(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray], start: np.ndarray) -> None:
-        """Sum the exact error of ``start`` weights ``(G, K [+1], N)`` over the batches the statistics hold;
-        :meth:`residual` is then exact at ``start`` and exact in the change from it."""
+    def anchor(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray], start: np.ndarray,
+               near: float) -> None:
+        """Make :meth:`residual` relative to ``start`` weights ``(G, K [+1], N)``: their error, then the change.
+
+        The error comes from the sums; when it is below ``near`` (relative) it is summed exactly over
+        the batches the statistics hold (one more product): the sums alone lose it to float32 rounding.
+        """
+        self.start, self.start_sq = None, 0.0
+        estimate = self.residual(start)
+        self.start, self.start_sq = start, estimate
+        if estimate >= near**2 * self.target_sq:
+            return
         weights, k = start.astype(np.float32), geometry.inputs
-        self.start, self.start_sq = start, 0.0
+        self.start_sq = 0.0
         for x, y in zip(xs, ys):
             for at, t in zip(geometry.columns(x), geometry.targets(y)):
                 error = np.swapaxes(at, 1, 2) @ weights[:, :k] - t
@@ -273,7 +282,7 @@ class LayerStatistics:
     def residual(self, weights: np.ndarray) -> float:
         """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
 
-        After :meth:`measure`: the exact error of ``start`` plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
+        After :meth:`anchor`: the error of ``start`` plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
         """
         if self.start is None:  # G W in float32: its rounding is far below the cancellation of these sums
             product = self.gram.astype(np.float32) @ weights.astype(np.float32)
