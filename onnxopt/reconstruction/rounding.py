@@ -68,13 +68,15 @@ def layer_error(delta: np.ndarray, hessian: np.ndarray) -> float:
 
 def learned_rounding(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, qmin: int, qmax: int,
                      zero_point: np.ndarray | float = 0, schedule: Schedule = Schedule(), optimizer: str = "adam",
-                     regularization: float = 3.0, warm_start: float = 0.2
-                     ) -> tuple[np.ndarray, list[float], bool]:
+                     regularization: float = 3.0, warm_start: float = 0.2, start: np.ndarray | None = None,
+                     fallback: np.ndarray | None = None) -> tuple[np.ndarray, list[float], bool]:
     """Integer codes for ``weight (K, N)`` on the grid ``(code - zero_point) · scale`` (both broadcast to
     ``(K, N)``), codes in ``[qmin, qmax]``, learned against ``hessian (K, K)``.
 
-    Returns ``(codes int64, loss curve, learned)``: ``learned`` is False when nearest rounding had the
-    smaller layer error and its codes are returned instead (never worse than nearest).
+    Each code is the floor or the ceiling of ``start`` (default: the weight itself) on the grid; GPTQ's
+    compensated weights, say, let it choose around GPTQ's codes. Returns ``(codes int64, loss curve,
+    learned)``: ``learned`` is False when the ``fallback`` codes (default: nearest rounding of the
+    weight) had the smaller layer error and are returned instead (never worse than the fallback).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {'|'.join(OPTIMIZERS)}, not '{optimizer}'")
@@ -84,7 +86,9 @@ def learned_rounding(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray,
     z = np.broadcast_to(np.asarray(zero_point, dtype=np.float64), w.shape)
     safe = np.where(s == 0, 1.0, s)
     ratio = w / safe + z
-    nearest = np.clip(np.rint(ratio), qmin, qmax)
+    nearest = np.clip(np.rint(ratio), qmin, qmax) if fallback is None else np.asarray(fallback, dtype=np.float64)
+    if start is not None:
+        ratio = np.asarray(start, dtype=np.float64) / safe + z
     base = np.floor(ratio)
     rest = np.clip(ratio - base, 0.01, 0.99)
     v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)  # h(v) = rest: start where the weight is

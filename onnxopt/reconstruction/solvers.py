@@ -76,12 +76,13 @@ def obs_sweep(weight: np.ndarray, upper: np.ndarray, step: RowStep, block: int =
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, *, maxq: int, group_size: int,
          choose_grid: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], damping: float = 0.01,
-         block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+         block: int = 128, updated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """GPTQ: round ``weight (K, N)`` onto a ``[0, maxq]`` grid per group of ``group_size`` inputs, compensating.
 
     ``choose_grid(rows (g, N))`` returns ``(scale (N,), zero_point (N,))`` for a group, from the rows
     as updated so far; a code ``q`` stands for ``(q - zero_point) * scale``. Returns
-    ``(codes int64 (K, N), scales (K/g, N), zero_points (K/g, N), damping_used)``.
+    ``(codes int64 (K, N), scales (K/g, N), zero_points (K/g, N), damping_used)``; ``updated`` (K, N),
+    when given, receives each row as compensated just before it was rounded (where learned rounding starts).
     """
     k, n = np.shape(weight)
     if group_size <= 0 or k % group_size:
@@ -101,6 +102,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, *, maxq: int, group_size: int,
             scale, zero = choose_grid(w1[i: i + group_size])
             scales[g], zero_points[g] = scale, zero
         scale, zero = scales[g], zero_points[g]
+        if updated is not None:
+            updated[row] = w1[i]
         q = np.clip(np.rint(np.divide(w1[i], scale, out=np.zeros(n), where=scale != 0)) + zero, 0, maxq)
         codes[row] = q
         return (q - zero) * scale
