@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cleanup.py [--pipeline "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"]
                                        [--runs 200] [--validate] [--no-wheel] [--keep DIR]
+                                       [--rapidocr DIR] [--extra NAME=MODEL,EVAL ...]
 
 The tools:
 
@@ -9,8 +10,14 @@ The tools:
             onnxopt's own validation, on the model's data where there is some)
   onnxsim   ``onnx.load`` + ``onnxsim.simplify(model)`` + ``onnx.save``
   onnxslim  ``onnx.load`` + ``onnxslim.slim(model)`` + ``onnx.save``
+  onnxsim-check  (with ``--validate``) ``onnxsim.simplify(model, check_n=1, test_input_shapes=...)``:
+            onnxsim checking its result on one random input of the first eval sample's shapes, the
+            peer of onnxopt's validation
 
-The models: the shared models (``../shared/models``) and the samples, each with its eval data; and
+The models: the shared models (``../shared/models``) and the samples, each with its eval data; with
+``--rapidocr DIR`` (default: /tmp/rapidocr/rapidocr_onnxruntime/models, skipped when absent, from
+``pip download --no-deps rapidocr-onnxruntime==1.4.4``) PaddleOCR's text detector and recognizer with
+text-image feeds (``ocr_feeds.py``); ``--extra NAME=MODEL,EVAL`` adds any model with its feeds; and
 every model shipped inside the installed wheels: onnx's backend test models
 (``onnx/backend/test/data/{simple,pytorch-converted,pytorch-operator}/*/model.onnx`` with their
 ``test_data_set_*/input_*.pb``, and ``light/light_*.onnx``: the ``real/`` models' architectures with
@@ -67,6 +74,9 @@ PY = sys.executable
 OUT_DIR = HERE / "out"
 DEFAULT_PIPELINE = "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"
 TOOLS = ("onnxopt", "onnxsim", "onnxslim")
+CHECKING_TOOLS = ("onnxsim-check",)  # with --validate: the peers' own result checks
+RAPIDOCR_DIR = Path("/tmp/rapidocr/rapidocr_onnxruntime/models")
+RAPIDOCR = {"ppocr_det": "ch_PP-OCRv4_det_infer.onnx", "ppocr_rec": "ch_PP-OCRv4_rec_infer.onnx"}
 REL_TOL = 1e-4
 MARK = "@@bench_cleanup "  # result lines of the workers (tools print their own output too)
 JOB_TIMEOUT_S = 300  # a worker silent this long on one job is killed; the job counts as timed out
@@ -140,11 +150,17 @@ def tool_worker(tool: str, jobs: list[dict]) -> None:
                                       data=data)
             if not result.report.passed:
                 raise RuntimeError(f"step failed: {result.report.failure}")
-    elif tool == "onnxsim":
+    elif tool in ("onnxsim", "onnxsim-check"):
         import onnxsim
 
         def run(src: str, dst: str, job: dict) -> None:
-            model, _ = onnxsim.simplify(onnx.load(src))
+            checks = {}
+            if tool == "onnxsim-check":  # its check needs fixed shapes: those of the first eval sample
+                with np.load(job["validate_data"]) as data:
+                    checks = {"check_n": 1, "test_input_shapes": {k: list(data[k].shape[1:]) for k in data.files}}
+            model, ok = onnxsim.simplify(onnx.load(src), **checks)
+            if not ok:
+                raise RuntimeError("onnxsim's check failed")
             onnx.save(model, dst)
     elif tool == "onnxslim":
         import onnxslim
@@ -323,6 +339,8 @@ def tool_job(tool: str, src: Path, dst: Path, pipeline: str, validate: bool, dat
     job = {"src": str(src), "dst": str(dst)}
     if tool == "onnxopt":
         job.update(pipeline=pipeline, validate=validate, validate_data=data)
+    elif tool in CHECKING_TOOLS:
+        job.update(validate_data=data)
     return job
 
 
@@ -332,13 +350,15 @@ def main_models(args, workdir: Path) -> dict:
     from common import cases
 
     results = {}
-    for name, model_path, _calib, eval_path, _labels in cases(args.models, args.samples):
+    tools = TOOLS + (CHECKING_TOOLS if args.validate else ())
+    found = [(n, m, e) for n, m, _c, e, _l in cases(args.models, args.samples)] + extra_cases(args, workdir)
+    for name, model_path, eval_path in found:
         print(f"  {name}", flush=True)
         folder = workdir / name.replace("/", "_")
         folder.mkdir(parents=True, exist_ok=True)
         rows = {"original": {**stats(onnx.load(model_path, load_external_data=False), model_path)}}
         outputs = {}
-        for tool in TOOLS:
+        for tool in tools:
             dst = folder / f"{tool}.onnx"
             spec = folder / f"job-{tool}.json"
             spec.write_text(json.dumps([{**tool_job(tool, model_path, dst, args.pipeline, args.validate,
@@ -367,6 +387,51 @@ def main_models(args, workdir: Path) -> dict:
                 rows[key]["latency_ms"] = ms
         results[name] = rows
     return results
+
+
+def extra_cases(args, workdir: Path) -> list[tuple[str, Path, Path]]:
+    """(name, model, eval feeds) of the rapidocr models when present, and of every --extra."""
+    found = []
+    if all((args.rapidocr / f).is_file() for f in RAPIDOCR.values()):
+        from ocr_feeds import write_feeds
+
+        feeds = write_feeds(workdir / "ocr-feeds")
+        found += [(name, args.rapidocr / f, path) for (name, f), path in zip(RAPIDOCR.items(), feeds)]
+    else:
+        print(f"  (no rapidocr models in {args.rapidocr}: skipped)", flush=True)
+    for spec in args.extra:
+        name, _, paths = spec.partition("=")
+        model, _, feeds = paths.partition(",")
+        if Path(model).is_file() and Path(feeds).is_file():
+            found.append((name, Path(model), Path(feeds)))
+        else:
+            print(f"  (--extra {spec}: model or feeds missing: skipped)", flush=True)
+    return found
+
+
+def print_validation_ratios(results: dict) -> None:
+    """onnxopt with validation against the peers, per model: wall time and peak RSS ratios."""
+    print("\n### onnxopt (with validation) against its peers, same run\n")
+    print("| model | onnxopt s | onnxsim s | onnxsim-check s | onnxslim s | onnxopt / onnxsim-check time "
+          "| onnxopt / onnxsim time | onnxopt peak RSS MiB | onnxsim-check peak RSS MiB | RSS ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rows in results.items():
+        def cell(tool, key="seconds", scale=1.0, rows=rows):
+            r = rows.get(tool, {})
+            return None if "error" in r or key not in r else r[key] / scale
+
+        ours, sim, check, slim = (cell(t) for t in ("onnxopt", "onnxsim", "onnxsim-check", "onnxslim"))
+        rss, rss_check = cell("onnxopt", "process_peak_rss_bytes", MiB), cell("onnxsim-check", "process_peak_rss_bytes", MiB)
+
+        def fmt(v, pattern="{:.2f}"):
+            return "failed" if v is None else pattern.format(v)
+
+        def ratio(a, b):
+            return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+        print(f"| {name} | {fmt(ours)} | {fmt(sim)} | {fmt(check)} | {fmt(slim)} | {ratio(ours, check)} | "
+              f"{ratio(ours, sim)} | {fmt(rss, '{:.0f}')} | {fmt(rss_check, '{:.0f}')} | {ratio(rss, rss_check)} |")
+    sys.stdout.flush()
 
 
 def wheel_part(args, workdir: Path) -> dict:
@@ -565,6 +630,9 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
     parser.add_argument("--no-wheel", action="store_true", help="skip the models shipped in wheels")
     parser.add_argument("--keep", type=Path, help="write the tools' outputs here and keep them")
+    parser.add_argument("--rapidocr", type=Path, default=RAPIDOCR_DIR, help="folder with rapidocr's det/rec models")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=MODEL,EVAL",
+                        help="another model and its eval feeds (.npz), skipped when absent (repeatable)")
     parser.add_argument("--_worker", nargs=2, metavar=("KIND", "JOBS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -591,6 +659,8 @@ def main() -> None:
         print("shared models and samples (a fresh process per tool and model)", flush=True)
         results["main"] = main_models(args, workdir)
         print_main(results["main"], args.pipeline)
+        if args.validate:
+            print_validation_ratios(results["main"])
         if not args.no_wheel:
             print("\nmodels shipped in wheels", flush=True)
             detail = wheel_part(args, workdir)

@@ -1,11 +1,15 @@
-"""Static int8 quantization side by side: onnxopt quantize vs onnxruntime quantize_static vs onnxsim.
+"""int8 quantization side by side: onnxopt quantize (auto, static, dynamic) vs onnxruntime quantize_dynamic,
+quantize_static and onnxsim, on the shared models and the samples.
 
     python benchmarks/bench_quantize.py [--models ../shared/models] [--samples samples] [--runs 300]
+                                        [--only minilm_l3,samples/transformer] [--no-calibration-costs]
 
-Per model: task accuracy (or cosine to fp32 without labels) on the eval data, file size, onnxruntime
-latency relative to fp32 (all graph optimizations, 1 thread, batch 1; every candidate's session is
-timed round-robin, one run each per round over --runs rounds, median per candidate, so load on a
-shared machine hits all alike), quantize wall time.
+Per model: task accuracy (or cosine to fp32 without labels) on the eval data; for sentence encoders
+(minilm_l3: a masked mean over eval.lengths.npz tokens, as its info.json says; samples/transformer: the
+mean over all tokens) the cosine of each sentence embedding to fp32's, mean and worst over the eval
+sentences; file size, onnxruntime latency relative to fp32 (all graph optimizations, 1 thread, batch 1;
+every candidate's session is timed round-robin, one run each per round over --runs rounds, median per
+candidate, so load on a shared machine hits all alike), quantize wall time.
 Calibration time: onnxopt's statistics pass (collect, default options, session creation included)
 against a plain fp32 pass over the same samples as a user would run it (onnxruntime session with all
 optimizations, 1 thread, created and run over the samples in the same joined batches as calibration),
@@ -104,10 +108,23 @@ def onnxsim_static(model_path: Path, calib: FeedSet, out: Path) -> dict:
     return {}
 
 
+def ort_dynamic(model_path: Path, calib: FeedSet, out: Path) -> dict:
+    """onnxruntime's dynamic int8 quantizer as a user runs it (per-channel int8 weights)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(model_path), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    return {}
+
+
 QUANTIZERS = {
-    "onnxopt (default: mse)": lambda p, c, o: ours(p, c, o),
-    "onnxopt minmax": lambda p, c, o: ours(p, c, o, method="minmax"),
-    "onnxopt min_cosine=0.999": lambda p, c, o: ours(p, c, o, min_cosine=0.999),
+    "onnxopt (default: auto)": lambda p, c, o: ours(p, c, o),
+    "onnxopt static (mse)": lambda p, c, o: ours(p, c, o, mode="static"),
+    "onnxopt dynamic": lambda p, c, o: ours(p, c, o, mode="dynamic"),
+    "onnxopt dynamic embeddings=int8_block128": lambda p, c, o: ours(p, c, o, mode="dynamic",
+                                                                     embeddings="int8_block128"),
+    "onnxopt dynamic smooth_mul=false": lambda p, c, o: ours(p, c, o, mode="dynamic", smooth_mul=False),
+    "onnxopt static min_cosine=0.999": lambda p, c, o: ours(p, c, o, mode="static", min_cosine=0.999),
+    "ort quantize_dynamic": ort_dynamic,
     "ort MinMax": ort_static("MinMax"),
     "ort Percentile": ort_static("Percentile"),
     "ort Entropy": ort_static("Entropy"),
@@ -156,7 +173,8 @@ def calib_scaling(model_path: Path, calib_path: Path) -> dict:
 
 def calib_pass_time(model_path: Path, calib: FeedSet, repeats: int = 7) -> dict:
     """Statistics pass (as quantize runs it) vs a plain fp32 pass over the same samples, same batches."""
-    from onnxopt.calibration import _runs, collect
+    from onnxopt.calibration import collect
+    from onnxopt.validate import joined_runs as _runs
     from onnxopt.data import model_inputs
     from onnxopt.validate import Session
 
@@ -200,6 +218,9 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=ROOT / "samples")
     parser.add_argument("--runs", type=int, default=300, help="latency rounds (one run per candidate each)")
     parser.add_argument("--child", nargs=2)
+    parser.add_argument("--only", help="comma-separated model names (default: all)")
+    parser.add_argument("--no-calibration-costs", action="store_true",
+                        help="skip the calibration memory and statistics-pass timings")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1])
@@ -208,11 +229,21 @@ def main() -> None:
     out_dir = ROOT / "benchmarks" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model_path, calib_path, eval_path, labels in cases(args.models, args.samples):
+        only = args.only.split(",") if args.only else None
+        for name, model_path, calib_path, eval_path, labels in cases(args.models, args.samples, only):
             calib, evals = load_feeds(calib_path), load_feeds(eval_path)
             ref = outputs(model_path, evals)
             feed0 = {k: np.asarray(v) for k, v in next(iter(evals)).items()}
-            rows = {"fp32": {"size_kb": model_path.stat().st_size / 1024, **score(ref, ref, labels)}}
+            sentences = sentence_lengths(name, eval_path, len(ref))
+
+            def scored(output: list[np.ndarray]) -> dict:
+                result = score(ref, output, labels)
+                if sentences is not None:
+                    cos = sentence_cosines(ref, output, sentences)
+                    result.update(sentence_mean=float(cos.mean()), sentence_worst=float(cos.min()))
+                return result
+
+            rows = {"fp32": {"size_kb": model_path.stat().st_size / 1024, **scored(ref)}}
             paths = {"fp32": model_path}
             for qname, quantize in QUANTIZERS.items():
                 out = Path(tmp) / f"{name.replace('/', '_')}_{qname.replace(' ', '_')}.onnx"
@@ -224,30 +255,62 @@ def main() -> None:
                     continue
                 wall = time.perf_counter() - t
                 rows[qname] = {"size_kb": out.stat().st_size / 1024, "quantize_s": wall,
-                               **score(ref, outputs(out, evals), labels), "stats": stats}
+                               **scored(outputs(out, evals)), "stats": stats}
                 paths[qname] = out
             for qname, ms in latencies_ms(paths, feed0, args.runs).items():
                 rows[qname]["latency_ms"] = ms
-            results[name] = {"rows": rows, "calib": calib_scaling(model_path, calib_path),
-                             "calib_vs_fp32_pass": calib_pass_time(model_path, calib)}
+            results[name] = {"rows": rows}
+            if not args.no_calibration_costs:
+                results[name].update(calib=calib_scaling(model_path, calib_path),
+                                     calib_vs_fp32_pass=calib_pass_time(model_path, calib))
             print_model(name, results[name], labels is not None)
     (out_dir / "bench_quantize.json").write_text(json.dumps(results, indent=1, default=float))
+
+
+def sentence_lengths(name: str, eval_path: Path, samples: int) -> np.ndarray | None:
+    """Real tokens per eval sentence for the sentence encoders (None: not a sentence model)."""
+    lengths = eval_path.with_name("eval.lengths.npz")
+    if lengths.exists():
+        with np.load(lengths) as npz:
+            return npz[npz.files[0]].astype(int)
+    return np.full(samples, -1) if name == "samples/transformer" else None  # -1: every token
+
+
+def sentence_cosines(reference: list, output: list, lengths: np.ndarray) -> np.ndarray:
+    """Per sentence: cosine of the masked-mean embedding (first ``length`` tokens; -1: all) to fp32's."""
+    def embed(hidden: np.ndarray, length: int) -> np.ndarray:
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        return tokens[: length if length > 0 else None].mean(axis=0, dtype=np.float64)
+
+    cos = []
+    for r, o, n in zip(reference, output, lengths):
+        a, b = embed(r, n), embed(o, n)
+        cos.append(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return np.array(cos)
 
 
 def print_model(name: str, result: dict, has_labels: bool) -> None:
     rows = result["rows"]
     fp32 = rows["fp32"]
+    sentences = "sentence_mean" in fp32
     print(f"\n### {name}\n")
     print("| quantizer | " + ("accuracy | " if has_labels else "") +
+          ("sentence cosine mean / worst | " if sentences else "") +
           "cosine to fp32 | size KiB (x fp32) | median latency ms, round-robin, 1 thread (x fp32) | quantize s |")
-    print("|---|" + ("---|" if has_labels else "") + "---|---|---|---|")
+    print("|---|" + ("---|" if has_labels else "") + ("---|" if sentences else "") + "---|---|---|---|")
     for qname, r in rows.items():
         if "error" in r:
             print(f"| {qname} | failed: {r['error']} |")
             continue
         acc = f"{r['accuracy'] * 100:.1f}% | " if has_labels else ""
-        print(f"| {qname} | {acc}{r['cosine']:.5f} | {r['size_kb']:.0f} ({r['size_kb'] / fp32['size_kb']:.2f}) | "
+        sent = f"{r['sentence_mean']:.4f} / {r['sentence_worst']:.4f} | " if sentences else ""
+        chosen = r.get("stats", {}).get("mode_dynamic")
+        label = qname if chosen is None else f"{qname}: {'dynamic' if chosen else 'static'}"
+        print(f"| {label} | {acc}{sent}{r['cosine']:.5f} | {r['size_kb']:.0f} ({r['size_kb'] / fp32['size_kb']:.2f}) | "
               f"{r['latency_ms']:.3f} ({r['latency_ms'] / fp32['latency_ms']:.2f}) | {r.get('quantize_s', 0):.2f} |")
+    if "calib" not in result:
+        sys.stdout.flush()
+        return
     print("\nonnxopt quantize memory (default options, fresh process per size; growth = peak - RSS just before "
           "quantize; the data is read from an uncompressed .npz as runs need it):\n")
     print("| samples | quantize wall s | RSS before MiB | total peak RSS MiB | growth during quantize MiB |")

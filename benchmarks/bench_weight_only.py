@@ -174,6 +174,8 @@ def tools(calib: Path, external: bool, data: Path | None) -> dict[str, callable]
         "onnxopt rtn": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p", "quantize-weights", "--no-validate", *ext],
         "onnxopt rtn, embeddings float": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p",
                                                        "quantize-weights(embeddings=false)", "--no-validate", *ext],
+        "onnxopt rtn, embeddings int8": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p",
+                                                      "quantize-weights(embedding_bits=8)", "--no-validate", *ext],
         "onnxopt gptq": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p", "quantize-weights(method=gptq)",
                                       "--calib", str(calib), "--no-validate", *ext],
         "ort rtn sym (default)": lambda s, d: [sys.executable, "-c", ORT_NBITS, "rtn_sym", str(s), str(d),

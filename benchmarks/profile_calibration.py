@@ -27,7 +27,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt import calibration  # noqa: E402
+from onnxopt import calibration, validate  # noqa: E402
 from onnxopt.data import load_feeds, model_inputs  # noqa: E402
 from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.quantize import QuantizePass  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     inputs = {v.name for v in model_inputs(model)}
     fetched = [n for n in dict.fromkeys([*request.tensors, *request.mean_axes]) if n not in inputs]
     with calibration.Session(model, extra_outputs=fetched, optimize=True) as s:
-        batch = next(calibration._runs(s, model, calib, fetched, 0))[0]
+        batch = next(validate.joined_runs(s, model, calib, fetched, 0))[0]
     feed = next(calib.batches(batch))
     data = model.SerializeToString()
 

@@ -34,18 +34,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .data import FeedSet, input_dims, model_inputs
+from .data import model_inputs
 from .errors import InputError
 from .graph import defined_names, model_graphs
 from .tensors import external_info, is_external, tensor_to_array
-from .validate import Session
+from .validate import Session, joined_runs
 
 GRID_SIZE = 1 << 16
 FLUSH_AT = 1 << 15  # grid codes buffered per tensor before they are counted: a fixed 64 KiB, whatever the sample
 #   count (counting is a radix sort, O(codes), so a fuller buffer only saves merges of the sparse counts)
 HIST_PER_SAMPLE = 512  # at most this many values per tensor and sample go into the histogram
-BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
-MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
 
 
 def _grid_centers() -> np.ndarray:
@@ -84,6 +82,8 @@ class TensorStats:
     channel_sum: np.ndarray | None = None
     channel_sumsq: np.ndarray | None = None
     channel_count: int = 0
+    channel_min: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
     stride: int = 0
     _pending: np.ndarray | None = field(default=None, repr=False, compare=False)  # FLUSH_AT codes, fixed size
     _pending_n: int = field(default=0, repr=False, compare=False)
@@ -120,6 +120,9 @@ class TensorStats:
                 sq = np.einsum("pcq,pcq->c", x3, x3, dtype=np.float64)
                 self.channel_sumsq = sq if self.channel_sumsq is None else self.channel_sumsq + sq
             self.channel_count += x3.shape[0] * x3.shape[2]
+            low, high = x3.min(axis=(0, 2)).astype(np.float64), x3.max(axis=(0, 2)).astype(np.float64)
+            self.channel_min = low if self.channel_min is None else np.minimum(self.channel_min, low)
+            self.channel_max = high if self.channel_max is None else np.maximum(self.channel_max, high)
 
     def _buffer(self, codes: np.ndarray) -> None:
         """Copy uint16 grid codes (rows of a 2-D view) into the fixed buffer, counting it first when
@@ -157,8 +160,8 @@ class TensorStats:
         self.flush()
         other.flush()
 
-        def add(a, b):
-            return b if a is None else a if b is None else a + b
+        def add(a, b, combine=np.add):
+            return b if a is None else a if b is None else combine(a, b)
 
         codes, code_counts = _add_counts(self.codes, self.code_counts, other.codes, other.code_counts)
         return TensorStats(
@@ -171,12 +174,18 @@ class TensorStats:
             channel_sum=add(self.channel_sum, other.channel_sum),
             channel_sumsq=add(self.channel_sumsq, other.channel_sumsq),
             channel_count=self.channel_count + other.channel_count,
+            channel_min=add(self.channel_min, other.channel_min, np.minimum),
+            channel_max=add(self.channel_max, other.channel_max, np.maximum),
             stride=self.stride or other.stride,
         )
 
     @property
     def channel_mean(self) -> np.ndarray | None:
         return None if self.channel_sum is None else self.channel_sum / max(self.channel_count, 1)
+
+    @property
+    def channel_mean_square(self) -> np.ndarray | None:
+        return None if self.channel_sumsq is None else self.channel_sumsq / max(self.channel_count, 1)
 
     def distribution(self) -> tuple[np.ndarray, np.ndarray]:
         """Occupied grid bins as (value, count), ascending by value; values clipped to [min, max]."""
@@ -209,76 +218,6 @@ def _stride(n: int) -> int:
     return k
 
 
-def batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(samples, feed): ``size`` consecutive sample feeds joined along the batch axis (FeedSet: no copies)."""
-    if size <= 1:
-        yield from ((1, {k: np.asarray(v) for k, v in f.items()}) for f in feeds)  # 0-d samples come as numpy scalars
-        return
-    if isinstance(feeds, FeedSet):
-        yield from ((min(size, len(feeds) - start), feed)
-                    for start, feed in zip(range(0, len(feeds), size), feeds.batches(size)))
-        return
-    group: list[Mapping[str, np.ndarray]] = []
-    for feed in feeds:
-        group.append(feed)
-        if len(group) == size:
-            yield size, {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
-            group = []
-    if group:
-        yield len(group), {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
-
-
-def _dynamic_batch(model: onnx.ModelProto) -> bool:
-    """Every input's first axis is symbolic (or unknown): samples can be joined along it."""
-    dims = [input_dims(v) for v in model_inputs(model)]
-    return all(d is None or (d and not (isinstance(d[0], int) and d[0] > 0)) for d in dims)
-
-
-def _same_rows(single: Mapping[str, np.ndarray], joined: Mapping[str, np.ndarray], size: int) -> bool:
-    """The joined run's first rows are the single run's values (batch-major, no mixing of samples)."""
-    for name, a in single.items():
-        b = joined[name]
-        if a.ndim == 0 or b.shape != (a.shape[0] * size, *a.shape[1:]):
-            return False
-        if np.array_equal(b[: a.shape[0]], a):  # the usual case, one cheap pass
-            continue
-        scale = float(np.abs(a).max(initial=0.0))
-        if not np.allclose(b[: a.shape[0]], a, rtol=1e-3, atol=1e-5 * max(scale, 1.0)):
-            return False
-    return True
-
-
-def _runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
-    """(samples, feed, fetched values) per run: ``batch_size`` samples a run, or automatic (0).
-
-    Automatic: a FeedSet of a model with a dynamic batch axis runs sample 0 alone, then a joined
-    batch (size from the bytes fetched per sample); if the joined batch reproduces sample 0 the
-    rest runs joined too, otherwise one sample a run. The probe costs one extra sample run.
-    """
-    if batch_size or not isinstance(feeds, FeedSet) or len(feeds) < 2 or not _dynamic_batch(model):
-        for samples, feed in batched(feeds, batch_size or 1):
-            yield samples, feed, session.run(feed, fetched) if fetched else {}
-        return
-    first = next(iter(feeds))
-    single = session.run(first, fetched) if fetched else {}
-    per_sample = sum(v.nbytes for v in (*single.values(), *first.values()))
-    size = min(MAX_BATCH, len(feeds), max(1, BATCH_BYTES // max(per_sample, 1)))
-    if size > 1:
-        head = next(feeds.batches(size))
-        joined = session.run(head, fetched) if fetched else {}
-        if _same_rows(single, joined, size):
-            del single  # values live only until folded: no run starts while an earlier one's are held
-            yield size, head, joined
-            del joined
-            rest = feeds.window(size, len(feeds))
-            yield from _runs(session, model, rest, fetched, size) if len(rest) else ()
-            return
-        del joined
-    yield 1, first, single
-    del single
-    yield from _runs(session, model, feeds.window(1, len(feeds)), fetched, 1)
-
-
 def collect(
     model: onnx.ModelProto,
     feeds: Iterable[Mapping[str, np.ndarray]],
@@ -295,7 +234,7 @@ def collect(
     ``histogram_bins > 0`` keeps a grid histogram (one pass, see the module notes) exposed as
     that many uniform bins; ``sumsq_axes`` maps a value to its channel axis for per-channel
     sums and sums of squares, ``mean_axes`` for per-channel sums only. Graph inputs are read from
-    the feeds directly. ``batch_size`` samples run joined (0: automatic, see :func:`_runs`);
+    the feeds directly. ``batch_size`` samples run joined (0: automatic, see :func:`onnxopt.validate.joined_runs`);
     the statistics do not depend on it.
     """
     names = list(dict.fromkeys(tensors))
@@ -313,7 +252,7 @@ def collect(
     seen = 0
     # graph optimizations keep every fetched value (fusions stop at graph outputs) and run faster
     with Session(model, extra_outputs=fetched, optimize=True) as session:
-        folded = _folded(stats, _runs(session, model, feeds, fetched, batch_size), axes, squares)
+        folded = _folded(stats, joined_runs(session, model, feeds, fetched, batch_size), axes, squares)
         if progress and length:
             import click
 
@@ -350,7 +289,8 @@ def _fold(stats, samples: int, feed, values, axes, squares) -> None:
 
 # --------------------------------------------------------------------------- cache files
 
-_FIELDS = ("count", "min", "max", "bins", "channel_sum", "channel_sumsq", "channel_count")
+_FIELDS = ("count", "min", "max", "bins", "channel_sum", "channel_sumsq", "channel_count", "channel_min",
+           "channel_max")
 
 
 def model_fingerprint(model: onnx.ModelProto) -> str:

@@ -366,10 +366,19 @@ def random_feeds(
     count: int = 4,
     seed: int = 0,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    integer_bounds: Mapping[str, tuple[int, int]] | None = None,
 ) -> tuple[FeedSet, list[str]]:
-    """Seeded random samples of the right dtype and shape, and notes on every assumed dimension."""
+    """Seeded random samples of the right dtype and shape, and notes on every assumed dimension.
+
+    Symbolic dims are 1 unless ``input_shapes`` says otherwise; a fixed 0 stays 0 (a zero-size
+    input). Integer inputs take values in ``integer_bounds[name]`` (low, high exclusive), else 0 or 1:
+    valid for the commonest integer inputs, attention masks (a 6 in a BERT mask overflows to NaN) and flags.
+    """
+    check_input_shapes(model, input_shapes)
     rng = np.random.default_rng(seed)
     input_shapes = dict(input_shapes or {})
+    integer_bounds = dict(integer_bounds or {})
     arrays: dict[str, np.ndarray] = {}
     notes: list[str] = []
     for value in model_inputs(model):
@@ -377,8 +386,8 @@ def random_feeds(
             shape = tuple(input_shapes[value.name])
         else:
             dims = input_dims(value) or []
-            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims)
-            assumed = [str(d) for d in dims if not (isinstance(d, int) and d > 0)]
+            shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in dims)
+            assumed = [str(d) for d in dims if not (isinstance(d, int) and d >= 0)]
             if assumed:
                 notes.append(f"input '{value.name}': symbolic dims {', '.join(assumed)} taken as 1")
         dtype = input_dtype(value)
@@ -387,12 +396,35 @@ def random_feeds(
         elif dtype.kind == "b":
             arr = rng.integers(0, 2, (count, *shape)).astype(dtype)
         elif dtype.kind in "iu":
-            arr = rng.integers(0, 8, (count, *shape)).astype(dtype)
+            low, high = integer_bounds.get(value.name, (0, 2))
+            arr = rng.integers(low, high, (count, *shape)).astype(dtype)
+            if value.name in integer_bounds:
+                notes.append(f"input '{value.name}': integers in [{low}, {high}) as the graph reads it")
         else:
             raise InputError(f"input '{value.name}' has dtype {dtype}: pass --data for it")
         arrays[value.name] = arr
     notes.insert(0, f"random feeds: {count} samples, seed {seed}")
     return FeedSet(arrays, "random"), notes
+
+
+def check_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, tuple[int, ...]] | None) -> None:
+    """Every --input-shape names an input the caller feeds, with its rank and its fixed dims."""
+    inputs = {v.name: v for v in model_inputs(model)}
+    for name, shape in (input_shapes or {}).items():
+        if name not in inputs:
+            raise InputError(f"--input-shape {name}=...: the model has no input '{name}' "
+                             f"(its inputs: {', '.join(inputs) or 'none'})")
+        dims = input_dims(inputs[name])
+        if any(d < 0 for d in shape):
+            raise InputError(f"--input-shape {name}: dims must be >= 0, not {tuple(shape)}")
+        if dims is None:
+            continue
+        if len(shape) != len(dims):
+            raise InputError(f"--input-shape {name}: {len(shape)} dims given, the model's input has rank "
+                             f"{len(dims)} {tuple(d if d is not None else '?' for d in dims)}")
+        for axis, (given, fixed) in enumerate(zip(shape, dims)):
+            if isinstance(fixed, int) and fixed >= 0 and given != fixed:
+                raise InputError(f"--input-shape {name}: axis {axis} is fixed at {fixed} in the model, not {given}")
 
 
 def as_feeds(source: object, model: onnx.ModelProto) -> FeedSet:

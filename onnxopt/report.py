@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 
 from .data import input_dims, model_inputs
-from .graph import constant_tensor, model_graphs, walk_nodes
+from .graph import WeightStore, constant_tensor, model_graphs, walk_nodes
 from .tensors import FLOAT_TYPES, external_info, is_external, tensor_nbytes, tensor_to_array
 from .modelio import model_tensors, write_file_atomically
 
@@ -109,6 +110,88 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+SLOWER_RATIO = 1.05  # a median per-run latency ratio above this is reported as slower
+
+
+def layer_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, onnx.TensorProto, Callable]]:
+    """Layers (Conv / Gemm / MatMul nodes with a constant weight, in every graph) by node name (or first
+    output): the node, the stored weight tensor, and a function giving its float values, dequantized
+    when the weight is int8 behind a DequantizeLinear. Values are read only when asked, one layer at a time."""
+    layers = {}
+    for graph in model_graphs(model):
+        store = WeightStore(graph)
+        dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in store}
+        for node in graph.node:
+            if node.op_type not in LAYER_OPS or len(node.input) < 2:
+                continue
+            weight, key = node.input[1], node.name or node.output[0]
+            if weight in store:
+                layers[key] = (node, store.tensor(weight), lambda w=weight, s=store: s.array(w))
+            elif weight in dequantized:
+                dq = dequantized[weight]
+                layers[key] = (node, store.tensor(dq.input[0]), lambda d=dq, s=store: _dequantize(d, s))
+    return layers
+
+
+def _dequantize(node: onnx.NodeProto, store: WeightStore) -> np.ndarray:
+    q = store.array(node.input[0]).astype(np.float64)
+    scale = store.array(node.input[1]).astype(np.float64)
+    zero = store.array(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] in store else 0.0
+    if np.ndim(scale) == 1 and q.ndim > 1:  # per-channel along ``axis`` (default 1)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) == 1 else zero
+    return (q - zero) * scale
+
+
+def layer_table(model: onnx.ModelProto, original: onnx.ModelProto | None = None) -> list[dict[str, Any]]:
+    """Per layer of ``model``: op, weight shape and dtype, sparsity (exact zeros); with ``original``, the same
+    layer's sparsity there and the relative L2 change of its weight (a quantized layer's: its quantization error)."""
+    before = layer_weights(original) if original is not None else {}
+    rows = []
+    for name, (node, tensor, values) in layer_weights(model).items():
+        after = values()
+        row = {"name": name, "op": node.op_type, "weight": tensor.name, "shape": list(after.shape),
+               "dtype": onnx.TensorProto.DataType.Name(tensor.data_type).lower(),
+               "params": int(after.size), "sparsity": _sparsity(after)}
+        if name in before:
+            old = before[name][2]()
+            norm = float(np.linalg.norm(old))
+            row["sparsity_before"] = _sparsity(old)
+            row["weight_change"] = float(np.linalg.norm(after - old)) / norm if norm and old.shape == after.shape else None
+        rows.append(row)
+    return rows
+
+
+def _sparsity(values: np.ndarray) -> float:
+    return float(np.count_nonzero(values == 0)) / values.size if values.size else 0.0
+
+
+def report_warnings(document: dict[str, Any]) -> list[str]:
+    """What a user should not miss in a report: a step that grew the weights, a result that runs slower."""
+    warnings = []
+    for step in document.get("steps", []):
+        before, after = step["before"]["weight_bytes"], step["after"]["weight_bytes"]
+        if after > before:
+            warnings.append(f"step {step['index']} '{step['name']}' made the weights larger: "
+                            f"{human_bytes(before)} -> {human_bytes(after)} (+{after / before - 1:.1%})"
+                            if before else f"step {step['index']} '{step['name']}' added weights")
+    latency = document.get("latency")
+    if latency and len(latency["models"]) > 1:
+        first, result = latency["models"][0], latency["models"][-1]
+        ratio = result["vs_first"]["latency"]
+        if ratio > SLOWER_RATIO:
+            warnings.append(f"the result runs slower than the original: median {result['median_ms']:.4g} ms vs "
+                            f"{first['median_ms']:.4g} ms ({ratio:.2f}x, median of per-run ratios)")
+        if result["file_bytes"] > first["file_bytes"]:
+            warnings.append(f"the result's file is larger than the original's: {human_bytes(result['file_bytes'])} "
+                            f"vs {human_bytes(first['file_bytes'])}")
+    return warnings
+
+
 @dataclass
 class StepRecord:
     index: int
@@ -138,6 +221,9 @@ class Report:
     steps: list[StepRecord] = field(default_factory=list)
     failure: str | None = None
     reproducer: str | None = None
+    gates: dict[str, Any] = field(default_factory=dict)  # what validation applied: names, noise, tolerances
+    layers: list[dict[str, Any]] = field(default_factory=list)  # per layer of the result: see layer_table
+    latency: dict[str, Any] | None = None  # Benchmark.to_dict() of the original vs the result
 
     @property
     def passed(self) -> bool:
@@ -155,11 +241,20 @@ class Report:
             "failure": self.failure,
             "reproducer": self.reproducer,
             "feeds": self.feeds,
+            "gates": self.gates,
             "steps": [asdict(s) for s in self.steps],
+            "layers": self.layers,
+            "latency": self.latency,
         })
 
     def write_json(self, path: str | Path) -> None:
         write_file_atomically(path, json.dumps(self.to_dict(), indent=2).encode())
+
+    def write_html(self, path: str | Path) -> None:
+        """One self-contained page (plots inline when matplotlib is installed): see report_html."""
+        from .report_html import render_html
+
+        write_file_atomically(path, render_html(self.to_dict()).encode())
 
     def table(self) -> str:
         """One line per step: what changed, how long, and how close the outputs stayed."""
@@ -169,7 +264,7 @@ class Report:
         for s in self.steps:
             metrics = s.vs_original or {}
             outputs = metrics.get("outputs", {})
-            cosine = min((o["cosine"] for o in outputs.values()), default=None)
+            cosine = min((float(o["cosine"]) for o in outputs.values()), default=None)  # "nan" from NaN outputs
             max_abs = max((float(o["max_abs"]) for o in outputs.values()), default=None)
             rows.append(
                 f"{s.index:>2}  {s.name:<28} {s.before['nodes']:>6}>{s.after['nodes']:<6} "
@@ -193,7 +288,21 @@ class Report:
             rows.append(f"feeds: {self.feeds.get('origin')} ({self.feeds.get('samples')} samples)"
                         + ("" if accuracy is None else f"; original accuracy {accuracy:.2%}")
                         + "".join(f"; {n}" for n in self.feeds.get("notes", [])[1:]))
-        rows.append(f"verdict: {'PASSED' if self.passed else 'FAILED: ' + str(self.failure)}")
+        if self.latency:
+            first, last = self.latency["models"][0], self.latency["models"][-1]
+            rows.append(f"latency: original {first['median_ms']:.4g} ms, result {last['median_ms']:.4g} ms "
+                        f"({last['vs_first']['latency']:.2f}x; {self.latency['runs']} interleaved runs, "
+                        f"{self.latency['threads']} thread(s)); file {human_bytes(first['file_bytes'])} -> "
+                        f"{human_bytes(last['file_bytes'])}")
+        rows.extend(f"warning: {w}" for w in report_warnings(self.to_dict()))
+        exact = self.gates.get("exact")
+        if exact and exact.get("noise"):
+            rows.append(f"exact gate: atol = max({exact['min_atol']:g}, {exact['noise_factor']:g} x float noise) per output; "
+                        + ", ".join(f"{name} noise {_short(float(n))} -> atol {_short(float(exact['atol'][name]))}"
+                                    for name, n in exact["noise"].items()))
+        applied = self.gates.get("applied")
+        suffix = f" ({'; '.join(applied)})" if applied else ""
+        rows.append(f"verdict: {'PASSED' + suffix if self.passed else 'FAILED: ' + str(self.failure)}")
         if self.reproducer:
             rows.append(f"reproducer: {self.reproducer}")
         return "\n".join(rows)

@@ -77,7 +77,7 @@ def set_tensor_array(tensor: onnx.TensorProto, array: np.ndarray) -> None:
     tensor.CopyFrom(header)
     tensor.ClearField("raw_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
-    SPILL.append(tensor, array.tobytes())
+    SPILL.append(tensor, memoryview(array).cast("B"))  # the array's own bytes, not a copy
 
 
 def spill_tensor(tensor: onnx.TensorProto) -> None:

@@ -1,15 +1,17 @@
 """The one place that opens onnxruntime sessions: runs, comparison metrics, verdicts.
 
 Comparisons follow Polygraphy's shape: per-output error statistics with explicit tolerances.
-Exact passes are gated by ``|cand - ref| <= atol + rtol * |ref|``; lossy passes by the user's
-``min_cosine`` / ``max_abs`` thresholds only.
+Exact passes are gated by ``|cand - ref| <= atol + rtol * (|ref| + rms(ref))``, where each output's
+atol is at least ``noise_factor`` times the model's own float noise (:func:`measure_noise`); lossy
+passes by ``min_cosine`` (default 0.99 in the API and CLI), ``max_abs`` and ``max_accuracy_drop``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,8 +19,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .data import FeedSet, input_dims, model_inputs
 from .errors import InputError
 from .modelio import needs_file, save_scratch
+
+
+DEFAULT_MIN_COSINE = 0.99  # lossy gate of `optimize` unless relaxed (README: Validation, for the measurements)
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of top-1 accuracy, with labels
+NOISE_FACTOR = 4.0  # exact gate: an output's atol is at least this many times its measured float noise
+NOISE_CAP = 1e-3  # noise counts up to this fraction of the output's largest |value|: beyond, it is not rounding
+VALIDATION_THREADS = 0  # onnxruntime's default: one intra-op thread per physical core
+BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
+MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
 
 
 @dataclass(frozen=True)
@@ -28,29 +40,59 @@ class Tolerances:
     min_cosine: float | None = None
     max_abs: float | None = None
     max_accuracy_drop: float | None = None  # in points (percent), needs labels
+    noise_factor: float = NOISE_FACTOR
+
+    def lossy_gates(self, labels: bool) -> list[str]:
+        """The lossy gates in force, as the verdict line names them."""
+        gates = [] if self.min_cosine is None else [f"cosine >= {self.min_cosine:g}"]
+        if self.max_abs is not None:
+            gates.append(f"max abs <= {self.max_abs:g}")
+        if labels and self.max_accuracy_drop is not None:
+            drop = self.max_accuracy_drop
+            gates.append(f"accuracy drop <= {drop:g} point{'' if drop == 1 else 's'}")
+        return gates
+
+    def __post_init__(self) -> None:
+        """Refuse gates that cannot mean anything (a cosine above 1 would fail every step)."""
+        limits = {"min-cosine": (self.min_cosine, -1.0, 1.0), "max-abs": (self.max_abs, 0.0, math.inf),
+                  "max-accuracy-drop": (self.max_accuracy_drop, 0.0, 100.0),
+                  "exact-rtol": (self.exact_rtol, 0.0, math.inf), "exact-atol": (self.exact_atol, 0.0, math.inf)}
+        for name, (given, low, high) in limits.items():
+            if given is not None and not low <= given <= high:
+                span = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+                raise InputError(f"--{name} must be {span}, not {given:g}")
 
 
 class Session:
-    """An onnxruntime CPU session over a model in memory (or a temporary file for big / external models)."""
+    """An onnxruntime CPU session over a model in memory (or a temporary file for big / external models),
+    or over a model file given by path (no intermediate outputs then)."""
 
     def __init__(
         self,
-        model: onnx.ModelProto,
+        model: onnx.ModelProto | str | os.PathLike,
         extra_outputs: Sequence[str] = (),
         *,
         optimize: bool = False,
+        threads: int = 1,
     ) -> None:
+        """``threads``: intra-op threads (1 by default, so results and timings do not depend on the
+        machine; 0 for onnxruntime's default, one per physical core)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
-        options.intra_op_num_threads = 1  # fixed: results and timings do not depend on the machine
+        options.intra_op_num_threads = threads  # 1 by default: results and timings do not depend on the machine
         options.inter_op_num_threads = 1
+        if threads != 1:  # threads that wait instead of spinning: a loaded machine is not slowed further
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # failures reach the user as our own one-line error
-        added = _add_outputs(model, extra_outputs)
+        from_file = isinstance(model, (str, os.PathLike))  # a benchmark opens the file as a deployment would
+        added = 0 if from_file else _add_outputs(model, extra_outputs)
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
-            if needs_file(model):
+            if from_file:
+                self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            elif needs_file(model):
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
                 save_scratch(model, path)
@@ -78,6 +120,14 @@ class Session:
             raise InputError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
         return dict(zip(names, values))
 
+    def run_all(self, feeds: Iterable[dict]) -> dict[str, list[np.ndarray]]:
+        """Outputs for every sample, in order: ``{output name: [array per sample]}``."""
+        results: dict[str, list[np.ndarray]] = {}
+        for feed in feeds:
+            for name, value in self.run(feed).items():
+                results.setdefault(name, []).append(value)
+        return results
+
     def close(self) -> None:
         del self.session
         if self._tmp is not None:
@@ -104,13 +154,90 @@ def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> int:
     return len(wanted)
 
 
-def run_model(model: onnx.ModelProto, feeds: Iterable[dict], **session_options) -> dict[str, list[np.ndarray]]:
-    """Outputs for every sample, in order: ``{output name: [array per sample]}``."""
+def batched(feeds: Iterable[Mapping[str, np.ndarray]], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(samples, feed): ``size`` consecutive sample feeds joined along the batch axis (FeedSet: no copies)."""
+    if size <= 1:
+        yield from ((1, {k: np.asarray(v) for k, v in f.items()}) for f in feeds)  # 0-d samples come as numpy scalars
+        return
+    if isinstance(feeds, FeedSet):
+        yield from ((min(size, len(feeds) - start), feed)
+                    for start, feed in zip(range(0, len(feeds), size), feeds.batches(size)))
+        return
+    group: list[Mapping[str, np.ndarray]] = []
+    for feed in feeds:
+        group.append(feed)
+        if len(group) == size:
+            yield size, {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+            group = []
+    if group:
+        yield len(group), {k: np.concatenate([np.asarray(g[k]) for g in group]) for k in group[0]}
+
+
+def dynamic_batch(model: onnx.ModelProto) -> bool:
+    """Every input's first axis is symbolic (or unknown): samples can be joined along it."""
+    dims = [input_dims(v) for v in model_inputs(model)]
+    return all(d is None or (d and not (isinstance(d[0], int) and d[0] > 0)) for d in dims)
+
+
+def _same_rows(single: Mapping[str, np.ndarray], joined: Mapping[str, np.ndarray], size: int) -> bool:
+    """The joined run's first rows are the single run's values (batch-major, no mixing of samples)."""
+    for name, a in single.items():
+        b = joined[name]
+        if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray) or a.ndim == 0 or b.shape != (a.shape[0] * size, *a.shape[1:]):
+            return False
+        if np.array_equal(b[: a.shape[0]], a):  # the usual case, one cheap pass
+            continue
+        scale = float(np.abs(a).max(initial=0.0))
+        if not np.allclose(b[: a.shape[0]], a, rtol=1e-3, atol=1e-5 * max(scale, 1.0)):
+            return False
+    return True
+
+
+def joined_runs(session: Session, model, feeds, fetched: list[str], batch_size: int):
+    """(samples, feed, fetched values) per run: ``batch_size`` samples a run, or automatic (0).
+
+    Automatic: a FeedSet of a model with a dynamic batch axis runs sample 0 alone, then a joined
+    batch (size from the bytes fetched per sample); if the joined batch reproduces sample 0 the
+    rest runs joined too, otherwise one sample a run. The probe costs one extra sample run.
+    """
+    if batch_size or not isinstance(feeds, FeedSet) or len(feeds) < 2 or not dynamic_batch(model):
+        for samples, feed in batched(feeds, batch_size or 1):
+            yield samples, feed, session.run(feed, fetched) if fetched else {}
+        return
+    first = next(iter(feeds))
+    single = session.run(first, fetched) if fetched else {}
+    per_sample = sum(v.nbytes for v in (*single.values(), *first.values()))
+    size = min(MAX_BATCH, len(feeds), max(1, BATCH_BYTES // max(per_sample, 1)))
+    if size > 1:
+        head = next(feeds.batches(size))
+        joined = session.run(head, fetched) if fetched else {}
+        if _same_rows(single, joined, size):
+            del single  # values live only until folded: no run starts while an earlier one's are held
+            yield size, head, joined
+            del joined
+            rest = feeds.window(size, len(feeds))
+            yield from joined_runs(session, model, rest, fetched, size) if len(rest) else ()
+            return
+        del joined
+    yield 1, first, single
+    del single
+    yield from joined_runs(session, model, feeds.window(1, len(feeds)), fetched, 1)
+
+
+def run_model(model: onnx.ModelProto, feeds: Iterable[dict], *, join: bool = False,
+              **session_options) -> dict[str, list[np.ndarray]]:
+    """Outputs for every sample, in order: ``{output name: [array per sample]}``.
+
+    ``join``: samples of a FeedSet run joined along a dynamic batch axis where that gives each
+    sample its own rows (:func:`joined_runs` probes it), and are split back per sample.
+    """
     results: dict[str, list[np.ndarray]] = {}
     with Session(model, **session_options) as session:
-        for feed in feeds:
-            for name, value in session.run(feed).items():
-                results.setdefault(name, []).append(value)
+        if not join:
+            return session.run_all(feeds)
+        for samples, _, values in joined_runs(session, model, feeds, session.output_names, 0):
+            for name, value in values.items():
+                results.setdefault(name, []).extend(np.split(value, samples) if samples > 1 else [value])
     return results
 
 
@@ -153,8 +280,42 @@ def _json_number(value):
     return value
 
 
-def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: float = 0.0) -> int:
-    """Elements outside ``atol + rtol * (|ref| + rms(ref))``, rtol at least ``2 * eps``.
+def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, list], *,
+                  threads: int = VALIDATION_THREADS) -> dict[str, float]:
+    """The model's own float noise per output: the max abs difference between its outputs under
+    onnxruntime's full graph optimizations and ``reference`` (the same feeds, optimizations off,
+    the same threads). onnxruntime's optimizer makes the rewrites an exact pass makes (Conv+BatchNorm
+    and bias fusions, constant folding, fused kernels), so this is how far an exactly equivalent
+    float32 graph moves the outputs on this model. 0 where the optimized session cannot load; at
+    most ``NOISE_CAP`` of the output's largest finite |value| (an optimizer that changes results more
+    than that is not rounding, and must not widen the gate). ``reference`` comes from
+    ``run_model(..., join=True)``, as the runs this noise is compared with."""
+    try:
+        optimized = run_model(model, feeds, optimize=True, threads=threads, join=True)
+    except InputError:
+        return {name: 0.0 for name in reference}
+    noise = {}
+    for name, ref in reference.items():
+        try:
+            diffs = [np.abs(numeric_values(c) - numeric_values(r)) for r, c in zip(ref, optimized.get(name, []))]
+        except (TypeError, ValueError):  # strings, or shapes that differ: no noise estimate
+            diffs = []
+        finite = [d[np.isfinite(d)] for d in diffs]
+        scale = max((float(np.abs(v[np.isfinite(v)]).max(initial=0.0)) for v in map(numeric_values, ref)
+                     if v.size), default=0.0) if diffs else 0.0
+        noise[name] = min(float(max((d.max(initial=0.0) for d in finite), default=0.0)), NOISE_CAP * scale)
+    return noise
+
+
+def exact_atols(noise: Mapping[str, float], tol: Tolerances) -> dict[str, float]:
+    """Each output's exact-gate atol: ``noise_factor`` times its measured noise, at least ``exact_atol``."""
+    return {name: max(tol.exact_atol, tol.noise_factor * n) for name, n in noise.items()}
+
+
+def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: float = 0.0,
+                     atol: float | None = None) -> int:
+    """Elements outside ``atol + rtol * (|ref| + rms(ref))``, rtol at least ``2 * eps``; ``atol``
+    defaults to ``tol.exact_atol`` (the manager passes the output's noise-calibrated one).
 
     The RMS term is the output's own scale: a pass that only reorders float sums (zero-rows
     dropping zero channels) moves a near-zero element by rounding of its large summands, not of
@@ -163,7 +324,7 @@ def exact_mismatches(ref: np.ndarray, cand: np.ndarray, tol: Tolerances, eps: fl
     ahead of time) may differ by an ulp, 1e-3 relative, which is as exact as float16 gets.
     """
     scale = float(np.sqrt(np.mean(np.square(ref[np.isfinite(ref)])))) if ref.size else 0.0
-    limit = tol.exact_atol + max(tol.exact_rtol, 2 * eps) * (np.abs(ref) + scale)
+    limit = (tol.exact_atol if atol is None else atol) + max(tol.exact_rtol, 2 * eps) * (np.abs(ref) + scale)
     same = (np.abs(cand - ref) <= limit) | (np.isnan(ref) & np.isnan(cand)) | (ref == cand)
     return int(np.count_nonzero(~same))
 
@@ -187,7 +348,7 @@ def numeric_values(value) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputMetrics:
+def output_metrics(reference: list, candidate: list, tol: Tolerances, atol: float | None = None) -> OutputMetrics:
     try:
         ref = np.concatenate([numeric_values(r).ravel() for r in reference])
         cand = np.concatenate([numeric_values(c).ravel() for c in candidate])
@@ -200,7 +361,7 @@ def output_metrics(reference: list, candidate: list, tol: Tolerances) -> OutputM
         return OutputMetrics(math.inf, math.inf, math.inf, 0.0, -math.inf, None, int(max(ref.size, cand.size)), False)
     diff = np.abs(cand - ref)
     finite = np.isfinite(ref) & np.isfinite(cand)
-    mismatches = exact_mismatches(ref, cand, tol, _epsilon(reference))
+    mismatches = exact_mismatches(ref, cand, tol, _epsilon(reference), atol)
     max_abs = float(diff.max(initial=0.0)) if finite.all() else math.inf
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(diff == 0, 0.0, diff / np.abs(ref))
@@ -255,18 +416,21 @@ def compare_outputs(
     tol: Tolerances,
     *,
     exact: bool,
+    atols: Mapping[str, float] | None = None,
 ) -> Comparison:
-    """Metrics per output and a verdict: exact steps need every element within tolerance."""
+    """Metrics per output and a verdict: exact steps need every element within tolerance
+    (``atols``: per-output atol from :func:`exact_atols`, else ``tol.exact_atol``)."""
     result = Comparison()
     for name, ref in reference.items():
         if name not in candidate:
             result.failures.append(f"output '{name}' is missing")
             continue
-        m = output_metrics(ref, candidate[name], tol)
+        atol = (atols or {}).get(name, tol.exact_atol)
+        m = output_metrics(ref, candidate[name], tol, atol)
         result.outputs[name] = m
         if exact and not m.within_exact_tolerance:
             result.failures.append(
-                f"output '{name}': {m.mismatches} values outside rtol={tol.exact_rtol:g} atol={tol.exact_atol:g} "
+                f"output '{name}': {m.mismatches} values outside rtol={tol.exact_rtol:g} atol={atol:.3g} "
                 f"(max abs {m.max_abs:.3g})"
             )
         if tol.min_cosine is not None and m.cosine < tol.min_cosine:
@@ -280,8 +444,8 @@ def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str
     """Graph inputs/outputs keep their names, dtypes and ranks."""
     problems = []
     for kind in ("input", "output"):
-        old = _signature(getattr(before.graph, kind), before)
-        new = _signature(getattr(after.graph, kind), after)
+        old = _signature(getattr(before.graph, kind), before, kind)
+        new = _signature(getattr(after.graph, kind), after, kind)
         if [n for n, _, _ in old] != [n for n, _, _ in new]:
             problems.append(f"graph {kind}s changed: {[n for n, _, _ in old]} -> {[n for n, _, _ in new]}")
             continue
@@ -293,8 +457,9 @@ def check_interface(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str
     return problems
 
 
-def _signature(values, model: onnx.ModelProto) -> list[tuple[str, int, int | None]]:
-    initializers = {t.name for t in model.graph.initializer}
+def _signature(values, model: onnx.ModelProto, kind: str) -> list[tuple[str, int, int | None]]:
+    """Name, dtype and rank of each input a caller must feed, or of every output (an initializer may be one)."""
+    initializers = {t.name for t in model.graph.initializer} if kind == "input" else set()
     sig = []
     for v in values:
         if v.name in initializers:

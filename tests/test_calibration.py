@@ -89,6 +89,11 @@ def test_same_statistics_for_any_batch_size_and_sharding(n, batch, cut, seed):
             assert_same_histogram(other, one[name])
             if name == "h":
                 np.testing.assert_allclose(other.channel_sumsq, one[name].channel_sumsq, rtol=1e-12)
+                np.testing.assert_array_equal(other.channel_min, one[name].channel_min)
+                np.testing.assert_array_equal(other.channel_max, one[name].channel_max)
+    h = x[:, 0] * 2.0  # scaled_relu's h [n, 3, 4]: channel axis 1
+    np.testing.assert_array_equal(one["h"].channel_max, h.max(axis=(0, 2)))
+    np.testing.assert_array_equal(one["h"].channel_min, h.min(axis=(0, 2)))
 
 
 def test_matmul_ranges_identical_for_batch_sizes_1_and_8():
@@ -294,7 +299,7 @@ def test_unreadable_cache_is_an_input_error(tmp_path):
 
 
 def runs_of(model, feeds, fetched):
-    from onnxopt.calibration import _runs
+    from onnxopt.validate import joined_runs as _runs
     from onnxopt.validate import Session
 
     with Session(model, extra_outputs=fetched) as session:

@@ -3,7 +3,8 @@ import sys
 
 import numpy as np
 import pytest
-from onnx import helper
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import InputError
 from onnxopt.graph import GraphIndex, WeightStore, free_names, unique_name_factory, walk_graphs
@@ -76,3 +77,30 @@ def test_unique_names_avoid_every_existing_name():
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "onnxopt", "passes"], capture_output=True, text=True)
     assert result.returncode == 0 and "dce" in result.stdout
+
+
+def test_infer_shapes_on_the_skeleton_matches_onnx_and_leaves_the_model_alone():
+    """Big weights go to shape inference as dims only: the same shapes, the caller's model unchanged."""
+    from onnxopt.graph import SHAPE_ONLY_BYTES, infer_shapes
+
+    big = numpy_helper.from_array(np.ones((64, 32), np.float32), "w")  # above SHAPE_ONLY_BYTES
+    assert big.ByteSize() > SHAPE_ONLY_BYTES
+    shape = numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape")
+    then = helper.make_graph([helper.make_node("Relu", ["m"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Reshape", ["m", "shape"], ["r"]),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((2, 4, 8), np.float32))),
+             helper.make_node("Add", ["r", "c"], ["y"]),
+             helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=then)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [big, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    ours, theirs = infer_shapes(model, data_prop=True), onnx.shape_inference.infer_shapes(model, data_prop=True)
+    assert model.SerializeToString() == before
+    assert list(ours.graph.value_info) == list(theirs.graph.value_info) and list(ours.graph.output) == list(
+        theirs.graph.output)
+    assert [d.dim_value for d in ours.graph.output[0].type.tensor_type.shape.dim] == [2, 4, 8]

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import modelio
 from onnxopt.errors import InputError
@@ -190,3 +190,15 @@ def test_optimize_validates_external_data_models_without_copying_their_weights(t
     assert (tmp_path / "out.onnx.data").is_file()
     assert (tmp_path / "in.onnx.data").read_bytes() == before
     assert_same_outputs(model, onnx.load(str(tmp_path / "out.onnx")), feeds_for(model))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9, 0.999, 1.0, 1.001, 1.5])
+def test_serialized_size_above_agrees_with_protobuf_near_the_limit(fraction):
+    """Decided from tensor sizes far from the limit, measured near it: the same answer as ByteSize."""
+    weights = [numpy_helper.from_array(np.full((64, 64), i, np.float32), f"w{i}") for i in range(4)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(4)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("h4", TensorProto.FLOAT, [1, 64])], weights)
+    model = helper.make_model(graph)
+    limit = int(model.ByteSize() * fraction)
+    assert modelio.serialized_size_above(model, limit) == (model.ByteSize() > limit)

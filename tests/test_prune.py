@@ -14,7 +14,7 @@ from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
 from onnxopt.graph import WeightStore
 from onnxopt.passes.base import PassContext
-from onnxopt.passes.prune import Prune
+from onnxopt.passes.prune import Prune, global_kth, smallest_mask, threshold_mask
 from onnxopt.passes.prune_neurons import PruneNeurons, rounded_count
 from onnxopt.passes.zero_rows import ZeroRows
 from onnxopt.validate import run_model
@@ -238,6 +238,43 @@ def test_property_prune_meets_target_and_keeps_the_largest(rows, cols, sparsity,
         assert pruned.size == 0 or kept.size == 0 or pruned.max() <= kept.min()
 
 
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5), fraction=st.floats(0, 1),
+       levels=st.integers(1, 6), zeros_share=st.floats(0, 0.9), sample=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_property_global_kth_is_the_kth_of_everything(sizes, fraction, levels, zeros_share, sample, seed):
+    """Any sample size (1 forces wrong brackets and their widening), ties, many existing zeros (-1)."""
+    local = np.random.default_rng(seed)
+    scores = [np.round(local.random(n) * levels).astype(np.float32) for n in sizes]
+    for s in scores:
+        s[local.random(s.size) < zeros_share] = -1.0
+    everything = np.sort(np.concatenate(scores))
+    k = min(everything.size, max(1, round(fraction * everything.size)))
+    kth, smaller = global_kth(lambda: iter(scores), sizes, k, sample=sample, seed=seed)
+    assert kth == everything[k - 1] and smaller == int(np.count_nonzero(everything < kth))
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 12, 24])
+def test_smallest_mask_on_a_transposed_view_picks_exactly_k_and_marks_the_view(k):
+    stored = np.round(np.random.default_rng(3).random((4, 6)) * 3).astype(np.float32)  # ties
+    score = stored.T  # the canonical view of a MatMul weight: not C-contiguous
+    mask = smallest_mask(score, k)
+    assert mask.shape == score.shape and int(mask.sum()) == k
+    assert k in (0, score.size) or score[mask].max() <= score[~mask].min()
+    assert int(threshold_mask(score, 1.0, 0).sum()) == int((score < 1.0).sum())
+
+
+def test_global_scope_reads_each_weight_a_bounded_number_of_times(monkeypatch):
+    """The threshold comes from passes over the weights, never from all of them held at once."""
+    from onnxopt.passes import weights as weights_module
+
+    reads = []
+    original = weights_module.PrunableTensor.canonical
+    monkeypatch.setattr(weights_module.PrunableTensor, "canonical",
+                        lambda self: reads.append(self.name) or original(self))
+    prune(mlp(weight(6, 5), weight(3, 6)), sparsity=0.5, scope="global")
+    assert sorted(reads) == sorted(["w1", "w2"] * 3)  # sample, window, prune: one tensor at a time
+
+
 # --------------------------------------------------------------------------- prune-neurons
 
 
@@ -245,7 +282,7 @@ def test_prune_neurons_zeroes_rows_that_zero_rows_removes():
     w1 = weight(8, 5)
     result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1))(mlp(w1, weight(3, 8)))
     assert result.stats == {"neurons_zeroed": 4, "neurons_removable": 8, "neuron_groups": 2,
-                            "skipped_graph_output": 1}
+                            "skipped_graph_output": 1, "unprunable_graph_output": 3}
     dead = ~array(result.model, "w1").any(axis=1)
     assert set(np.flatnonzero(dead)) == set(np.argsort(np.linalg.norm(w1, axis=1))[:4])
     assert (array(result.model, "b1")[dead] == 0).all()
@@ -305,7 +342,8 @@ def test_prune_neurons_zeroes_a_residual_channel_in_every_branch():
 def test_prune_neurons_exclude_keeps_a_layer_whole():
     result = PruneNeurons(PruneNeurons.Options(ratio=0.5, exclude=("h",)))(mlp(weight(8, 5), weight(3, 8)))
     assert result.stats == {"neurons_zeroed": 0, "neurons_removable": 0, "neuron_groups": 2,
-                            "skipped_excluded": 1, "skipped_graph_output": 1}
+                            "skipped_excluded": 1, "skipped_graph_output": 1, "unprunable_excluded": 8,
+                            "unprunable_graph_output": 3}
 
 
 @pytest.mark.parametrize(("asked", "size", "most", "step", "multiple", "expected"), [

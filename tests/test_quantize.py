@@ -57,6 +57,8 @@ def samples(model, n=16, seed=1):
 
 
 def quantize(model, feeds=None, **options):
+    """The static QDQ path unless ``mode`` says otherwise (most tests here check its structure)."""
+    options.setdefault("mode", "static")
     return QuantizePass(QuantizePass.Options(**options), PassContext(calib=samples(model) if feeds is None else feeds))(copy(model))
 
 
@@ -401,6 +403,10 @@ def test_quantize_keeps_the_float_interface_and_passes_the_checker(hidden, seed,
     ({"min_cosine": 1.5}, "min_cosine"),
     ({"batch_size": -1}, "at least 0"),
     ({"sensitivity_samples": 0}, "at least 1"),
+    ({"mode": "fast"}, "mode must be one of"),
+    ({"smooth_alpha": 1.0}, "smooth_alpha"),
+    ({"embeddings": "int2"}, "embeddings must be one of"),
+    ({"latency_runs": 0}, "latency_runs"),
 ])
 def test_bad_options_are_input_errors(options, message):
     with pytest.raises(InputError, match=message):
@@ -450,7 +456,8 @@ def test_real_models_lose_at_most_half_a_point(shared_models, name):
 
 def test_minmax_calibration_keeps_no_histograms_and_no_squares(tmp_path):
     model, cache = cnn(), tmp_path / "calib.npz"
-    QuantizePass(QuantizePass.Options(method="minmax"), PassContext(calib=samples(model), calib_cache=cache))(copy(model))
+    options = QuantizePass.Options(method="minmax", mode="static")
+    QuantizePass(options, PassContext(calib=samples(model), calib_cache=cache))(copy(model))
     from onnxopt.calibration import load_stats
 
     stats, _ = load_stats(cache)
@@ -482,3 +489,235 @@ def test_models_before_ir_4_are_upgraded_with_their_opset():
     result = QuantizePass(None, PassContext(calib=calib))(model)
     assert result.model.ir_version >= 7
     assert onnx.checker.check_model(result.model, full_check=True) is None
+
+
+# --------------------------------------------------------------------------- transformers: dynamic mode
+
+
+def encoder_block(residual=True, seed=0, outliers=(3, 11), vocab=0):
+    """x[batch,8,16] -> LayerNorm (gamma with outlier channels) -> Gemm(transB) -> Tanh -> MatMul -> Add bias
+    (-> + LayerNorm output: a residual that reads the LayerNorm output too); attention-like x @ x^T MatMul.
+    ``vocab`` > 0: the input is token ids gathered from an embedding table first."""
+    rng = np.random.default_rng(seed)
+    gamma = np.ones(16, np.float32)
+    gamma[list(outliers)] = 40.0
+    nodes = [helper.make_node("LayerNormalization", ["e", "gamma", "beta"], ["n"], axis=-1, name="ln"),
+             helper.make_node("Reshape", ["n", "flat"], ["n2"]),
+             helper.make_node("Gemm", ["n2", "w1", "b1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("MatMul", ["t", "w2"], ["m"], name="fc2"),
+             helper.make_node("Add", ["m", "b2"], ["o2"]),
+             helper.make_node("Reshape", ["o2", "back"], ["o"]),
+             helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["o", "ot"], ["scores"], name="attention")]
+    out = "scores"
+    if residual:
+        nodes.append(helper.make_node("Add", ["o", "n"], ["y"]))
+        nodes.append(helper.make_node("MatMul", ["y", "probe"], ["z"], name="probe_mm"))
+        nodes.append(helper.make_node("Add", ["z", "scores"], ["final"]))
+        out = "final"
+    inits = [tensor("gamma", gamma), tensor("beta", rng.standard_normal(16).astype(np.float32) * 0.1),
+             tensor("flat", np.array([-1, 16], np.int64)), tensor("back", np.array([-1, 8, 16], np.int64)),
+             tensor("w1", rng.standard_normal((32, 16)).astype(np.float32) / 4),
+             tensor("b1", rng.standard_normal(32).astype(np.float32) * 0.1),
+             tensor("w2", rng.standard_normal((32, 16)).astype(np.float32) / 6),
+             tensor("b2", rng.standard_normal(16).astype(np.float32) * 0.1)]
+    if residual:
+        inits.append(tensor("probe", rng.standard_normal((16, 8)).astype(np.float32) / 4))
+    if vocab:
+        nodes.insert(0, helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"))
+        inits.append(tensor("table", rng.standard_normal((vocab, 16)).astype(np.float32)))
+        inputs = [value("ids", ["batch", 8], onnx.TensorProto.INT64)]
+    else:
+        inputs = [value("e", ["batch", 8, 16])]
+    return make_model(nodes, inputs, [value(out, ["batch", 8, 8])], inits)
+
+
+def encoder_feeds(model, n=16, seed=3):
+    rng = np.random.default_rng(seed)
+    if model.graph.input[0].name == "ids":
+        return FeedSet({"ids": rng.integers(0, 2048, (n, 1, 8)).astype(np.int64)}, "c")
+    return FeedSet({"e": rng.standard_normal((n, 1, 8, 16)).astype(np.float32)}, "c")
+
+
+def test_dynamic_mode_structure_fusion_and_accuracy(tmp_path):
+    model = encoder_block()
+    feeds = encoder_feeds(model)
+    result = quantize(model, feeds, mode="dynamic")
+    q = result.model
+    assert check_interface(model, q) == [] and check_structure(q) is None
+    ops = Counter(n.op_type for n in q.graph.node)
+    assert ops["MatMulInteger"] == 3 and ops["QuantizeLinear"] == 0 and ops["DequantizeLinear"] == 0
+    assert ops["DynamicQuantizeLinear"] == 3  # fc1, fc2, probe_mm read three different tensors
+    assert result.stats["dynamic_nodes"] == 3 and result.stats["float_activation_matmul"] == 1
+    fused = fused_ops(q, tmp_path)
+    assert fused["MatMulInteger"] == 0 and fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 3
+    layers = {row["name"]: row for row in result.details["layers"]}
+    assert layers["attention"]["mode"] == "float" and layers["fc1"]["mode"] == "dynamic"
+    assert all(0 < layers[n]["weight_rel_err"] < 0.02 for n in ("fc1", "fc2", "probe_mm"))
+    assert cosine(model, q, feeds) > 0.999
+    assert not {"w1", "w2", "probe"} & {t.name for t in q.graph.initializer}
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_smoothing_folds_into_layernorm_only_when_nothing_else_reads_it(residual):
+    model = encoder_block(residual=residual)
+    feeds = encoder_feeds(model)
+    folded = quantize(model, feeds, mode="dynamic", smooth_mul=False)
+    gamma = numpy_helper.to_array(next(t for t in folded.model.graph.initializer if t.name == "gamma"))
+    fc1 = next(row for row in folded.details["layers"] if row["name"] == "fc1")
+    if residual:  # the residual Add reads the LayerNorm output as it is: no fold, gamma untouched
+        assert fc1["smoothing"] == "no_fold" and folded.stats["smoothing_no_fold"] >= 1
+        assert gamma[3] == 40.0
+        with_mul = quantize(model, feeds, mode="dynamic", smooth_mul=True)
+        assert next(r for r in with_mul.details["layers"] if r["name"] == "fc1")["smoothing"] == "mul"
+        assert cosine(model, with_mul.model, feeds) > cosine(model, folded.model, feeds)
+    else:  # gamma now carries 1/s: the outlier channels shrank, no Mul was added
+        assert fc1["smoothing"] == "folded" and 0 < fc1["smooth_alpha"] < 1 and gamma[3] < 40.0
+        muls = Counter(n.op_type for n in folded.model.graph.node)["Mul"]
+        assert muls == 2 * folded.stats["dynamic_nodes"]  # scale product and rescale per layer: no smoothing Mul
+        plain = quantize(model, feeds, mode="dynamic", smooth=False)
+        assert cosine(model, folded.model, feeds) > cosine(model, plain.model, feeds)
+
+
+def test_auto_mode_measures_both_and_keeps_dynamic_for_the_outlier_encoder():
+    model = encoder_block()
+    feeds = encoder_feeds(model)
+    result = quantize(model, feeds, mode="auto", latency_runs=3)
+    candidates = {c["name"]: c for c in result.details["candidates"]}
+    assert set(candidates) == {"static", "dynamic", "dynamic+mul"} and sum(c["chosen"] for c in candidates.values()) == 1
+    assert candidates["dynamic"]["calib_worst_cosine"] > candidates["static"]["calib_worst_cosine"]
+    assert candidates["dynamic+mul"]["calib_worst_cosine"] > candidates["dynamic"]["calib_worst_cosine"]
+    assert result.stats["mode_dynamic"] == 1
+    assert Counter(n.op_type for n in result.model.graph.node)["MatMulInteger"] == 3
+
+
+def test_auto_mode_on_a_conv_net_without_matmul_is_static_without_trials(monkeypatch):
+    import onnxopt.passes.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "_choose_mode", lambda *a: pytest.fail("nothing to choose"))
+    model = cnn()
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "Gemm"))
+    del model.graph.output[:]
+    model.graph.output.append(value(model.graph.node[-1].output[0], None))
+    result = quantize(model, mode="auto")
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    assert "mode_dynamic" not in result.stats and result.stats["nodes_quantized"] == convs
+
+
+@pytest.mark.parametrize("embeddings, expect", [("int8", "Cast"), ("float", None)])
+def test_embedding_tables_are_quantized_by_quantize(embeddings, expect):
+    model = encoder_block(vocab=2048)
+    feeds = encoder_feeds(model)
+    result = quantize(model, feeds, mode="dynamic", embeddings=embeddings)
+    q = result.model
+    assert check_interface(model, q) == [] and check_structure(q) is None
+    ops = Counter(n.op_type for n in q.graph.node)
+    table = next((t for t in q.graph.initializer if t.name == "table"), None)
+    if expect is None:
+        assert table is not None and "embeddings_quantized" not in result.stats
+    else:
+        assert table is None and ops[expect] >= 1 and result.stats["embedding_params"] == 2048 * 16
+        assert q.ByteSize() < model.ByteSize() * 0.35  # 16 int8 values and a float scale per row
+        assert any(row.get("kind") == "embedding" for row in result.details["layers"])
+    assert cosine(model, q, feeds) > 0.999
+
+
+def test_int4_embeddings_skip_a_table_whose_rows_do_not_split_into_blocks_of_32():
+    model = encoder_block(vocab=2048)  # rows of 16
+    result = quantize(model, encoder_feeds(model), mode="dynamic", embeddings="int4")
+    assert result.stats["skipped_embedding_block_size_not_dividing_row"] == 1
+    assert any(t.name == "table" for t in result.model.graph.initializer)
+
+
+def test_embedding_only_model_needs_no_calibration():
+    table = np.random.default_rng(0).standard_normal((1024, 32)).astype(np.float32)
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["y"])],
+                       [value("ids", [1, 4], onnx.TensorProto.INT64)], [value("y", [1, 4, 32])], [tensor("table", table)])
+    result = QuantizePass()(copy(model))  # no calibration data
+    assert result.modified and result.stats["embeddings_quantized"] == 1
+    assert check_interface(model, result.model) == []
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 50), residual=st.booleans(), smooth_mul=st.booleans())
+def test_dynamic_mode_keeps_the_interface_and_is_close(seed, residual, smooth_mul):
+    model = encoder_block(residual=residual, seed=seed)
+    feeds = encoder_feeds(model, n=8, seed=seed)
+    q = quantize(model, feeds, mode="dynamic", smooth_mul=smooth_mul).model
+    assert check_interface(model, q) == [] and check_structure(q) is None
+    assert cosine(model, q, feeds) > 0.995
+
+
+def test_accuracy_aware_static_mode_calibrates_tensors_that_shared_a_float_layers_range():
+    # mm's output range is shared by the Transpose after it; keeping mm float (its outlier input makes it the
+    # most sensitive) leaves the attention MatMul reading the Transpose with a range of its own
+    rng = np.random.default_rng(0)
+    scale = np.ones(16, np.float32)
+    scale[[2, 9]] = 100
+    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]),
+             helper.make_node("MatMul", ["xs", "w"], ["h"], name="mm"),
+             helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["y"], name="attn")]
+    inits = [tensor("s", scale), tensor("w", rng.standard_normal((16, 16)).astype(np.float32) / scale[:, None])]
+    model = make_model(nodes, [value("x", ["batch", 8, 16])], [value("y", ["batch", 8, 8])], inits)
+    feeds = FeedSet({"x": rng.standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
+    result = quantize(model, feeds, mode="static", method="minmax", min_cosine=0.99999)
+    assert result.stats["kept_float:mm"] == 1 and check_interface(model, result.model) == []
+    measured = quantize(model, feeds, mode="static", method="minmax", layer_sensitivity=True)
+    assert {r["name"] for r in measured.details["layers"] if "cosine_alone" in r} == {"mm", "attn"}
+
+
+@pytest.mark.parametrize("dynamic_ms, expect_dynamic", [(1.0, 0), (0.95, 0), (0.85, 1)])
+def test_auto_mode_keeps_static_when_both_are_exact_unless_dynamic_is_clearly_faster(monkeypatch, dynamic_ms,
+                                                                                      expect_dynamic):
+    import onnxopt.passes.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "_latency_ms",
+                        lambda models, feed, runs: {n: 1.0 if n == "static" else dynamic_ms for n in models})
+    model = mlp(hidden=16)
+    result = quantize(model, mode="auto")
+    candidates = {c["name"]: c["calib_worst_cosine"] for c in result.details["candidates"]}
+    assert min(candidates.values()) > 0.999  # both about exact: latency decides, with a margin for noise
+    assert result.stats["mode_dynamic"] == expect_dynamic
+
+
+def test_static_mode_reports_each_activation_range_with_its_noise_ratio():
+    model = encoder_block()
+    result = quantize(model, encoder_feeds(model), mode="static")
+    rows = {r["name"]: r for r in result.details["layers"] if r.get("kind") == "activation"}
+    assert 0 < len(rows) <= result.stats["activations_quantized"]  # tensors sharing a range share its row
+    assert all(r["sqnr_db"] > 20 for r in rows.values())
+    layernorm_out, tanh_out = rows["n2"], rows["t"]  # outlier channels (gamma 40) against tanh's [-1, 1]
+    assert layernorm_out["range"][0] <= 0 <= layernorm_out["range"][1]
+    assert layernorm_out["sqnr_db"] < tanh_out["sqnr_db"]
+
+
+@pytest.mark.slow
+def test_minilm_sentence_embeddings_stay_within_the_int8_targets(shared_models):
+    """The real 3-layer MiniLM: default quantize keeps every eval sentence embedding (masked mean over its
+    real tokens) at cosine >= 0.995 to fp32, 0.998 on average, in <= 0.27x the file."""
+    folder = shared_models / "minilm_l3"
+    model = onnx.load(folder / "model.onnx")
+    result = QuantizePass(None, PassContext(calib=load_feeds(folder / "calib.npz")))(copy(model))
+    assert check_interface(model, result.model) == [] and result.stats["mode_dynamic"] == 1
+    assert result.model.ByteSize() <= 0.27 * model.ByteSize()
+    lengths = np.load(folder / "eval.lengths.npz")
+    lengths = lengths[lengths.files[0]]
+    cosines = []
+    for feed, n in zip(load_feeds(folder / "eval.npz"), lengths):
+        a, b = (run(m, feed)[0][0, :n].mean(axis=0) for m in (model, result.model))
+        cosines.append(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert np.mean(cosines) >= 0.998 and np.min(cosines) >= 0.995
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_layer_sensitivity_reports_each_layer_alone_and_names_the_outlier_layer(mode):
+    model = outlier_mlp()
+    feeds = FeedSet({"x": np.random.default_rng(1).standard_normal((16, 1, 8, 16)).astype(np.float32)}, "c")
+    plain = quantize(model, feeds, mode=mode, method="minmax", smooth=False)
+    assert all("cosine_alone" not in row for row in plain.details["layers"])
+    measured = quantize(model, feeds, mode=mode, method="minmax", smooth=False, layer_sensitivity=True)
+    alone = {row["name"]: row["cosine_alone"] for row in measured.details["layers"] if "cosine_alone" in row}
+    assert set(alone) == {"mm1", "mm2"} and alone["mm1"] < alone["mm2"] <= 1.0  # mm1 reads the 100x channels
+    assert onnx.checker.check_model(measured.model) is None

@@ -223,7 +223,7 @@ def test_weight_shared_by_two_matmuls_is_quantized_once():
 
 
 @pytest.mark.parametrize("bad", [{"bits": 3}, {"block_size": 48}, {"block_size": 8}, {"method": "awq"},
-                                 {"grid": "hqq"}, {"accuracy_level": 7}])
+                                 {"grid": "hqq"}, {"accuracy_level": 7}, {"embedding_bits": 2}])
 def test_bad_options_are_one_readable_error(bad):
     with pytest.raises(InputError, match="quantize-weights"):
         QuantizeWeights.Options(**bad)
@@ -313,6 +313,27 @@ def test_generated_decoder_quantizes_end_to_end_from_external_data(tmp_path, tie
     ids = np.load(data)["input_ids"][0]
     reference, candidate = (run(onnxopt.load_model(p), {"input_ids": ids})[0] for p in (path, out))
     assert cosine(reference, candidate) > 0.98
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_bits_set_an_untied_table_apart_and_a_tied_table_follows_its_layer(tmp_path, tied):
+    config = DecoderConfig(**{**TINY.__dict__, "tied": tied})
+    path = build_decoder(tmp_path / "decoder.onnx", config)
+    data = token_feeds(tmp_path / "ids.npz", config, samples=2, seq=8)
+    cosines = {}
+    for bits in (4, 8):
+        result = onnxopt.optimize(path, f"quantize-weights(embedding_bits={bits})", data=data)
+        assert result.report.passed, result.report.table()
+        table = next(n for n in result.model.graph.node if n.op_type == "GatherBlockQuantized")
+        table_bits = next((a.i for a in table.attribute if a.name == "bits"), 4)
+        assert table_bits == (4 if tied else bits)
+        assert {a.i for n in result.model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "bits"} == {4}
+        cosines[bits] = result.report.steps[0].vs_original["outputs"]["logits"]["cosine"]
+    if tied:
+        assert cosines[4] == cosines[8]
+    else:  # the finer table keeps more of the logits
+        assert cosines[8] > cosines[4]
 
 
 def test_gptq_on_a_tied_decoder_solves_every_layer_and_the_table_shares_the_lm_head_codes(tmp_path):

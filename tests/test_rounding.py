@@ -102,12 +102,21 @@ def output_error(model, reference, feeds) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_quantize_learned_rounding_lowers_the_error_and_reports_loss_curves():
+@pytest.mark.parametrize("options", [{"mode": "static"}, {"mode": "dynamic"}, {"mode": "auto"},
+                                     {"mode": "dynamic", "smooth_alpha": 0.8}])
+def test_quantize_learned_rounding_lowers_the_error_and_reports_loss_curves(options):
+    """Static QDQ weights, dynamic MatMulInteger weights and smoothed dynamic weights (input statistics
+    rescaled by the migration) alike; auto learns the weights of the mode it chose."""
     model, feeds = correlated_mlp()
-    nearest = QuantizePass(QuantizePass.Options(), PassContext(calib=feeds))(model.__deepcopy__())
-    learned = QuantizePass(QuantizePass.Options(rounding="learned", rounding_steps=150),
+    learned = QuantizePass(QuantizePass.Options(**options, rounding="learned", rounding_steps=150),
                            PassContext(calib=feeds))(model.__deepcopy__())
+    chosen = "dynamic" if learned.stats.get("dynamic_nodes") else "static"  # auto: by measured latency
+    assert options["mode"] in ("auto", chosen)
+    nearest = QuantizePass(QuantizePass.Options(**{**options, "mode": chosen}), PassContext(calib=feeds))(model.__deepcopy__())
     assert learned.stats["rounding_learned"] + learned.stats.get("rounding_kept_nearest", 0) == 2
+    assert learned.stats.get("dynamic_nodes", 0) == nearest.stats.get("dynamic_nodes", 0)
+    if "smooth_alpha" in options:
+        assert learned.stats["smoothing_mul"] == 2
     curves = learned.details["loss_curves"]
     assert set(curves) == {"fc1", "fc2"} and curves["fc1"]["schedule"] == "constant" and len(curves["fc1"]["loss"]) == 50
     assert "loss_curves" not in nearest.details

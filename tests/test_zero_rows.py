@@ -60,7 +60,9 @@ def zero_rows_exact(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     onnx.checker.check_model(result.model, full_check=True)
     after = run_model(result.model, feeds)
     for name, values in before.items():
-        np.testing.assert_allclose(np.stack(after[name]), np.stack(values), rtol=1e-5, atol=1e-5)
+        reference = np.stack(values)  # float32 rounding of folded constants: relative to the output's scale
+        np.testing.assert_allclose(np.stack(after[name]), reference, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(
+            reference).max()))
     assert parameter_count(result.model.graph) <= params
     everywhere = [sum(parameter_count(g) for g in model_graphs(m)) for m in (model, result.model)]
     assert result.stats["parameters_removed"] == everywhere[0] - everywhere[1]  # subgraphs included
@@ -135,7 +137,8 @@ def test_graph_output_channels_stay():
     model = make_model([node("Gemm", ["x", "w1"], "y", transB=1)], {"x": [2, 5]}, ["y"],
                        {"w1": weight(4, 5, dead=(0,))})
     _, stats = zero_rows_exact(model)
-    assert stats == {"channels_removed": 0, "parameters_removed": 0, "skipped_graph_output": 1}
+    assert stats == {"channels_removed": 0, "parameters_removed": 0, "skipped_graph_output": 1,
+                     "kept_dead_graph_output": 1}
 
 
 def test_unknown_consumer_pins_and_is_counted():
@@ -146,7 +149,7 @@ def test_unknown_consumer_pins_and_is_counted():
     )
     _, stats = zero_rows_exact(model)
     assert stats == {"channels_removed": 0, "parameters_removed": 0, "skipped_consumer_Softmax": 1,
-                     "skipped_graph_output": 1}
+                     "skipped_graph_output": 1, "kept_dead_consumer_Softmax": 1}
 
 
 # --------------------------------------------------------------------------- Conv
@@ -262,7 +265,7 @@ def test_reshape_that_mixes_channels_is_pinned():
          node("Gemm", ["f", "w2"], "y", transB=1)], {"x": [2, 1, 5, 5]}, ["y"], weights)
     _, stats = zero_rows_exact(model)
     assert stats == {"channels_removed": 0, "parameters_removed": 0, "skipped_reshape_not_channel_blocks": 1,
-                     "skipped_graph_output": 1}
+                     "skipped_graph_output": 1, "kept_dead_reshape_not_channel_blocks": 1}
 
 
 def test_concat_of_branches():

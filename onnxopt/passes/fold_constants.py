@@ -14,6 +14,11 @@ Each node is evaluated alone by the ONNX reference evaluator, after onnx's shape
 node on its actual constant inputs: the inferred shape bounds the output size before anything is
 computed (``max_bytes``), and a result must have the inferred dtype and shape or it is not used.
 
+Folding never trades nodes for weight bytes: folded nodes joined by the values they pass form one
+computation, and one that would store more bytes than it frees (beyond GROWTH_ALLOWANCE for shape
+vectors and scalars) is left as it was and counted (``skipped_grows_weights``): say a reshuffle of a
+weight that other nodes still read, or a ConstantOfShape that expands a shape into a big tensor.
+
 A folded value becomes an initializer of the same name; it becomes a Constant node instead where
 it is a graph output (the interface stays as it was) or where IR < 4 requires every initializer to
 be a graph input; it is not folded there when the opset's Constant cannot hold its type (before
@@ -49,6 +54,7 @@ from .base import Pass, PassResult, count
 KEPT_OPS = frozenset({"DequantizeLinear"})
 SHAPE_PICKERS = frozenset({"Gather", "Slice"})  # ops that select entries of a shape vector
 INFERENCE_DATA_BYTES = 4096  # constant inputs up to this size are shown to shape inference (shape-like values)
+GROWTH_ALLOWANCE = 1024  # bytes a folded computation may add beyond what it frees (shape vectors, scalars)
 _COUNTERS = ("nodes_folded", "shape_nodes_folded", "initializers_added", "constant_nodes_added", "nodes_removed",
              "initializers_removed", "ifs_inlined")  # summed over rounds
 
@@ -153,6 +159,7 @@ class _Folder:
         self._shapes: dict[str, tuple] | None = None
         self.shapes_unresolved = False  # a main-graph Shape/Size read dims that inference did not know
         self._names = None
+        self._readers: Counter | None = None
 
     def fold(self, graph: onnx.GraphProto, outer: _Scope | None) -> set[str]:
         """Fold one graph and its bodies; return the outer names that folded nodes no longer read."""
@@ -165,6 +172,7 @@ class _Folder:
             if values is not None:
                 scope.folded.update(values)
                 folded.add(i)
+        folded = self._paying(index, folded, scope)
         self.stats["nodes_folded"] += len(folded)
         kept = [node for i, node in enumerate(index.nodes) if i not in folded]
         released = {name for i in folded for name in index.uses[i]}
@@ -178,6 +186,60 @@ class _Folder:
         return self._rewrite(graph, scope, kept, released, folded_by)
 
     # ----------------------------------------------------------------------- deciding and evaluating
+
+    def _paying(self, index: GraphIndex, folded: set[int], scope: _Scope) -> set[int]:
+        """The folded nodes whose computations pay for themselves in weight bytes.
+
+        Folded nodes joined by the values they pass form one computation. It writes the values that
+        kept nodes or graph outputs read, and frees the constants that only it reads (anywhere in the
+        model). One that writes more than it frees, beyond GROWTH_ALLOWANCE (shape vectors, scalars),
+        is left as it was: a reshuffle of a weight that stays referenced elsewhere (an LSTM's gate
+        reordering in both branches of an If) would otherwise store the weight twice.
+        """
+        if not folded:
+            return folded
+        group = {i: i for i in folded}
+
+        def root(i: int) -> int:
+            while group[i] != i:
+                group[i] = group[group[i]]
+                i = group[i]
+            return i
+
+        for i in folded:
+            for name in index.nodes[i].input:
+                j = index.producer.get(name)
+                if j in folded:
+                    group[root(i)] = root(j)
+        members: dict[int, list[int]] = {}
+        for i in folded:
+            members.setdefault(root(i), []).append(i)
+        needed = {name for i, uses in enumerate(index.uses) if i not in folded for name in uses} | scope.outputs
+        readers = self._model_readers()
+        declined: set[int] = set()
+        for nodes in members.values():
+            produced = {out for i in nodes for out in index.nodes[i].output if out}
+            written = sum(scope.folded[name].nbytes for name in produced if name in needed)
+            reads = Counter(name for i in nodes for name in set(index.nodes[i].input) if name and name not in produced)
+            freed = sum(scope.nbytes(name) for name, n in reads.items()
+                        if scope.is_constant(name) and readers[name] == n)
+            if written > freed + GROWTH_ALLOWANCE:
+                declined.update(nodes)
+                for name in produced:
+                    scope.folded.pop(name, None)
+        if declined:
+            count(self.stats, "skipped_grows_weights", len(declined))
+        return folded - declined
+
+    def _model_readers(self) -> Counter:
+        """How many nodes read each name, in every graph (graph outputs count as readers)."""
+        if self._readers is None:
+            self._readers = Counter()
+            for graph in walk_graphs(self.model.graph):
+                for node in graph.node:
+                    self._readers.update(set(name for name in node.input if name))
+                self._readers.update(o.name for o in graph.output)
+        return self._readers
 
     def _fold_node(self, node: onnx.NodeProto, uses: list[str], scope: _Scope,
                    partial_shapes: dict[str, tuple[int | None, ...]], is_main: bool) -> dict[str, np.ndarray] | None:

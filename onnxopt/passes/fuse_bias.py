@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..graph import (CONSTANT_FOLDABLE, STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, filter_field,
+from ..graph import (CONSTANT_FOLDABLE, STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, filter_field, infer_shapes,
                      opset_version, replace_nodes, unique_name_factory, walk_graphs, walk_nodes)
 from ..tensors import FLOAT_TYPES
 from .base import Pass, PassResult, count
@@ -379,7 +379,7 @@ def value_ranks(model: onnx.ModelProto) -> list[dict[str, int]]:
     """Known ranks of values per graph, in :func:`walk_graphs` order, from one shape inference
     (each graph's own values; a body's outer-scope references are unknown there)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # shape inference is a hint; without it, declared shapes only
         inferred = model
     return [declared_ranks(g) for g in walk_graphs(inferred.graph)]

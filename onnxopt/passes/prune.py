@@ -87,20 +87,83 @@ def input_norm(inputs: list[TensorStats], centered: bool = False) -> np.ndarray:
 
 
 def importance(tensor: PrunableTensor, canonical: np.ndarray, norm: np.ndarray | None) -> np.ndarray:
-    """Importance on the canonical ``(out, ..., in)`` view; weights already zero rank below all others."""
-    score = np.abs(canonical.astype(np.float64))
-    if norm is not None:
-        score = score * per_input_channel(canonical.shape, norm, tensor.use.groups)
+    """Importance on the canonical ``(out, ..., in)`` view; weights already zero rank below all others.
+
+    Magnitude is ``abs`` in the weight's dtype (exact, order kept; zeros are already the smallest);
+    Wanda's products are float64, and zeros are moved below a zero norm's products. The result
+    keeps the weight's memory layout, so :func:`memory_order` is a view.
+    """
+    if norm is None:
+        return np.abs(canonical)
+    score = np.abs(canonical.astype(np.float64)) * per_input_channel(canonical.shape, norm, tensor.use.groups)
     score[canonical == 0] = -1.0
     return score
 
 
+def memory_order(array: np.ndarray) -> np.ndarray:
+    """The array's elements in memory order: a view for the transposed canonical views used here."""
+    return array.ravel(order="K")
+
+
+def threshold_mask(score: np.ndarray, kth, ties: int) -> np.ndarray:
+    """True below ``kth``, and at the first ``ties`` positions (memory order) equal to it."""
+    mask = np.less(score, kth)
+    if ties > 0:
+        flat = memory_order(mask)
+        flat[np.flatnonzero(memory_order(score) == kth)[:ties]] = True
+    return mask
+
+
 def smallest_mask(score: np.ndarray, k: int) -> np.ndarray:
-    """True at exactly ``k`` positions holding the smallest scores (ties broken arbitrarily)."""
-    mask = np.zeros(score.size, dtype=bool)
-    if k > 0:
-        mask[np.argpartition(score.ravel(), k - 1)[:k]] = True
-    return mask.reshape(score.shape)
+    """True at exactly ``k`` positions holding the smallest scores (ties: first in memory order)."""
+    if k <= 0:
+        return np.zeros(score.shape, dtype=bool)
+    if k >= score.size:
+        return np.ones(score.shape, dtype=bool)
+    kth = np.partition(memory_order(score), k - 1)[k - 1]
+    return threshold_mask(score, kth, k - int(np.count_nonzero(score < kth)))
+
+
+def global_kth(scores, sizes: list[int], k: int, sample: int = 1 << 20, seed: int = 0) -> tuple[float, int]:
+    """The ``k``-th smallest (``k >= 1``) of all scores, and how many scores are smaller than it.
+
+    ``scores()`` yields each tensor's scores again on every call, so only one tensor's and a small
+    window around the target are held at a time (a multi-GB model is never scored whole): a random
+    sample brackets the k-th score, one more pass counts what lies below the bracket and keeps
+    what lies inside, and the window's partition gives the exact value (values equal to a bracket end, such as the many
+    existing zeros, are counted, not kept). A bracket the sample got wrong (improbable) is widened
+    to the open side and counted again.
+    """
+    total = sum(sizes)
+    rng = np.random.default_rng(seed)
+    picked = [memory_order(s)[rng.integers(0, s.size, max(1, round(sample * s.size / total)))] for s in scores()]
+    sampled = np.sort(np.concatenate(picked))
+    n = sampled.size
+    margin = 6 * math.isqrt(n) + 8
+    at = k / total * n
+    low = sampled[int(at) - margin] if int(at) - margin >= 0 else -np.inf
+    high = sampled[int(at) + margin] if int(at) + margin < n else np.inf
+    while True:
+        below = at_low = at_high = 0
+        window = []
+        for s in scores():
+            flat = memory_order(s)
+            below += int(np.count_nonzero(flat < low))
+            at_low += int(np.count_nonzero(flat == low))
+            at_high += int(np.count_nonzero(flat == high)) if high != low else 0
+            window.append(flat[(flat > low) & (flat < high)])
+        inside = np.concatenate(window)
+        if k <= below:
+            low, high = -np.inf, low
+        elif k <= below + at_low:
+            return low, below
+        elif k <= below + at_low + inside.size:
+            kth = np.partition(inside, k - below - at_low - 1)[k - below - at_low - 1]
+            return kth, below + at_low + int(np.count_nonzero(inside < kth))
+        elif k <= below + at_low + inside.size + at_high:
+            return high, below + at_low + inside.size
+        else:
+            low, high = high, np.inf
 
 
 def n_m_mask(score: np.ndarray, keep: int, group: int) -> np.ndarray:
@@ -164,13 +227,10 @@ class Prune(Pass):
             return self._sparsegpt(model, tensors, n_m, stats)
         inputs = activation_stats(self, model, tensors, stats) if opts.method == "wanda" else {}
         correct = opts.method == "wanda" and opts.bias_correction
-        canonicals = [t.canonical() for t in tensors]
-        scores = [importance(t, w, input_norm(inputs[t.name], correct) if t.name in inputs else None)
-                  for t, w in zip(tensors, canonicals)]
-        masks = self._masks(scores, n_m)
+        norms = {name: input_norm(used, correct) for name, used in inputs.items()}
         top = next((t for t in tensors if t.top_level), None)  # bias correction is for top-level weights only
         adder = BiasAdder(top.index, top.store, unique_name_factory(model)) if correct and top else None
-        for tensor, weight, mask in zip(tensors, canonicals, masks):
+        for tensor, weight, mask in self._masks(tensors, norms, n_m):
             pruned = np.where(mask, np.zeros((), weight.dtype), weight)
             if _record(stats, tensor, weight, pruned) and adder is not None and tensor.name in inputs:
                 _correct_bias(adder, tensor, weight - pruned, inputs[tensor.name])  # top-level weights only
@@ -188,16 +248,15 @@ class Prune(Pass):
         if others:  # no single observable input: magnitude, within the same budgets
             count(stats, "sparsegpt_fallback_magnitude_in_subgraph", sum(not t.top_level for t in others))
             count(stats, "sparsegpt_fallback_magnitude_tied", sum(t.top_level for t in others))
-        canonicals = {t.name: t.canonical() for t in tensors}
         if opts.scope == "global":  # per-tensor budgets from one global Wanda ranking
             inputs = activation_stats(self, model, alone, stats) if alone else {}
-            scores = [importance(t, canonicals[t.name], input_norm(inputs[t.name]) if t.name in inputs else None)
-                      for t in tensors]
-            zeros = {t.name: int(m.sum()) for t, m in zip(tensors, self._masks(scores, None))}
+            norms = {name: input_norm(used) for name, used in inputs.items()}
+            zeros = {t.name: int(np.count_nonzero(mask)) for t, _, mask in self._masks(tensors, norms, None)}
         else:
-            zeros = {t.name: target_count(opts.sparsity, canonicals[t.name].size) for t in tensors}
+            zeros = {t.name: target_count(opts.sparsity, int(np.prod(t.store.tensor(t.name).dims, dtype=np.int64)))
+                     for t in tensors}
         for tensor in others:
-            weight = canonicals[tensor.name]
+            weight = tensor.canonical()
             _record(stats, tensor, weight, _magnitude(tensor, weight, zeros[tensor.name], n_m))
         if alone:
             order = {id(node): i for i, node in enumerate(alone[0].index.nodes)}
@@ -208,7 +267,7 @@ class Prune(Pass):
             deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
             now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
             for number, tensor in enumerate(alone, 1):
-                weight = canonicals[tensor.name]
+                weight = tensor.canonical()
                 pruned, bias = self._sparsegpt_layer(tensor, weight, runner, zeros[tensor.name], n_m, stats,
                                                      adder is not None)
                 if _record(stats, tensor, weight, pruned) and bias is not None:
@@ -277,16 +336,31 @@ class Prune(Pass):
         count(stats, "skipped_inputs_not_divisible_by_m", len(tensors) - len(kept))
         return kept
 
-    def _masks(self, scores: list[np.ndarray], n_m: tuple[int, int] | None) -> list[np.ndarray]:
+    def _masks(self, tensors: list[PrunableTensor], norms: dict[str, np.ndarray], n_m: tuple[int, int] | None):
+        """(tensor, canonical weight, where to zero it), one tensor at a time: a multi-GB model is
+        never read whole. A global budget finds its threshold first (:func:`global_kth`)."""
         sparsity = self.options.sparsity
-        if n_m is not None:
-            return [n_m_mask(s, *n_m) for s in scores]
-        if self.options.scope == "layer":
-            return [smallest_mask(s, target_count(sparsity, s.size)) for s in scores]
-        flat = np.concatenate([s.ravel() for s in scores])
-        mask = smallest_mask(flat, target_count(sparsity, flat.size))
-        splits = np.cumsum([s.size for s in scores])[:-1]
-        return [m.reshape(s.shape) for m, s in zip(np.split(mask, splits), scores)]
+
+        def scored(tensor: PrunableTensor) -> tuple[np.ndarray, np.ndarray]:
+            weight = tensor.canonical()
+            return weight, importance(tensor, weight, norms.get(tensor.name))
+
+        if n_m is None and self.options.scope == "global":
+            sizes = [int(np.prod(t.store.tensor(t.name).dims, dtype=np.int64)) for t in tensors]
+            budget = target_count(sparsity, sum(sizes))
+            kth, smaller = (global_kth(lambda: (scored(t)[1] for t in tensors), sizes, budget) if budget
+                            else (-np.inf, 0))
+            ties = budget - smaller
+        for tensor in tensors:
+            weight, score = scored(tensor)
+            if n_m is not None:
+                mask = n_m_mask(score, *n_m)
+            elif self.options.scope == "layer":
+                mask = smallest_mask(score, target_count(sparsity, score.size))
+            else:
+                mask = threshold_mask(score, kth, ties)
+                ties -= min(ties, int(np.count_nonzero(score == kth)))
+            yield tensor, weight, mask
 
 
 def _magnitude(tensor: PrunableTensor, weight: np.ndarray, zeros: int, n_m) -> np.ndarray:

@@ -9,11 +9,14 @@ important are zeroed, always leaving one. With ``round_to=N`` the number zeroed 
 (fewer on a tie, never more than N - 1 above the ratio) that leaves a multiple of N channels:
 onnxruntime's Conv kernels can run slower on a channel count off a multiple of 8 than on more
 channels (ppocr_cls at ratio 0.25: 0.78x dense latency unrounded, 1.19x with the default 8).
+An attention head is one neuron of its Q/K/V projections (all its channels go together, see
+:mod:`.channels`), counted for rounding as its head size in channels.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +27,7 @@ from ..graph import model_graphs, opset_version, unique_name_factory, value_shap
 from .base import Pass, PassResult, count
 from .prune import activation_stats, check_choice, importance, input_norm, target_count
 from .weights import PrunableTensor
-from .zero_rows import ChannelGraph, Producer, has_producers, union_roots
+from .channels import ChannelGraph, Producer, has_producers, union_roots
 
 METHODS = ("l2", "wanda")
 
@@ -75,27 +78,44 @@ class PruneNeurons(Pass):
         for analysis in analyses:
             for reason, n in sorted(analysis.skips.items()):
                 stats[f"skipped_{reason}"] = stats.get(f"skipped_{reason}", 0) + n
+            for reason, n in sorted(analysis.kept.items()):
+                stats[f"unprunable_{reason}"] = stats.get(f"unprunable_{reason}", 0) + n
             self._prune_graph(analysis, tensor_of, norms, stats, new_name)
         return PassResult(model, stats["neurons_zeroed"] > 0, stats)
 
     def _prune_graph(self, analysis: ChannelGraph, tensor_of: dict, norms: dict, stats: dict, new_name) -> None:
         roots = analysis.roots
         scores = np.zeros(len(roots))
+        # Wanda ranks a neuron by the geometric mean of its own rows' score (|W| times the input norms) and
+        # what it adds to the next layer (|W| times its activation norm, over the weights that read it);
+        # neurons no weight reads, by their rows alone.
+        read_scores, read = np.zeros(len(roots)), np.zeros(len(roots), bool)
+        exits = {id(node): use for node, use in analysis.exits}
         links = []
         canonicals = {}  # producers with a channel that may be zeroed: their weight, read once
+        width = np.ones(len(roots), np.int64)  # channels per neuron in a producer: a head's size, else 1
         for producer in analysis.producers:
             tensor = tensor_of[id(producer.node)]
             canonical = tensor.canonical()
             producer_roots = roots[analysis.values[producer.output].ids]
+            neurons, channels = np.unique(producer_roots, return_counts=True)
+            np.maximum.at(width, neurons, channels)
             if not analysis.blocked[producer_roots].all():
                 canonicals[id(producer.node)] = canonical
             if self.options.method == "l2":
                 row = np.square(canonical.astype(np.float64)).reshape(len(canonical), -1).sum(axis=1)
             else:
-                score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0)
+                # float64 sums: magnitude importance comes in the weight's own dtype
+                score = np.maximum(importance(tensor, canonical, norms.get(tensor.name)), 0.0).astype(np.float64)
                 row = score.reshape(len(canonical), -1).sum(axis=1)
+                use = exits.get(id(producer.node))
+                if use is not None:
+                    inputs = roots[analysis.values[use.data].ids]
+                    np.add.at(read_scores, inputs, _input_columns(score, use.groups))
+                    read[inputs] = True
             np.add.at(scores, producer_roots, row)
             links.append((producer_roots, np.full_like(producer_roots, producer_roots[0])))
+        scores = np.where(read, np.sqrt(read_scores * scores), scores)
         group_of = union_roots(len(roots), links)
         produced = np.unique(np.concatenate([link[0] for link in links]))
         conv_group = _conv_group_labels(analysis)
@@ -106,7 +126,10 @@ class PruneNeurons(Pass):
             labels = np.unique(conv_group[members])  # a grouped Conv needs equally many from each of its groups
             asked = target_count(self.options.ratio, len(members))
             most = min(len(candidates), len(members) - 1)
-            k = rounded_count(asked, len(members), most, len(labels), self.options.round_to)
+            sizes = np.unique(width[members])  # heads of d channels: a multiple of round_to / gcd(d, round_to)
+            multiple = self.options.round_to // math.gcd(int(sizes[0]), self.options.round_to) if len(sizes) == 1 \
+                else self.options.round_to
+            k = rounded_count(asked, len(members), most, len(labels), multiple)
             if k is None:  # too few channels or candidates for any multiple: prune as asked
                 k = min(asked, most)
                 if k:
@@ -119,6 +142,8 @@ class PruneNeurons(Pass):
                 chosen[pool[np.argsort(scores[pool], kind="stable")[:quota]]] = True
         analysis.balance(chosen)  # where grouped Convs still disagree, zero-rows would keep the excess
         stats["neurons_zeroed"] += int(chosen.sum())
+        if heads := analysis.head_count(chosen):
+            stats["heads_zeroed"] = stats.get("heads_zeroed", 0) + heads
         for producer in analysis.producers:
             rows = chosen[roots[analysis.values[producer.output].ids]]
             if rows.any():
@@ -134,6 +159,11 @@ def rounded_count(asked: int, size: int, most: int, step: int, multiple: int) ->
     """
     fits = [k for k in range(0, min(most, asked + multiple - 1) + 1, step) if (size - k) % multiple == 0]
     return min(fits, key=lambda k: (abs(k - asked), k), default=None)
+
+
+def _input_columns(score: np.ndarray, groups: int) -> np.ndarray:
+    """A canonical ``(out, ..., in per group)`` score summed per input channel (grouped Conv aware)."""
+    return score.reshape(groups, score.shape[0] // groups, -1, score.shape[-1]).sum(axis=(1, 2)).ravel()
 
 
 def _conv_group_labels(analysis: ChannelGraph) -> np.ndarray:

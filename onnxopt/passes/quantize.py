@@ -20,11 +20,40 @@ histogram-based choice (percentile, entropy, mse). Bias correction removes the m
 weight rounding causes, ``E[(Wq - W) x]``, using per-channel input means from the same pass.
 ``min_cosine`` measures each quantized layer alone on calibration data and keeps the most
 sensitive ones in float until the whole model reaches the target.
+
+Transformers (``mode``): a static range per activation tensor cannot follow LayerNorm and GELU
+outputs whose outlier channels and per-sentence ranges vary, and activation-activation MatMuls
+(attention scores, Softmax times V) lose most. ``mode=dynamic`` quantizes MatMul/Gemm with constant
+weights as ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (-> Add bias)``, which
+onnxruntime fuses into one DynamicQuantizeMatMul (each input's range is taken per run), keeps
+activation-activation MatMuls, Softmax, LayerNorm, GELU and residual adds in float, migrates
+activation outliers into the weights SmoothQuant-style where the statistics say it pays
+(:mod:`onnxopt.smoothing`; the division is folded into the gamma and beta of a LayerNorm upstream
+when nothing else reads its output, else an explicit Mul does it, ``smooth_mul``),
+and bias-corrects the weight rounding. ``mode=auto`` (the default) builds the static model, the dynamic
+one, and the dynamic one with migration Muls, measures them on calibration samples (worst cosine to
+float, then onnxruntime latency) and keeps the most accurate, or of those about as accurate the simplest
+unless another is clearly faster. Embedding tables
+(``Gather`` on a big constant) become int8 per row (``embeddings``, :mod:`onnxopt.embeddings`):
+the file shrinks by the vocabulary too.
+
+``rounding=learned`` rounds each static or dynamic layer's int8 weight by learned rounding (AdaRound,
+:mod:`onnxopt.reconstruction`) against the XᵀX of its input (for a smoothed dynamic layer, of the
+smoothed input), from one more pass over the calibration data; it is never worse than nearest rounding
+per layer. ``mode=auto`` and ``min_cosine`` decide with nearest rounding (their trials would otherwise
+learn every candidate's weights); learned rounding then applies to the plan they chose. Weights inside
+subgraphs and embedding tables keep nearest rounding (their inputs are not observed). The loss curves
+go to ``details["loss_curves"]``.
+
+``PassResult.details["layers"]`` lists every quantized (or deliberately float) layer with its
+mode, weight rounding error, smoothing and, where measured, the cosine with that layer alone
+quantized: where the error comes from. ``details["candidates"]`` holds auto mode's measurements.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,10 +63,12 @@ from onnx import numpy_helper
 
 from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
 from ..data import FeedSet
+from ..embeddings import quantize_embeddings
 from ..errors import InputError
 from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes,
                      unique_name_factory, walk_graphs)
-from ..validate import Tolerances, compare_outputs, run_model
+from ..smoothing import fold_inverse_scale, smoothing_scale
+from ..validate import Session, Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
 from .fold_batchnorm import fold_batchnorm
 from .fuse_bias import fuse_bias
@@ -50,6 +81,13 @@ HEAVY = ("Conv", "MatMul", "Gemm")
 PASS_THROUGH = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
 AVERAGING = {"GlobalAveragePool", "AveragePool"}  # int8 in, own output range
 QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+MODES = ("auto", "static", "dynamic")
+# (bits, block_size) for onnxopt.embeddings; block_size 0: per row in standard ONNX ops, else GatherBlockQuantized
+EMBEDDING_FORMATS = {"float": None, "int8": (8, 0), "int8_block128": (8, 128), "int4": (4, 32)}
+AUTO_ERROR_SLACK = 1.5  # auto mode: a candidate within 1.5x the best (1 - worst cosine) counts as as accurate,
+AUTO_ERROR_FLOOR = 1e-4  # and so does one within 1e-4 of it (both are then float-exact for any task)
+AUTO_LATENCY_MARGIN = 0.1  # a less simple candidate replaces a simpler one only when measured >= 10 % faster
+AUTO_TIMING_S = 0.15  # auto mode: each candidate is timed for at least this long (and latency_runs runs)
 
 
 @dataclass(frozen=True)
@@ -68,6 +106,13 @@ class QuantizeOptions:
     min_cosine: float = 0.0  # > 0: accuracy-aware mode
     sensitivity_samples: int = 32
     batch_size: int = 0  # samples per calibration run; 0: joined automatically where the batch axis allows
+    mode: str = "auto"  # static QDQ | dynamic int8 MatMul/Gemm | auto: both measured, see the module notes
+    smooth: bool = True  # dynamic layers: SmoothQuant migration where the estimated error drops
+    smooth_alpha: float = 0.0  # migration strength in (0, 1); 0: chosen per tensor from the statistics
+    smooth_mul: bool = True  # also migrate where no LayerNorm upstream absorbs it (an explicit Mul at run time)
+    embeddings: str = "int8"  # embedding tables: float | int8 (per row) | int8_block128 | int4: EMBEDDING_FORMATS
+    latency_runs: int = 30  # auto mode: onnxruntime runs per candidate, interleaved
+    layer_sensitivity: bool = False  # report each layer's calibration cosine alone (min_cosine measures it anyway)
     rounding: str = "nearest"  # nearest | learned (AdaRound on each layer's input statistics)
     lr_schedule: str = "constant"  # learned rounding: cosine | step | exponential | constant
     rounding_steps: int = 100
@@ -88,6 +133,15 @@ class QuantizeOptions:
             raise InputError("quantize: sensitivity_samples must be at least 1")
         if self.batch_size < 0:
             raise InputError("quantize: batch_size must be at least 0 (0: automatic)")
+        if self.mode not in MODES:
+            raise InputError(f"quantize: mode must be one of {'|'.join(MODES)}, not '{self.mode}'")
+        if not 0.0 <= self.smooth_alpha < 1.0:
+            raise InputError(f"quantize: smooth_alpha must be in [0, 1) (0: automatic), not {self.smooth_alpha}")
+        if self.embeddings not in EMBEDDING_FORMATS:
+            raise InputError(f"quantize: embeddings must be one of {'|'.join(EMBEDDING_FORMATS)}, "
+                             f"not '{self.embeddings}'")
+        if self.latency_runs < 1:
+            raise InputError("quantize: latency_runs must be at least 1")
         if self.rounding not in ("nearest", "learned") or self.lr_schedule not in SCHEDULES or self.rounding_steps < 1:
             raise InputError(f"quantize: rounding must be nearest|learned, lr_schedule {'|'.join(SCHEDULES)} and "
                              f"rounding_steps >= 1, not {self.rounding}, {self.lr_schedule}, {self.rounding_steps}")
@@ -105,12 +159,16 @@ class _Unit:
     use: WeightUse | None  # the weight's layout when it is the second operand (bias correction needs it)
     output: str | None  # tensor that gets the output Q/DQ (after a folded Relu/Clip)
     add_bias: str | None = None  # MatMul's following Add constant, corrected in float
+    dynamic: bool = False  # DynamicQuantizeLinear + MatMulInteger instead of static QDQ
 
 
 @dataclass
 class _Plan:
+    dynamic: bool = False  # planned with dynamic MatMul/Gemm
+    smooth_mul: bool = False  # dynamic: migration also where it needs an explicit Mul
     units: list[_Unit] = field(default_factory=list)
     acts: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose range it uses
+    float_nodes: list[str] = field(default_factory=list)  # heavy nodes the plan keeps float on purpose
 
 
 @dataclass
@@ -123,10 +181,12 @@ class CalibrationRequest:
     model: onnx.ModelProto
     tensors: list[str]
     mean_axes: dict[str, int]
+    channel_axes: dict[str, int]  # dynamic layers' inputs: per-channel sums, squares and extremes
     histogram_bins: int
     modified: bool  # the model differs from the one given (upgraded, nodes named, BatchNorm folded)
     stats: dict[str, int | float]
     plan: _Plan
+    alternatives: dict[str, _Plan]  # auto mode: the dynamic alternatives to ``plan`` (empty: nothing to choose)
     index: GraphIndex  # of model.graph as planned
     store: WeightStore
     subgraphs: list[tuple[onnx.GraphProto, WeightStore, list[tuple[str, int | None]]]]
@@ -135,7 +195,8 @@ class CalibrationRequest:
 
 class QuantizePass(Pass):
     name = "quantize"
-    summary = "static int8 QDQ quantization (Conv/MatMul/Gemm) from streamed calibration data"
+    summary = ("int8 quantization from streamed calibration data: static QDQ or, for MatMul/Gemm, dynamic "
+               "with outlier smoothing (measured choice); int8 embedding tables")
     Options = QuantizeOptions
     exact = False
 
@@ -162,53 +223,103 @@ class QuantizePass(Pass):
         if opt.fuse_bias:  # Add(Conv, per-channel constant) becomes the Conv's own (int32) bias: no Q/DQ between
             stats["biases_fused"] = sum(fuse_bias(g, make_name, opset) for g in model_graphs(model))
         index, store = GraphIndex(model.graph), WeightStore(model.graph)
-        plan = _plan(index, store, opt, set(opt.exclude_nodes), stats)
-        axes = {u.activations[0]: u.use.data_axis for u in plan.units if u.use is not None} if opt.bias_correction else {}
+        excluded = set(opt.exclude_nodes)
+        plan = _plan(index, store, opt, excluded, stats, dynamic=opt.mode == "dynamic", smooth_mul=opt.smooth_mul)
+        alternatives = {}
+        if opt.mode == "auto":
+            alternatives["dynamic"] = _plan(index, store, opt, excluded, {}, dynamic=True)
+            if not any(u.dynamic for u in alternatives["dynamic"].units):
+                alternatives = {}  # no MatMul/Gemm to run dynamically: static it is
+            elif opt.smooth and opt.smooth_mul:
+                alternatives["dynamic+mul"] = _plan(index, store, opt, excluded, {}, dynamic=True, smooth_mul=True)
+        plans = [plan, *alternatives.values()]
+        static_units = [u for p in plans for u in p.units if not u.dynamic]
+        axes = ({u.activations[0]: u.use.data_axis for u in static_units if u.use is not None}
+                if opt.bias_correction else {})
+        channel_axes = ({u.activations[0]: -1 for p in plans for u in p.units if u.dynamic}
+                        if opt.smooth or opt.bias_correction else {})
+        tensors = {t for p in plans for t in p.acts.values()}
+        if opt.min_cosine > 0 or opt.layer_sensitivity:  # trials keep layers float: tensors that shared
+            tensors |= {t for p in plans for t in p.acts}  # such a layer's range then need their own
+        tensors = sorted(tensors)
         return CalibrationRequest(
-            model=model, tensors=sorted(set(plan.acts.values())), mean_axes=axes,
-            histogram_bins=0 if opt.method == "minmax" else 2048,
+            model=model, tensors=tensors, mean_axes=axes, channel_axes=channel_axes,
+            histogram_bins=0 if opt.method == "minmax" or not tensors else 2048,
             modified=before < QDQ_OPSET or named > 0 or bool(stats.get("batchnorm_folded") or stats.get("biases_fused")),
-            stats=stats, plan=plan, index=index, store=store, subgraphs=_subgraph_units(model, opt),
-            make_name=make_name)
+            stats=stats, plan=plan, alternatives=alternatives, index=index, store=store,
+            subgraphs=_subgraph_units(model, opt), make_name=make_name)
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         opt = self.options
         request = self.calibration_request(model)
         model, plan, stats = request.model, request.plan, request.stats
-        if not plan.units:  # weight-only work in subgraphs needs no calibration data
-            if not any(units for _, _, units in request.subgraphs):
-                return PassResult(model, request.modified, stats)
-            _apply(model, request.store, plan, request.subgraphs, _Quantized({}, opt), request.make_name, stats,
-                   request.index)
-            return PassResult(model, True, stats)
+        details: dict = {}
+        if not plan.units:  # weight-only work in subgraphs and embedding tables need no calibration data
+            weight_only = any(units for _, _, units in request.subgraphs)
+            if weight_only:
+                _apply(model, request.store, plan, request.subgraphs, _Quantized({}, opt), request.make_name, stats,
+                       request.index)
+            layers = self._embeddings(model, request, stats)
+            if layers:
+                details["layers"] = layers
+            return PassResult(model, request.modified or weight_only or bool(layers), stats, details)
         feeds = _checked(self.context.calibration_feeds(self.name), model)
         quantized = _Quantized(self._calibrate(request, feeds), opt)
-        if opt.rounding == "learned":
-            quantized.hessians = input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
-                                                                for u in plan.units if u.use is not None})
+        sensitivity: dict[str, float] = {}
+        if request.alternatives:
+            plan = _choose_mode(request, quantized, feeds, stats, details)
         if opt.min_cosine > 0:
-            kept = _keep_sensitive(request, quantized, feeds, stats)
-            plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {})
+            kept = _keep_sensitive(request, plan, quantized, feeds, stats, sensitivity)
+            plan = _plan(request.index, request.store, opt, set(opt.exclude_nodes) | kept, {}, dynamic=plan.dynamic,
+                         smooth_mul=plan.smooth_mul)
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
-        _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats, request.index)
+        elif opt.layer_sensitivity:
+            sensitivity = _layer_sensitivity(plan, _trial_cosine(request, plan, _Trials(request, quantized, feeds)))
+        if opt.rounding == "learned":  # after the choices above, which measure nearest rounding (see the notes)
+            quantized.learn(input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
+                                                            for u in plan.units if u.use is not None}))
+        layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
+                        request.index)
         stats.update(quantized.rounding_stats)
-        return PassResult(model, True, stats, {"loss_curves": quantized.curves} if quantized.curves else {})
+        if quantized.curves:
+            details["loss_curves"] = quantized.curves
+        for row in layers:
+            if row["name"] in sensitivity:
+                row["cosine_alone"] = sensitivity[row["name"]]
+        if sensitivity:  # most sensitive first: the ranking the report plots
+            kept_float = {k.split(":", 1)[1] for k in stats if k.startswith("kept_float:")}
+            details["sensitivity"] = [{"name": n, "cosine_alone": c, "kept_float": n in kept_float}
+                                      for n, c in sorted(sensitivity.items(), key=lambda item: item[1])]
+        details["layers"] = layers + self._embeddings(model, request, stats)
+        return PassResult(model, True, stats, details)
+
+    def _embeddings(self, model: onnx.ModelProto, request: CalibrationRequest, stats: dict) -> list[dict]:
+        """Embedding tables of the main graph to integers (rows for the report)."""
+        fmt = EMBEDDING_FORMATS[self.options.embeddings]
+        if fmt is None:
+            return []
+        graph = model.graph
+        return quantize_embeddings(model, graph, GraphIndex(graph), WeightStore(graph), request.make_name, stats,
+                                   bits=fmt[0], block_size=fmt[1], exclude=frozenset(self.options.exclude_nodes))
 
     def _calibrate(self, request: CalibrationRequest, feeds) -> dict[str, TensorStats]:
         """Stream the calibration data once, or reuse a cache made for this model."""
         wanted, axes, bins, stats = request.tensors, request.mean_axes, request.histogram_bins, request.stats
+        channel_axes = request.channel_axes
         fingerprint = model_fingerprint(request.model)
         cache = self.context.calib_cache
         if cache is not None and cache.exists():
             cached, saved_for = load_stats(cache)
             usable = saved_for == fingerprint and all(
                 n in cached and (not bins or cached[n].codes is not None) for n in wanted
-            ) and all(cached[n].channel_sum is not None for n in axes if n in cached)
-            if usable and all(n in cached for n in axes):
+            ) and all(cached[n].channel_sum is not None for n in axes if n in cached) and all(
+                cached[n].channel_sumsq is not None and cached[n].channel_min is not None
+                for n in channel_axes if n in cached)
+            if usable and all(n in cached for n in [*axes, *channel_axes]):
                 stats["calib_cache_hit"] = 1
                 return cached
-        result = collect(request.model, feeds, wanted, histogram_bins=bins, mean_axes=axes,
+        result = collect(request.model, feeds, wanted, histogram_bins=bins, mean_axes=axes, sumsq_axes=channel_axes,
                          batch_size=self.options.batch_size, progress=self.context.progress)
         if cache is not None:
             save_stats(cache, result, fingerprint)
@@ -320,6 +431,14 @@ def _unit(node: onnx.NodeProto, index: GraphIndex, store: WeightStore, opt: Quan
     return _Unit(node, weight, axis if opt.per_channel else None, acts, bias, use, output, add_bias)
 
 
+def _runs_dynamic(unit: _Unit, index: GraphIndex, store: WeightStore) -> bool:
+    """A 2-D weight as second operand that no other node reads (it is stored transposed or smoothed),
+    the data as first operand."""
+    node = unit.node
+    return (unit.use is not None and len(store.tensor(unit.weight).dims) == 2 and unit.activations == [node.input[0]]
+            and len(index.consumers.get(unit.weight, ())) == 1 and not index.is_graph_output(unit.weight))
+
+
 def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
     """Relu, or Clip with a lower bound of 0: a uint8 zero point of 0 makes it a no-op after Q."""
     if node.op_type == "Relu":
@@ -332,9 +451,14 @@ def _relu_like(node: onnx.NodeProto, store: WeightStore) -> bool:
     return attribute(node, "min") == 0.0
 
 
-def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nodes: set[str], stats: dict) -> _Plan:
-    """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size; reads the graph only)."""
-    plan = _Plan()
+def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nodes: set[str], stats: dict,
+          dynamic: bool = False, smooth_mul: bool = False) -> _Plan:
+    """Which nodes to quantize and which tensors get Q/DQ pairs (linear in graph size; reads the graph only).
+
+    ``dynamic``: MatMul/Gemm with a constant weight become dynamic units (no Q/DQ pairs: the range is
+    taken per run) and activation-activation MatMuls stay float; Conv stays static.
+    """
+    plan = _Plan(dynamic=dynamic, smooth_mul=dynamic and smooth_mul)
     for i in index.topological_order():
         node = index.nodes[i]
         if node.domain not in ("", "ai.onnx") or node.name in float_nodes or node.op_type in opt.exclude_op_types:
@@ -343,6 +467,15 @@ def _plan(index: GraphIndex, store: WeightStore, opt: QuantizeOptions, float_nod
             unit = _unit(node, index, store, opt, stats)
             if unit is None:
                 continue
+            if dynamic and node.op_type != "Conv":
+                if unit.weight is None:
+                    plan.float_nodes.append(node.name)
+                    count(stats, "float_activation_matmul")
+                    continue
+                if _runs_dynamic(unit, index, store):
+                    unit.dynamic = True
+                    plan.units.append(unit)
+                    continue
             plan.units.append(unit)
             for name in [*unit.activations, *([unit.output] if unit.output else [])]:
                 plan.acts.setdefault(name, name)
@@ -475,7 +608,11 @@ def _quantize_weight(w: np.ndarray, axis: int | None, reduce_range: bool) -> tup
 
 class _Quantized:
     """Quantized weights, bias-corrected float biases and activation parameters, each computed once
-    from the calibration statistics (accuracy-aware trials reuse them instead of quantizing again)."""
+    from the calibration statistics (accuracy-aware trials reuse them instead of quantizing again).
+
+    Learned rounding (``learn``) applies to every weight quantized after it is given the layers' input
+    statistics: static units' int8 weights and dynamic units' (smoothed) [K, N] weights alike.
+    """
 
     def __init__(self, tensor_stats: dict[str, TensorStats], opt: QuantizeOptions) -> None:
         self.tensor_stats, self.opt = tensor_stats, opt
@@ -484,6 +621,13 @@ class _Quantized:
         self.hessians: dict[str, LayerStatistics] = {}  # learned rounding: XᵀX of each unit's data input
         self.curves: dict[str, dict] = {}
         self.rounding_stats: dict[str, int] = {}
+
+    def learn(self, hessians: dict[str, LayerStatistics]) -> None:
+        """Round the weights quantized from now on by learned rounding against these input statistics."""
+        self.hessians = hessians
+
+    def _learns(self, unit: _Unit) -> bool:
+        return unit.use is not None and unit.use.data in self.hessians
 
     def activation(self, src: str) -> tuple[np.ndarray, np.ndarray]:
         """(scale, zero point) of one activation range."""
@@ -501,12 +645,13 @@ class _Quantized:
     def unit(self, unit: _Unit, store: WeightStore) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, bool]:
         """(int8 weight, scale, float bias or None, whether bias correction changed the bias) of a unit."""
         bias_name = unit.bias or unit.add_bias
-        key = ("unit", unit.weight, unit.axis, bias_name, unit.activations[0] if unit.activations else None)
+        learned = self._learns(unit)
+        key = ("unit", unit.weight, unit.axis, bias_name, unit.activations[0] if unit.activations else None, learned)
         if key not in self._weights:
             w = store.array(unit.weight)
             q, scale = self.weight(unit.weight, unit.axis, store)
-            if unit.use is not None and unit.use.data in self.hessians:
-                q = self._learned(unit, store, scale)
+            if learned:
+                q = self._learned_static(unit, store, scale)
             bias = store.array(bias_name) if bias_name else None
             mean = (self.tensor_stats[unit.activations[0]].channel_mean
                     if self.opt.bias_correction and unit.use is not None else None)
@@ -519,24 +664,72 @@ class _Quantized:
             self._weights[key] = (q, scale, bias, corrected)
         return self._weights[key]
 
+    def smoothing(self, source: str, units: list[_Unit], store: WeightStore) -> tuple[np.ndarray | None, float, float]:
+        """(per-channel migration scale or None, alpha, estimated error ratio) of the dynamic units reading
+        ``source``."""
+        key = ("smooth", source, tuple(u.weight for u in units))
+        if key not in self._weights:
+            st = self.tensor_stats.get(source)
+            if not self.opt.smooth or st is None:
+                self._weights[key] = (None, 0.0, 1.0)
+            else:
+                weights = [_as_k_by_n(store.array(u.weight), u) for u in units]
+                self._weights[key] = smoothing_scale(st, weights, 63 if self.opt.reduce_range else 127,
+                                                     self.opt.smooth_alpha)
+        return self._weights[key]
 
-    def _learned(self, unit: _Unit, store: WeightStore, scale: np.ndarray) -> np.ndarray:
-        """int8 codes by learned rounding against the unit's input statistics (per Conv group)."""
-        geometry, w = _geometry(unit, store), store.array(unit.weight)
+    def dynamic_unit(self, unit: _Unit, store: WeightStore, s: np.ndarray | None) -> tuple[np.ndarray, np.ndarray,
+                                                                                          np.ndarray | None, float]:
+        """(int8 [K, N] weight, scale per column, bias-corrected float bias or None, weight relative error) of a
+        dynamic unit whose input is divided by ``s`` (None: not smoothed)."""
+        learned = self._learns(unit)
+        key = ("dynamic", unit.weight, None if s is None else s.tobytes(), learned)
+        if key not in self._weights:
+            w = _as_k_by_n(store.array(unit.weight), unit)
+            if s is not None:
+                w = w * s[:, None].astype(np.float32)
+            q, scale = _quantize_weight(w, 1 if self.opt.per_channel else None, self.opt.reduce_range)
+            bias_name = unit.bias or unit.add_bias
+            bias = store.array(bias_name) if bias_name else None
+            st = self.tensor_stats.get(unit.activations[0])
+            corrects = bias is not None and self.opt.bias_correction and st is not None and st.channel_mean is not None
+            if learned:  # the input is x / s: its second moments are H / (s sᵀ)
+                sums = self.hessians[unit.use.data]
+                h = (sums.centered() if corrects else sums.hessian)[0]
+                if s is not None:
+                    h = h / np.outer(s, s)
+                scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[1],))
+                q = self._learned(unit, w[None], h[None], scales)[0].astype(np.int8)
+            dw = q.astype(np.float64) * scale - w
+            if corrects:
+                mean = st.channel_mean if s is None else st.channel_mean / s
+                bias = (bias - mean @ dw).astype(np.float32)  # E[(Wq - W) x] per output column
+            error = float(np.linalg.norm(dw) / max(np.linalg.norm(w), 1e-30))
+            self._weights[key] = (q, scale, bias, error)
+        return self._weights[key]
+
+    def _learned_static(self, unit: _Unit, store: WeightStore, scale: np.ndarray) -> np.ndarray:
+        """int8 codes of a static unit by learned rounding against its input statistics (per Conv group)."""
+        g, w = _geometry(unit, store), store.array(unit.weight)
         canonical = to_canonical(w, unit.use)
-        g = geometry
         per_group = np.swapaxes(canonical.reshape(g.groups, g.outputs, g.inputs), 1, 2)  # (G, K, N) MatMul layout
         scales = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g.groups * g.outputs,))
-        qmax = 63 if self.opt.reduce_range else 127
-        schedule = Schedule(self.opt.lr_schedule, steps=self.opt.rounding_steps)
-        codes, curves, learned = [], [], True
         sums = self.hessians[unit.use.data]
         corrected = self.opt.bias_correction and (unit.bias or unit.add_bias)  # the mean error goes to the bias
-        hessians = sums.centered() if corrected else sums.hessian
-        for i in range(g.groups):
-            c, curve, better = learned_rounding(per_group[i], hessians[i],
-                                                scales[i * g.outputs: (i + 1) * g.outputs], qmin=-qmax, qmax=qmax,
-                                                schedule=schedule)
+        codes = self._learned(unit, per_group, sums.centered() if corrected else sums.hessian, scales)
+        q = np.swapaxes(codes, 1, 2).reshape(canonical.shape)
+        return from_canonical(q, unit.use).astype(np.int8)
+
+    def _learned(self, unit: _Unit, per_group: np.ndarray, hessians: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """Codes (G, K, N) of weights (G, K, N) with per-column ``scales`` (G·N), each group against its
+        (K, K) statistics; counts the outcome and keeps the mean loss curve for the report."""
+        qmax = 63 if self.opt.reduce_range else 127
+        schedule = Schedule(self.opt.lr_schedule, steps=self.opt.rounding_steps)
+        outputs = per_group.shape[2]
+        codes, curves, learned = [], [], True
+        for i in range(per_group.shape[0]):
+            c, curve, better = learned_rounding(per_group[i], hessians[i], scales[i * outputs: (i + 1) * outputs],
+                                                qmin=-qmax, qmax=qmax, schedule=schedule)
             codes.append(c)
             curves.append(curve)
             learned &= better
@@ -544,8 +737,12 @@ class _Quantized:
         self.rounding_stats[key] = self.rounding_stats.get(key, 0) + 1
         self.curves[unit.node.name] = {"schedule": schedule.kind, "optimizer": "adam", "steps": schedule.steps,
                                        "loss": np.mean(curves, axis=0).tolist()}
-        q = np.swapaxes(np.stack(codes), 1, 2).reshape(canonical.shape)
-        return from_canonical(q, unit.use).astype(np.int8)
+        return np.stack(codes)
+
+
+def _as_k_by_n(w: np.ndarray, unit: _Unit) -> np.ndarray:
+    """A MatMul/Gemm weight as [K, N] (Gemm transB=1 stores it [N, K]), the layout MatMulInteger reads."""
+    return w.T if unit.use.out_axis == 0 else w
 
 
 def _geometry(unit: _Unit, store: WeightStore) -> LayerGeometry:
@@ -563,20 +760,16 @@ class _Writer:
         self._index = index  # finds the Constant node of a weight (built when first needed)
         self.front: list[onnx.NodeProto] = []  # DQ of initializer weights and of graph inputs
         self.after: dict[str, list[onnx.NodeProto]] = {}  # produced value -> nodes to put after its producer
+        self.replaced: dict[str, list[onnx.NodeProto]] = {}  # first output of a node -> the nodes replacing it
 
     def initializer(self, base: str, array: np.ndarray) -> str:
         name = self.name(base)
         self.store.add_initializer(name, array)
         return name
 
-    def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None,
-                      zero_point: bool = True) -> None:
-        """Store ``q`` where the float weight was, under a new name; a DQ gives back the old name.
-
-        ``zero_point=False`` leaves the (all-zero) zero point out, where onnxruntime fuses without it
-        (Conv weights, int32 biases): per channel it would cost a quarter of the int8 weight of a
-        depthwise Conv, and as much as an int32 bias.
-        """
+    def store_int(self, weight: str, q: np.ndarray) -> tuple[str, list[onnx.NodeProto]]:
+        """Store ``q`` where the float weight was (initializer or Constant), under a new name; the new name
+        and the node list where a node reading it right away goes."""
         stored = self.name("qw")
         tensor = numpy_helper.from_array(q, stored)
         if self.store.is_constant_node(weight):
@@ -586,10 +779,19 @@ class _Writer:
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", tensor))
             node.output[0] = stored
-            where = self.after.setdefault(stored, [])
-        else:
-            self.store.tensor(weight).CopyFrom(tensor)
-            where = self.front
+            return stored, self.after.setdefault(stored, [])
+        self.store.tensor(weight).CopyFrom(tensor)
+        return stored, self.front
+
+    def weight_to_int(self, weight: str, q: np.ndarray, scale: np.ndarray, axis: int | None,
+                      zero_point: bool = True) -> None:
+        """Store ``q`` where the float weight was, under a new name; a DQ gives back the old name.
+
+        ``zero_point=False`` leaves the (all-zero) zero point out, where onnxruntime fuses without it
+        (Conv weights, int32 biases): per channel it would cost a quarter of the int8 weight of a
+        depthwise Conv, and as much as an int32 bias.
+        """
+        stored, where = self.store_int(weight, q)
         inputs = [stored, self.initializer("s", scale)]
         if zero_point:
             inputs.append(self.initializer("z", np.zeros(scale.shape, q.dtype)))
@@ -598,8 +800,8 @@ class _Writer:
 
 
 def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, quantized: _Quantized, make_name,
-           stats: dict, index: GraphIndex) -> None:
-    """Rewrite the model in place by the plan.
+           stats: dict, index: GraphIndex) -> list[dict]:
+    """Rewrite the model in place by the plan; one row per heavy node for the report.
 
     ``store`` and the ``subgraphs``' stores are of this model's graphs; ``index`` is of the main graph
     as planned: this one, or the prepared model an accuracy-aware trial copied (names only, then).
@@ -609,10 +811,12 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
     produced = index.producer
     param_names: dict[str, tuple[str, str]] = {}
     rename: dict[str, str] = {}
+    layers = []
     for tensor, src in plan.acts.items():
         if src not in param_names:
             scale, zp = quantized.activation(src)
             param_names[src] = (writer.initializer("s", scale), writer.initializer("z", zp))
+            layers.append(_activation_row(src, quantized.tensor_stats[src], scale, zp))
         s, z = param_names[src]
         q, dq = make_name("q"), make_name("dq")
         pair = [onnx.helper.make_node("QuantizeLinear", [tensor, s, z], [q]),
@@ -622,8 +826,14 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
     stats["activations_quantized"] = len(plan.acts)
     done: set[str] = set()
     for unit in plan.units:
-        _quantize_unit(unit, writer, quantized.activation(plan.acts[unit.activations[0]])[0] if unit.activations else None,
-                       quantized, done, stats)
+        if not unit.dynamic:
+            x_scale = quantized.activation(plan.acts[unit.activations[0]])[0] if unit.activations else None
+            layers.append(_quantize_unit(unit, writer, x_scale, quantized, done, stats))
+    dynamic = [u for u in plan.units if u.dynamic]
+    if dynamic:
+        layers += _quantize_dynamic(dynamic, writer, quantized, index if index.graph is graph else GraphIndex(graph),
+                                    make_name, stats, plan.smooth_mul)
+    layers += [{"name": name, "op": "MatMul", "mode": "float"} for name in plan.float_nodes]
     stats["nodes_quantized"] = len(plan.units)
     for position, (sub, sub_store, units) in enumerate(subgraphs):
         sub_writer, sub_done = _Writer(sub_store, make_name), set()
@@ -637,31 +847,111 @@ def _apply(model: onnx.ModelProto, store: WeightStore, plan: _Plan, subgraphs, q
         if units:
             _rebuild(sub, sub_writer, {})
     _rebuild(graph, writer, rename)
+    return layers
 
 
-def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, quantized: _Quantized, done: set[str], stats) -> None:
-    """Weight to int8 (with bias correction), bias to int32 when the input scale is known."""
+def _activation_row(name: str, st: TensorStats, scale: np.ndarray, zero_point: np.ndarray) -> dict:
+    """Report row of one activation range: the range and, from the histogram, the signal-to-quantization-noise
+    ratio of the observed distribution (clipping included): which tensors the static form hurts."""
+    low, high = (0, 255) if zero_point.dtype == np.uint8 else (-128, 127)
+    zp, step = float(zero_point), float(scale)
+    row = {"name": name, "kind": "activation", "min": st.min, "max": st.max,
+           "range": [(low - zp) * step, (high - zp) * step]}
+    if st.codes is not None:
+        values, counts = st.distribution()
+        restored = (np.clip(np.round(values / step) + zp, low, high) - zp) * step
+        noise = float(np.sum(counts * (restored - values) ** 2))
+        signal = float(np.sum(counts * values**2))
+        row["sqnr_db"] = float(10 * np.log10(signal / noise)) if noise > 0 and signal > 0 else None
+    return row
+
+
+def _quantize_unit(unit: _Unit, writer: _Writer, x_scale, quantized: _Quantized, done: set[str], stats) -> dict:
+    """Weight to int8 (with bias correction), bias to int32 when the input scale is known; the report row."""
+    row = {"name": unit.node.name, "op": unit.node.op_type, "mode": "static"}
     if unit.weight is None or unit.weight in done:
-        return
+        return row
     done.add(unit.weight)
     q, scale, bias, corrected = quantized.unit(unit, writer.store)
+    w = writer.store.array(unit.weight)
+    shaped = scale if unit.axis is None else scale.reshape([-1 if d == unit.axis else 1 for d in range(w.ndim)])
+    row["weight_rel_err"] = float(np.linalg.norm(q * shaped - w) / max(np.linalg.norm(w), 1e-30))
     # onnxruntime's QGemm / QLinearMatMul fusions want the weight's zero point, QLinearConv does not
     writer.weight_to_int(unit.weight, q, scale, unit.axis, zero_point=unit.node.op_type != "Conv")
     count(stats, "weights_quantized")
     if corrected:
         count(stats, "bias_corrected")
     if bias is None:
-        return
+        return row
     # MatMul's following Add constant is treated as its bias: int32 like a Gemm bias, so that
     # onnxruntime's MatMul+Add -> Gemm fusion yields a QGemm (a float bias would leave a float Gemm)
     bias_name = unit.bias or unit.add_bias
     if x_scale is None:
         writer.store.set_array(bias_name, bias)
-        return
+        return row
     bias_scale = (np.float64(x_scale) * scale).astype(np.float32)
     qb = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
     writer.weight_to_int(bias_name, qb, bias_scale, 0, zero_point=False)
     count(stats, "biases_int32")
+    return row
+
+
+def _quantize_dynamic(units: list[_Unit], writer: _Writer, quantized: _Quantized, index: GraphIndex, make_name,
+                      stats: dict, smooth_mul: bool) -> list[dict]:
+    """Replace each dynamic unit by DynamicQuantizeLinear (one per input tensor) -> MatMulInteger -> Cast ->
+    Mul(input scale x weight scales) (-> Add bias), the pattern onnxruntime fuses into DynamicQuantizeMatMul.
+
+    ``index`` is of the graph being rewritten (migration folds into its constants); ``smooth_mul``: migrate
+    with an explicit Mul where no LayerNorm absorbs it.
+    """
+    by_input: dict[str, list[_Unit]] = {}
+    for unit in units:
+        by_input.setdefault(unit.activations[0], []).append(unit)
+    store, rows = writer.store, []
+    for source, readers in by_input.items():
+        s, alpha, ratio = quantized.smoothing(source, readers, store)
+        where = writer.after.setdefault(source, []) if source in index.producer else writer.front
+        x, how = source, "none"
+        if s is not None:
+            inverse = (1.0 / s).astype(np.float32)
+            mine = {u.node.output[0] for u in readers}
+            only_mine = not index.is_graph_output(source) and all(
+                c.output[0] in mine for c in index.consumer_nodes(source))
+            if only_mine and fold_inverse_scale(source, inverse, index, store, make_name):
+                how = "folded"
+            elif smooth_mul:
+                x, how = make_name(f"{source}_smoothed"), "mul"
+                where.append(onnx.helper.make_node("Mul", [source, writer.initializer("smooth", inverse)], [x]))
+            else:
+                s, how = None, "no_fold"
+            count(stats, f"smoothing_{how}")
+        xq, xs, xz = make_name(f"{source}_q"), make_name(f"{source}_scale"), make_name(f"{source}_zero_point")
+        where.append(onnx.helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz]))
+        for unit in readers:
+            q, scale, bias, error = quantized.dynamic_unit(unit, store, s)
+            node, out = unit.node, unit.node.output[0]
+            stored, _ = writer.store_int(unit.weight, q)
+            zero = writer.initializer("z", np.zeros(scale.shape, np.int8))
+            product, as_int, as_float = make_name(f"{out}_scales"), make_name(f"{out}_int32"), make_name(f"{out}_float")
+            bias_input = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+            if bias is not None:  # bias-corrected: Gemm C, or the Add after a MatMul
+                store.set_array(unit.bias or unit.add_bias, bias)
+                count(stats, "bias_corrected")
+            scaled = make_name(f"{out}_matmul") if bias_input else out
+            replacement = [
+                onnx.helper.make_node("Mul", [xs, writer.initializer("s", scale)], [product]),
+                onnx.helper.make_node("MatMulInteger", [xq, stored, xz, zero], [as_int], name=node.name),
+                onnx.helper.make_node("Cast", [as_int], [as_float], to=onnx.TensorProto.FLOAT),
+                onnx.helper.make_node("Mul", [as_float, product], [scaled])]
+            if bias_input:
+                replacement.append(onnx.helper.make_node("Add", [scaled, bias_input], [out]))
+            writer.replaced[out] = replacement
+            count(stats, "weights_quantized")
+            count(stats, "dynamic_nodes")
+            rows.append({"name": node.name, "op": node.op_type, "mode": "dynamic", "weight_rel_err": error,
+                         "smoothing": how, "smooth_alpha": alpha if how in ("folded", "mul") else 0.0,
+                         "smooth_error_ratio": ratio})
+    return rows
 
 
 def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) -> None:
@@ -671,7 +961,7 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
         for k, name in enumerate(node.input):
             if name in rename:
                 node.input[k] = rename[name]
-        nodes.append(node)
+        nodes.extend(writer.replaced.get(node.output[0], (node,)) if node.output else (node,))
         for out in node.output:
             nodes.extend(writer.after.get(out, ()))
     replace_nodes(graph, nodes)
@@ -680,35 +970,106 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
 # --------------------------------------------------------------------------- accuracy-aware mode
 
 
-def _keep_sensitive(request: CalibrationRequest, quantized: _Quantized, feeds, stats) -> set[str]:
-    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine.
+class _Trials:
+    """Trial rewrites of the prepared model on a few calibration samples: each plans on the prepared
+    model (its index and store, read only) and rewrites a copy with the weights, biases and ranges
+    quantized once; trial names only need to be unique in the trial."""
 
-    Each trial plans on the prepared model (its index and store, read only) and rewrites a copy with
-    the weights, biases and ranges quantized once; trial names only need to be unique in the trial.
-    """
-    model, opt = request.model, quantized.opt
-    excluded = set(opt.exclude_nodes)
-    subset = list(itertools.islice(feeds, opt.sensitivity_samples))
-    reference = run_model(model, subset)
-    trial_names = unique_name_factory(model)
+    def __init__(self, request: CalibrationRequest, quantized: _Quantized, feeds) -> None:
+        self.request, self.quantized = request, quantized
+        self.subset = list(itertools.islice(feeds, quantized.opt.sensitivity_samples))
+        self.reference = run_model(request.model, self.subset)
+        self.names = unique_name_factory(request.model)
 
-    def cosine(float_nodes: set[str]) -> float:
+    def model(self, plan: _Plan) -> onnx.ModelProto:
+        request = self.request
         trial = onnx.ModelProto()
-        trial.CopyFrom(model)
+        trial.CopyFrom(request.model)
         subgraphs = [(g, WeightStore(g), units) for g, (_, _, units)
                      in zip(itertools.islice(walk_graphs(trial.graph), 1, None), request.subgraphs)]
-        plan = _plan(request.index, request.store, opt, excluded | float_nodes, {})
-        _apply(trial, WeightStore(trial.graph), plan, subgraphs, quantized, trial_names, {}, request.index)
-        return compare_outputs(reference, run_model(trial, subset), Tolerances(), exact=False).worst_cosine
+        _apply(trial, WeightStore(trial.graph), plan, subgraphs, self.quantized, self.names, {}, request.index)
+        return trial
 
-    names = [u.node.name for u in request.plan.units]
+    def cosine(self, trial: onnx.ModelProto) -> float:
+        return compare_outputs(self.reference, run_model(trial, self.subset), Tolerances(), exact=False).worst_cosine
+
+
+def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> dict[str, float]:
+    """Median onnxruntime latency per model (1 thread, all graph optimizations), the models run interleaved
+    so that load on the machine hits all alike: at least ``runs`` rounds, and AUTO_TIMING_S per model (tiny
+    models need many runs for a stable median)."""
+    sessions = {name: Session(m, optimize=True) for name, m in models.items()}
+    try:
+        for s in sessions.values():
+            s.run(feed)  # first run allocates
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        rounds = 0
+        while rounds < runs or min(sum(t) for t in times.values()) < AUTO_TIMING_S:
+            rounds += 1
+            for name, s in sessions.items():
+                start = time.perf_counter()
+                s.run(feed)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        for s in sessions.values():
+            s.close()
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+
+
+def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stats: dict, details: dict) -> _Plan:
+    """Auto mode: the static or the dynamic plan, by measured worst cosine on calibration samples and then
+    measured latency: the most accurate, unless several are about as accurate (AUTO_ERROR_SLACK,
+    AUTO_ERROR_FLOOR); of those the simplest (static, then dynamic, then dynamic with migration Muls), unless
+    another is clearly faster (AUTO_LATENCY_MARGIN)."""
+    trials = _Trials(request, quantized, feeds)
+    plans = {"static": request.plan, **request.alternatives}
+    models = {name: trials.model(plan) for name, plan in plans.items()}
+    cosines = {name: trials.cosine(m) for name, m in models.items()}
+    latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
+    best_error = min(1.0 - c for c in cosines.values())
+    close = [n for n in plans
+             if 1.0 - cosines[n] <= max(best_error * AUTO_ERROR_SLACK, best_error + AUTO_ERROR_FLOOR)]
+    chosen = close[0]  # plans are in order of simplicity: static, dynamic, dynamic with migration Muls
+    for name in close[1:]:
+        if latency[name] < latency[chosen] * (1 - AUTO_LATENCY_MARGIN):
+            chosen = name
+    details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],
+                              "chosen": n == chosen} for n in plans]
+    stats["mode_dynamic"] = int(plans[chosen].dynamic)
+    stats.update({f"calib_cosine_{n}": cosines[n] for n in plans})
+    return plans[chosen]
+
+
+def _trial_cosine(request: CalibrationRequest, plan: _Plan, trials: _Trials) -> Callable[[set[str]], float]:
+    """Calibration worst cosine of ``plan``'s form with the named heavy nodes kept float."""
+    opt = trials.quantized.opt
+    excluded = set(opt.exclude_nodes)
+
+    def cosine(float_nodes: set[str]) -> float:
+        trial_plan = _plan(request.index, request.store, opt, excluded | float_nodes, {}, dynamic=plan.dynamic,
+                           smooth_mul=plan.smooth_mul)
+        return trials.cosine(trials.model(trial_plan))
+
+    return cosine
+
+
+def _layer_sensitivity(plan: _Plan, cosine: Callable[[set[str]], float]) -> dict[str, float]:
+    """Each heavy node's calibration cosine when it alone is quantized."""
+    names = [u.node.name for u in plan.units]
     everything = set(names)
-    alone = {n: cosine(everything - {n}) for n in names}
-    order = sorted(names, key=lambda n: alone[n])
+    return {n: cosine(everything - {n}) for n in names}
+
+
+def _keep_sensitive(request: CalibrationRequest, plan: _Plan, quantized: _Quantized, feeds, stats,
+                    sensitivity: dict[str, float]) -> set[str]:
+    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine; ``sensitivity``
+    receives each node's cosine when it alone is quantized."""
+    cosine = _trial_cosine(request, plan, _Trials(request, quantized, feeds))
+    sensitivity.update(_layer_sensitivity(plan, cosine))
     kept: set[str] = set()
     score = cosine(set())
-    for n in order:
-        if score >= opt.min_cosine:
+    for n in sorted(sensitivity, key=lambda n: sensitivity[n]):
+        if score >= quantized.opt.min_cosine:
             break
         kept.add(n)
         score = cosine(kept)

@@ -3,7 +3,9 @@
 Every MatMul / Gemm with a constant 2-D float weight becomes a ``com.microsoft.MatMulNBits``
 (packed codes, per-block scales and zero points; a Gemm's ``alpha`` goes into the scales and its
 bias ``beta * C`` into the bias input), and with ``embeddings`` every ``Gather`` on a constant
-float table becomes a ``com.microsoft.GatherBlockQuantized`` (blocks along the embedding width).
+float table becomes a ``com.microsoft.GatherBlockQuantized`` (blocks along the embedding width),
+at ``embedding_bits`` (default ``bits``; 8 keeps more of an LLM's logits for a little more file: a
+table is read one row per token, so its bits cost file bytes, not memory traffic).
 Activations stay float: the interface and the activation dtype never change.
 
 Built for models bigger than memory: weights are read from external data one tensor at a time,
@@ -34,8 +36,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..blockquant import (GRIDS, BlockQuantized, NBitsWeight, grid_chooser, max_code, pack_codes, padded_blocks,
-                          quantize_blocks, quantize_for_nbits, unpack_codes)
+from ..blockquant import (GRIDS, BlockQuantized, NBitsWeight, grid_chooser, max_code, padded_blocks, quantize_blocks,
+                          quantize_for_nbits)
+from ..embeddings import MS_DOMAIN, gather_block_quantized, table_data, table_zero_points
 from ..errors import InputError
 from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, node_uses, unique_name_factory, value_shapes, walk_graphs
 from ..reconstruction import SCHEDULES, LayerGeometry, LayerStatistics, Schedule, blas_threads, gptq, learned_rounding
@@ -46,7 +49,6 @@ from .weights import attribute
 
 METHODS = ("rtn", "gptq")
 ROUNDINGS = ("nearest", "learned")
-MS_DOMAIN = "com.microsoft"
 HESSIAN_BUDGET = 1 << 30  # bytes of XᵀX statistics held at once by GPTQ (more: another calibration run)
 SUPPORTED_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -83,6 +85,7 @@ class QuantizeWeights(Pass):
         symmetric: bool = False
         grid: str = "mse"
         embeddings: bool = True
+        embedding_bits: int = 0  # tables read only by Gather (0: ``bits``); a table tied to a layer takes its bits
         accuracy_level: int = 0
         exclude: tuple[str, ...] = ()
         damping: float = 0.01
@@ -93,6 +96,8 @@ class QuantizeWeights(Pass):
         def __post_init__(self) -> None:
             if self.bits not in (4, 8):
                 raise InputError(f"quantize-weights: bits must be 4 or 8, not {self.bits}")
+            if self.embedding_bits not in (0, 4, 8):
+                raise InputError(f"quantize-weights: embedding_bits must be 0 (as bits), 4 or 8, not {self.embedding_bits}")
             if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
                 raise InputError(f"quantize-weights: block_size must be a power of two from 16 to 256 "
                                  f"(onnxruntime's kernels), not {self.block_size}")
@@ -283,7 +288,9 @@ class _GraphRewriter:
             if self.opt.solved and solved is None and any(u.node.op_type != "Gather" for u in weight.uses):
                 count(self.stats, "gptq_rounded_without_statistics" if self.opt.method == "gptq"
                       else "rounding_nearest_without_statistics")
-            forms[transposed] = quantize_for_nbits(kn, self.opt.bits, self.opt.block_size, self.opt.symmetric,
+            tables_only = all(u.node.op_type == "Gather" for u in weight.uses if u.transposed == transposed)
+            bits = self.opt.embedding_bits if tables_only and self.opt.embedding_bits else self.opt.bits
+            forms[transposed] = quantize_for_nbits(kn, bits, self.opt.block_size, self.opt.symmetric,
                                                    self.opt.grid, solved, dtype)
             q = forms[transposed]
             if q.k % self.opt.block_size:
@@ -405,32 +412,14 @@ class _GraphRewriter:
 
     def _gather(self, node: onnx.NodeProto, q: NBitsWeight, dtype, initializer) -> None:
         """``GatherBlockQuantized`` of the table ``(V, D)``: the ``(N, K)`` form of ``MatMulNBits`` is its rows."""
-        vocab, width, blocks = q.n, q.k, q.scales.shape[1]
-        if q.bits == 4:
-            codes = unpack_codes(q.b.reshape(vocab, -1), 4, width)
-            if self.opt.symmetric:  # int4 data, zero point 0: the codes less 8
-                data_type, codes = onnx.TensorProto.INT4, (codes.astype(np.int8) - 8).astype(np.uint8) & 0xF
-            else:
-                data_type = onnx.TensorProto.UINT4
-            data_bytes = pack_codes(codes.reshape(-1), 4).tobytes()
-        else:
-            data_type, data_bytes = onnx.TensorProto.UINT8, q.b.reshape(vocab, -1)[:, :width].tobytes()
-        data = initializer(("table",), "table_q", lambda name: helper.make_tensor(name, data_type, [vocab, width],
-                                                                                  data_bytes, raw=True))
+        data = initializer(("table",), "table_q", lambda name: table_data(q, self.opt.symmetric, name))
         scales = initializer((id(q), "scales", 1.0), "scales",  # shared with a tied MatMulNBits reader
                              lambda name: numpy_helper.from_array(q.scales.astype(dtype), name))
-        inputs = [data, node.input[1], scales]
-        if q.zero_points is not None:
-            zero = unpack_codes(q.zero_points, q.bits, blocks)
-            raw = pack_codes(zero.reshape(-1), 4).tobytes() if q.bits == 4 else zero.tobytes()
-            inputs.append(initializer(("table_zp",), "table_zero_points",
-                                      lambda name: helper.make_tensor(name, data_type, [vocab, blocks], raw, raw=True)))
-        attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": q.block_size}
-        if q.bits == 8:
-            attrs["bits"] = 8
-        self.replaced[id(node)] = [helper.make_node("GatherBlockQuantized", inputs, list(node.output), domain=MS_DOMAIN,
-                                                    name=self.make_name(f"{node.name or node.output[0]}_q{q.bits}"),
-                                                    **attrs)]
+        zero_points = (initializer(("table_zp",), "table_zero_points", lambda name: table_zero_points(q, name))
+                       if q.zero_points is not None else None)
+        self.replaced[id(node)] = [gather_block_quantized(
+            data, node.input[1], scales, zero_points, list(node.output),
+            self.make_name(f"{node.name or node.output[0]}_q{q.bits}"), q.bits, q.block_size)]
 
     def _new_tensor(self, base: str, array: np.ndarray) -> str:
         name = self.make_name(base)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, apply_renames, node_subgraphs, opset_version,
+from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, apply_renames, infer_shapes, node_subgraphs, opset_version,
                      shadows_outer_names, walk_nodes)
 from ..tensors import tensor_to_array
 from .base import Pass, PassResult, count
@@ -59,7 +59,7 @@ def _inferred_graph(model: onnx.ModelProto) -> onnx.GraphProto | None:
     if not any(n.op_type in _NEED_TYPES for n in walk_nodes(model.graph)):
         return None
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+        return infer_shapes(model, data_prop=True).graph
     except Exception:  # shape inference is a hint: without it, shape-dependent kinds are skipped
         return None
 

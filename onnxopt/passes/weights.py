@@ -97,19 +97,26 @@ class BiasAdder:
     rewrite: a bias is changed in place only when it had one reader). ``constant`` reads a
     constant input (default: the store's weights). Call :meth:`finish` once at the end to insert
     the new nodes. ``added`` counts the parameters (tensor elements) this adds to the graph.
+    Where a MatMul's only reader is already a bias ``Add`` of a constant only it reads (MatMul + Add
+    exports), :meth:`finish` adds into that constant instead (as it is then: callers may have
+    sliced it meanwhile), so no node is added.
     """
 
     def __init__(self, index: GraphIndex, store: WeightStore, new_name, constant=None) -> None:
         self.graph, self.store, self.new_name = index.graph, store, new_name
         self.constant = constant or (lambda name: store.array(name) if name in store else None)
+        self.index = index
         self.readers = index.consumers
         self.added = 0
         self.after: dict[int, onnx.NodeProto] = {}  # Adds to insert, by the id of the node they follow
+        self.pending: list[tuple[onnx.NodeProto, np.ndarray]] = []  # MatMul deltas: into its bias Add, else after
 
     def add(self, node: onnx.NodeProto, delta: np.ndarray) -> None:
         name = node.input[2] if len(node.input) > 2 else ""
         old = self.constant(name) if name else None
-        if node.op_type == "MatMul" or (name and old is None):
+        if node.op_type == "MatMul":
+            return self.pending.append((node, delta))
+        if name and old is None:
             return self._add_after(node, delta)
         if node.op_type == "Gemm":
             beta = attribute(node, "beta", 1.0)
@@ -141,7 +148,27 @@ class BiasAdder:
         self.after[id(node)] = onnx.helper.make_node("Add", [node.output[0], bias], [output],
                                                      name=self.new_name(f"{node.name or output}_bias"))
 
+    def _bias_add_constant(self, node: onnx.NodeProto, size: int) -> str | None:
+        """The constant of the bias Add that alone reads ``node``'s output, if only that Add reads it."""
+        output = node.output[0]
+        readers = self.readers.get(output, ())
+        if len(readers) != 1 or output in self.index.output_names:
+            return None
+        add = self.index.nodes[readers[0]]
+        if add.op_type != "Add" or add.domain not in STANDARD_DOMAINS or len(add.input) != 2:
+            return None
+        other = add.input[1] if add.input[0] == output else add.input[0]
+        if other == output or other not in self.store or len(self.readers.get(other, ())) != 1:
+            return None
+        return other if tuple(self.store.tensor(other).dims) == (size,) else None
+
     def finish(self) -> None:
+        for node, delta in self.pending:
+            constant = self._bias_add_constant(node, delta.size)
+            if constant is None:
+                self._add_after(node, delta)
+            else:
+                self.store.set_array(constant, (self.store.array(constant) + delta).astype(delta.dtype))
         if self.after:
             replace_nodes(self.graph, (n for node in self.graph.node
                                        for n in (node, self.after.get(id(node))) if n is not None))

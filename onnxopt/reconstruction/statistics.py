@@ -93,7 +93,7 @@ class LayerGeometry:
                 yield flat[start: start + step].astype(np.float32, copy=False).T[None]
             return
         x = np.asarray(x, dtype=np.float32)
-        spatial, groups = len(self.kernel), self.groups
+        groups = self.groups
         padded = np.pad(x, [(0, 0), (0, 0), *self._pads(x.shape[2:])])
         reach = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
         out = tuple((size - r) // s + 1 for size, r, s in zip(padded.shape[2:], reach, self.strides))

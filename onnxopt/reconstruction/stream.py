@@ -19,11 +19,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..calibration import _dynamic_batch, batched
 from ..data import FeedSet
 from ..errors import InputError
 from ..graph import GraphIndex, node_uses
-from ..validate import Session
+from ..validate import Session, batched, dynamic_batch
 from .statistics import LayerGeometry, LayerStatistics
 
 JOINED = 16  # samples per run when the model's batch axis is dynamic
@@ -38,7 +37,7 @@ class LayerwiseRunner:
 
     def __init__(self, model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int = 0) -> None:
         self.model = model
-        size = batch_size or (JOINED if isinstance(feeds, FeedSet) and _dynamic_batch(model) else 1)
+        size = batch_size or (JOINED if isinstance(feeds, FeedSet) and dynamic_batch(model) else 1)
         self.batches = [feed for _, feed in batched(feeds, size)]
         if not self.batches:
             raise InputError("calibration: no samples")
@@ -129,7 +128,7 @@ def input_statistics(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.nda
     For solvers that work on the original model's inputs (learned rounding); layers that must see
     their predecessors' changes use :class:`LayerwiseRunner` instead.
     """
-    size = batch_size or (JOINED if isinstance(feeds, FeedSet) and _dynamic_batch(model) else 1)
+    size = batch_size or (JOINED if isinstance(feeds, FeedSet) and dynamic_batch(model) else 1)
     sums = {name: LayerStatistics.empty(geometry, bias=True) for name, geometry in layers.items()}
     inputs = {i.name for i in model.graph.input}
     fetched = [n for n in layers if n not in inputs]

@@ -1,0 +1,160 @@
+"""Structured pruning of transformers: prune-neurons(ratio) + zero-rows, with and without distill, vs dense.
+
+    python benchmarks/bench_structured.py [--models ../shared/models] [--ratio 0.25] [--rounds 300]
+
+On samples/transformer and minilm_l3 (attention heads and MLP units of every block): serialized
+bytes, parameters, onnxruntime latency and the task score against the dense model, in one run.
+``prune-neurons`` ranks by Wanda on the model's calibration file; ``distill`` is the pass as it
+is (run before zero-rows so the pruned neurons stay dead and removable). Latency: all graph
+optimizations, one intra-op thread, one sample; the models are timed interleaved (each round runs
+every model once, in turn), so load from elsewhere hits all of them alike; the lower quartile per
+model over ``--rounds`` rounds is reported (robust to a busy shared machine), and the speed-up is dense / model; where the batch is
+symbolic, also on 64 samples at once (compute-bound, ``--rounds / 10`` rounds). Scores are on the EVAL
+file: output cosine for the sample, the cosine of the masked-mean sentence embedding (its
+info.json) for minilm_l3. Prints a markdown table; writes benchmarks/out/bench_structured.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy in distill: one thread, like onnxruntime
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxopt  # noqa: E402
+from common import SAMPLES, SHARED_MODELS, outputs, session  # noqa: E402
+from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
+from onnxopt.graph import parameter_count  # noqa: E402
+
+BATCH = 64
+
+
+def pipelines(ratio: float) -> list[tuple[str, str]]:
+    prune = f"prune-neurons(ratio={ratio},method=wanda)"
+    return [("dense", ""), (f"{prune},zero-rows", f"{prune},zero-rows"),
+            (f"{prune},distill,zero-rows", f"{prune},distill,zero-rows")]
+
+
+def sentence_embeddings(hidden: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
+    """minilm_l3's score: the L2-normalised mean of ``hidden`` over each sample's real tokens."""
+    pooled = np.stack([h.reshape(-1, h.shape[-1])[:n].mean(axis=0) for h, n in zip(hidden, lengths)])
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def cosine(reference: list[np.ndarray], output: list[np.ndarray], lengths: np.ndarray | None) -> float:
+    if lengths is not None:  # per sentence, averaged
+        return float(np.mean(np.sum(sentence_embeddings(reference, lengths)
+                                    * sentence_embeddings(output, lengths), axis=1)))
+    a, b = np.concatenate([r.ravel() for r in reference]), np.concatenate([o.ravel() for o in output])
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def interleaved_latency_ms(models: list[onnx.ModelProto], feed: dict, rounds: int) -> list[float]:
+    """Lower-quartile latency of each model, timed in turn within every round (one thread each)."""
+    sessions = [session(m) for m in models]
+    for s in sessions:
+        for _ in range(10):
+            s.run(None, feed)
+    times = np.zeros((rounds, len(sessions)))
+    for r in range(rounds):
+        for i, s in enumerate(sessions):
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[r, i] = time.perf_counter() - start
+    return [float(t) for t in np.percentile(times, 25, axis=0) * 1e3]
+
+
+def cases(models: Path) -> list[tuple[str, Path, Path, Path, np.ndarray | None]]:
+    found = [("samples/transformer", SAMPLES / "transformer.onnx", SAMPLES / "transformer.calib.npz",
+              SAMPLES / "transformer.eval.npz", None)]
+    minilm = models / "minilm_l3"
+    if (minilm / "model.onnx").exists():
+        found.append(("minilm_l3", minilm / "model.onnx", minilm / "calib.npz", minilm / "eval.npz",
+                      np.load(minilm / "eval.lengths.npz")["lengths"]))
+    return found
+
+
+def rows_for(name: str, path: Path, calib_path: Path, eval_path: Path, lengths, ratio: float, rounds: int
+             ) -> list[dict]:
+    model = onnx.load(path)
+    calib = name_positional_inputs(load_feeds(calib_path), model)
+    evals = name_positional_inputs(load_feeds(eval_path), model)
+    dense = outputs(model, evals, optimize=False)
+    rows, built = [], []
+    for setting, pipeline in pipelines(ratio):
+        start = time.perf_counter()
+        optimized = onnxopt.optimize(model, pipeline, calib=calib, validate=False).model if pipeline else model
+        built.append(optimized)
+        rows.append({"model": name, "setting": setting, "seconds": time.perf_counter() - start,
+                     "bytes": optimized.ByteSize(), "params": parameter_count(optimized.graph),
+                     "layer_params": layer_parameters(optimized),
+                     "cosine": cosine(dense, outputs(optimized, evals, optimize=False), lengths)})
+    samples = list(evals)
+    for row, ms in zip(rows, interleaved_latency_ms(built, samples[0], rounds)):
+        row["latency_ms"] = ms
+    if _symbolic_batch(model):  # the same models on a batch of 64 samples: compute-bound
+        batch = {name: np.concatenate([s[name] for s in samples[:BATCH]]) for name in samples[0]}
+        for row, ms in zip(rows, interleaved_latency_ms(built, batch, max(rounds // 10, 10))):
+            row["batch_latency_ms"] = ms
+    for row in rows:
+        row["bytes_ratio"] = row["bytes"] / rows[0]["bytes"]
+        row["params_ratio"] = row["params"] / rows[0]["params"]
+        row["layer_params_ratio"] = row["layer_params"] / rows[0]["layer_params"]
+        row["speedup"] = rows[0]["latency_ms"] / row["latency_ms"]
+        if "batch_latency_ms" in row:
+            row["batch_speedup"] = rows[0]["batch_latency_ms"] / row["batch_latency_ms"]
+    return rows
+
+
+def layer_parameters(model: onnx.ModelProto) -> int:
+    """Elements of the MatMul / Gemm weights and biases: what structured pruning can reach (not embeddings)."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    layers = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in sizes]
+    outputs_ = {n.output[0] for n in layers}
+    names = {name for n in layers for name in n.input[1:3]}
+    names |= {name for n in model.graph.node if n.op_type == "Add" and outputs_ & set(n.input) for name in n.input}
+    return sum(sizes.get(name, 0) for name in names)
+
+
+def _symbolic_batch(model: onnx.ModelProto) -> bool:
+    return all(i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"| model | pipeline | bytes | params | layer params | latency ms | speed-up | {BATCH} samples ms | speed-up | cosine "
+             "| build s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        batch = (f"{r['batch_latency_ms']:.3f} | {r['batch_speedup']:.2f}×" if "batch_latency_ms" in r
+                 else "— (fixed batch 1) | —")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['bytes']:,} ({r['bytes_ratio']:.2f}×) | "
+                     f"{r['params']:,} ({r['params_ratio']:.2f}×) | {r['layer_params']:,} "
+                     f"({r['layer_params_ratio']:.2f}×) | {r['latency_ms']:.3f} | {r['speedup']:.2f}× | "
+                     f"{batch} | {r['cosine']:.4f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=SHARED_MODELS)
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args()
+    rows = [row for case in cases(args.models) for row in rows_for(*case, args.ratio, args.rounds)]
+    print(table(rows))
+    out = ROOT / "benchmarks" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "bench_structured.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
