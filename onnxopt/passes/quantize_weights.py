@@ -49,6 +49,7 @@ from .weights import attribute
 
 METHODS = ("rtn", "gptq")
 ROUNDINGS = ("nearest", "learned")
+REFINE_SWEEPS = 3  # exact one-step code moves after the learned rounding (minilm_l3: layer error -8 to -12 % vs GPTQ)
 HESSIAN_BUDGET = 1 << 30  # bytes of XᵀX statistics held at once by GPTQ (more: another calibration run)
 SUPPORTED_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -334,7 +335,8 @@ class _GraphRewriter:
         if extra:
             hessian = np.pad(hessian, ((0, extra), (0, extra)))
         if self.opt.method == "rtn":  # learned rounding on nearest rounding's grid (scales as the runtime stores them)
-            grid = quantize_blocks(padded, self.opt.bits, self.opt.block_size, self.opt.symmetric, self.opt.grid, dtype)
+            grid = quantize_blocks(padded.astype(np.float32), self.opt.bits, self.opt.block_size, self.opt.symmetric,
+                                   self.opt.grid, dtype)  # float32: the very grid nearest rounding picks
             return self._learned(padded, hessian, grid, padded, k)
         updated = np.empty_like(padded) if self.opt.rounding == "learned" else None
         solved = self._gptq(padded, hessian, k, updated)
@@ -359,7 +361,7 @@ class _GraphRewriter:
             codes, curve, learned = learned_rounding(
                 padded, hessian, per_row[0], qmin=0, qmax=max_code(self.opt.bits), zero_point=per_row[1],
                 schedule=Schedule(self.opt.lr_schedule, steps=self.opt.rounding_steps), start=start,
-                fallback=grid.codes)
+                fallback=grid.codes, refine_sweeps=REFINE_SWEEPS)
         count(self.stats, "rounding_learned" if learned else f"rounding_kept_{'nearest' if self.opt.method == 'rtn' else 'gptq'}")
         return BlockQuantized(codes.astype(np.uint8), grid.scales, grid.zero_points, grid.bits, block, k,
                               loss_curve=curve)
