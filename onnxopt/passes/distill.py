@@ -204,6 +204,8 @@ class Distill(Pass):
             start = time.perf_counter()
             x = student_run.values([layer.use.data])[layer.use.data]
             stream = layer.stream if layer.stream is not None and student_run.ready(layer.stream[1]) else None
+            if layer.stream is not None and stream is None:
+                count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
             taught = teacher_run.values([layer.target, *stream[:1]] if stream else [layer.target])  # one piece
             y = taught[layer.target]
             if stream:
