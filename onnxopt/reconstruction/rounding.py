@@ -128,7 +128,10 @@ def learned_rounding(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray,
     rest = np.clip(ratio - base, 0.01, 0.99)
     v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)  # h(v) = rest: start where the weight is
     fixed = (base < qmin) | (base + 1 > qmax) | (s == 0)  # no choice at the grid's ends
-    reference = max(layer_error((nearest - z) * s - w, h), 1e-30)  # losses relative to nearest rounding's
+    exact = layer_error((nearest - z) * s - w, h)
+    if exact <= 0:  # the fallback is exact: nothing to learn (and no scale for relative losses)
+        return nearest.astype(np.int64), [0.0], False
+    reference = exact  # losses relative to the fallback's
     h32 = h.astype(np.float32)
     # the loop runs in float32 (twice numpy's speed); the final choice is checked in float64
     w32, s32, z32, base32 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w, s, z, base))
