@@ -8,8 +8,8 @@ Per model: task accuracy (or cosine to fp32 without labels) on the eval data; fo
 (minilm_l3: a masked mean over eval.lengths.npz tokens, as its info.json says; samples/transformer: the
 mean over all tokens) the cosine of each sentence embedding to fp32's, mean and worst over the eval
 sentences; file size, onnxruntime latency relative to fp32 (all graph optimizations, 1 thread, batch 1;
-every candidate's session is timed round-robin, one run each per round over --runs rounds, median per
-candidate, so load on a shared machine hits all alike), quantize wall time.
+the candidates take turns in blocks of 10 warm runs, each round starting at the next, until each has --runs
+counted runs; median per candidate, so load on a shared machine hits all alike), quantize wall time.
 Calibration time: onnxopt's statistics pass (collect, default options, session creation included)
 against a plain fp32 pass over the same samples as a user would run it (onnxruntime session with all
 optimizations, 1 thread, created and run over the samples in the same joined batches as calibration),
@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from common import cases, score, session  # noqa: E402
 from onnxopt.data import FeedSet, load_feeds  # noqa: E402
 from onnxopt.passes.base import PassContext  # noqa: E402
+from onnxopt.passes.quantize import AUTO_LATENCY_BLOCK as BLOCK  # noqa: E402
 from onnxopt.passes.quantize import QuantizePass  # noqa: E402
 
 
@@ -47,18 +48,21 @@ def outputs(path: Path, feeds: FeedSet) -> list[np.ndarray]:
     return [s.run(None, {k: np.asarray(v) for k, v in f.items()})[0] for f in feeds]
 
 
-def latencies_ms(paths: dict[str, Path], feed: dict, rounds: int) -> dict[str, float]:
-    """Median latency per model, the models timed round-robin (one run each per round)."""
+def latencies_ms(paths: dict[str, Path], feed: dict, runs: int) -> dict[str, float]:
+    """Median latency per model, warm, as quantize's auto mode measures it: the models take turns in blocks of
+    BLOCK runs (the first of a block not counted: it finds the caches the other models used), each round
+    starting at the next model, until every model has ``runs`` counted runs."""
     sessions = {name: session(path, optimize=True) for name, path in paths.items()}
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, feed)
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            t = time.perf_counter()
+    names = list(sessions)
+    for r in range(-(-runs // (BLOCK - 1))):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            s = sessions[name]
             s.run(None, feed)
-            times[name].append(time.perf_counter() - t)
+            for _ in range(BLOCK - 1):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[name].append(time.perf_counter() - t)
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
@@ -289,6 +293,15 @@ def sentence_cosines(reference: list, output: list, lengths: np.ndarray) -> np.n
     return np.array(cos)
 
 
+def auto_choice(stats: dict) -> str:
+    """Which candidate quantize's auto mode kept, from its stats."""
+    if stats.get("mode_dynamic"):
+        muls = stats.get("smoothing_mul", 0)
+        return f"dynamic, {muls} migration Muls" + (f" ({stats['smoothing_mul_dropped']} dropped)"
+                                                   if stats.get("smoothing_mul_dropped") else "")
+    return "static, narrow Convs float" if stats.get("narrow_convs_float") else "static"
+
+
 def print_model(name: str, result: dict, has_labels: bool) -> None:
     rows = result["rows"]
     fp32 = rows["fp32"]
@@ -296,7 +309,7 @@ def print_model(name: str, result: dict, has_labels: bool) -> None:
     print(f"\n### {name}\n")
     print("| quantizer | " + ("accuracy | " if has_labels else "") +
           ("sentence cosine mean / worst | " if sentences else "") +
-          "cosine to fp32 | size KiB (x fp32) | median latency ms, round-robin, 1 thread (x fp32) | quantize s |")
+          "cosine to fp32 | size KiB (x fp32) | median latency ms, warm, interleaved, 1 thread (x fp32) | quantize s |")
     print("|---|" + ("---|" if has_labels else "") + ("---|" if sentences else "") + "---|---|---|---|")
     for qname, r in rows.items():
         if "error" in r:
@@ -305,7 +318,7 @@ def print_model(name: str, result: dict, has_labels: bool) -> None:
         acc = f"{r['accuracy'] * 100:.1f}% | " if has_labels else ""
         sent = f"{r['sentence_mean']:.4f} / {r['sentence_worst']:.4f} | " if sentences else ""
         chosen = r.get("stats", {}).get("mode_dynamic")
-        label = qname if chosen is None else f"{qname}: {'dynamic' if chosen else 'static'}"
+        label = qname if chosen is None else f"{qname}: {auto_choice(r['stats'])}"
         print(f"| {label} | {acc}{sent}{r['cosine']:.5f} | {r['size_kb']:.0f} ({r['size_kb'] / fp32['size_kb']:.2f}) | "
               f"{r['latency_ms']:.3f} ({r['latency_ms'] / fp32['latency_ms']:.2f}) | {r.get('quantize_s', 0):.2f} |")
     if "calib" not in result:

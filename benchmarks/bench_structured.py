@@ -1,11 +1,15 @@
 """Structured pruning of transformers: prune-neurons(ratio) + zero-rows, with and without distill, vs dense.
 
-    python benchmarks/bench_structured.py [--models ../shared/models] [--ratio 0.25] [--rounds 300]
+    python benchmarks/bench_structured.py [--models ../shared/models] [--ratio 0.25] [--rounds 300] [--sweep]
 
 On samples/transformer and minilm_l3 (attention heads and MLP units of every block): serialized
 bytes, parameters, onnxruntime latency and the task score against the dense model, in one run.
-``prune-neurons`` ranks by Wanda on the model's calibration file; ``distill`` is the pass as it
-is (run before zero-rows so the pruned neurons stay dead and removable). Latency: all graph
+``prune-neurons`` side by side: Wanda per group without bias correction (as before it existed),
+Wanda per group with it (the default), and the fluctuation score with one global budget, each
+without and with ``distill`` (the pass as it is, run before zero-rows so the pruned neurons stay
+dead and removable); all on the model's calibration file. ``--sweep`` adds, for the sample, the
+one-sample latency at growing ratios (fluctuation, global): what pruning cannot remove is the
+intercept. Latency: all graph
 optimizations, one intra-op thread, one sample; the models are timed interleaved (each round runs
 every model once, in turn), so load from elsewhere hits all of them alike; the lower quartile per
 model over ``--rounds`` rounds is reported (robust to a busy shared machine), and the speed-up is dense / model; where the batch is
@@ -39,10 +43,16 @@ from onnxopt.graph import parameter_count  # noqa: E402
 BATCH = 64
 
 
-def pipelines(ratio: float) -> list[tuple[str, str]]:
-    prune = f"prune-neurons(ratio={ratio},method=wanda)"
-    return [("dense", ""), (f"{prune},zero-rows", f"{prune},zero-rows"),
-            (f"{prune},distill,zero-rows", f"{prune},distill,zero-rows")]
+def pipelines(ratio: float) -> list[str]:
+    """The dense model (empty pipeline), then each prune-neurons setting alone and with distill."""
+    settings = [f"prune-neurons(ratio={ratio},method=wanda,bias_correction=false)",
+                f"prune-neurons(ratio={ratio},method=wanda)",
+                f"prune-neurons(ratio={ratio},method=fluctuation,scope=global)"]
+    return ["", *(f"{prune}{tail},zero-rows" for prune in settings for tail in ("", ",distill"))]
+
+
+def sweep_pipelines(ratios=(0.25, 0.5, 0.75, 0.9)) -> list[str]:
+    return ["", *(f"prune-neurons(ratio={r},method=fluctuation,scope=global),zero-rows" for r in ratios)]
 
 
 def sentence_embeddings(hidden: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
@@ -84,18 +94,18 @@ def cases(models: Path) -> list[tuple[str, Path, Path, Path, np.ndarray | None]]
     return found
 
 
-def rows_for(name: str, path: Path, calib_path: Path, eval_path: Path, lengths, ratio: float, rounds: int
+def rows_for(name: str, path: Path, calib_path: Path, eval_path: Path, lengths, settings: list[str], rounds: int
              ) -> list[dict]:
     model = onnx.load(path)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     evals = name_positional_inputs(load_feeds(eval_path), model)
     dense = outputs(model, evals, optimize=False)
     rows, built = [], []
-    for setting, pipeline in pipelines(ratio):
+    for pipeline in settings:
         start = time.perf_counter()
         optimized = onnxopt.optimize(model, pipeline, calib=calib, validate=False).model if pipeline else model
         built.append(optimized)
-        rows.append({"model": name, "setting": setting, "seconds": time.perf_counter() - start,
+        rows.append({"model": name, "setting": pipeline or "dense", "seconds": time.perf_counter() - start,
                      "bytes": optimized.ByteSize(), "params": parameter_count(optimized.graph),
                      "layer_params": layer_parameters(optimized),
                      "cosine": cosine(dense, outputs(optimized, evals, optimize=False), lengths)})
@@ -148,9 +158,14 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=SHARED_MODELS)
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--sweep", action="store_true", help="also time the sample at ratios 0.25-0.9")
     args = parser.parse_args()
-    rows = [row for case in cases(args.models) for row in rows_for(*case, args.ratio, args.rounds)]
+    rows = [row for case in cases(args.models) for row in rows_for(*case, pipelines(args.ratio), args.rounds)]
     print(table(rows))
+    if args.sweep:
+        sweep = rows_for(*cases(args.models)[0], sweep_pipelines(), args.rounds)
+        print(table(sweep))
+        rows += [{**row, "sweep": True} for row in sweep]
     out = ROOT / "benchmarks" / "out"
     out.mkdir(exist_ok=True)
     (out / "bench_structured.json").write_text(json.dumps(rows, indent=1))

@@ -50,7 +50,8 @@ def test_prune_neurons_then_zero_rows_shrinks_parameters(tmp_path):
     assert steps[2]["vs_previous"]["passed"]
 
 
-@pytest.mark.parametrize("pipeline", ["quantize", "prune(method=wanda)", "prune-neurons(method=wanda)"])
+@pytest.mark.parametrize("pipeline", ["quantize", "prune(method=wanda)", "prune-neurons(method=wanda)",
+                                      "prune-neurons(method=fluctuation)"])
 def test_calibrating_passes_without_calibration_data_exit_2(pipeline, tmp_path):
     out = tmp_path / "o.onnx"
     result = invoke("optimize", sample("mlp", "model"), "-o", out, "-p", pipeline)

@@ -291,7 +291,7 @@ def test_prune_neurons_zeroes_rows_that_zero_rows_removes():
 
 
 
-@pytest.mark.parametrize("method", ["l2", "wanda"])
+@pytest.mark.parametrize("method", ["l2", "wanda", "fluctuation"])
 def test_prune_neurons_reads_each_weight_once(monkeypatch, method):
     """Scoring reads a weight; the analysis takes its channel count from the dims and zeroing reuses the read."""
     reads: dict[str, int] = {}
@@ -379,8 +379,99 @@ def test_prune_neurons_bad_options():
         PruneNeurons.Options(ratio=1.0)
     with pytest.raises(InputError, match="method"):
         PruneNeurons.Options(method="magnitude")
+    with pytest.raises(InputError, match="scope"):
+        PruneNeurons.Options(scope="layer")
     with pytest.raises(InputError, match="calibration"):
         PruneNeurons(PruneNeurons.Options(method="wanda"))(mlp(weight(4, 3), weight(2, 4)))
+    with pytest.raises(InputError, match="calibration"):
+        PruneNeurons(PruneNeurons.Options(method="fluctuation"))(mlp(weight(4, 3), weight(2, 4)))
+
+
+def calib_for(model: onnx.ModelProto, seed: int = 0, samples: int = 16, constant_first: bool = False) -> FeedSet:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, 2, model.graph.input[0].type.tensor_type.shape.dim[1].dim_value))
+    if constant_first:
+        x[..., 0] = 2.0
+    return FeedSet({"x": x.astype(np.float32)}, "test")
+
+
+def calib_outputs(model: onnx.ModelProto, calib: FeedSet) -> np.ndarray:
+    return np.stack(run_model(model, calib)["y"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(["wanda", "fluctuation"]), scope=st.sampled_from(["group", "global"]),
+       ratio=st.sampled_from([0.25, 0.5, 0.75]), seed=st.integers(0, 2**16))
+def test_property_bias_correction_keeps_the_mean_output(method, scope, ratio, seed):
+    """One hidden layer into a linear one: folding the zeroed neurons' means keeps the mean output exactly."""
+    rng = np.random.default_rng(seed)
+    model = mlp(rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32))
+    calib = calib_for(model, seed)
+    dense = calib_outputs(model, calib)  # before: passes rewrite the model in place
+    result = PruneNeurons(PruneNeurons.Options(ratio=ratio, method=method, scope=scope, round_to=1),
+                          PassContext(calib=calib))(model)
+    assert result.stats["neurons_zeroed"] > 0 and result.stats["biases_corrected"] == 1
+    pruned = calib_outputs(result.model, calib)
+    np.testing.assert_allclose(pruned.mean(axis=(0, 1, 2)), dense.mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-4 * np.abs(dense).max())
+    zero_rows_exact(result.model)  # the corrected model still loses its zeroed neurons exactly
+
+
+def test_without_bias_correction_the_mean_output_moves():
+    model = mlp(weight(8, 5), weight(3, 8))
+    calib = calib_for(model)
+    dense = calib_outputs(model, calib)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, method="wanda", bias_correction=False, round_to=1),
+                          PassContext(calib=calib))(model)
+    assert "biases_corrected" not in result.stats and len(result.model.graph.node[-1].input) == 2  # no bias added
+    pruned = calib_outputs(result.model, calib)
+    assert np.abs(pruned.mean(axis=(0, 1, 2)) - dense.mean(axis=(0, 1, 2))).max() > 1e-2
+
+
+def constant_neuron_mlp() -> onnx.ModelProto:
+    """Hidden neurons 0 and 1 read only input 0, with the largest weights: constant when input 0 is."""
+    w1 = weight(8, 5)
+    w1[:2] = 0
+    w1[:2, 0] = 10.0
+    return mlp(w1, weight(3, 8))
+
+
+def test_fluctuation_prunes_neurons_that_never_vary_and_loses_nothing():
+    model = constant_neuron_mlp()
+    calib = calib_for(model, constant_first=True)
+    dense = calib_outputs(model, calib)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.25, method="fluctuation", round_to=1),
+                          PassContext(calib=calib))(model)
+    assert set(np.flatnonzero(~array(result.model, "w1").any(axis=1))) == {0, 1}
+    np.testing.assert_allclose(calib_outputs(result.model, calib), dense, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["l2", "wanda"])
+def test_magnitude_scores_keep_the_large_constant_neurons_and_lose_accuracy(method):
+    model = constant_neuron_mlp()
+    calib = calib_for(model, constant_first=True)
+    dense = calib_outputs(model, calib)
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.25, method=method, round_to=1),
+                          PassContext(calib=calib))(model)
+    assert not {0, 1} & set(np.flatnonzero(~array(result.model, "w1").any(axis=1)))
+    assert np.abs(calib_outputs(result.model, calib) - dense).max() > 1e-2
+
+
+@pytest.mark.parametrize("options", [{"method": "wanda"}, {"method": "fluctuation", "scope": "global"},
+                                     {"method": "l2", "scope": "global"}])
+def test_prune_neurons_beside_a_subgraph_without_weights(options):
+    """An If whose branches hold no weight: nothing to prune there, the top-level MLP still is."""
+    branch = helper.make_graph([node("Identity", ["x"], "yb")], "b", [],
+                               [helper.make_tensor_value_info("yb", TensorProto.FLOAT, [2, 5])])
+    model = make_model([node("Gemm", ["x", "w1", "b1"], "h", transB=1), node("Relu", ["h"], "r"),
+                        node("Gemm", ["r", "w2"], "y", transB=1),
+                        node("If", ["cond"], "z", then_branch=branch, else_branch=branch)],
+                       {"x": [2, 5]}, ["y", "z"], {"w1": weight(8, 5), "b1": weight(8), "w2": weight(3, 8),
+                                                   "cond": np.array(True)})
+    result = PruneNeurons(PruneNeurons.Options(ratio=0.5, round_to=1, **options),
+                          PassContext(calib=calib_for(model)))(model)
+    assert result.stats["neurons_zeroed"] == 4
+    zero_rows_exact(result.model)
 
 
 def test_prune_neurons_balances_grouped_conv_inputs():
