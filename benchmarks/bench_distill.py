@@ -9,8 +9,10 @@ file (never seen by prune or distill): top-1 accuracy where labels exist, minilm
 cosine (masked-mean embedding, as its info.json says), otherwise output cosine to the dense model.
 "recovered" is the share of what Wanda alone loses that SparseGPT + distill wins back (target ≥ 2/3).
 Distill runs with numpy's BLAS limited to 1 thread and unlimited; its wall time is given in fp32 passes
-over the calibration data (onnxruntime, 1 thread, graph optimizations off, measured in the same run).
-Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned` (same scores).
+over the calibration data (onnxruntime, 1 thread, graph optimizations off, measured in the same run,
+before and after), and so is its process CPU time (robust to load from other processes).
+Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned`, and int4 weight-only
+`quantize-weights` (block 32, tables left float) RTN / RTN + learned / GPTQ / GPTQ + learned (same scores).
 Prints markdown tables and writes benchmarks/out/bench_distill.json.
 """
 
@@ -39,6 +41,7 @@ from onnxopt.passes.base import PassContext  # noqa: E402
 from onnxopt.passes.distill import Distill  # noqa: E402
 from onnxopt.validate import output_metrics, Tolerances, task_accuracy  # noqa: E402
 
+WEIGHT_ONLY = [("rtn", "nearest"), ("rtn", "learned"), ("gptq", "nearest"), ("gptq", "learned")]
 PRUNE = {"wanda": "prune(sparsity=0.5,method=wanda)", "sparsegpt": "prune(sparsity=0.5,method=sparsegpt)"}
 
 
@@ -67,17 +70,19 @@ def onnxsim_sparsegpt(model, calib):
                                        sparsity=0.5)
 
 
-def fp32_pass_seconds(model, calib) -> float:
-    start = time.perf_counter()
+def fp32_pass_seconds(model, calib) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one plain fp32 pass."""
+    start, cpu = time.perf_counter(), time.process_time()
     outputs(model, calib, optimize=False)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def distill_seconds(pruned, teacher, calib, threads) -> tuple[onnx.ModelProto, float, dict]:
-    start = time.perf_counter()
+def distill_seconds(pruned, teacher, calib, threads) -> tuple[onnx.ModelProto, float, dict, float]:
+    """(repaired model, wall s, stats, process CPU s)."""
+    start, cpu = time.perf_counter(), time.process_time()
     with threadpool_limits(limits=threads, user_api="blas"):
         result = Distill(None, PassContext(calib=calib, teacher=lambda: teacher))(copy_model(pruned))
-    return result.model, time.perf_counter() - start, result.stats
+    return result.model, time.perf_counter() - start, result.stats, time.process_time() - cpu
 
 
 def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip_rounding: bool) -> dict:
@@ -86,17 +91,21 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
     evals = name_positional_inputs(load_feeds(eval_path), model)
     metric, task = scorer(name, Path(path).parent, labels)
     dense = outputs(model, evals, optimize=False)
-    row = {"model": name, "metric": metric, "dense": task(dense, dense), "fp32_pass_s": fp32_pass_seconds(model, calib)}
+    passes = [fp32_pass_seconds(model, calib)]
+    row = {"model": name, "metric": metric, "dense": task(dense, dense)}
     for method, pipeline in PRUNE.items():
         start = time.perf_counter()
         pruned = onnxopt.optimize(model, pipeline, calib=calib, validate=False).model
         row[f"{method}_prune_s"] = time.perf_counter() - start
         row[method] = task(dense, outputs(pruned, evals, optimize=False))
         for threads in (1, None):
-            repaired, seconds, stats = distill_seconds(pruned, model, calib, threads)
+            repaired, seconds, stats, cpu = distill_seconds(pruned, model, calib, threads)
             row[f"{method}_distill_s_{threads or 'all'}_threads"] = seconds
+            row[f"{method}_distill_cpu_s_{threads or 'all'}_threads"] = cpu
         row[f"{method}+distill"] = task(dense, outputs(repaired, evals, optimize=False))
         row[f"{method}_distill_stats"] = stats
+    passes.append(fp32_pass_seconds(model, calib))
+    row["fp32_pass_s"], row["fp32_pass_cpu_s"] = (float(np.mean(column)) for column in zip(*passes))
     if not skip_onnxsim:
         start = time.perf_counter()
         try:
@@ -115,6 +124,14 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
             out = outputs(quantized.model, evals, optimize=False)
             row[f"int8_{rounding}"] = task(dense, out)
             row[f"int8_{rounding}_rel_err"] = output_metrics(list(dense), list(out), Tolerances()).rel_l2
+        for method, rounding in WEIGHT_ONLY:
+            start = time.perf_counter()
+            with threadpool_limits(limits=1, user_api="blas"):
+                quantized = onnxopt.optimize(model, f"quantize-weights(method={method},rounding={rounding},"
+                                                    "embeddings=false)", calib=calib, validate=False)
+            row[f"int4_{method}_{rounding}_s"] = time.perf_counter() - start
+            if quantized.report.steps[-1].stats.get("layers_quantized"):
+                row[f"int4_{method}_{rounding}"] = task(dense, outputs(quantized.model, evals, optimize=False))
     lost = row["dense"] - row["wanda"]
     row["recovered"] = (row["sparsegpt+distill"] - row["wanda"]) / lost if lost > 0 else None
     return row
@@ -122,8 +139,9 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | metric | dense | wanda | wanda + distill | sparsegpt | sparsegpt + distill | recovered | "
-             "onnxsim sparsegpt | fp32 pass s | distill s (1 / all BLAS threads) | distill / fp32 pass |",
-             "|---" * 12 + "|"]
+             "onnxsim sparsegpt | fp32 pass s | distill s (1 / all BLAS threads) | distill / fp32 pass (wall) | "
+             "distill / fp32 pass (CPU, 1 thread) |",
+             "|---" * 13 + "|"]
     for r in rows:
         sim = r.get("onnxsim_sparsegpt")
         sim = "—" if sim is None else sim if isinstance(sim, str) else \
@@ -132,13 +150,22 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['metric']} | {r['dense']:.4f} | {r['wanda']:.4f} | {r['wanda+distill']:.4f} | "
             f"{r['sparsegpt']:.4f} | {r['sparsegpt+distill']:.4f} | {fmt(r['recovered'], 2)} | {sim} | "
-            f"{r['fp32_pass_s']:.2f} | {one:.2f} / {every:.2f} | {max(one, every) / r['fp32_pass_s']:.1f} |")
+            f"{r['fp32_pass_s']:.2f} | {one:.2f} / {every:.2f} | {max(one, every) / r['fp32_pass_s']:.1f} | "
+            f"{r['sparsegpt_distill_cpu_s_1_threads'] / r['fp32_pass_cpu_s']:.1f} |")
     if any("int8_nearest" in r for r in rows):
         lines += ["", "| model | metric | int8 nearest | int8 learned | rel err nearest | rel err learned | "
                       "quantize s nearest / learned |", "|---" * 7 + "|"]
         lines += [f"| {r['model']} | {r['metric']} | {r['int8_nearest']:.4f} | {r['int8_learned']:.4f} | "
                   f"{r['int8_nearest_rel_err']:.4f} | {r['int8_learned_rel_err']:.4f} | "
                   f"{r['int8_nearest_s']:.1f} / {r['int8_learned_s']:.1f} |" for r in rows if "int8_nearest" in r]
+    if any("int4_rtn_nearest" in r for r in rows):
+        names = [f"{m}{' + learned' if r == 'learned' else ''}" for m, r in WEIGHT_ONLY]
+        lines += ["", f"| model | metric | int4 {' | int4 '.join(names)} | seconds (same order) |",
+                  "|---" * (3 + len(names)) + "|"]
+        lines += [f"| {r['model']} | {r['metric']} | "
+                  + " | ".join(fmt(r.get(f"int4_{m}_{o}")) for m, o in WEIGHT_ONLY) + " | "
+                  + " / ".join(f"{r[f'int4_{m}_{o}_s']:.1f}" for m, o in WEIGHT_ONLY) + " |"
+                  for r in rows if "int4_rtn_nearest" in r]
     return "\n".join(lines)
 
 

@@ -117,6 +117,7 @@ class BlockQuantized:
     block_size: int
     k: int
     sq_error: float | None = None  # |W - W_q|^2 when the grid search computed it
+    loss_curve: list[float] | None = None  # learned rounding's loss per step (sampled), for the report
 
     def dequantize(self) -> np.ndarray:
         blocks = self.codes.reshape(-1, self.block_size, self.codes.shape[1])

@@ -337,3 +337,52 @@ def test_optimize_reports_a_better_cosine_than_prune_alone(tmp_path):
     cosine = [r.steps[-1].vs_original["outputs"]["y"]["cosine"] for r in (alone, repaired)]
     assert cosine[1] > cosine[0] + 0.03
     assert repaired.steps[-1].stats["layers_refit"] == 3
+
+
+# --------------------------------------------------------------------------- residual streams
+
+
+def residual_block(broadcast: bool = False, seed: int = 4) -> onnx.ModelProto:
+    """x[batch,16] -> fc_in 16 (h) -> Relu -> fc_out 16 -> Reshape -> Add(h) -> y: fc_out writes to h's stream.
+    ``broadcast``: the Add's other input is a per-sample mean of h, (batch, 1), not a residual of y's shape
+    (fc_out reads h less that mean, so the mean is known before fc_out is fit)."""
+    rng = np.random.default_rng(seed)
+    other = "hm" if broadcast else "h"
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["m_in"], name="fc_in"),
+             helper.make_node("Add", ["m_in", "b_in"], ["h"], name="bias_in"),
+             *([helper.make_node("ReduceMean", ["h"], ["hm"], axes=[1], keepdims=1),
+                helper.make_node("Sub", ["h", "hm"], ["hc"])] if broadcast else []),
+             helper.make_node("Relu", ["hc" if broadcast else "h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w_out", "b_out"], ["g"], name="fc_out"),
+             helper.make_node("Reshape", ["g", "shape"], ["o"], name="reshape"),
+             helper.make_node("Add", ["o", other], ["y"], name="residual")]
+    inits = [tensor("w_in", rng.standard_normal((16, 16)).astype(np.float32) / 4),
+             tensor("b_in", rng.standard_normal(16).astype(np.float32) / 4),
+             tensor("w_out", rng.standard_normal((16, 16)).astype(np.float32) / 4),
+             tensor("b_out", rng.standard_normal(16).astype(np.float32) / 4),
+             tensor("shape", np.array([-1, 16], np.int64))]
+    return make_model(nodes, [value("x", ["batch", 16])], [value("y", ["batch", 16])], inits, opset=17)
+
+
+def test_a_layer_writing_to_a_residual_stream_also_repairs_the_stream(monkeypatch):
+    """fc_out is fit to the teacher's sum minus the student's (still pruned) h: it makes up for fc_in's
+    remaining error too, so the output gets closer than with fc_out's own output as the target."""
+    import onnxopt.passes.distill as module
+
+    teacher = residual_block()
+    pruned = Prune(Prune.Options(sparsity=0.75))(copy(teacher)).model
+    streamed = distill(pruned, teacher)
+    assert streamed.stats["stream_targets"] == 1 and streamed.stats["layers_refit"] == 2
+    monkeypatch.setattr(module, "_residual_stream", lambda *args, **kwargs: None)
+    plain = distill(pruned, teacher)
+    assert "stream_targets" not in plain.stats
+    assert streamed.stats["calib_rel_err_after"] < 0.95 * plain.stats["calib_rel_err_after"]
+    assert rel_err(streamed.model, teacher) < rel_err(plain.model, teacher)
+
+
+def test_a_broadcast_residual_falls_back_to_the_layer_target_and_is_counted():
+    teacher = residual_block(broadcast=True)
+    pruned = Prune(Prune.Options(sparsity=0.75))(copy(teacher)).model
+    result = distill(pruned, teacher)
+    assert result.stats["stream_target_shape_mismatch"] == 1 and "stream_targets" not in result.stats
+    assert result.stats["calib_rel_err_after"] < result.stats["calib_rel_err_before"]

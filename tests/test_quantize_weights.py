@@ -223,17 +223,19 @@ def test_weight_shared_by_two_matmuls_is_quantized_once():
 
 
 @pytest.mark.parametrize("bad", [{"bits": 3}, {"block_size": 48}, {"block_size": 8}, {"method": "awq"},
-                                 {"grid": "hqq"}, {"accuracy_level": 7}, {"embedding_bits": 2}])
+                                 {"grid": "hqq"}, {"accuracy_level": 7}, {"embedding_bits": 2},
+                                 {"rounding": "stochastic"}, {"lr_schedule": "linear"}, {"rounding_steps": 0}])
 def test_bad_options_are_one_readable_error(bad):
     with pytest.raises(InputError, match="quantize-weights"):
         QuantizeWeights.Options(**bad)
 
 
-def test_gptq_without_calibration_data_is_refused_before_any_work():
+@pytest.mark.parametrize("options", [{"method": "gptq"}, {"rounding": "learned"}])
+def test_solving_without_calibration_data_is_refused_before_any_work(options):
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [value("x", [2, 32])], [value("y", [2, 4])],
                        [tensor("w", np.ones((32, 4), np.float32))])
     with pytest.raises(InputError, match="calibration"):
-        quantized(model, method="gptq")
+        quantized(model, **options)
 
 
 def correlated_mlp(k: int = 96):
@@ -264,6 +266,51 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(k):
         error[method] = float(np.linalg.norm(run(result.model, {"x": held_out})[0] - reference))
     assert result.stats["gptq_layers"] == 2 and result.stats["gptq_calibration_samples"] == 48
     assert error["gptq"] < 0.7 * error["rtn"], error
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_learned_rounding_beats_its_base_on_held_out_data(method):
+    """rounding=learned starts from nearest rounding's (or GPTQ's) codes and grid and lowers each layer's error
+    on the calibration data; on held-out data of the same distribution the output error falls too."""
+    from onnxopt.data import FeedSet
+
+    model, x = correlated_mlp(96)
+    calib = FeedSet({"x": x[:48]}, "calib")
+    held_out = x[48:].reshape(-1, 96)
+    reference = run(model, {"x": held_out})[0]
+    error, results = {}, {}
+    for rounding in ("nearest", "learned"):
+        options = QuantizeWeights.Options(method=method, rounding=rounding, rounding_steps=50)
+        results[rounding] = QuantizeWeights(options, PassContext(calib=calib))(onnx_copy(model))
+        error[rounding] = float(np.linalg.norm(run(results[rounding].model, {"x": held_out})[0] - reference))
+    stats, layers = results["learned"].stats, results["learned"].details["layers"]
+    assert stats["rounding_learned"] == 2 and stats["layers_quantized"] == 2
+    assert all(len(layer["loss_curve"]) == 50 for layer in layers)
+    assert error["learned"] < 0.95 * error["nearest"], error
+    # same grid as the base: only codes move
+    base = {t.name.split("_")[-1]: t for t in results["nearest"].model.graph.initializer if "scales" in t.name}
+    learned = {t.name.split("_")[-1]: t for t in results["learned"].model.graph.initializer if "scales" in t.name}
+    assert base.keys() == learned.keys()
+    for name in base:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(base[name]), onnx.numpy_helper.to_array(learned[name]))
+
+
+def test_learned_rounding_keeps_codes_that_cannot_improve():
+    """Weights exactly on the grid have no rounding error: learned rounding keeps nearest's codes, says so."""
+    from onnxopt.data import FeedSet
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-8, 8, (32, 4)).astype(np.float32)
+    w[0] = -8  # every block spans [-8, 7]: the grid's steps are whole numbers
+    w[1] = 7
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [value("x", ["b", 32])], [value("y", ["b", 4])],
+                       [tensor("w", w)])
+    calib = FeedSet({"x": rng.standard_normal((16, 2, 32)).astype(np.float32)}, "calib")
+    result = QuantizeWeights(QuantizeWeights.Options(rounding="learned", grid="minmax", rounding_steps=20),
+                             PassContext(calib=calib))(onnx_copy(model))
+    assert result.stats.get("rounding_kept_nearest") == 1 and "rounding_learned" not in result.stats
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-4)
 
 
 def test_gptq_statistics_over_budget_take_more_calibration_runs_with_the_same_result(monkeypatch):

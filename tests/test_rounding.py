@@ -13,7 +13,7 @@ from onnxopt.errors import InputError
 from onnxopt.passes.base import PassContext
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.reconstruction import Schedule, learned_rounding
-from onnxopt.reconstruction.rounding import layer_error
+from onnxopt.reconstruction.rounding import layer_error, refine_codes
 
 
 def correlated(rows: int, inputs: int, rank: int, seed: int = 0) -> np.ndarray:
@@ -64,6 +64,31 @@ def test_learned_rounding_is_never_worse_than_nearest(seed, qmax):
     assert layer_error(codes * scale - w, h) <= layer_error(nearest * scale - w, h) * (1 + 1e-12)
     if not learned:
         assert np.array_equal(codes, nearest)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**16), st.integers(1, 5), st.sampled_from([3, 8]))
+def test_refined_codes_never_raise_the_layer_error_and_stay_on_the_grid(seed, rank, block):
+    """Each one-step move is exact (columns are independent), so the error only falls; codes stay in range."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((40, rank)) @ rng.standard_normal((rank, 10)) + 0.01 * rng.standard_normal((40, 10))
+    h = x.T @ x
+    w = rng.standard_normal((10, 4))
+    scale, zero = np.abs(w).max(axis=0) / 7, 8.0
+    start = np.clip(np.rint(w / scale) + zero + rng.integers(-2, 3, w.shape), 0, 15)
+    codes, moves = refine_codes(start, w, h, scale, zero, qmin=0, qmax=15, sweeps=4, block=block)
+    before, after = (layer_error((c - zero) * scale - w, h) for c in (start, codes))
+    assert after <= before * (1 + 1e-12) and codes.min() >= 0 and codes.max() <= 15
+    assert (moves > 0) == (not np.array_equal(codes, start))
+    if moves:
+        assert after < before
+
+
+def test_refining_optimal_codes_moves_nothing():
+    h = np.eye(6)
+    w = np.arange(24, dtype=np.float64).reshape(6, 4) - 12  # on the grid: zero error
+    codes, moves = refine_codes(w + 8, w, h, np.ones(4), 8.0, qmin=0, qmax=31)
+    assert moves == 0 and np.array_equal(codes, w + 8)
 
 
 def test_sgd_runs_and_never_returns_worse_than_nearest():

@@ -43,6 +43,7 @@ from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
+NEAR = 0.01  # relative error (from the sums) below which the current weights' error is measured exactly
 
 
 @dataclass(eq=False)
@@ -61,6 +62,7 @@ class Layer:
     new_name: Callable[[str], str]
     alpha: float = 1.0
     beta: float = 1.0
+    stream: tuple[str, str] | None = None  # (sum, residual): the layer's output is added to a residual stream
 
     @property
     def name(self) -> str:
@@ -70,9 +72,17 @@ class Layer:
     def with_bias(self) -> bool:
         return self.bias is not None or self.geometry.is_conv
 
-    def statistics(self) -> LayerStatistics:
-        """Empty statistics against the teacher, tracking the error of the current weights exactly."""
-        return LayerStatistics.empty(self.geometry, bias=self.with_bias, target=True, start=self.current()[1])
+    def statistics(self, xs: list[np.ndarray], ys: list[np.ndarray], gram: np.ndarray | None) -> LayerStatistics | None:
+        """Statistics against the teacher (``gram`` given: that of a layer reading the same input);
+        None when the target does not have the layer's rows and width. Near a match the error of
+        the current weights is measured exactly (the sums alone lose it to float32 rounding)."""
+        sums = LayerStatistics.empty(self.geometry, bias=self.with_bias, target=True)
+        if not sums.update_batches(self.geometry, xs, ys, gram=gram is None):
+            return None
+        if gram is not None:
+            sums.gram = gram
+        sums.anchor(self.geometry, xs, ys, self.current()[1], NEAR)
+        return sums
 
     @property
     def reads(self) -> tuple:
@@ -122,6 +132,7 @@ class Layer:
         """Refit from the statistics; ``(undo, row for the report)``, undo None when nothing changed
         (already matched, or the fit would not lower the layer's error)."""
         old, start = self.current()
+        start = start if sums.start is None else sums.start
         before = sums.residual(start)
         row = {"name": self.name, "op": self.use.node.op_type, "rel_err_before": _relative(before, sums)}
         if before <= MATCHED**2 * sums.target_sq:
@@ -192,16 +203,21 @@ class Distill(Pass):
         for number, layer in enumerate(layers, 1):
             start = time.perf_counter()
             x = student_run.values([layer.use.data])[layer.use.data]
-            y = teacher_run.values([layer.target])[layer.target]
-            sums = layer.statistics()
+            stream = layer.stream if layer.stream is not None and student_run.ready(layer.stream[1]) else None
+            if layer.stream is not None and stream is None:
+                count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
+            taught = teacher_run.values([layer.target, *stream[:1]] if stream else [layer.target])  # one piece
+            y = taught[layer.target]
+            if stream:
+                y = _stream_target(y, taught[stream[0]], student_run.values([stream[1]])[stream[1]], stats)
+            del taught
             reuse = shared is not None and shared[0] == layer.reads
             with blas_threads(layer.geometry.work(x)):  # small layers on one thread: no oversubscription
-                if not sums.update_batches(layer.geometry, x, y, gram=not reuse):
+                sums = layer.statistics(x, y, shared[1] if reuse else None)
+                del x, y
+                if sums is None:
                     count(stats, "skipped_width_mismatch")
                     continue
-                del x, y
-                if reuse:
-                    sums.gram = shared[1]
                 shared = (layer.reads, sums.gram)
                 change, row = layer.fit(sums, self.options)
             stats_key = {"refit": "layers_refit", "reverted": "layers_reverted", "matched": "layers_matched"}
@@ -285,12 +301,13 @@ class Distill(Pass):
         if target not in taught:
             return "missing_in_teacher"
         weight_shape = tuple(store.tensor(use.weight).dims)
+        stream = _residual_stream(target, index, store, taught, reshapes=node.op_type != "Conv")
         if node.op_type == "Conv":
-            return Layer(store, use, target, bias, LayerGeometry.conv(node, weight_shape), new_name)
+            return Layer(store, use, target, bias, LayerGeometry.conv(node, weight_shape), new_name, stream=stream)
         gemm = node.op_type == "Gemm"
         geometry = LayerGeometry.linear(weight_shape[use.in_axis], width, use.data_axis)
         return Layer(store, use, target, bias, geometry, new_name, attribute(node, "alpha", 1.0) if gemm else 1.0,
-                     attribute(node, "beta", 1.0) if gemm else 1.0)
+                     attribute(node, "beta", 1.0) if gemm else 1.0, stream)
 
 
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
@@ -298,14 +315,49 @@ def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[
     err = ref = 0.0
     for name, values in teacher.items():
         for s, t in zip(student[name], values):
-            try:
-                s, t = numeric_values(s), numeric_values(t)
+            try:  # float arrays as they are (BLAS dot, float32 blocks suffice); other numbers as float64
+                s, t = ((v.reshape(-1) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else numeric_values(v))
+                        for v in (s, t))
             except TypeError:  # string outputs carry no error to reduce
                 continue
             diff = s - t
-            err += float(np.vdot(diff, diff))
-            ref += float(np.vdot(t, t))
+            err += float(np.dot(diff, diff))
+            ref += float(np.dot(t, t))
     return float(np.sqrt(err / ref)) if ref else (0.0 if err == 0 else float("inf"))
+
+
+RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # keep the element order: rows stay rows
+
+
+def _residual_stream(output: str, index: GraphIndex, store: WeightStore, taught: set[str], reshapes: bool
+                     ) -> tuple[str, str] | None:
+    """``(sum, residual)`` when the layer's output, through order-keeping reshapes (MatMul / Gemm only),
+    is the sole reader-chain into an ``Add`` with a computed value (a residual stream); else None."""
+    value = output
+    while True:
+        readers = index.consumer_nodes(value)
+        if len(readers) != 1 or index.is_graph_output(value) or readers[0].domain not in STANDARD_DOMAINS:
+            return None
+        reader = readers[0]
+        if reader.op_type in RESHAPES and reshapes and reader.input[0] == value:
+            value = reader.output[0]
+            continue
+        other = [n for n in reader.input if n != value]
+        if reader.op_type != "Add" or len(other) != 1 or other[0] in store or not other[0] \
+                or reader.output[0] not in taught:
+            return None
+        return reader.output[0], other[0]
+
+
+def _stream_target(target: list[np.ndarray], total: list[np.ndarray], residual: list[np.ndarray], stats) -> list:
+    """What the layer must add to the student's residual stream to reach the teacher's sum: the teacher's
+    ``layer + residual`` minus the student's residual, so the layer also repairs the drift upstream of it.
+    The plain target where shapes do not line up (a broadcast residual)."""
+    if not all(np.shape(t) == np.shape(r) and np.size(t) == np.size(y) for y, t, r in zip(target, total, residual)):
+        count(stats, "stream_target_shape_mismatch")
+        return target
+    count(stats, "stream_targets")
+    return [(t - r).reshape(np.shape(y)) for y, t, r in zip(target, total, residual)]
 
 
 def _remove_initializer(store: WeightStore, name: str) -> None:

@@ -66,15 +66,52 @@ def layer_error(delta: np.ndarray, hessian: np.ndarray) -> float:
     return float(np.sum(delta * (hessian @ delta)))
 
 
+def refine_codes(codes: np.ndarray, weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray,
+                 zero_point: np.ndarray, *, qmin: int, qmax: int, sweeps: int = 3, block: int = 128
+                 ) -> tuple[np.ndarray, int]:
+    """Exact coordinate descent on ``tr(ΔᵀHΔ)``: row by row, move each code one step up or down where that
+    lowers the layer error (the columns are independent, so a whole row moves at once exactly); the
+    gradient ``HΔ`` is updated lazily per block of rows. Never raises the error. Returns (codes, moves).
+    """
+    c = np.asarray(codes, dtype=np.float64).copy()
+    s = np.broadcast_to(np.asarray(scale, dtype=np.float64), c.shape)
+    z = np.broadcast_to(np.asarray(zero_point, dtype=np.float64), c.shape)
+    h = np.asarray(hessian, dtype=np.float64)
+    gradient = h @ ((c - z) * s - np.asarray(weight, dtype=np.float64))
+    diagonal, rows, moves = np.diag(h), len(c), 0
+    for _ in range(sweeps):
+        moved = 0
+        for i1 in range(0, rows, block):
+            i2 = min(i1 + block, rows)
+            change = np.zeros((i2 - i1, c.shape[1]))
+            for i in range(i1, i2):
+                g, si = gradient[i] + h[i, i1:i] @ change[: i - i1], s[i]
+                up, down = si * (si * diagonal[i] + 2 * g), si * (si * diagonal[i] - 2 * g)
+                step = np.where((up < np.minimum(down, 0)) & (c[i] < qmax), 1.0,
+                                np.where((down < 0) & (c[i] > qmin), -1.0, 0.0))
+                c[i] += step
+                change[i - i1] = step * si
+            moved += int(np.count_nonzero(change))
+            gradient += h[:, i1:i2] @ change
+        moves += moved
+        if not moved:
+            break
+    return c, moves
+
+
 def learned_rounding(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, qmin: int, qmax: int,
                      zero_point: np.ndarray | float = 0, schedule: Schedule = Schedule(), optimizer: str = "adam",
-                     regularization: float = 3.0, warm_start: float = 0.2
-                     ) -> tuple[np.ndarray, list[float], bool]:
+                     regularization: float = 3.0, warm_start: float = 0.2, start: np.ndarray | None = None,
+                     fallback: np.ndarray | None = None, refine_sweeps: int = 0) -> tuple[np.ndarray, list[float], bool]:
     """Integer codes for ``weight (K, N)`` on the grid ``(code - zero_point) · scale`` (both broadcast to
     ``(K, N)``), codes in ``[qmin, qmax]``, learned against ``hessian (K, K)``.
 
-    Returns ``(codes int64, loss curve, learned)``: ``learned`` is False when nearest rounding had the
-    smaller layer error and its codes are returned instead (never worse than nearest).
+    Each code is the floor or the ceiling of ``start`` (default: the weight itself) on the grid; GPTQ's
+    compensated weights, say, let it choose around GPTQ's codes. Returns ``(codes int64, loss curve,
+    learned)``: the better of the learned codes and the ``fallback`` codes (default: nearest rounding
+    of the weight), then refined by ``refine_sweeps`` sweeps of :func:`refine_codes` (which may move a
+    code past the floor / ceiling); ``learned`` is False when that is the fallback unchanged (never
+    worse than the fallback).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {'|'.join(OPTIMIZERS)}, not '{optimizer}'")
@@ -84,12 +121,17 @@ def learned_rounding(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray,
     z = np.broadcast_to(np.asarray(zero_point, dtype=np.float64), w.shape)
     safe = np.where(s == 0, 1.0, s)
     ratio = w / safe + z
-    nearest = np.clip(np.rint(ratio), qmin, qmax)
+    nearest = np.clip(np.rint(ratio), qmin, qmax) if fallback is None else np.asarray(fallback, dtype=np.float64)
+    if start is not None:
+        ratio = np.asarray(start, dtype=np.float64) / safe + z
     base = np.floor(ratio)
     rest = np.clip(ratio - base, 0.01, 0.99)
     v = (-np.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).astype(np.float32)  # h(v) = rest: start where the weight is
     fixed = (base < qmin) | (base + 1 > qmax) | (s == 0)  # no choice at the grid's ends
-    reference = max(layer_error((nearest - z) * s - w, h), 1e-30)  # losses relative to nearest rounding's
+    exact = layer_error((nearest - z) * s - w, h)
+    if exact <= 0:  # the fallback is exact: nothing to learn (and no scale for relative losses)
+        return nearest.astype(np.int64), [0.0], False
+    reference = exact  # losses relative to the fallback's
     h32 = h.astype(np.float32)
     # the loop runs in float32 (twice numpy's speed); the final choice is checked in float64
     w32, s32, z32, base32 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w, s, z, base))
@@ -125,7 +167,9 @@ def learned_rounding(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray,
     picks = np.linspace(0, schedule.steps - 1, min(CURVE_POINTS, schedule.steps)).round().astype(int)
     curve = [curve[i] for i in picks]  # evenly spaced, first and last included
     codes = np.where(fixed, nearest, np.clip(base + (v >= 0), qmin, qmax))
-    learned_error = layer_error((codes - z) * s - w, h)
-    if learned_error > layer_error((nearest - z) * s - w, h):
-        return nearest.astype(np.int64), curve, False
-    return codes.astype(np.int64), curve, True
+    learned = layer_error((codes - z) * s - w, h) < layer_error((nearest - z) * s - w, h)
+    codes = codes if learned else nearest
+    if refine_sweeps:
+        codes, moves = refine_codes(codes, w, h, s, z, qmin=qmin, qmax=qmax, sweeps=refine_sweeps)
+        learned |= moves > 0
+    return codes.astype(np.int64), curve, bool(learned)

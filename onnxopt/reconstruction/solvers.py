@@ -77,12 +77,13 @@ def obs_sweep(weight: np.ndarray, upper: np.ndarray, step: RowStep, block: int =
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, *, maxq: int, group_size: int,
          choose_grid: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], damping: float = 0.01,
-         block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+         block: int = 128, updated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """GPTQ: round ``weight (K, N)`` onto a ``[0, maxq]`` grid per group of ``group_size`` inputs, compensating.
 
     ``choose_grid(rows (g, N))`` returns ``(scale (N,), zero_point (N,))`` for a group, from the rows
     as updated so far; a code ``q`` stands for ``(q - zero_point) * scale``. Returns
-    ``(codes int64 (K, N), scales (K/g, N), zero_points (K/g, N), damping_used)``.
+    ``(codes int64 (K, N), scales (K/g, N), zero_points (K/g, N), damping_used)``; ``updated`` (K, N),
+    when given, receives each row as compensated just before it was rounded (where learned rounding starts).
     """
     k, n = np.shape(weight)
     if group_size <= 0 or k % group_size:
@@ -102,6 +103,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, *, maxq: int, group_size: int,
             scale, zero = choose_grid(w1[i: i + group_size])
             scales[g], zero_points[g] = scale, zero
         scale, zero = scales[g], zero_points[g]
+        if updated is not None:
+            updated[row] = w1[i]
         q = np.clip(np.rint(np.divide(w1[i], scale, out=np.zeros(n), where=scale != 0)) + zero, 0, maxq)
         codes[row] = q
         return (q - zero) * scale
@@ -176,7 +179,7 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
 
 
 def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: np.ndarray | None,
-                 damping: float, *, tolerance: float = 1e-3, max_iterations: int = 100) -> tuple[np.ndarray, float]:
+                 damping: float, *, tolerance: float = 3e-3, max_iterations: int = 100) -> tuple[np.ndarray, float]:
     """Weights minimising ``|A W - Y|² + λ|W - start|²`` (from ``AᵀA``, ``AᵀY``), ``λ = damping · mean(diag AᵀA)``.
 
     Without ``keep``: one Cholesky solve for every column (damping raised if it fails). With ``keep``,
@@ -185,7 +188,8 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
     product per iteration instead of one factorisation per column; ``λ > 0`` keeps it positive
     definite, so it converges). It stops when an iteration lowers the objective by less than
     ``tolerance`` of what all iterations gained so far, or after ``max_iterations``: the objective
-    converges much faster than the residual (MiniLM's layers: within 0.5 % of the exact error in 10-25). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
+    converges much faster than the residual (MiniLM's layers: within 1.5 % of the exact error in 10-20; its
+    sentence cosine after SparseGPT + distill is the same to 1e-4 as with ``tolerance=1e-3``). Columns with nothing kept stay as in ``start``. Returns ``(weights, damping_used)``.
     """
     gram = np.asarray(gram, dtype=np.float64)
     scale = float(np.mean(np.diag(gram))) if gram.size else 1.0
@@ -201,29 +205,31 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
                 used *= 10
         raise SolverError("masked_refit: the statistics stay singular")
     lam = damping * scale
-    h = gram + lam * eye
-    h32 = h.astype(np.float32)  # the iteration's product in float32: twice the speed, far below the fit's noise
-    rhs = (cross + lam * start) * keep
-    x = start * keep
-    residual = rhs - (h @ x) * keep
-    diagonal = np.diag(h)[:, None]
+    # the iteration in float32 (products and updates): twice the speed, its rounding far below the fit's noise
+    h = (gram + lam * eye).astype(np.float32)
+    mask = keep.astype(np.float32)
+    x = (start * keep).astype(np.float32)
+    residual = ((cross + lam * start) * keep).astype(np.float32) - (h @ x) * mask
+    diagonal = np.diag(h)[:, None].copy()
     z = residual / diagonal
     direction = z.copy()
-    rz = np.sum(residual * z, axis=0)
+    rz = np.einsum("ij,ij->j", residual, z, dtype=np.float64)
     gained = 0.0
     for _ in range(max_iterations):
-        hp = (h32 @ direction.astype(np.float32)).astype(np.float64) * keep
-        alpha = rz / np.maximum(np.sum(direction * hp, axis=0), 1e-300)
-        x += alpha * direction
-        residual -= alpha * hp
-        step = float(np.sum(alpha * rz)) / 2  # how much the objective fell in this iteration
+        hp = h @ direction
+        hp *= mask
+        alpha = rz / np.maximum(np.einsum("ij,ij->j", direction, hp, dtype=np.float64), 1e-300)
+        x += alpha.astype(np.float32) * direction
+        residual -= alpha.astype(np.float32) * hp
+        step = float(np.dot(alpha, rz)) / 2  # how much the objective fell in this iteration
         gained += step
         if step <= tolerance * gained:
             break
         z = residual / diagonal
-        rz_next = np.sum(residual * z, axis=0)
-        direction = z + (rz_next / np.maximum(rz, 1e-300)) * direction
+        rz_next = np.einsum("ij,ij->j", residual, z, dtype=np.float64)
+        direction = z + (rz_next / np.maximum(rz, 1e-300)).astype(np.float32) * direction
         rz = rz_next
+    x = x.astype(np.float64)
     dead = ~keep.any(axis=0)
     x[:, dead] = start[:, dead]
     return x, damping

@@ -170,9 +170,9 @@ class LayerStatistics:
     """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
     a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
 
-    Products are float32 per chunk (BLAS speed), sums float64. With ``start`` weights the error of
-    those weights, ``Σ |A start - Y|²``, is summed directly as well, so residuals near a match are
-    exact instead of a difference of large float32 sums.
+    Products are float32 per chunk (BLAS speed), sums float64. :meth:`anchor` sums the error of
+    ``start`` weights, ``Σ |A start - Y|²``, directly (one more product) near a match, so residuals
+    there are exact instead of a difference of large float32 sums.
     """
 
     gram: np.ndarray          # (G, K [+1], K [+1]) float64
@@ -184,11 +184,10 @@ class LayerStatistics:
     start_sq: float = 0.0
 
     @classmethod
-    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False,
-              start: np.ndarray | None = None) -> LayerStatistics:
+    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False) -> LayerStatistics:
         size = geometry.inputs + bias
         return cls(np.zeros((geometry.groups, size, size)),
-                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias, start=start)
+                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias)
 
     def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None, *, gram: bool = True) -> bool:
         """Fold one batch (the layer's input, and its target when the statistics have one) in.
@@ -204,13 +203,12 @@ class LayerStatistics:
                     (np.shape(y)[-1 if not geometry.is_conv else 1] != geometry.outputs * geometry.groups):
                 return False
             targets = geometry.targets(y)
-        start = None if self.start is None else self.start.astype(np.float32)
         k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
         for at in geometry.columns(x):
-            a = np.swapaxes(at, 1, 2)
             sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
             if gram:
-                self.gram[:, :k, :k] += at @ a
+                # one group: 2-D A Aᵀ, which numpy computes as a symmetric rank-k update (half the work)
+                self.gram[:, :k, :k] += at[0] @ at[0].T if len(at) == 1 else at @ np.swapaxes(at, 1, 2)
                 if self.bias:
                     self.gram[:, :k, k] += sums
                     self.gram[:, k, :k] += sums
@@ -222,12 +220,28 @@ class LayerStatistics:
                 if self.bias:
                     self.cross[:, k] += t.sum(axis=1, dtype=np.float64)
                 self.target_sq += _square_sum(t)
-                if start is not None:
-                    error = a @ start[:, :k] - t
-                    if self.bias:
-                        error += start[:, k:]
-                    self.start_sq += _square_sum(error)
         return True
+
+    def anchor(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray], start: np.ndarray,
+               near: float) -> None:
+        """Make :meth:`residual` relative to ``start`` weights ``(G, K [+1], N)``: their error, then the change.
+
+        The error comes from the sums; when it is below ``near`` (relative) it is summed exactly over
+        the batches the statistics hold (one more product): the sums alone lose it to float32 rounding.
+        """
+        self.start, self.start_sq = None, 0.0
+        estimate = self.residual(start)
+        self.start, self.start_sq = start, estimate
+        if estimate >= near**2 * self.target_sq:
+            return
+        weights, k = start.astype(np.float32), geometry.inputs
+        self.start_sq = 0.0
+        for x, y in zip(xs, ys):
+            for at, t in zip(geometry.columns(x), geometry.targets(y)):
+                error = np.swapaxes(at, 1, 2) @ weights[:, :k] - t
+                if self.bias:
+                    error += weights[:, k:]
+                self.start_sq += _square_sum(error)
 
     def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
                        gram: bool = True) -> bool:
@@ -268,10 +282,16 @@ class LayerStatistics:
     def residual(self, weights: np.ndarray) -> float:
         """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
 
-        With ``start``: its exact error plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
+        After :meth:`anchor`: the error of ``start`` plus the change, ``2 Δᵀ(G start - C) + ΔᵀGΔ``.
         """
-        if self.start is None:
-            return float(np.sum(weights * (self.gram @ weights)) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        if self.start is None:  # G W in float32: its rounding is far below the cancellation of these sums
+            product = self.gram.astype(np.float32) @ weights.astype(np.float32)
+            return float(np.sum(weights * product) - 2 * np.sum(weights * self.cross) + self.target_sq)
+        if weights is self.start:
+            return self.start_sq
         delta = weights - self.start
-        gradient = self.gram @ self.start - self.cross
-        return float(self.start_sq + 2 * np.sum(delta * gradient) + np.sum(delta * (self.gram @ delta)))
+        gram = self.gram.astype(np.float32)  # products in float32: the terms are small next to start_sq
+        both = (gram @ np.stack([self.start, delta], axis=-1).reshape(*delta.shape[:2], -1).astype(np.float32)
+                ).reshape(*delta.shape, 2)
+        gradient = both[..., 0] - self.cross
+        return float(self.start_sq + 2 * np.sum(delta * gradient) + np.sum(delta * both[..., 1]))

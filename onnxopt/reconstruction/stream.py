@@ -54,6 +54,10 @@ class LayerwiseRunner:
         self._run(self._ancestors(names), names)
         return {name: self._value(name) for name in names}
 
+    def ready(self, name: str) -> bool:
+        """Whether the value is known without running another node (asking for it changes nothing)."""
+        return not self._ancestors([name])
+
     def _value(self, name: str) -> list[np.ndarray]:
         if name in self.frontier:
             return self.frontier[name]
