@@ -88,7 +88,7 @@ def run_pipeline(
     validation = (_Validation.start(model, data if data is not None else calib_feeds, labels, input_shapes, tolerances,
                                     report, from_calib=data is None and calib_feeds is not None,
                                     exact_steps=any(step.pass_type.exact for step in steps),
-                                    executor=executor, progress=progress)
+                                    executor=executor, progress=progress, input_path=input_path)
                   if validate else None)
     feeds = validation.feeds if validation else None
     report.gates = _gates(steps, tolerances, validation)
@@ -218,10 +218,12 @@ class _Validation:
     @classmethod
     def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report,
               from_calib: bool = False, exact_steps: bool = True, executor: Executor | None = None,
-              progress: bool = False) -> _Validation:
+              progress: bool = False, input_path: str | Path | None = None) -> _Validation:
         """Feeds (given, the calibration samples, or synthetic), the original's outputs, and its float
         noise, computed once (only for a pipeline with exact steps: nothing else is gated by it, and on
-        a multi-GB model it costs one more onnxruntime session); through ``executor``, sums instead of outputs."""
+        a multi-GB model it costs one more onnxruntime session); through ``executor``, sums instead of outputs.
+        The original runs from ``input_path`` when it came from a file: onnxruntime reads the file
+        itself instead of a serialized copy of the model."""
         if data is None:
             feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS)
         else:
@@ -233,12 +235,13 @@ class _Validation:
             return cls._start_sharded(model, feeds, subset, labels, tolerances, report, executor, progress, exact_steps)
         if reference is None:
             try:
-                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
+                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, path=input_path)
             except InputError as exc:
                 raise InputError(f"the input model cannot run on {feeds.origin}: {exc} "
                                  "(--no-validate skips onnxruntime)") from None
         head = _head(reference, len(subset))
-        noise = measure_noise(model, subset, head, threads=VALIDATION_THREADS) if exact_steps else {}
+        noise = (measure_noise(model, subset, head, threads=VALIDATION_THREADS, path=input_path) if exact_steps
+                 else {})
         validation = cls(feeds, subset, reference, reference, head, tolerances, noise, exact_atols(noise, tolerances))
         if labels is not None:
             validation.labels = load_labels(labels, len(feeds))

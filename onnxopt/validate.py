@@ -224,14 +224,15 @@ def joined_runs(session: Session, model, feeds, fetched: list[str], batch_size: 
     yield from joined_runs(session, model, feeds.window(1, len(feeds)), fetched, 1)
 
 
-def run_model(model: onnx.ModelProto, feeds: Iterable[dict], *, join: bool = False,
+def run_model(model: onnx.ModelProto, feeds: Iterable[dict], *, join: bool = False, path: str | os.PathLike | None = None,
               **session_options) -> dict[str, list[np.ndarray]]:
     """Outputs for every sample, in order: ``{output name: [array per sample]}``.
 
     ``join``: samples of a FeedSet run joined along a dynamic batch axis where that gives each
     sample its own rows (:func:`joined_runs` probes it), and are split back per sample.
+    ``path``: the model's own file, which onnxruntime then reads instead of a serialized copy.
     """
-    with Session(model, **session_options) as session:
+    with Session(path or model, **session_options) as session:
         return session_outputs(session, model, feeds, join=join)
 
 
@@ -287,7 +288,7 @@ def _json_number(value):
 
 
 def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, list], *,
-                  threads: int = VALIDATION_THREADS) -> dict[str, float]:
+                  threads: int = VALIDATION_THREADS, path: str | os.PathLike | None = None) -> dict[str, float]:
     """The model's own float noise per output: the max abs difference between its outputs under
     onnxruntime's full graph optimizations and ``reference`` (the same feeds, optimizations off,
     the same threads). onnxruntime's optimizer makes the rewrites an exact pass makes (Conv+BatchNorm
@@ -297,7 +298,7 @@ def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, l
     than that is not rounding, and must not widen the gate). ``reference`` comes from
     ``run_model(..., join=True)``, as the runs this noise is compared with."""
     try:
-        optimized = run_model(model, feeds, optimize=True, threads=threads, join=True)
+        optimized = run_model(model, feeds, optimize=True, threads=threads, join=True, path=path)
     except InputError:
         return {name: 0.0 for name in reference}
     noise = {}
