@@ -14,7 +14,8 @@ from .data import as_feeds, check_input_shapes, load_labels
 from .errors import InputError
 from .executor import Executor, make_executor
 from .manager import Result, run_pipeline
-from .modelio import check_output_path, copy_model, load_model, save_model, write_file_atomically
+from .modelio import check_output_path, copy_model, load_model, model_tensors, save_model, write_file_atomically
+from .tensors import is_external, tensor_nbytes
 from .pipeline import Step
 from .report import layer_table, model_info
 from .report_html import render_html
@@ -23,7 +24,7 @@ from .validate import (DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_COSINE, NOISE_FACT
                        compare_outputs, run_model, task_accuracy)
 
 ModelLike = onnx.ModelProto | str | os.PathLike
-LAYER_COMPARE_LIMIT = 256 * 2**20  # input files up to this size are read again to compare layers with the result
+LAYER_COMPARE_LIMIT = 256 * 2**20  # inputs up to this size (external data included) are compared layer by layer with the result
 
 
 def _owned_model(model: ModelLike) -> tuple[onnx.ModelProto, Path | None]:
@@ -125,8 +126,10 @@ def optimize(
 
 def _small_original(owned: onnx.ModelProto, path: Path) -> onnx.ModelProto | None:
     """A copy of the input (the pipeline changes ``owned`` in place) for the per-layer comparison, unless
-    its inline weights are too big to hold twice; copying is ten times faster than reading it again."""
-    return copy_model(owned) if path.stat().st_size <= LAYER_COMPARE_LIMIT else None
+    the model is too big to hold twice or to read its weights once more (external data counts); copying
+    is ten times faster than reading it again."""
+    external = sum(tensor_nbytes(t) for t in model_tensors(owned) if is_external(t))
+    return copy_model(owned) if path.stat().st_size + external <= LAYER_COMPARE_LIMIT else None
 
 
 def compare(
