@@ -66,6 +66,24 @@ def model_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
     yield from walk_graphs(model.graph)
 
 
+def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that holds weights: initializers and Constant/attribute tensors, in all graphs."""
+    for graph in model_graphs(model):
+        yield from graph.initializer
+        yield from (s.values for s in graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
 def defined_names(graph: onnx.GraphProto) -> set[str]:
     names = {v.name for v in graph.input}
     names.update(t.name for t in graph.initializer)
@@ -400,16 +418,13 @@ def infer_shapes(model: onnx.ModelProto, **options) -> onnx.ModelProto:
     """
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
-    for graph in walk_graphs(skeleton.graph):
-        tensors = [*graph.initializer, *(a.t for n in graph.node for a in n.attribute
-                                         if a.type == onnx.AttributeProto.TENSOR)]
-        for tensor in tensors:
-            if (not is_external(tensor) and tensor.data_type != onnx.TensorProto.STRING
-                    and tensor_nbytes(tensor) > SHAPE_ONLY_BYTES):
-                for name in _DATA_FIELDS:
-                    tensor.ClearField(name)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                set_external_location(tensor, "__shape_inference_reads_no_data__")
+    for tensor in model_tensors(skeleton):
+        if (not is_external(tensor) and tensor.data_type != onnx.TensorProto.STRING
+                and tensor_nbytes(tensor) > SHAPE_ONLY_BYTES):
+            for name in _DATA_FIELDS:
+                tensor.ClearField(name)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            set_external_location(tensor, "__shape_inference_reads_no_data__")
     return onnx.shape_inference.infer_shapes(skeleton, **options)
 
 

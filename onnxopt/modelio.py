@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,31 +18,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import InputError
-from .graph import model_graphs
+from .graph import model_tensors
 from .tensors import external_info, is_external, set_external_location, spill_tensor, tensor_nbytes
 
 TWO_GB = 2**31
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this large go to the data file when saving externally
 ALIGNMENT = 4096  # data offsets aligned for mmap-friendly loading in onnxruntime
 COPY_CHUNK = 64 * 2**20
-
-
-def model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto that holds weights: initializers and Constant/attribute tensors, in all graphs."""
-    for graph in model_graphs(model):
-        yield from graph.initializer
-        yield from (s.values for s in graph.sparse_initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
-    for function in model.functions:
-        for node in function.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:

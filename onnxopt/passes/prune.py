@@ -253,8 +253,7 @@ class Prune(Pass):
             norms = {name: input_norm(used) for name, used in inputs.items()}
             zeros = {t.name: int(np.count_nonzero(mask)) for t, _, mask in self._masks(tensors, norms, None)}
         else:
-            zeros = {t.name: target_count(opts.sparsity, int(np.prod(t.store.tensor(t.name).dims, dtype=np.int64)))
-                     for t in tensors}
+            zeros = {t.name: target_count(opts.sparsity, t.size) for t in tensors}
         for tensor in others:
             weight = tensor.canonical()
             _record(stats, tensor, weight, _magnitude(tensor, weight, zeros[tensor.name], n_m))
@@ -346,7 +345,7 @@ class Prune(Pass):
             return weight, importance(tensor, weight, norms.get(tensor.name))
 
         if n_m is None and self.options.scope == "global":
-            sizes = [int(np.prod(t.store.tensor(t.name).dims, dtype=np.int64)) for t in tensors]
+            sizes = [t.size for t in tensors]
             budget = target_count(sparsity, sum(sizes))
             kth, smaller = (global_kth(lambda: (scored(t)[1] for t in tensors), sizes, budget) if budget
                             else (-np.inf, 0))

@@ -198,6 +198,11 @@ class PrunableTensor:
         """The layout (identical for every use: tensors with conflicting layouts are not prunable)."""
         return self.uses[0]
 
+    @property
+    def size(self) -> int:
+        """Elements, from the dims (the values stay where they are)."""
+        return int(np.prod(self.store.tensor(self.name).dims, dtype=np.int64))
+
     def canonical(self) -> np.ndarray:
         return to_canonical(self.store.array(self.name), self.use)
 
