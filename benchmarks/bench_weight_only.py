@@ -4,6 +4,11 @@ quantize_dynamic (int8), int4 block 32 unless said otherwise.
 
     python benchmarks/bench_weight_only.py                      # minilm_l3 and samples/transformer
     python benchmarks/bench_weight_only.py --decoder-gb 2.5     # plus a generated decoder of that size (once)
+    python benchmarks/bench_weight_only.py --decoder-small --decoder-only   # a 0.08 GB decoder: RTN vs GPTQ
+
+The generated decoder reads token ids drawn with text's word frequencies (Zipf, ``--tokens uniform``
+for the old uniform ids: white layer inputs); it is calibrated on ``--calib-samples`` sequences of
+``--calib-seq`` tokens and scored on distinct held-out sequences (another seed) of the same kind.
 
 Every tool runs in its own child process: wall time and peak RSS (the child's own high-water mark,
 VmHWM) include loading and saving, as a user running it would see. Scores run in
@@ -178,6 +183,12 @@ def tools(calib: Path, external: bool, data: Path | None) -> dict[str, callable]
                                                       "quantize-weights(embedding_bits=8)", "--no-validate", *ext],
         "onnxopt gptq": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p", "quantize-weights(method=gptq)",
                                       "--calib", str(calib), "--no-validate", *ext],
+        "onnxopt gptq, embeddings float": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p",
+                                                        "quantize-weights(method=gptq,embeddings=false)",
+                                                        "--calib", str(calib), "--no-validate", *ext],
+        "onnxopt gptq, no shrinkage": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p",
+                                                    "quantize-weights(method=gptq,shrinkage=false)",
+                                                    "--calib", str(calib), "--no-validate", *ext],
         "ort rtn sym (default)": lambda s, d: [sys.executable, "-c", ORT_NBITS, "rtn_sym", str(s), str(d),
                                                *(["ext"] if external else [])],
         "ort rtn asym": lambda s, d: [sys.executable, "-c", ORT_NBITS, "rtn_asym", str(s), str(d),
@@ -247,6 +258,11 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=SHARED_MODELS)
     parser.add_argument("--decoder-gb", type=float, default=0.0, help="also a generated decoder of this fp32 size")
     parser.add_argument("--decoder-only", action="store_true")
+    parser.add_argument("--decoder-small", action="store_true",
+                        help="also a small decoder (d 512, 4 layers, SwiGLU 1408, vocab 8000: 0.08 GB): RTN vs GPTQ")
+    parser.add_argument("--tokens", choices=["zipf", "uniform"], default="zipf", help="decoder token ids")
+    parser.add_argument("--calib-samples", type=int, default=32, help="decoder calibration sequences")
+    parser.add_argument("--calib-seq", type=int, default=64, help="tokens per decoder calibration sequence")
     parser.add_argument("--tools", nargs="*", help="only these tools (names as in the table)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated models (default: a temp dir)")
     args = parser.parse_args()
@@ -260,23 +276,31 @@ def main() -> None:
                                     minilm / "eval.lengths.npz", work, args.tools)
             rows += bench_model("samples/transformer", SAMPLES / "transformer.onnx", SAMPLES / "transformer.calib.npz",
                                 SAMPLES / "transformer.eval.npz", None, work, args.tools)
+        decoders = []
+        if args.decoder_small:
+            decoders.append((DecoderConfig(vocab=8000, dim=512, layers=4, heads=8, ffn=1408),
+                             args.tools or ["onnxopt rtn", "onnxopt gptq", "onnxopt gptq, no shrinkage",
+                                            "onnxopt rtn, embeddings float", "onnxopt gptq, embeddings float",
+                                            "ort rtn sym (default)", "ort rtn asym"]))
         if args.decoder_gb:
             # dim 2048, 16 heads, SwiGLU 5632, vocab 32000, untied head: layers to reach the size asked
             base = DecoderConfig()
             per_layer = 4 * base.dim ** 2 + 3 * base.dim * base.ffn
             layers = max(1, round((args.decoder_gb * 1e9 / 4 - 2 * base.vocab * base.dim) / per_layer))
-            config = DecoderConfig(layers=layers)
-            folder = work / "decoder"
+            decoders.append((DecoderConfig(layers=layers),
+                             args.tools or ["onnxopt rtn", "onnxopt rtn, validated", "ort rtn sym (default)"]))
+        for config, names in decoders:
+            folder = work / f"decoder{config.dim}x{config.layers}"
             folder.mkdir()
             path = build_decoder(folder / "decoder.onnx", config)
-            print(f"decoder: {layers} layers, {config.parameters / 1e6:.0f}M parameters, "
+            print(f"decoder: {config.layers} layers, {config.parameters / 1e6:.0f}M parameters, "
                   f"{model_bytes(path) / 1e9:.2f} GB fp32", flush=True)
-            evals = token_feeds(folder / "eval.npz", config, samples=4, seq=32, seed=2)
-            calib = token_feeds(folder / "calib.npz", config, samples=8, seq=32, seed=3)
-            data = token_feeds(folder / "data.npz", config, samples=2, seq=32, seed=4)
-            big_tools = args.tools or ["onnxopt rtn", "onnxopt rtn, validated", "ort rtn sym (default)"]
+            evals = token_feeds(folder / "eval.npz", config, samples=8, seq=64, seed=2, distribution=args.tokens)
+            calib = token_feeds(folder / "calib.npz", config, samples=args.calib_samples, seq=args.calib_seq, seed=3,
+                                distribution=args.tokens)
+            data = token_feeds(folder / "data.npz", config, samples=2, seq=32, seed=4, distribution=args.tokens)
             rows += bench_model(f"decoder {model_bytes(path) / 1e9:.2f} GB", path, calib, evals, None, work,
-                                big_tools, external=True, data=data)
+                                names, external=True, data=data)
     print(table(rows))
     out = ROOT / "benchmarks" / "out"
     out.mkdir(exist_ok=True)

@@ -172,9 +172,27 @@ def build_decoder(path: str | Path, config: DecoderConfig = DecoderConfig()) -> 
     return path
 
 
-def token_feeds(path: str | Path, config: DecoderConfig, samples: int, seq: int, seed: int = 1) -> Path:
-    """Sample-major random token ids ``(samples, 1, seq)`` saved as an .npz for --data / --calib."""
-    ids = np.random.default_rng(seed).integers(0, config.vocab, (samples, 1, seq), dtype=np.int64)
+ZIPF_SHIFT = 2.7  # Zipf-Mandelbrot offset: frequency of the token of rank r ~ 1 / (r + 2.7), as in English text
+
+
+def token_feeds(path: str | Path, config: DecoderConfig, samples: int, seq: int, seed: int = 1,
+                distribution: str = "zipf") -> Path:
+    """Sample-major token ids ``(samples, 1, seq)`` saved as an .npz for --data / --calib.
+
+    ``zipf``: drawn independently with the frequencies of words in text (Zipf-Mandelbrot; the ranks
+    are a permutation of the vocabulary fixed by the model's seed, so every draw of one model shares
+    its frequent tokens, as calibration and evaluation text do). ``uniform``: every id alike, which
+    makes every layer's inputs nearly white, a distribution no text has.
+    """
+    rng = np.random.default_rng(seed)
+    if distribution == "uniform":
+        ids = rng.integers(0, config.vocab, (samples, 1, seq), dtype=np.int64)
+    elif distribution == "zipf":
+        weights = 1 / (np.arange(config.vocab) + ZIPF_SHIFT)
+        ranks = rng.choice(config.vocab, (samples, 1, seq), p=weights / weights.sum())
+        ids = np.random.default_rng(config.seed).permutation(config.vocab)[ranks].astype(np.int64)
+    else:
+        raise ValueError(f"distribution must be zipf or uniform, not {distribution!r}")
     np.savez(path, input_ids=ids)
     return Path(path)
 

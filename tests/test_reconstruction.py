@@ -59,6 +59,40 @@ def test_gptq_on_uncorrelated_identity_statistics_is_round_to_nearest():
     assert np.array_equal(codes, np.clip(np.rint(w / s) + z, 0, 7))
 
 
+def test_gptq_act_order_visits_outlier_inputs_first_and_wins_on_held_out_rows():
+    """Eight inputs 20x louder than the rest, last in input order: in that order GPTQ rounds them last, with
+    nothing left to compensate their error; by descending diag(XᵀX) they go first."""
+    rng = np.random.default_rng(0)
+    mix, loud = rng.standard_normal((16, 128)), np.r_[np.ones(120), np.full(8, 20.0)]
+
+    def rows(count: int) -> np.ndarray:
+        return (rng.standard_normal((count, 16)) @ mix + 0.3 * rng.standard_normal((count, 128))) * loud
+
+    x, held_out, w = rows(1024), rows(4096), rng.standard_normal((128, 32))
+    errors = []
+    for act_order in (False, True):
+        codes, scales, zero_points, _ = gptq(w, x.T @ x, maxq=15, group_size=32, choose_grid=minmax_grid(15),
+                                             act_order=act_order)
+        errors.append(layer_error(held_out, w, dequantize(codes, scales, zero_points, 32)))
+    assert errors[1] < 0.3 * errors[0], errors
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 999), groups=st.integers(1, 4))
+def test_gptq_act_order_on_diagonal_statistics_is_round_to_nearest_on_the_static_grid(seed, groups):
+    """Without correlation nothing is compensated, whatever the order: act_order's codes are each group's own
+    round-to-nearest on the grid chosen from the weights as given (its static groups), in the input order."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((16 * groups, 8))
+    hessian = np.diag(rng.uniform(0.1, 10, 16 * groups))  # visiting order: a random permutation
+    choose = minmax_grid(15)
+    codes, scales, zero_points, _ = gptq(w, hessian, maxq=15, group_size=16, choose_grid=choose, act_order=True)
+    for g, block in enumerate(np.split(w, groups)):
+        s, z = choose(block)
+        np.testing.assert_array_equal(scales[g], s)
+        np.testing.assert_array_equal(codes[16 * g: 16 * (g + 1)], np.clip(np.rint(block / s) + z, 0, 15))
+
+
 def test_gptq_rejects_a_group_size_that_does_not_divide_the_inputs():
     with pytest.raises(SolverError, match="group_size 5 must divide the 32 inputs"):
         gptq(np.zeros((32, 4)), np.eye(32), maxq=15, group_size=5, choose_grid=minmax_grid(15))
@@ -192,3 +226,71 @@ def test_statistics_merge_equals_one_stream_and_target_mismatch_is_refused():
     w = rng.standard_normal((1, 9, 5))
     a = np.concatenate([x.reshape(-1, 8), np.ones((30, 1))], axis=1)
     assert whole.residual(w) == pytest.approx(float(np.sum((a @ w[0] - y.reshape(-1, 5)) ** 2)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- shrinkage of XᵀX
+
+
+def off_diagonal_square(a: np.ndarray) -> float:
+    return float(np.sum(a * a) - np.sum(np.diag(a) ** 2))
+
+
+@settings(max_examples=25, deadline=None)
+@given(samples=st.integers(1, 6), rows=st.integers(1, 5), k=st.integers(1, 7), split=st.integers(0, 6),
+       chunk_bytes=st.sampled_from([32 << 20, 64]), seed=st.integers(0, 99))
+def test_noise_sums_are_their_definition_and_merge_like_the_sums(samples, rows, k, split, chunk_bytes, seed):
+    """``row_noise = Σ_rows Σ_{i≠j} (x_i x_j)²``, ``sample_noise = Σ_samples Σ_{i≠j} (X_sᵀX_s)²_ij``, whatever the
+    chunking; statistics of two shards merge into the statistics of the whole."""
+    from onnxopt.reconstruction import statistics
+
+    x = np.random.default_rng(seed).standard_normal((samples, rows, k)).astype(np.float32)
+    geometry = LayerGeometry.linear(k, 1)
+    original = statistics.CHUNK_BYTES
+    statistics.CHUNK_BYTES = chunk_bytes
+    try:
+        whole = LayerStatistics.empty(geometry)
+        whole.update(geometry, x)
+        parts = [LayerStatistics.empty(geometry) for _ in range(2)]
+        split = min(split, samples)
+        for part, piece in zip(parts, (x[:split], x[split:])):
+            if len(piece):
+                part.update(geometry, piece)
+    finally:
+        statistics.CHUNK_BYTES = original
+    x64 = x.astype(np.float64)
+    rows_expected = sum(off_diagonal_square(np.outer(r, r)) for r in x64.reshape(-1, k))
+    samples_expected = sum(off_diagonal_square(s.T @ s) for s in x64)
+    scale = 1e-6 * float(np.sum(x64 ** 2)) ** 2  # float32 products: differences of sums of this size
+    assert whole.row_noise[0] == pytest.approx(rows_expected, rel=1e-4, abs=scale)
+    assert whole.sample_noise == pytest.approx(samples_expected, rel=1e-4, abs=scale)
+    assert whole.samples == samples and whole.rows == samples * rows
+    merged = parts[0].merge(parts[1])
+    assert (merged.samples, merged.rows) == (whole.samples, whole.rows)
+    assert merged.sample_noise == pytest.approx(whole.sample_noise, rel=1e-4, abs=scale)
+    np.testing.assert_allclose(merged.shrinkage(), whole.shrinkage(), rtol=1e-4, atol=1e-6)
+
+
+def test_shrinkage_is_near_one_for_white_inputs_over_few_rows_and_near_zero_for_correlated_ones():
+    geometry = LayerGeometry.linear(64, 1)
+    white = LayerStatistics.empty(geometry)
+    white.update(geometry, np.random.default_rng(0).standard_normal((40, 64)))  # 40 rows, 64 inputs: singular XᵀX
+    correlated_rows = LayerStatistics.empty(geometry)
+    correlated_rows.update(geometry, correlated(4000, 64, 4))
+    assert white.shrinkage()[0] > 0.9 and correlated_rows.shrinkage()[0] < 0.05
+    shrunk = white.shrunk_hessian()[0]
+    np.testing.assert_allclose(np.diag(shrunk), np.diag(white.hessian[0]))  # the diagonal is kept
+    np.testing.assert_allclose(shrunk - np.diag(np.diag(shrunk)),
+                               (1 - white.shrinkage()[0]) * (white.hessian[0] - np.diag(np.diag(white.hessian[0]))))
+
+
+def test_shrinkage_counts_a_sample_whose_rows_move_together_as_one_observation():
+    """Six sequences of 32 near-copies of one row each: 192 rows but six observations. Rows alone would call
+    the off-diagonal sums well measured; the samples say they are noise."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 1, 64)) + 0.01 * rng.standard_normal((6, 32, 64))
+    geometry = LayerGeometry.linear(64, 1)
+    stats = LayerStatistics.empty(geometry)
+    stats.update(geometry, x)
+    h = stats.hessian[0]
+    by_rows = stats.row_noise[0] / off_diagonal_square(h) - 1 / stats.rows
+    assert by_rows < 0.2 < 0.8 < stats.shrinkage()[0]

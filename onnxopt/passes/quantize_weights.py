@@ -20,11 +20,20 @@ does not divide is padded with zero rows to whole blocks (``padded_k`` counts th
 both ops define for it.
 
 ``method=gptq`` compensates each layer's rounding error with the input Hessian ``XᵀX`` of that
-layer streamed from the calibration data (see :mod:`onnxopt.reconstruction`). ``rounding=learned``
+layer streamed from the calibration data (see :mod:`onnxopt.reconstruction`), visiting inputs by
+descending ``diag(XᵀX)`` with each block's grid fixed up front (``act_order``; minilm_l3's sentence
+cosine 0.9958 -> 0.9960, samples/transformer 0.9881 -> 0.9913, tables float). ``rounding=learned``
 keeps the block grid of round-to-nearest and learns, per weight, rounding down or up against the same
 ``XᵀX`` (AdaRound, :func:`~onnxopt.reconstruction.learned_rounding`, the solver ``quantize`` uses);
 with ``method=gptq`` too, it takes GPTQ's grid and chooses floor or ceiling of GPTQ's compensated
 weights. A layer keeps the nearest (or GPTQ's) codes where those have the smaller layer error.
+
+Both solve against ``XᵀX`` shrunk toward its diagonal by the amount its own sampling noise calls for
+(``shrinkage=true``, :meth:`~onnxopt.reconstruction.LayerStatistics.shrinkage`): with fewer
+calibration rows than a layer has inputs the raw ``XᵀX`` is singular, and GPTQ moved the rounding
+error into the directions the calibration data never visited, where held-out data finds it (a
+generated decoder's layers, white inputs, 256 tokens for 512 inputs: 2.7x round-to-nearest's
+held-out error; shrunk: 1.00x, and below it once the data carry real correlation).
 """
 
 from __future__ import annotations
@@ -93,6 +102,8 @@ class QuantizeWeights(Pass):
         rounding: str = "nearest"  # nearest | learned (AdaRound on the block grid; needs --calib)
         lr_schedule: str = "constant"  # learned rounding: cosine | step | exponential | constant
         rounding_steps: int = 100
+        shrinkage: bool = True  # XᵀX shrunk toward its diagonal by its estimated sampling noise (method=gptq / learned)
+        act_order: bool = True  # GPTQ visits inputs by descending XᵀX diagonal, block grids fixed up front
 
         def __post_init__(self) -> None:
             if self.bits not in (4, 8):
@@ -132,13 +143,14 @@ class QuantizeWeights(Pass):
         rewriters = [_GraphRewriter(graph, self.options, make_name, shapes, stats) for graph in walk_graphs(model.graph)]
         plans = [(rewriter, rewriter.eligible()) for rewriter in rewriters]
         errors = [0.0, 0.0]
+        self.shrinkage: dict[str, float] = {}  # layer input -> the shrinkage its XᵀX got
         # inner graphs first: rebuilding an outer graph's nodes copies the subgraphs they hold
         for rewriter, weights in reversed(plans):
             gptq_top = self.options.solved and rewriter is rewriters[0]
             for group in _hessian_groups(rewriter, weights) if gptq_top else [weights]:
                 hessians = self._hessians(model, rewriter, group, stats) if gptq_top else {}
                 for weight in group:
-                    for record in rewriter.quantize(weight, hessians):
+                    for record in rewriter.quantize(weight, hessians, self.shrinkage):
                         layers.append(record)
                         errors[0] += record.pop("sq_error")
                         errors[1] += record.pop("sq_norm")
@@ -179,7 +191,11 @@ class QuantizeWeights(Pass):
             raise InputError(f"quantize-weights: {'method=gptq' if self.options.method == 'gptq' else 'rounding=learned'}"
                              " got no calibration samples")
         stats["gptq_calibration_samples"] = samples
-        return {name: stat.hessian[0] for name, stat in statistics.items()}
+        if not self.options.shrinkage:
+            return {name: stat.hessian[0] for name, stat in statistics.items()}
+        self.shrinkage.update({name: float(stat.shrinkage()[0]) for name, stat in statistics.items()})
+        stats["hessian_shrinkage_max"] = max(self.shrinkage.values())
+        return {name: stat.shrunk_hessian()[0] for name, stat in statistics.items()}
 
 
 def _hessian_groups(rewriter: _GraphRewriter, weights: list[_Weight]) -> list[list[_Weight]]:
@@ -269,8 +285,9 @@ class _GraphRewriter:
         bias = node.input[2] if len(node.input) > 2 else ""
         return not bias or bias in self.store or attribute(node, "beta", 1.0) == 1.0
 
-    def quantize(self, weight: _Weight, hessians: dict[str, np.ndarray]) -> list[dict]:
-        """Quantize ``weight`` once per layout its readers need and rewrite every reader.
+    def quantize(self, weight: _Weight, hessians: dict[str, np.ndarray], shrinkage: dict[str, float]) -> list[dict]:
+        """Quantize ``weight`` once per layout its readers need and rewrite every reader (``shrinkage``: how far
+        each layer input's ``XᵀX`` was shrunk, for the report).
 
         With GPTQ a layout's Hessian is the sum over its MatMul / Gemm readers' inputs (a tied
         embedding table takes the codes its LM head chose); without any, the weight is rounded.
@@ -296,11 +313,14 @@ class _GraphRewriter:
             q = forms[transposed]
             if q.k % self.opt.block_size:
                 count(self.stats, "padded_k")
+            shrunk = [shrinkage[u.node.input[0]] for u in weight.uses
+                      if u.transposed == transposed and u.node.input[0] in shrinkage]
             records.append({"name": weight.name, "K": q.k, "N": q.n, "ops": sorted({u.node.op_type for u in weight.uses
                                                                                   if u.transposed == transposed}),
                             "relative_error": float(np.sqrt(q.sq_error / q.sq_norm)) if q.sq_norm else 0.0,
                             "sq_error": q.sq_error, "sq_norm": q.sq_norm,
-                            **({"loss_curve": solved.loss_curve} if solved is not None and solved.loss_curve else {})})
+                            **({"loss_curve": solved.loss_curve} if solved is not None and solved.loss_curve else {}),
+                            **({"hessian_shrinkage": round(max(shrunk), 4)} if shrunk else {})})
             self.stats["weights_quantized"] += array.size
         del array
         shared: dict[tuple, str] = {}
@@ -374,7 +394,7 @@ class _GraphRewriter:
             codes, scales, zero_points, damping = gptq(
                 padded, hessian, maxq=max_code(bits), group_size=block,
                 choose_grid=grid_chooser(bits, self.opt.symmetric, self.opt.grid), damping=self.opt.damping,
-                updated=updated)
+                updated=updated, act_order=self.opt.act_order)
         self.stats["gptq_max_damping"] = max(self.stats.get("gptq_max_damping", 0.0), damping)
         count(self.stats, "gptq_layers")
         return BlockQuantized(codes.astype(np.uint8), scales.astype(np.float32), zero_points.astype(np.uint8),

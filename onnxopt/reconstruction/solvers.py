@@ -77,36 +77,50 @@ def obs_sweep(weight: np.ndarray, upper: np.ndarray, step: RowStep, block: int =
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, *, maxq: int, group_size: int,
          choose_grid: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], damping: float = 0.01,
-         block: int = 128, updated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+         block: int = 128, updated: np.ndarray | None = None, act_order: bool = False
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """GPTQ: round ``weight (K, N)`` onto a ``[0, maxq]`` grid per group of ``group_size`` inputs, compensating.
 
     ``choose_grid(rows (g, N))`` returns ``(scale (N,), zero_point (N,))`` for a group, from the rows
     as updated so far; a code ``q`` stands for ``(q - zero_point) * scale``. Returns
     ``(codes int64 (K, N), scales (K/g, N), zero_points (K/g, N), damping_used)``; ``updated`` (K, N),
     when given, receives each row as compensated just before it was rounded (where learned rounding starts).
+
+    ``act_order`` (the reference's ``desc_act`` with ``static_groups``): rows are visited by descending
+    ``diag(H)``, the inputs that carry the most signal first while every other row can still compensate them;
+    each group's grid is then chosen up front from the weights as given, so a block's scale stays one grid
+    whatever order its rows are visited in (the layout ``MatMulNBits`` needs). Codes come back in input order.
     """
     k, n = np.shape(weight)
     if group_size <= 0 or k % group_size:
         raise SolverError(f"gptq: group_size {group_size} must divide the {k} inputs")
     if np.shape(hessian) != (k, k):
         raise SolverError(f"gptq: hessian {np.shape(hessian)} does not match {k} inputs")
-    upper, used = damped_inverse_cholesky(hessian, damping)
     groups = k // group_size
     codes = np.zeros((k, n), np.int64)
     scales = np.zeros((groups, n))
     zero_points = np.zeros((groups, n))
-    block = (block // group_size) * group_size if group_size <= block else group_size  # a group never spans blocks
+    order = np.arange(k)
+    if act_order:  # static groups: each group's grid from the weights as given, before any compensation
+        for g in range(groups):
+            scales[g], zero_points[g] = choose_grid(np.asarray(weight[g * group_size: (g + 1) * group_size],
+                                                               dtype=np.float64))
+        order = np.argsort(-np.diag(hessian), kind="stable")
+        weight, hessian = np.asarray(weight)[order], np.asarray(hessian)[np.ix_(order, order)]
+    else:
+        block = (block // group_size) * group_size if group_size <= block else group_size  # a group never spans blocks
+    upper, used = damped_inverse_cholesky(hessian, damping)
 
     def step(row: int, i: int, w1: np.ndarray, _u1: np.ndarray) -> np.ndarray:
-        g = row // group_size
-        if row % group_size == 0:
-            scale, zero = choose_grid(w1[i: i + group_size])
-            scales[g], zero_points[g] = scale, zero
+        source = order[row]
+        g = source // group_size
+        if not act_order and row % group_size == 0:
+            scales[g], zero_points[g] = choose_grid(w1[i: i + group_size])
         scale, zero = scales[g], zero_points[g]
         if updated is not None:
-            updated[row] = w1[i]
+            updated[source] = w1[i]
         q = np.clip(np.rint(np.divide(w1[i], scale, out=np.zeros(n), where=scale != 0)) + zero, 0, maxq)
-        codes[row] = q
+        codes[source] = q
         return (q - zero) * scale
 
     obs_sweep(weight, upper, step, block)

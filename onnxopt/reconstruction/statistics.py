@@ -8,6 +8,13 @@ so a group's weight as a MatMul is ``canonical[outs of group].reshape(outs, -1).
 
 Sums are float64, mergeable, and never hold rows: a batch is unfolded in chunks of at most
 ``CHUNK_BYTES`` so a big feature map never exists unfolded in memory at once.
+
+Beside the sums, two scalars per group measure their sampling noise (how much ``XᵀX``'s
+off-diagonal would move on other calibration data of the same kind): over rows, and over samples
+(a sample's rows, e.g. the tokens of one sequence, are not independent of each other).
+:meth:`LayerStatistics.shrinkage` turns them into how far ``XᵀX`` should be shrunk toward its
+diagonal: a solver fitted to the off-diagonal noise of few rows (fewer than the inputs: a
+rank-deficient ``XᵀX``) over-fits the calibration data and loses on any other.
 """
 
 from __future__ import annotations
@@ -146,6 +153,27 @@ def _square_sum(values: np.ndarray) -> float:
     return float(np.dot(flat, flat))
 
 
+def _off_diagonal_square(grams: np.ndarray, feature_squares: np.ndarray) -> float:
+    """``Σ_{i≠j} (XᵀX)²_ij`` summed over samples, from each sample's grams (``XᵀX`` or ``XXᵀ``: the same
+    Frobenius norm) and its ``diag(XᵀX)`` (``feature_squares``, ``(samples, K)``)."""
+    flat = grams.reshape(-1)
+    return float(np.dot(flat, flat)) - float(np.einsum("sk,sk->", feature_squares, feature_squares, dtype=np.float64))
+
+
+def sample_noise(x: np.ndarray) -> float:
+    """``Σ_s Σ_{i≠j} (X_sᵀX_s)²_ij`` over the samples ``x (S, T, K)`` (T rows each), in bounded chunks:
+    through the smaller of the ``T x T`` and ``K x K`` grams."""
+    samples, rows, k = x.shape
+    small = min(rows, k)
+    step = max(1, CHUNK_BYTES // (4 * (rows * k + small * small)))
+    total = 0.0
+    for start in range(0, samples, step):
+        part = np.asarray(x[start: start + step], dtype=np.float32)
+        grams = part @ np.swapaxes(part, 1, 2) if rows <= k else np.swapaxes(part, 1, 2) @ part
+        total += _off_diagonal_square(grams, (part * part).sum(axis=1, dtype=np.float64))
+    return total
+
+
 def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int, stride: int = 1,
             reach: int = 1) -> Iterator[np.ndarray]:
     """Slices of a ``(B, C, spatial...)`` array whose ``positions x features`` float32 rows fit
@@ -170,6 +198,10 @@ class LayerStatistics:
     """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
     a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
 
+    ``row_noise`` and ``sample_noise`` are ``Σ_{i≠j} (x xᵀ)²_ij`` summed over rows and ``Σ_{i≠j}
+    (X_sᵀX_s)²_ij`` over samples (a leading index of a MatMul / Gemm input; Conv layers count rows
+    only): see :meth:`shrinkage`.
+
     Products are float32 per chunk (BLAS speed), sums float64. :meth:`anchor` sums the error of
     ``start`` weights, ``Σ |A start - Y|²``, directly (one more product) near a match, so residuals
     there are exact instead of a difference of large float32 sums.
@@ -182,12 +214,16 @@ class LayerStatistics:
     rows: int = 0
     start: np.ndarray | None = None  # (G, K [+1], N)
     start_sq: float = 0.0
+    row_noise: np.ndarray | None = None  # (G,)
+    sample_noise: float = 0.0
+    samples: int = 0
 
     @classmethod
     def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False) -> LayerStatistics:
         size = geometry.inputs + bias
         return cls(np.zeros((geometry.groups, size, size)),
-                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias)
+                   np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias,
+                   row_noise=np.zeros(geometry.groups))
 
     def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None, *, gram: bool = True) -> bool:
         """Fold one batch (the layer's input, and its target when the statistics have one) in.
@@ -204,9 +240,18 @@ class LayerStatistics:
                 return False
             targets = geometry.targets(y)
         k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
+        if gram and not geometry.is_conv:
+            rows_last = np.moveaxis(np.asarray(x), geometry.data_axis, -1)
+            units = rows_last.reshape(-1, rows_last.shape[-2] if rows_last.ndim > 2 else 1, k)
+            self.sample_noise += sample_noise(units)
+            self.samples += len(units)
         for at in geometry.columns(x):
             sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
             if gram:
+                squares = at * at  # per row Σ_{i≠j} x_i² x_j² = |x|⁴ - Σ x_i⁴
+                norms = squares.sum(axis=1, dtype=np.float64)
+                self.row_noise += np.einsum("gr,gr->g", norms, norms) - [_square_sum(g) for g in squares]
+                del squares
                 # one group: 2-D A Aᵀ, which numpy computes as a symmetric rank-k update (half the work)
                 self.gram[:, :k, :k] += at[0] @ at[0].T if len(at) == 1 else at @ np.swapaxes(at, 1, 2)
                 if self.bias:
@@ -265,12 +310,39 @@ class LayerStatistics:
     def merge(self, other: LayerStatistics) -> LayerStatistics:
         return LayerStatistics(self.gram + other.gram, None if self.cross is None else self.cross + other.cross,
                                self.bias, self.target_sq + other.target_sq, self.rows + other.rows, self.start,
-                               self.start_sq + other.start_sq)
+                               self.start_sq + other.start_sq, self.row_noise + other.row_noise,
+                               self.sample_noise + other.sample_noise, self.samples + other.samples)
 
     @property
     def hessian(self) -> np.ndarray:
         """``XᵀX`` per group without the bias column: ``(G, K, K)``."""
         return self.gram[:, : self.gram.shape[1] - self.bias, : self.gram.shape[1] - self.bias]
+
+    def shrinkage(self) -> np.ndarray:
+        """Per group, the weight ``α`` in ``(1 - α) XᵀX + α diag(XᵀX)`` that best estimates the inputs' true
+        second moment from these rows (Ledoit & Wolf 2004 with a diagonal target, as Schäfer & Strimmer 2005):
+        the estimated sampling variance of the off-diagonal sums over their square,
+        ``α = Σ_{i≠j} Σ_u (x_u x_uᵀ)²_ij / Σ_{i≠j} (XᵀX)²_ij - 1 / units``.
+
+        Computed with rows and with samples as the independent units, the larger kept: rows alone
+        understate the noise when a sample's rows move together (tokens an attention layer averaged),
+        a few samples alone give a noisy estimate. White inputs over few rows: ``α`` near 1 (GPTQ
+        becomes round-to-nearest); strongly correlated inputs: near 0.
+        """
+        h = self.hessian
+        diagonal = np.einsum("gii->gi", h)
+        off = np.einsum("gij,gij->g", h, h) - np.einsum("gi,gi->g", diagonal, diagonal)
+        safe = np.where(off > 0, off, 1.0)
+        alpha = self.row_noise / safe - 1 / max(self.rows, 1)
+        if self.samples:
+            alpha = np.maximum(alpha, self.sample_noise / safe - 1 / self.samples)
+        return np.clip(np.where(off > 0, alpha, 0.0), 0.0, 1.0)
+
+    def shrunk_hessian(self) -> np.ndarray:
+        """``(1 - α) XᵀX + α diag(XᵀX)`` per group (``α`` from :meth:`shrinkage`): ``(G, K, K)``."""
+        alpha = self.shrinkage()[:, None, None]
+        h = self.hessian
+        return (1 - alpha) * h + alpha * (np.eye(h.shape[1]) * h)
 
     def centered(self) -> np.ndarray:
         """``(X - mean)ᵀ(X - mean)`` per group (needs the bias column): the error that remains once a
