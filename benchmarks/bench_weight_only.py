@@ -5,6 +5,7 @@ quantize_dynamic (int8), int4 block 32 unless said otherwise.
     python benchmarks/bench_weight_only.py                      # minilm_l3 and samples/transformer
     python benchmarks/bench_weight_only.py --decoder-gb 2.5     # plus a generated decoder of that size (once)
     python benchmarks/bench_weight_only.py --decoder-small --decoder-only   # a 0.08 GB decoder: RTN vs GPTQ
+    python benchmarks/bench_weight_only.py --decoder-medium --decoder-only  # 0.57 GB (d 1024): RTN vs GPTQ
 
 The generated decoder reads token ids drawn with text's word frequencies (Zipf, ``--tokens uniform``
 for the old uniform ids: white layer inputs); it is calibrated on ``--calib-samples`` sequences of
@@ -189,6 +190,9 @@ def tools(calib: Path, external: bool, data: Path | None) -> dict[str, callable]
         "onnxopt gptq, no shrinkage": lambda s, d: [*ONNXOPT, str(s), "-o", str(d), "-p",
                                                     "quantize-weights(method=gptq,shrinkage=false)",
                                                     "--calib", str(calib), "--no-validate", *ext],
+        "onnxopt gptq, no shrinkage, input order": lambda s, d: [
+            *ONNXOPT, str(s), "-o", str(d), "-p", "quantize-weights(method=gptq,shrinkage=false,act_order=false)",
+            "--calib", str(calib), "--no-validate", *ext],
         "ort rtn sym (default)": lambda s, d: [sys.executable, "-c", ORT_NBITS, "rtn_sym", str(s), str(d),
                                                *(["ext"] if external else [])],
         "ort rtn asym": lambda s, d: [sys.executable, "-c", ORT_NBITS, "rtn_asym", str(s), str(d),
@@ -260,6 +264,8 @@ def main() -> None:
     parser.add_argument("--decoder-only", action="store_true")
     parser.add_argument("--decoder-small", action="store_true",
                         help="also a small decoder (d 512, 4 layers, SwiGLU 1408, vocab 8000: 0.08 GB): RTN vs GPTQ")
+    parser.add_argument("--decoder-medium", action="store_true",
+                        help="also a decoder of d 1024, 6 layers, SwiGLU 2816, vocab 32000 (0.57 GB): RTN vs GPTQ")
     parser.add_argument("--tokens", choices=["zipf", "uniform"], default="zipf", help="decoder token ids")
     parser.add_argument("--calib-samples", type=int, default=32, help="decoder calibration sequences")
     parser.add_argument("--calib-seq", type=int, default=64, help="tokens per decoder calibration sequence")
@@ -277,11 +283,13 @@ def main() -> None:
             rows += bench_model("samples/transformer", SAMPLES / "transformer.onnx", SAMPLES / "transformer.calib.npz",
                                 SAMPLES / "transformer.eval.npz", None, work, args.tools)
         decoders = []
+        gptq_tools = ["onnxopt rtn", "onnxopt gptq", "onnxopt gptq, no shrinkage", "onnxopt gptq, no shrinkage, input order",
+                      "onnxopt rtn, embeddings float", "onnxopt gptq, embeddings float", "ort rtn sym (default)",
+                      "ort rtn asym"]
         if args.decoder_small:
-            decoders.append((DecoderConfig(vocab=8000, dim=512, layers=4, heads=8, ffn=1408),
-                             args.tools or ["onnxopt rtn", "onnxopt gptq", "onnxopt gptq, no shrinkage",
-                                            "onnxopt rtn, embeddings float", "onnxopt gptq, embeddings float",
-                                            "ort rtn sym (default)", "ort rtn asym"]))
+            decoders.append((DecoderConfig(vocab=8000, dim=512, layers=4, heads=8, ffn=1408), args.tools or gptq_tools))
+        if args.decoder_medium:
+            decoders.append((DecoderConfig(dim=1024, layers=6, ffn=2816), args.tools or gptq_tools))
         if args.decoder_gb:
             # dim 2048, 16 heads, SwiGLU 5632, vocab 32000, untied head: layers to reach the size asked
             base = DecoderConfig()
