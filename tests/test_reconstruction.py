@@ -248,9 +248,9 @@ def test_noise_sums_are_their_definition_and_merge_like_the_sums(samples, rows, 
     original = statistics.CHUNK_BYTES
     statistics.CHUNK_BYTES = chunk_bytes
     try:
-        whole = LayerStatistics.empty(geometry)
+        whole = LayerStatistics.empty(geometry, noise=True)
         whole.update(geometry, x)
-        parts = [LayerStatistics.empty(geometry) for _ in range(2)]
+        parts = [LayerStatistics.empty(geometry, noise=True) for _ in range(2)]
         split = min(split, samples)
         for part, piece in zip(parts, (x[:split], x[split:])):
             if len(piece):
@@ -272,11 +272,13 @@ def test_noise_sums_are_their_definition_and_merge_like_the_sums(samples, rows, 
 
 def test_shrinkage_is_near_one_for_white_inputs_over_few_rows_and_near_zero_for_correlated_ones():
     geometry = LayerGeometry.linear(64, 1)
-    white = LayerStatistics.empty(geometry)
+    white = LayerStatistics.empty(geometry, noise=True)
     white.update(geometry, np.random.default_rng(0).standard_normal((40, 64)))  # 40 rows, 64 inputs: singular XᵀX
-    correlated_rows = LayerStatistics.empty(geometry)
+    correlated_rows = LayerStatistics.empty(geometry, noise=True)
     correlated_rows.update(geometry, correlated(4000, 64, 4))
     assert white.shrinkage()[0] > 0.9 and correlated_rows.shrinkage()[0] < 0.05
+    with pytest.raises(ValueError, match="noise=True"):
+        LayerStatistics.empty(geometry).shrinkage()
     shrunk = white.shrunk_hessian()[0]
     np.testing.assert_allclose(np.diag(shrunk), np.diag(white.hessian[0]))  # the diagonal is kept
     np.testing.assert_allclose(shrunk - np.diag(np.diag(shrunk)),
@@ -289,7 +291,7 @@ def test_shrinkage_counts_a_sample_whose_rows_move_together_as_one_observation()
     rng = np.random.default_rng(4)
     x = rng.standard_normal((6, 1, 64)) + 0.01 * rng.standard_normal((6, 32, 64))
     geometry = LayerGeometry.linear(64, 1)
-    stats = LayerStatistics.empty(geometry)
+    stats = LayerStatistics.empty(geometry, noise=True)
     stats.update(geometry, x)
     h = stats.hessian[0]
     by_rows = stats.row_noise[0] / off_diagonal_square(h) - 1 / stats.rows

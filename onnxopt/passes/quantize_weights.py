@@ -176,7 +176,7 @@ class QuantizeWeights(Pass):
             for use in weight.uses:
                 if use.node.op_type != "Gather":
                     geometry[use.node.input[0]] = LayerGeometry.linear(dims[1] if use.transposed else dims[0], 1)
-        statistics = {name: LayerStatistics.empty(g) for name, g in geometry.items()}
+        statistics = {name: LayerStatistics.empty(g, noise=self.options.shrinkage) for name, g in geometry.items()}
         inputs = {v.name for v in model.graph.input}
         fetched = [name for name in statistics if name not in inputs]
         samples = 0

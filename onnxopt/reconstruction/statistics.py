@@ -9,7 +9,7 @@ so a group's weight as a MatMul is ``canonical[outs of group].reshape(outs, -1).
 Sums are float64, mergeable, and never hold rows: a batch is unfolded in chunks of at most
 ``CHUNK_BYTES`` so a big feature map never exists unfolded in memory at once.
 
-Beside the sums, two scalars per group measure their sampling noise (how much ``XᵀX``'s
+Beside the sums, two scalars per group (``noise=True``) measure their sampling noise (how much ``XᵀX``'s
 off-diagonal would move on other calibration data of the same kind): over rows, and over samples
 (a sample's rows, e.g. the tokens of one sequence, are not independent of each other).
 :meth:`LayerStatistics.shrinkage` turns them into how far ``XᵀX`` should be shrunk toward its
@@ -198,9 +198,9 @@ class LayerStatistics:
     """``gram = Σ AᵀA`` per group, ``cross = Σ AᵀY`` and ``Σ Y²`` over the rows ``A = [X, 1]`` (``[X]`` without
     a bias column); ``rows`` counts them. Mergeable: sums over shards equal the sums over all rows.
 
-    ``row_noise`` and ``sample_noise`` are ``Σ_{i≠j} (x xᵀ)²_ij`` summed over rows and ``Σ_{i≠j}
-    (X_sᵀX_s)²_ij`` over samples (a leading index of a MatMul / Gemm input; Conv layers count rows
-    only): see :meth:`shrinkage`.
+    With ``noise``, ``row_noise`` and ``sample_noise`` are ``Σ_{i≠j} (x xᵀ)²_ij`` summed over rows and
+    ``Σ_{i≠j} (X_sᵀX_s)²_ij`` over samples (a leading index of a MatMul / Gemm input; Conv layers count
+    rows only): see :meth:`shrinkage`.
 
     Products are float32 per chunk (BLAS speed), sums float64. :meth:`anchor` sums the error of
     ``start`` weights, ``Σ |A start - Y|²``, directly (one more product) near a match, so residuals
@@ -214,16 +214,17 @@ class LayerStatistics:
     rows: int = 0
     start: np.ndarray | None = None  # (G, K [+1], N)
     start_sq: float = 0.0
-    row_noise: np.ndarray | None = None  # (G,)
+    row_noise: np.ndarray | None = None  # (G,); None: not collected
     sample_noise: float = 0.0
     samples: int = 0
 
     @classmethod
-    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False) -> LayerStatistics:
+    def empty(cls, geometry: LayerGeometry, *, bias: bool = False, target: bool = False, noise: bool = False
+              ) -> LayerStatistics:
         size = geometry.inputs + bias
         return cls(np.zeros((geometry.groups, size, size)),
                    np.zeros((geometry.groups, size, geometry.outputs)) if target else None, bias,
-                   row_noise=np.zeros(geometry.groups))
+                   row_noise=np.zeros(geometry.groups) if noise else None)
 
     def update(self, geometry: LayerGeometry, x: np.ndarray, y: np.ndarray | None = None, *, gram: bool = True) -> bool:
         """Fold one batch (the layer's input, and its target when the statistics have one) in.
@@ -240,18 +241,20 @@ class LayerStatistics:
                 return False
             targets = geometry.targets(y)
         k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
-        if gram and not geometry.is_conv:
+        noise = gram and self.row_noise is not None
+        if noise and not geometry.is_conv:
             rows_last = np.moveaxis(np.asarray(x), geometry.data_axis, -1)
             units = rows_last.reshape(-1, rows_last.shape[-2] if rows_last.ndim > 2 else 1, k)
             self.sample_noise += sample_noise(units)
             self.samples += len(units)
         for at in geometry.columns(x):
             sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
-            if gram:
+            if noise:
                 squares = at * at  # per row Σ_{i≠j} x_i² x_j² = |x|⁴ - Σ x_i⁴
                 norms = squares.sum(axis=1, dtype=np.float64)
                 self.row_noise += np.einsum("gr,gr->g", norms, norms) - [_square_sum(g) for g in squares]
                 del squares
+            if gram:
                 # one group: 2-D A Aᵀ, which numpy computes as a symmetric rank-k update (half the work)
                 self.gram[:, :k, :k] += at[0] @ at[0].T if len(at) == 1 else at @ np.swapaxes(at, 1, 2)
                 if self.bias:
@@ -310,7 +313,8 @@ class LayerStatistics:
     def merge(self, other: LayerStatistics) -> LayerStatistics:
         return LayerStatistics(self.gram + other.gram, None if self.cross is None else self.cross + other.cross,
                                self.bias, self.target_sq + other.target_sq, self.rows + other.rows, self.start,
-                               self.start_sq + other.start_sq, self.row_noise + other.row_noise,
+                               self.start_sq + other.start_sq,
+                               None if self.row_noise is None else self.row_noise + other.row_noise,
                                self.sample_noise + other.sample_noise, self.samples + other.samples)
 
     @property
@@ -329,6 +333,8 @@ class LayerStatistics:
         a few samples alone give a noisy estimate. White inputs over few rows: ``α`` near 1 (GPTQ
         becomes round-to-nearest); strongly correlated inputs: near 0.
         """
+        if self.row_noise is None:
+            raise ValueError("shrinkage needs statistics collected with noise=True")
         h = self.hessian
         diagonal = np.einsum("gii->gi", h)
         off = np.einsum("gij,gij->g", h, h) - np.einsum("gi,gi->g", diagonal, diagonal)
