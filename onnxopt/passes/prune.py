@@ -30,9 +30,10 @@ import onnx
 from ..errors import InputError
 from .base import Pass, PassResult, count
 from ..calibration import TensorStats
+from ..data import FeedSet
 from ..graph import unique_name_factory
-from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, sparsegpt
-from ..reconstruction.stream import LayerwiseRunner
+from ..reconstruction import LayerGeometry, SolverError, blas_threads, sparsegpt
+from ..reconstruction.stream import LayerwiseRunner, ShardedRunner
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution, per_input_channel
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -261,7 +262,10 @@ class Prune(Pass):
             order = {id(node): i for i, node in enumerate(alone[0].index.nodes)}
             position = {i: p for p, i in enumerate(alone[0].index.topological_order())}
             alone.sort(key=lambda t: position[order[id(t.use.node)]])
-            runner = LayerwiseRunner(model, self.context.calibration_feeds(self.name))
+            feeds = self.context.calibration_feeds(self.name)
+            executor = self.context.executor
+            runner = (ShardedRunner(executor, model, feeds) if executor is not None and isinstance(feeds, FeedSet)
+                      else LayerwiseRunner(model, feeds))
             adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
             deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
             now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
@@ -269,14 +273,19 @@ class Prune(Pass):
                 weight = tensor.canonical()
                 pruned, bias = self._sparsegpt_layer(tensor, weight, runner, zeros[tensor.name], n_m, stats,
                                                      adder is not None)
-                if _record(stats, tensor, weight, pruned) and bias is not None:
-                    # a MatMul gets an Add after it, renaming its output: only once the runner is done
-                    (later if tensor.use.node.op_type == "MatMul" else now)(tensor.use.node, bias.astype(weight.dtype))
-                    count(stats, "biases_corrected")
+                if _record(stats, tensor, weight, pruned):
+                    if bias is not None:
+                        # a MatMul gets an Add after it, renaming its output: only once the runner is done
+                        (later if tensor.use.node.op_type == "MatMul" else now)(tensor.use.node,
+                                                                                bias.astype(weight.dtype))
+                        count(stats, "biases_corrected")
+                    runner.changed(tensor.use.node)
                 if self.context.progress:
                     import click
 
                     click.echo(f"prune: layer {number}/{len(alone)} {tensor.use.node.name or tensor.name}", err=True)
+            if isinstance(runner, ShardedRunner):
+                runner.close()
             for node, delta in deferred:
                 adder.add(node, delta)
             if adder is not None:
@@ -284,8 +293,8 @@ class Prune(Pass):
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
         return PassResult(model, stats["tensors_pruned"] > 0, stats)
 
-    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner, zeros: int,
-                         n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner | ShardedRunner,
+                         zeros: int, n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """One layer: its Hessian from the runner's current input, SparseGPT per group, in canonical layout.
 
         With ``with_bias`` the Hessian gets a ones column and the weights a bias row that is never
@@ -295,12 +304,11 @@ class Prune(Pass):
         dims = tuple(tensor.store.tensor(tensor.name).dims)
         geometry = (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
                     else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
-        sums = LayerStatistics.empty(geometry, bias=with_bias)
-        x = runner.values([use.data])[use.data]
-        with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
-            if not sums.update_batches(geometry, x):
-                count(stats, "sparsegpt_fallback_magnitude_unobservable")
-                return _magnitude(tensor, weight, zeros, n_m), None
+        sums = runner.statistics(use.data, geometry, bias=with_bias)
+        if sums is None:
+            count(stats, "sparsegpt_fallback_magnitude_unobservable")
+            return _magnitude(tensor, weight, zeros, n_m), None
+        with blas_threads(float(sums.rows) * geometry.inputs**2 * geometry.groups):  # small layers on one thread
             return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
 
     def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias):

@@ -297,7 +297,8 @@ class QuantizePass(Pass):
             sensitivity = _layer_sensitivity(plan, _trial_cosine(request, plan, _Trials(request, quantized, feeds)))
         if opt.rounding == "learned":  # after the choices above, which measure nearest rounding (see the notes)
             quantized.learn(input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
-                                                            for u in plan.units if u.use is not None}))
+                                                            for u in plan.units if u.use is not None},
+                                             executor=self.context.executor))
         layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
                         request.index)
         stats.update(quantized.rounding_stats)

@@ -1,0 +1,139 @@
+"""Reconstruction statistics (XᵀX, layer by layer for SparseGPT, one pass for GPTQ / learned rounding) through the
+executor seam, in this process: the results of the default
+path, reruns bit-identical, merging in shard order whatever order the shards finish in.
+(tests/test_ray.py compares the same on Ray workers.)"""
+
+import functools
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxopt import executor as executor_module
+from onnxopt.data import FeedSet
+from onnxopt.executor import InProcess
+from onnxopt.passes.base import PassContext
+from onnxopt.passes.prune import Prune
+from onnxopt.passes.quantize_weights import QuantizeWeights
+from onnxopt.reconstruction import LayerGeometry, LayerStatistics
+from onnxopt.reconstruction.stream import LayerwiseRunner, ShardedRunner, input_statistics
+
+from conftest import make_model, tensor, value
+from test_sparsegpt import correlated_mlp
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    monkeypatch.setattr(executor_module, "SHARD_SAMPLES", 48)  # several shards of the test data
+
+
+class Shuffled(InProcess):
+    """Runs the shards in a random order (as Ray workers finish them), returns them in shard order."""
+
+    def __init__(self, seed: int, workers: int = 1) -> None:
+        super().__init__()
+        self.rng, self.workers = random.Random(seed), workers
+
+    def _map(self, fn, shards, shared, progress, pinned):
+        order = list(range(len(shards)))
+        self.rng.shuffle(order)
+        results = [None] * len(shards)
+        for i in order:
+            results[i] = fn(self.cache, shards[i], *shared)
+        return results
+
+
+def scaled_feeds(count=200, span=1e3):
+    """Samples whose scale grows along the data by ``span``: float sums then depend on the order they are added in."""
+    model, calib, _ = correlated_mlp()
+    x = np.asarray(calib.arrays["x"][:count]) * np.geomspace(1, span, count, dtype=np.float32)[:, None, None]
+    return model, FeedSet({"x": x.astype(np.float32)}, "scaled")
+
+
+def layer_sums(runner, geometry_of) -> list[LayerStatistics]:
+    """Each layer's input statistics in order, with a change to each layer in between (as SparseGPT does)."""
+    model = runner.model
+    sums = []
+    for node in [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]:
+        weight = next(t for t in model.graph.initializer if t.name == node.input[1])
+        sums.append(runner.statistics(node.input[0], geometry_of(weight), bias=True))
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 0.5, weight.name))
+        runner.changed(node)
+    return sums
+
+
+def test_layerwise_statistics_through_the_executor_see_earlier_changes_and_equal_the_default():
+    model, feeds = scaled_feeds()
+
+    def geometry(weight):  # fc1 is Gemm(transB): (out, in); the others (in, out)
+        return LayerGeometry.linear(weight.dims[1] if weight.name == "w1" else weight.dims[0], 1)
+
+    default = layer_sums(LayerwiseRunner(model.__deepcopy__(), feeds), geometry)
+    with Shuffled(0) as executor:
+        sharded_model = model.__deepcopy__()
+        runner = ShardedRunner(executor, sharded_model, feeds)
+        sharded = layer_sums(runner, geometry)
+        runner.close()
+        assert len(runner.shards) == 5 and executor.cache.state("other") == {}
+    for a, b in zip(default, sharded):
+        assert a.rows == b.rows == 200
+        np.testing.assert_allclose(b.gram, a.gram, rtol=1e-5)  # later layers read the halved weights' outputs
+
+
+def test_reruns_merge_in_shard_order_whatever_order_shards_finish_in(monkeypatch):
+    monkeypatch.setattr(executor_module, "SHARD_SAMPLES", 16)
+    model, feeds = scaled_feeds(span=1e12)
+    layers = {"x": LayerGeometry.linear(32, 1), "r1": LayerGeometry.linear(48, 1)}
+    runs = [input_statistics(model, feeds, layers, executor=Shuffled(seed)) for seed in range(3)]
+    for run in runs[1:]:
+        for name in layers:
+            np.testing.assert_array_equal(run[name].gram, runs[0][name].gram)
+    # the test can fail: the same partials merged in another order give other bits
+    from onnxopt.executor import split
+    from onnxopt.reconstruction.stream import JOINED, _InputJob, _input_shard
+
+    executor = InProcess()
+    job = _InputJob(executor.put_model(model), layers, ("r1",), JOINED, True)
+    partials = [_input_shard(executor.cache, shard, job)["r1"] for shard in split(feeds)]
+    forward = functools.reduce(LayerStatistics.merge, partials).gram
+    backward = functools.reduce(LayerStatistics.merge, partials[::-1]).gram
+    np.testing.assert_array_equal(forward, runs[0]["r1"].gram)
+    assert not np.array_equal(forward, backward)
+
+
+def prune(model, calib, executor=None):
+    options = Prune.Options(sparsity=0.5, method="sparsegpt")
+    return Prune(options, PassContext(calib=calib, executor=executor))(model.__deepcopy__())
+
+
+def test_sparsegpt_through_the_executor_prunes_like_the_default_and_reruns_bit_for_bit():
+    model, calib, _ = correlated_mlp()
+    default = prune(model, calib)
+    runs = [prune(model, calib, Shuffled(seed)) for seed in range(2)]
+    assert runs[0].stats == default.stats
+    assert runs[0].model == runs[1].model
+    for a, b in zip(default.model.graph.initializer, runs[0].model.graph.initializer):
+        x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+        assert np.array_equal(x == 0, y == 0), a.name  # the same weights pruned
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"method": "gptq"}, {"rounding": "learned"}])
+def test_gptq_and_learned_rounding_statistics_through_the_executor(options):
+    model, calib, _ = correlated_mlp()
+
+    def quantize(executor=None):
+        pass_ = QuantizeWeights(QuantizeWeights.Options(bits=4, block_size=16, **options),
+                                PassContext(calib=calib, executor=executor))
+        return pass_(model.__deepcopy__())
+
+    default, runs = quantize(), [quantize(Shuffled(seed)) for seed in range(2)]
+    assert runs[0].model == runs[1].model
+    assert runs[0].stats == default.stats
+    codes = [t for t in default.model.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert codes
+    for a in codes:  # 4-bit codes from sums merged per shard: the default's, but for a rare rounding tie
+        b = next(t for t in runs[0].model.graph.initializer if t.name == a.name)
+        assert np.mean(numpy_helper.to_array(a) != numpy_helper.to_array(b)) < 0.01
