@@ -1,5 +1,5 @@
-"""Reconstruction statistics (XᵀX, layer by layer for SparseGPT, one pass for GPTQ / learned rounding) through the
-executor seam, in this process: the results of the default
+"""Reconstruction statistics (XᵀX, layer by layer for SparseGPT, one pass for GPTQ / learned rounding) and the
+trials of accuracy-aware quantization through the executor seam, in this process: the results of the default
 path, reruns bit-identical, merging in shard order whatever order the shards finish in.
 (tests/test_ray.py compares the same on Ray workers.)"""
 
@@ -16,6 +16,7 @@ from onnxopt.data import FeedSet
 from onnxopt.executor import InProcess
 from onnxopt.passes.base import PassContext
 from onnxopt.passes.prune import Prune
+from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.quantize_weights import QuantizeWeights
 from onnxopt.reconstruction import LayerGeometry, LayerStatistics
 from onnxopt.reconstruction.stream import LayerwiseRunner, ShardedRunner, input_statistics
@@ -137,3 +138,40 @@ def test_gptq_and_learned_rounding_statistics_through_the_executor(options):
     for a in codes:  # 4-bit codes from sums merged per shard: the default's, but for a rare rounding tie
         b = next(t for t in runs[0].model.graph.initializer if t.name == a.name)
         assert np.mean(numpy_helper.to_array(a) != numpy_helper.to_array(b)) < 0.01
+
+
+def sensitive_mlp(layers=5):
+    """MatMul layers whose inputs carry outliers of growing size: per-tensor int8 hurts the later ones most."""
+    rng = np.random.default_rng(0)
+    nodes, inits, source = [], [], "x"
+    for i in range(layers):
+        scale = np.ones(16, np.float32)
+        scale[[i, 9]] = 4.0 ** (i + 1)
+        nodes += [helper.make_node("Mul", [source, f"s{i}"], [f"a{i}"], name=f"amplify{i}"),
+                  helper.make_node("MatMul", [f"a{i}", f"w{i}"], [f"h{i}"], name=f"mm{i}")]
+        inits += [tensor(f"s{i}", scale), tensor(f"w{i}", (rng.standard_normal((16, 16)) / scale[:, None] / 3
+                                                           ).astype(np.float32))]
+        source = f"h{i}"
+    model = make_model(nodes, [value("x", ["batch", 8, 16])], [value(source, ["batch", 8, 16])], inits)
+    feeds = FeedSet({"x": rng.standard_normal((40, 1, 8, 16)).astype(np.float32)}, "c")
+    return model, feeds
+
+
+def accuracy_aware(model, feeds, executor=None, **options):
+    options = QuantizePass.Options(mode="static", method="minmax", min_cosine=0.9995, sensitivity_samples=40,
+                                   **options)
+    return QuantizePass(options, PassContext(calib=feeds, executor=executor))(model.__deepcopy__())
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_accuracy_aware_trials_through_the_executor_choose_what_the_default_chooses(workers):
+    model, feeds = sensitive_mlp()
+    default = accuracy_aware(model, feeds)
+    kept = {k for k in default.stats if k.startswith("kept_float:")}
+    assert 2 <= len(kept) < 5  # a few greedy steps: windows of trials are exercised
+    sharded = accuracy_aware(model, feeds, Shuffled(0, workers))
+    assert {k for k in sharded.stats if k.startswith("kept_float:")} == kept
+    assert sharded.stats["calib_cosine"] == pytest.approx(default.stats["calib_cosine"], abs=1e-6)
+    assert [r["cosine_alone"] for r in sharded.details["sensitivity"]] == pytest.approx(
+        [r["cosine_alone"] for r in default.details["sensitivity"]], abs=1e-6)
+    assert sharded.model == accuracy_aware(model, feeds, Shuffled(1, workers)).model

@@ -215,7 +215,7 @@ def test_a_two_node_cluster_on_this_machine_gives_the_same_report(tmp_path, monk
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- reconstruction statistics
+# --------------------------------------------------------------------------- reconstruction statistics, trials
 
 
 @pytest.mark.slow
@@ -240,6 +240,20 @@ def test_ray_reconstruction_statistics_equal_the_in_process_executors_bit_for_bi
         for name in layers:
             np.testing.assert_array_equal(other_grams[name].gram, grams[name].gram)
         assert other_pruned.model == pruned.model and other_pruned.stats == pruned.stats
+
+
+@pytest.mark.slow
+def test_ray_accuracy_aware_trials_choose_what_the_in_process_executor_chooses():
+    from test_executor_reconstruction import accuracy_aware, sensitive_mlp
+
+    model, feeds = sensitive_mlp()
+    results = []
+    for executor in (InProcess(), RayExecutor(workers=2)):
+        with executor:
+            results.append(accuracy_aware(model, feeds, executor))
+    assert results[0].model == results[1].model
+    assert results[0].stats == results[1].stats and results[0].details["sensitivity"] == results[1].details["sensitivity"]
+    assert results[1].stats["kept_float"] >= 2
 
 
 @pytest.mark.slow
