@@ -244,9 +244,7 @@ class ShardedRunner:
         self.run = uuid.uuid4().hex
         self.handle = executor.put_model(model)
         self.changes: list = []
-        index = GraphIndex(model.graph)
-        self.position = {id(node): i for i, node in enumerate(index.nodes)}
-        self.producer = index.producer
+        self.producer = GraphIndex(model.graph).producer  # a node's position, by its (unique) first output
         self.initializers = {t.name: t for t in model.graph.initializer}
 
     def statistics(self, name: str, geometry: LayerGeometry, *, bias: bool = False) -> LayerStatistics | None:
@@ -263,7 +261,7 @@ class ShardedRunner:
         if any(n not in self.initializers and n not in self.producer for n in node.input if n):  # a new bias
             self.initializers = {t.name: t for t in graph.initializer}
         initializers = {n: self.initializers[n] for n in node.input if n in self.initializers}
-        nodes = {self.position[id(node)]: node.SerializeToString()}
+        nodes = {self.producer[node.output[0]]: node.SerializeToString()}
         for name in node.input:
             producer = self.producer.get(name)
             if name not in initializers and producer is not None and graph.node[producer].op_type == "Constant":
