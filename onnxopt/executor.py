@@ -226,6 +226,13 @@ class _RayWorker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU time this worker process has used (user + system): its share of the work, whatever the load."""
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
 
 class RayExecutor(Executor):
     """Tasks on ``workers`` Ray actors (one CPU each): a local Ray instance (``address=None``, started
@@ -310,6 +317,10 @@ class RayExecutor(Executor):
     def peak_memory(self) -> list[int]:
         """Peak resident bytes of each worker process."""
         return self._ray.get([a.peak_rss.remote() for a in self.actors])
+
+    def cpu_seconds(self) -> list[float]:
+        """CPU seconds each worker process has used."""
+        return self._ray.get([a.cpu_seconds.remote() for a in self.actors])
 
     def close(self) -> None:
         for actor in self.actors:
