@@ -1,5 +1,5 @@
-"""Reconstruction statistics (XᵀX, layer by layer for SparseGPT, one pass for GPTQ / learned rounding) and the
-trials of accuracy-aware quantization through the executor seam, in this process: the results of the default
+"""Reconstruction statistics (XᵀX and XᵀY, layer by layer for SparseGPT and distill, one pass for GPTQ / learned
+rounding) and the trials of accuracy-aware quantization through the executor seam, in this process: the results of the default
 path, reruns bit-identical, merging in shard order whatever order the shards finish in.
 (tests/test_ray.py compares the same on Ray workers.)"""
 
@@ -15,6 +15,7 @@ from onnxopt import executor as executor_module
 from onnxopt.data import FeedSet
 from onnxopt.executor import InProcess
 from onnxopt.passes.base import PassContext
+from onnxopt.passes.distill import Distill
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.passes.quantize_weights import QuantizeWeights
@@ -22,7 +23,12 @@ from onnxopt.reconstruction import LayerGeometry, LayerStatistics
 from onnxopt.reconstruction.stream import LayerwiseRunner, ShardedRunner, input_statistics
 
 from conftest import make_model, tensor, value
+from test_distill import data as distill_data
+from test_distill import mlp as distill_mlp
+from test_distill import residual_block
 from test_sparsegpt import correlated_mlp
+
+DISTILL_CALIB = distill_data(200, 1)
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +144,28 @@ def test_gptq_and_learned_rounding_statistics_through_the_executor(options):
     for a in codes:  # 4-bit codes from sums merged per shard: the default's, but for a rare rounding tie
         b = next(t for t in runs[0].model.graph.initializer if t.name == a.name)
         assert np.mean(numpy_helper.to_array(a) != numpy_helper.to_array(b)) < 0.01
+
+
+def distilled(student, teacher, executor=None):
+    return Distill(None, PassContext(calib=DISTILL_CALIB, teacher=lambda: teacher, executor=executor))(
+        student.__deepcopy__())
+
+
+@pytest.mark.parametrize("block", [distill_mlp, residual_block])
+def test_distill_through_the_executor_refits_like_the_default_and_reruns_bit_for_bit(block):
+    """Student and teacher runners per shard on the workers, XᵀX / XᵀY / Σ Y² and the exact error of the current
+    weights summed there, the residual-stream targets and the output errors too."""
+    teacher = block()
+    student = Prune(Prune.Options(sparsity=0.75))(teacher.__deepcopy__()).model
+    default = distilled(student, teacher)
+    runs = [distilled(student, teacher, Shuffled(seed)) for seed in range(2)]
+    assert runs[0].model == runs[1].model and runs[0].stats == runs[1].stats
+    assert runs[0].stats.keys() == default.stats.keys()
+    for key, value in default.stats.items():
+        assert runs[0].stats[key] == pytest.approx(value, rel=1e-4), key
+    assert default.stats["layers_refit"] >= 2
+    for a, b in zip(default.model.graph.initializer, runs[0].model.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(b), numpy_helper.to_array(a), rtol=1e-3, atol=1e-5)
 
 
 def sensitive_mlp(layers=5):

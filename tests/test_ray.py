@@ -220,26 +220,31 @@ def test_a_two_node_cluster_on_this_machine_gives_the_same_report(tmp_path, monk
 
 @pytest.mark.slow
 def test_ray_reconstruction_statistics_equal_the_in_process_executors_bit_for_bit():
-    """GPTQ's one pass (XᵀX of every layer input) and SparseGPT's layer by layer (shard runners pinned to
-    workers, each layer's change sent before the next layer's statistics)."""
+    """GPTQ's one pass (XᵀX of every layer input), SparseGPT's and distill's layer by layer (shard runners pinned
+    to workers, each layer's change sent before the next layer's statistics)."""
+    from onnxopt.passes.prune import Prune
     from onnxopt.reconstruction import LayerGeometry
     from onnxopt.reconstruction.stream import input_statistics
-    from test_executor_reconstruction import prune, scaled_feeds
+    from test_executor_reconstruction import distilled, prune, residual_block, scaled_feeds
     from test_sparsegpt import correlated_mlp
 
     model, feeds = scaled_feeds()
     layers = {"x": LayerGeometry.linear(32, 1), "r1": LayerGeometry.linear(48, 1), "r2": LayerGeometry.linear(48, 1)}
     model_p, calib, _ = correlated_mlp()
+    teacher = residual_block()
+    student = Prune(Prune.Options(sparsity=0.75))(teacher.__deepcopy__()).model
     results = []
     for executor in (InProcess(), RayExecutor(workers=2), RayExecutor(workers=1)):
         with executor:
             results.append((input_statistics(model, feeds, layers, bias=False, executor=executor),
-                            prune(model_p, calib, executor)))
-    (grams, pruned), others = results[0], results[1:]
-    for other_grams, other_pruned in others:
+                            prune(model_p, calib, executor), distilled(student, teacher, executor)))
+    (grams, pruned, repaired), others = results[0], results[1:]
+    assert repaired.stats["layers_refit"] == 2 and repaired.stats["stream_targets"] == 1
+    for other_grams, other_pruned, other_repaired in others:
         for name in layers:
             np.testing.assert_array_equal(other_grams[name].gram, grams[name].gram)
         assert other_pruned.model == pruned.model and other_pruned.stats == pruned.stats
+        assert other_repaired.model == repaired.model and other_repaired.stats == repaired.stats
 
 
 @pytest.mark.slow
@@ -268,15 +273,15 @@ def test_a_worker_that_dies_between_layers_replays_the_changes_on_its_restart(tm
     with InProcess() as executor:
         expected = prune(model, calib, executor)
     marker = tmp_path / "died"
-    layer_shard = stream._layer_shard
+    runner_task = stream._runner_task
 
     def dies_once_at_the_second_layer(cache, shard, job):
         if len(job.changes) == 1 and shard.index == 1 and not marker.exists():
             marker.write_text("1")
             os._exit(1)
-        return layer_shard(cache, shard, job)
+        return runner_task(cache, shard, job)
 
-    monkeypatch.setattr(stream, "_layer_shard", dies_once_at_the_second_layer)
+    monkeypatch.setattr(stream, "_runner_task", dies_once_at_the_second_layer)
     with RayExecutor(workers=2) as executor:
         got = prune(model, calib, executor)
     assert marker.exists() and got.model == expected.model

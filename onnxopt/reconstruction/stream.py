@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +73,8 @@ class LayerwiseRunner:
         with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
             return sums if sums.update_batches(geometry, x) else None
 
-    def changed(self, node: onnx.NodeProto) -> None:
-        """A layer's node or its constant inputs were changed in place: this runner reads the model as it is."""
+    def changed(self, node: onnx.NodeProto, constants: Sequence[str] = ()) -> None:
+        """A layer's node or constants were changed in place: this runner reads the model as it is."""
 
     def ready(self, name: str) -> bool:
         """Whether the value is known without running another node (asking for it changes nothing)."""
@@ -216,14 +216,24 @@ class _Change:
 
 
 @dataclass(frozen=True)
-class _LayerJob:
+class _RunnerJob:
     run: str
     model: ModelHandle
+    teacher: ModelHandle | None
     changes: tuple  # every change so far, shared (a restarted worker replays them all)
     batch_size: int
-    name: str
-    geometry: LayerGeometry
-    bias: bool
+    task: Callable  # task(shard's runners, *args): a module-level function
+    args: tuple
+
+
+@dataclass
+class ShardRunners:
+    """What one calibration shard keeps on its worker: the model's runner, the teacher's (when there is
+    one), and what tasks leave for the next task on the same layer (``kept``)."""
+
+    model: LayerwiseRunner
+    teacher: LayerwiseRunner | None
+    kept: dict
 
 
 class ShardedRunner:
@@ -235,7 +245,9 @@ class ShardedRunner:
     changes to a layer (:meth:`changed`) travel to every worker before the next layer's statistics.
     """
 
-    def __init__(self, executor: Executor, model: onnx.ModelProto, feeds: FeedSet, batch_size: int = 0) -> None:
+    def __init__(self, executor: Executor, model: onnx.ModelProto, feeds: FeedSet, batch_size: int = 0,
+                 teacher: onnx.ModelProto | None = None) -> None:
+        """``teacher``: a second model that each shard also runs layer by layer (never changed)."""
         self.executor, self.model = executor, model
         self.shards = split(feeds)
         if not self.shards:
@@ -243,26 +255,34 @@ class ShardedRunner:
         self.batch_size = batch_size or (JOINED if dynamic_batch(model) else 1)
         self.run = uuid.uuid4().hex
         self.handle = executor.put_model(model)
+        self.teacher = None if teacher is None else executor.put_model(teacher)
         self.changes: list = []
         self.producer = GraphIndex(model.graph).producer  # a node's position, by its (unique) first output
         self.initializers = {t.name: t for t in model.graph.initializer}
 
     def statistics(self, name: str, geometry: LayerGeometry, *, bias: bool = False) -> LayerStatistics | None:
         """Like :meth:`LayerwiseRunner.statistics`, each shard's part summed where its activations are."""
-        job = _LayerJob(self.run, self.handle, tuple(self.changes), self.batch_size, name, geometry, bias)
-        partials = self.executor.map(_layer_shard, self.shards, job, pinned=True)
+        partials = self.map(_layer_gram, name, geometry, bias)
         if any(p is None for p in partials):
             return None
         return functools.reduce(LayerStatistics.merge, partials)
 
-    def changed(self, node: onnx.NodeProto) -> None:
-        """Send the node and its constant inputs (initializers, Constant nodes) as they are now."""
+    def map(self, task: Callable, *args) -> list:
+        """``task(ShardRunners, *args)`` on every shard, on the worker that holds its runners (the changes
+        so far applied first); results in shard order."""
+        job = _RunnerJob(self.run, self.handle, self.teacher, tuple(self.changes), self.batch_size, task, args)
+        return self.executor.map(_runner_task, self.shards, job, pinned=True)
+
+    def changed(self, node: onnx.NodeProto, constants: Sequence[str] = ()) -> None:
+        """Send the node and its constant inputs (initializers, Constant nodes), and the named ``constants``
+        it does not read (a MatMul's bias in the Add after it), as they are now."""
         graph = self.model.graph
-        if any(n not in self.initializers and n not in self.producer for n in node.input if n):  # a new bias
+        names = [n for n in dict.fromkeys([*node.input, *constants]) if n]
+        if any(n not in self.initializers and n not in self.producer for n in names):  # a new bias
             self.initializers = {t.name: t for t in graph.initializer}
-        initializers = {n: self.initializers[n] for n in node.input if n in self.initializers}
+        initializers = {n: self.initializers[n] for n in names if n in self.initializers}
         nodes = {self.producer[node.output[0]]: node.SerializeToString()}
-        for name in node.input:
+        for name in names:
             producer = self.producer.get(name)
             if name not in initializers and producer is not None and graph.node[producer].op_type == "Constant":
                 nodes[producer] = graph.node[producer].SerializeToString()
@@ -274,26 +294,35 @@ class ShardedRunner:
         self.executor.drop_state(self.run)
 
 
-def _layer_shard(cache: WorkerCache, shard: Shard, job: _LayerJob) -> LayerStatistics | None:
-    """A worker's part of :meth:`ShardedRunner.statistics`: the shard's runner, advanced to the layer."""
+def _runner_task(cache: WorkerCache, shard: Shard, job: _RunnerJob):
+    """A worker's part of :meth:`ShardedRunner.map`: the shard's runners, the changes so far, then the task
+    (BLAS on one thread, as in every worker)."""
     from threadpoolctl import threadpool_limits
 
     state = cache.state(job.run)
     if "model" not in state:  # a fresh (or restarted) worker: the model as sent, then every change so far
         state["model"], state["applied"] = cache.model(job.model), 0
         state["initializers"] = {t.name: t for t in state["model"].graph.initializer}
+        state["teacher"] = None if job.teacher is None else cache.model(job.teacher)
     model = state["model"]
     for change in job.changes[state["applied"]:]:
         _apply_change(model, state["initializers"], fetch(change))
         state["applied"] += 1
-    runner = state.get(shard.index)
-    if runner is None:
-        runner = state[shard.index] = LayerwiseRunner(model, shard.feeds, job.batch_size, sessions=cache)
-    runner.version = state["applied"]
-    x = runner.values([job.name])[job.name]
-    sums = LayerStatistics.empty(job.geometry, bias=job.bias)
+    runners = state.get(shard.index)
+    if runners is None:
+        runners = state[shard.index] = ShardRunners(
+            LayerwiseRunner(model, shard.feeds, job.batch_size, sessions=cache),
+            None if state["teacher"] is None else LayerwiseRunner(state["teacher"], shard.feeds, job.batch_size,
+                                                                  sessions=cache), {})
+    runners.model.version = state["applied"]
     with threadpool_limits(limits=1, user_api="blas"):
-        return sums if sums.update_batches(job.geometry, x) else None
+        return job.task(runners, *job.args)
+
+
+def _layer_gram(runners: ShardRunners, name: str, geometry: LayerGeometry, bias: bool) -> LayerStatistics | None:
+    x = runners.model.values([name])[name]
+    sums = LayerStatistics.empty(geometry, bias=bias)
+    return sums if sums.update_batches(geometry, x) else None
 
 
 def _apply_change(model: onnx.ModelProto, initializers: dict[str, onnx.TensorProto], change: _Change) -> None:
