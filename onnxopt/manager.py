@@ -225,7 +225,8 @@ class _Validation:
         The original runs from ``input_path`` when it came from a file: onnxruntime reads the file
         itself instead of a serialized copy of the model."""
         if data is None:
-            feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS)
+            feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS,
+                                                                  prepack=False)
         else:
             feeds, notes, reference = as_feeds(data, model), [], None
         origin = f"--calib {feeds.origin}, as no --data was given" if from_calib else feeds.origin
@@ -235,7 +236,8 @@ class _Validation:
             return cls._start_sharded(model, feeds, subset, labels, tolerances, report, executor, progress, exact_steps)
         if reference is None:
             try:
-                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, path=input_path)
+                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, path=input_path,
+                                      prepack=False)
             except InputError as exc:
                 raise InputError(f"the input model cannot run on {feeds.origin}: {exc} "
                                  "(--no-validate skips onnxruntime)") from None
@@ -323,7 +325,7 @@ class _Validation:
                 model, full=full, against=[(previous, previous_tol, atols), (self.reference, original_tol, None)])
             return outputs, vs_previous, vs_original, accuracy
         feeds = self.feeds if full else self.subset
-        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
+        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, prepack=False)
         vs_previous = compare_outputs(previous, outputs, previous_tol, exact=exact, atols=atols)
         vs_original = compare_outputs(_head(self.reference, len(feeds)), outputs, original_tol, exact=False)
         accuracy = task_accuracy(outputs, self.labels) if self.labels is not None and full else None

@@ -49,8 +49,12 @@ def set_external_location(tensor: onnx.TensorProto, location: str, offset: int |
         entry.key, entry.value = key, value
 
 
-def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; external data is read from its (absolute, in memory) location."""
+def tensor_to_array(tensor: onnx.TensorProto, out: np.ndarray | None = None) -> np.ndarray:
+    """The tensor's values; external data is read from its (absolute, in memory) location.
+
+    ``out``: a flat array of the tensor's dtype and size that external data is read into (a caller
+    going through many big tensors reuses one buffer instead of a fresh allocation per tensor).
+    """
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
     info = external_info(tensor)
@@ -58,7 +62,11 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     count = int(np.prod(tensor.dims, dtype=np.int64))
     with open(info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
-        data = np.fromfile(f, dtype=dtype, count=count)
+        if out is None:
+            data = np.fromfile(f, dtype=dtype, count=count)
+        else:
+            data = out if out.dtype == dtype and out.size == count else np.empty(count, dtype)
+            data = data[: f.readinto(data.view(np.uint8)) // data.itemsize]
     if data.size != count:
         raise InputError(f"external data of tensor '{tensor.name}' in {info['location']} is truncated "
                          f"({data.size} of {count} values)")
