@@ -75,7 +75,7 @@ class _ShardResult:
 
 def _opened(cache: WorkerCache, handle: ModelHandle) -> tuple[onnx.ModelProto, Session]:
     model = cache.get(("model", handle.key), lambda: cache.model(handle))
-    return model, cache.get(("session", handle.key), lambda: Session(model, threads=WORKER_THREADS, prepack=False))
+    return model, cache.get(("session", handle.key), lambda: Session(model, threads=WORKER_THREADS))
 
 
 def _outputs(cache: WorkerCache, handle: ModelHandle, feeds: FeedSet) -> dict[str, list]:
