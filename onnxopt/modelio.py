@@ -247,7 +247,7 @@ def _spill_holds_most(model: onnx.ModelProto, data_path: Path) -> bool:
         length = int(external_info(tensor).get("length", tensor_nbytes(tensor))) if is_external(tensor) \
             else len(tensor.raw_data)
         if SPILL.holds(tensor):
-            held += length
+            held += -(-length // ALIGNMENT) * ALIGNMENT  # with the padding that aligns the next tensor
         else:
             rest += length
     stale = SPILL.size() - held
