@@ -142,12 +142,7 @@ class Layer:
             keep = start != 0
             if self.with_bias:
                 keep[:, -1] = keep[:, :-1].any(axis=1)  # a pruned neuron keeps its bias too
-        solved = np.empty_like(start)
-        damping = options.damping
-        for group in range(len(start)):
-            solved[group], used = masked_refit(sums.gram[group], sums.cross[group], start[group],
-                                               None if keep is None else keep[group], options.damping)
-            damping = max(damping, used)
+        solved, damping = masked_refit(sums.gram, sums.cross, start, keep, options.damping)  # all groups at once
         after = sums.residual(solved)
         row.update(rel_err_after=_relative(after, sums), damping=damping)
         if not after < before:
