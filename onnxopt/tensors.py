@@ -8,6 +8,7 @@ model never holds the weights of a big model, and saving only copies bytes betwe
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import tempfile
 
@@ -31,7 +32,7 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims, dtype=np.int64))
+    count = math.prod(tensor.dims)  # not np.prod: a piece of a model has many small tensors to size
     return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
@@ -55,7 +56,7 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     info = external_info(tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(np.prod(tensor.dims, dtype=np.int64))
+    count = math.prod(tensor.dims)  # not np.prod: a piece of a model has many small tensors to size
     with open(info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
         data = np.fromfile(f, dtype=dtype, count=count)

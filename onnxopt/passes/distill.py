@@ -43,6 +43,7 @@ from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
+PREFETCH_BYTES = 128 << 20  # teacher values computed ahead of their layers (fewer onnxruntime pieces)
 NEAR = 0.01  # relative error (from the sums) below which the current weights' error is measured exactly
 
 
@@ -83,6 +84,16 @@ class Layer:
             sums.gram = gram
         sums.anchor(self.geometry, xs, ys, self.current()[1], NEAR)
         return sums
+
+    @property
+    def width(self) -> int:
+        """Output channels (all groups)."""
+        return self.geometry.groups * self.geometry.outputs
+
+    @property
+    def teacher_values(self) -> list[str]:
+        """What the layer may ask of the teacher: its target, and the residual stream's sum."""
+        return [self.target, *self.stream[:1]] if self.stream else [self.target]
 
     @property
     def reads(self) -> tuple:
@@ -195,13 +206,17 @@ class Distill(Pass):
         undo: list[Callable[[], None]] = []
         rows = []
         shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
+        per_channel = 0  # bytes of one output channel of the last layer's target (all batches), 0: not known yet
         for number, layer in enumerate(layers, 1):
             start = time.perf_counter()
             x = student_run.values([layer.use.data])[layer.use.data]
             stream = layer.stream if layer.stream is not None and student_run.ready(layer.stream[1]) else None
             if layer.stream is not None and stream is None:
                 count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
-            taught = teacher_run.values([layer.target, *stream[:1]] if stream else [layer.target])  # one piece
+            wanted = [layer.target, *stream[:1]] if stream else [layer.target]
+            taught = teacher_run.values(wanted, _ahead(layers[number:], per_channel))  # one piece
+            per_channel = sum(np.asarray(v).nbytes for v in taught[layer.target]) // layer.width
+            teacher_run.release(layer.teacher_values)  # a stream sum computed ahead but not used
             y = taught[layer.target]
             if stream:
                 y = _stream_target(y, taught[stream[0]], student_run.values([stream[1]])[stream[1]], stats)
@@ -303,6 +318,21 @@ class Distill(Pass):
         geometry = LayerGeometry.linear(weight_shape[use.in_axis], width, use.data_axis)
         return Layer(store, use, target, bias, geometry, new_name, attribute(node, "alpha", 1.0) if gemm else 1.0,
                      attribute(node, "beta", 1.0) if gemm else 1.0, stream)
+
+
+def _ahead(layers: list[Layer], per_channel: int) -> list[str]:
+    """The teacher values of the next layers to compute in the same piece as this one's (fewer onnxruntime
+    sessions): as many as ``PREFETCH_BYTES`` holds, each estimated at ``per_channel`` bytes (the last
+    target's) times its width: exact where the rows stay alike (a transformer), above where feature
+    maps shrink (a CNN)."""
+    names: list[str] = []
+    total = 0
+    for layer in layers if per_channel else ():
+        total += per_channel * layer.width * len(layer.teacher_values)
+        if total > PREFETCH_BYTES:
+            break
+        names += layer.teacher_values
+    return names
 
 
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
