@@ -114,9 +114,7 @@ def test_sparsegpt_meets_the_exact_target_and_keeps_zeros(blocks, sparsity, seed
 # --------------------------------------------------------------------------- masked ridge refit
 
 
-@pytest.mark.parametrize("exact_work", [0, 1e12])  # the iteration; small systems solved exactly
-def test_masked_refit_equals_one_solve_per_column(exact_work, monkeypatch):
-    monkeypatch.setattr("onnxopt.reconstruction.solvers.EXACT_WORK", exact_work)
+def test_masked_refit_equals_one_solve_per_column():
     x = correlated(512, 48, 10)
     rng = np.random.default_rng(5)
     y = x @ rng.standard_normal((48, 12))
@@ -138,7 +136,7 @@ def test_masked_refit_equals_one_solve_per_column(exact_work, monkeypatch):
                                              cross[rows, j] + lam * start[rows, j])
     exact[:, 3] = (start * keep)[:, 3]
     np.testing.assert_allclose(fitted, exact, rtol=1e-2, atol=1e-3)  # float32 products in the iteration
-    assert objective(exact) * (1 - 1e-12) <= objective(fitted) <= objective(exact) * (1 + 1e-6)
+    assert objective(exact) <= objective(fitted) <= objective(exact) * (1 + 1e-6)
     assert (fitted[~keep] == 0).all()
 
 
@@ -242,9 +240,7 @@ def test_ungrouped_and_wide_group_convs_keep_the_unfolded_rows():
     assert not LayerGeometry.linear(8, 4).direct
 
 
-@pytest.mark.parametrize("exact_work", [0, 1e12])
-def test_masked_refit_of_a_stack_equals_one_call_per_group(exact_work, monkeypatch):
-    monkeypatch.setattr("onnxopt.reconstruction.solvers.EXACT_WORK", exact_work)
+def test_masked_refit_of_a_stack_equals_one_call_per_group():
     rng = np.random.default_rng(11)
     grams, crosses, starts, keeps = [], [], [], []
     for group in range(5):

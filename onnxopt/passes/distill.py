@@ -7,8 +7,9 @@ of the same name after the bias. Conv layers are refit whole, weights and bias, 
 unfolded inputs (grouped and depthwise too); a Conv without a bias gets one.
 
 Student and teacher each run once over the calibration data, piece by piece
-(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input and target are
-computed just before it is fit, and the layer itself runs with its new weights. Statistics are
+(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input is computed just
+before it is fit, and the layer itself runs with its new weights; the teacher, which does not
+change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). Statistics are
 float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of samples beyond the
 values at the current cut.
 

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 MAX_DAMPING_RAISES = 12  # each raise multiplies the damping by 10
-EXACT_WORK = 4e6  # masked refits up to this many multiply-adds (columns x inputs³) are solved exactly
 THREADED_WORK = 2e10  # multiply-adds from which numpy's BLAS may use every thread
 
 
@@ -218,8 +217,6 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
             used = max(used, group_used)
         return solved, used
     lam = damping * scale
-    if keep.size * gram.shape[1] ** 2 <= EXACT_WORK:
-        return _masked_solve(gram, cross, start, keep, lam, eye), damping
     # the iteration in float32 (products and updates): twice the speed, its rounding far below the fit's noise
     h = (gram + lam * eye).astype(np.float32)
     mask = keep.astype(np.float32)
@@ -249,18 +246,6 @@ def masked_refit(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: n
         rz = rz_next
     dead = ~keep.any(axis=1, keepdims=True)
     return np.where(dead, start, x.astype(np.float64)), damping
-
-
-def _masked_solve(gram: np.ndarray, cross: np.ndarray, start: np.ndarray, keep: np.ndarray, lam: np.ndarray,
-                  eye: np.ndarray) -> np.ndarray:
-    """The masked ridge solution exactly, one small system per column (what the iteration converges to):
-    faster than iterating where layers are small (a depthwise Conv's groups, an MLP's columns)."""
-    mask = np.moveaxis(keep, -1, 1).astype(np.float64)  # (G, N, K)
-    systems = mask[..., :, None] * (gram + lam * eye)[:, None] * mask[..., None, :] + (1 - mask)[..., None] * eye
-    rhs = np.moveaxis((cross + lam * start) * keep, -1, 1)[..., None]
-    solved = np.moveaxis(np.linalg.solve(systems, rhs)[..., 0], 1, -1)
-    dead = ~keep.any(axis=1, keepdims=True)
-    return np.where(dead, start, solved)
 
 
 def _cholesky_solve(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:

@@ -7,7 +7,10 @@ Feature order is the canonical weight order ``(kernel..., in)`` of :mod:`onnxopt
 so a group's weight as a MatMul is ``canonical[outs of group].reshape(outs, -1).T``.
 
 Sums are float64, mergeable, and never hold rows: a batch is unfolded in chunks of at most
-``CHUNK_BYTES`` so a big feature map never exists unfolded in memory at once.
+``CHUNK_BYTES`` so a big feature map never exists unfolded in memory at once. A grouped 2-D Conv
+with few inputs per group (depthwise) is not unfolded at all: its sums come from products of the
+input with shifted copies of itself (:func:`_shifted_sums`), which reads each value once per lag
+instead of copying it once per kernel offset and multiplying every pair of offsets per row.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import numpy as np
 import onnx
 
 CHUNK_BYTES = 32 << 20  # unfolded rows per chunk (float32)
-JOIN_BYTES = 2 << 20  # calibration batches smaller than this are joined before their products
 DIRECT_INPUTS = 64  # grouped 2-D Conv: statistics from shifted products up to this many inputs per group
 
 
@@ -361,16 +363,13 @@ class LayerStatistics:
 
     def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
                        gram: bool = True) -> bool:
-        """:meth:`update` over batches, consecutive ones joined up to ``JOIN_BYTES`` (fewer, bigger products;
-        bigger batches are folded as they are, not copied), up to ``CHUNK_BYTES`` for the direct path
-        (its products cost the same for any number of samples: fewer calls, each over more samples)."""
+        """:meth:`update` over batches, consecutive ones joined up to ``CHUNK_BYTES`` (fewer, bigger products)."""
         ys = ys if ys is not None else [None] * len(xs)
-        join = CHUNK_BYTES if geometry.direct else JOIN_BYTES
         x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
         start = 0
         while start < len(xs):
             stop, size = start + 1, np.size(xs[start])
-            while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= join and np.ndim(xs[stop]) > 0 \
+            while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= CHUNK_BYTES and np.ndim(xs[stop]) > 0 \
                     and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
                 size += np.size(xs[stop])
                 stop += 1
