@@ -153,14 +153,6 @@ class LayerGeometry:
         return x.shape[0] * math.prod(out)
 
 
-def _row_sums(at: np.ndarray) -> np.ndarray:
-    """``Σ`` over the last axis in float64: contiguous rows (a Conv's unfolded inputs) by float32 pairwise
-    sums (relative error ~1e-7 · log2 R, a fraction of the cost of casting), others accumulated in float64."""
-    if at.strides[-1] == at.itemsize:
-        return at.sum(axis=-1).astype(np.float64)
-    return at.sum(axis=-1, dtype=np.float64)
-
-
 def _square_sum(values: np.ndarray) -> float:
     """``Σ v²`` of a contiguous float32 chunk (BLAS dot: blocked sums, accurate to ~1e-6 of the total)."""
     flat = values.reshape(-1)
@@ -305,7 +297,7 @@ class LayerStatistics:
             return True
         k = geometry.inputs  # the bias column (of ones) is summed separately: no copy of the rows with it
         for at in geometry.columns(x):
-            sums = _row_sums(at) if self.bias else None
+            sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
             if gram:
                 # one group: 2-D A Aᵀ, which numpy computes as a symmetric rank-k update (half the work)
                 self.gram[:, :k, :k] += at[0] @ at[0].T if len(at) == 1 else at @ np.swapaxes(at, 1, 2)
