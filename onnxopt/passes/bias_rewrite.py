@@ -125,12 +125,8 @@ def _producer_side(add, index: GraphIndex, edit: GraphEdit, constants: ConstantR
 
 def _fuse(add, i, k, p, constant: np.ndarray, index: GraphIndex, store: WeightStore, constants: ConstantResolver,
           edit: GraphEdit, make_name, opset: int, rank: Rank, stats) -> str | None:
-    node, out = index.nodes[p], add.input[k]
-    if index.is_graph_output(out):
-        return "output_is_graph_output"
-    if edit.readers(out) != 1:
-        return "output_has_other_readers"
-    layout = producer_layout(node, constants, opset, rank)
+    node = index.nodes[p]
+    layout = sole_reader_layout(node, add.input[k], index, edit, constants, opset, rank)
     if isinstance(layout, str):
         return layout
     if constant.dtype != layout.dtype:
@@ -172,6 +168,17 @@ class Layout:
     channels: int           # output channels (on axis 1 of the output; the last axis for Gemm/MatMul)
     out_rank: int
     bias_name: str          # its bias input ("" when absent)
+
+
+def sole_reader_layout(node: onnx.NodeProto, out: str, index: GraphIndex, edit: GraphEdit,
+                       constants: ConstantResolver, opset: int, rank: Rank) -> Layout | str:
+    """The producer's layout when the node after it may take over ``out`` (it is that output's one
+    reader and no graph output reads it), or why not."""
+    if index.is_graph_output(out):
+        return "output_is_graph_output"
+    if edit.readers(out) != 1:
+        return "output_has_other_readers"
+    return producer_layout(node, constants, opset, rank)
 
 
 def producer_layout(node: onnx.NodeProto, constants: ConstantResolver, opset: int, rank: Rank) -> Layout | str:
@@ -407,12 +414,7 @@ def _fold(bn: onnx.NodeProto, i: int, index: GraphIndex, store: WeightStore, con
     if (node is None or node.op_type not in PRODUCERS or node.domain not in STANDARD_DOMAINS
             or node.output[0] != bn.input[0]):
         return "no_foldable_producer"
-    out = bn.input[0]
-    if index.is_graph_output(out):
-        return "output_is_graph_output"
-    if edit.readers(out) != 1:
-        return "output_has_other_readers"
-    layout = producer_layout(node, constants, opset, rank)
+    layout = sole_reader_layout(node, bn.input[0], index, edit, constants, opset, rank)
     if isinstance(layout, str):
         return layout
     if edit.readers(layout.weight) != 1 or index.is_graph_output(layout.weight):
