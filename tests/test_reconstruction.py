@@ -235,7 +235,7 @@ def test_direct_grouped_statistics_equal_the_unfolded_rows_for_any_geometry(grou
 def test_ungrouped_and_wide_group_convs_keep_the_unfolded_rows():
     """The negative twin: one group, or more inputs per group than the direct path pays off for."""
     assert not LayerGeometry(1, 9, 4, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)).direct
-    assert not LayerGeometry(2, 16 * 9, 4, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)).direct
+    assert not LayerGeometry(2, 5 * 9, 4, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)).direct  # 5 channels a group
     assert not LayerGeometry(4, 3, 1, 1, (3,), (1,), (1,), (1, 1)).direct  # 1-D Conv
     assert not LayerGeometry.linear(8, 4).direct
 

