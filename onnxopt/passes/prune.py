@@ -29,12 +29,14 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from .base import Pass, PassResult, count
+from .base import Pass, PassResult, check_choice, count
 from ..calibration import TensorStats
+from ..data import FeedSet
 from ..graph import unique_name_factory
-from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, sparsegpt
-from ..reconstruction.stream import LayerwiseRunner
-from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution, per_input_channel
+from ..reconstruction import LayerGeometry, SolverError, blas_threads, sparsegpt
+from ..reconstruction.stream import LayerwiseRunner, ShardedRunner
+from .importance import activation_stats, importance, input_norm, target_count
+from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
@@ -48,60 +50,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if sep and keep.isdigit() and group.isdigit() and 0 < int(keep) < int(group):
         return int(keep), int(group)
     raise InputError(f"prune: pattern must be 'unstructured' or N:M with 0 < N < M (like 2:4), not '{pattern}'")
-
-
-def check_choice(pass_name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{pass_name}: {option} must be one of {'|'.join(choices)}, not '{value}'")
-
-
-def target_count(fraction: float, size: int) -> int:
-    """How many of ``size`` items a fraction names, rounded half up (the exact target)."""
-    return int(math.floor(fraction * size + 0.5))
-
-
-def activation_stats(pass_: Pass, model: onnx.ModelProto, tensors: list[PrunableTensor],
-                     stats: dict[str, int | float]) -> dict[str, list[TensorStats]]:
-    """Per weight name, the channel statistics of each use's data input over the calibration data.
-
-    One streaming calibration run collects every data input at once. Weights inside subgraphs
-    have no observable input: they get none (ranked by magnitude) and are counted.
-    """
-    from ..calibration import collect
-
-    feeds = pass_.context.calibration_feeds(pass_.name)
-    axes = {u.data: u.data_axis for t in tensors if t.top_level for u in t.uses}
-    collected = collect(model, feeds, [], sumsq_axes=axes, executor=pass_.context.executor) if axes else {}
-    if any(not t.top_level for t in tensors):
-        count(stats, "wanda_fallback_magnitude_in_subgraph", sum(not t.top_level for t in tensors))
-    return {t.name: [collected[u.data] for u in t.uses] for t in tensors if t.top_level}
-
-
-def input_norm(inputs: list[TensorStats], centered: bool = False) -> np.ndarray:
-    """L2 norm of each input channel over the calibration data (a tied weight: over all its inputs).
-
-    ``centered`` measures about each channel's mean: what pruning leaves as error once the
-    pruned weights' mean contribution is added back to the bias.
-    """
-    sumsq = sum(s.channel_sumsq - (s.channel_sum ** 2 / s.channel_count if centered else 0.0) for s in inputs)
-    return np.sqrt(np.maximum(sumsq, 0.0))
-
-
-def importance(tensor: PrunableTensor, canonical: np.ndarray, norm: np.ndarray | None,
-               out: np.ndarray | None = None) -> np.ndarray:
-    """Importance on the canonical ``(out, ..., in)`` view; weights already zero rank below all others.
-
-    Magnitude is ``abs`` in the weight's dtype (exact, order kept; zeros are already the smallest);
-    Wanda's products are float64, and zeros are moved below a zero norm's products. The result
-    keeps the weight's memory layout, so :func:`memory_order` is a view. ``out``: where to write it
-    (a view in that layout, of the weight's dtype or float64 for Wanda).
-    """
-    if norm is None:
-        return np.abs(canonical, out=out)
-    score = np.abs(canonical, out=out, dtype=np.float64)
-    np.multiply(score, per_input_channel(canonical.shape, norm, tensor.use.groups), out=score)
-    score[canonical == 0] = -1.0
-    return score
 
 
 def memory_order(array: np.ndarray) -> np.ndarray:
@@ -304,7 +252,10 @@ class Prune(Pass):
             order = {id(node): i for i, node in enumerate(alone[0].index.nodes)}
             position = {i: p for p, i in enumerate(alone[0].index.topological_order())}
             alone.sort(key=lambda t: position[order[id(t.use.node)]])
-            runner = LayerwiseRunner(model, self.context.calibration_feeds(self.name))
+            feeds = self.context.calibration_feeds(self.name)
+            executor = self.context.executor
+            runner = (ShardedRunner(executor, model, feeds) if executor is not None and isinstance(feeds, FeedSet)
+                      else LayerwiseRunner(model, feeds))
             adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
             deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
             now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
@@ -312,14 +263,19 @@ class Prune(Pass):
                 weight = tensor.canonical()
                 pruned, bias = self._sparsegpt_layer(tensor, weight, runner, budgets[tensor.name], n_m, stats,
                                                      adder is not None)
-                if _record(stats, tensor, zeros(weight), pruned) and bias is not None:
-                    # a MatMul gets an Add after it, renaming its output: only once the runner is done
-                    (later if tensor.use.node.op_type == "MatMul" else now)(tensor.use.node, bias.astype(weight.dtype))
-                    count(stats, "biases_corrected")
+                if _record(stats, tensor, zeros(weight), pruned):
+                    if bias is not None:
+                        # a MatMul gets an Add after it, renaming its output: only once the runner is done
+                        (later if tensor.use.node.op_type == "MatMul" else now)(tensor.use.node,
+                                                                                bias.astype(weight.dtype))
+                        count(stats, "biases_corrected")
+                    runner.changed(tensor.use.node)
                 if self.context.progress:
                     import click
 
                     click.echo(f"prune: layer {number}/{len(alone)} {tensor.use.node.name or tensor.name}", err=True)
+            if isinstance(runner, ShardedRunner):
+                runner.close()
             for node, delta in deferred:
                 adder.add(node, delta)
             if adder is not None:
@@ -327,8 +283,8 @@ class Prune(Pass):
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
         return PassResult(model, stats["tensors_pruned"] > 0, stats)
 
-    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner, zeros: int,
-                         n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner | ShardedRunner,
+                         zeros: int, n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """One layer: its Hessian from the runner's current input, SparseGPT per group, in canonical layout.
 
         With ``with_bias`` the Hessian gets a ones column and the weights a bias row that is never
@@ -338,12 +294,11 @@ class Prune(Pass):
         dims = tuple(tensor.store.tensor(tensor.name).dims)
         geometry = (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
                     else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
-        sums = LayerStatistics.empty(geometry, bias=with_bias)
-        x = runner.values([use.data])[use.data]
-        with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
-            if not sums.update_batches(geometry, x):
-                count(stats, "sparsegpt_fallback_magnitude_unobservable")
-                return _magnitude(tensor, weight, zeros, n_m), None
+        sums = runner.statistics(use.data, geometry, bias=with_bias)
+        if sums is None:
+            count(stats, "sparsegpt_fallback_magnitude_unobservable")
+            return _magnitude(tensor, weight, zeros, n_m), None
+        with blas_threads(float(sums.rows) * geometry.inputs**2 * geometry.groups):  # small layers on one thread
             return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
 
     def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias):

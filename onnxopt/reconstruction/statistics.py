@@ -13,7 +13,7 @@ Sums are float64, mergeable, and never hold rows: a batch is unfolded in chunks 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,26 +222,30 @@ class LayerStatistics:
                 self.target_sq += _square_sum(t)
         return True
 
-    def anchor(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray], start: np.ndarray,
-               near: float) -> None:
+    def anchor(self, start: np.ndarray, near: float, exact: Callable[[np.ndarray], float]) -> None:
         """Make :meth:`residual` relative to ``start`` weights ``(G, K [+1], N)``: their error, then the change.
 
-        The error comes from the sums; when it is below ``near`` (relative) it is summed exactly over
-        the batches the statistics hold (one more product): the sums alone lose it to float32 rounding.
+        The error comes from the sums; when it is below ``near`` (relative) it is ``exact(start)``, summed
+        over the rows (:meth:`start_error`): the sums alone lose it to float32 rounding.
         """
         self.start, self.start_sq = None, 0.0
         estimate = self.residual(start)
         self.start, self.start_sq = start, estimate
-        if estimate >= near**2 * self.target_sq:
-            return
+        if estimate < near**2 * self.target_sq:
+            self.start_sq = exact(start)
+
+    def start_error(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray],
+                    start: np.ndarray) -> float:
+        """``Σ |A start - Y|²`` over these batches, directly (one more product)."""
         weights, k = start.astype(np.float32), geometry.inputs
-        self.start_sq = 0.0
+        total = 0.0
         for x, y in zip(xs, ys):
             for at, t in zip(geometry.columns(x), geometry.targets(y)):
                 error = np.swapaxes(at, 1, 2) @ weights[:, :k] - t
                 if self.bias:
                     error += weights[:, k:]
-                self.start_sq += _square_sum(error)
+                total += _square_sum(error)
+        return total
 
     def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
                        gram: bool = True) -> bool:
