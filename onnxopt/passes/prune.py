@@ -22,7 +22,6 @@ the input axis (input channels for Conv), the layout sparse tensor cores acceler
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,21 +334,16 @@ class Prune(Pass):
 
     def _masks(self, tensors: list[PrunableTensor], norms: dict[str, np.ndarray], n_m: tuple[int, int] | None):
         """(tensor, canonical weight, where to zero it), one tensor at a time: a multi-GB model is
-        never read whole. A global budget finds its threshold first (:func:`global_kth`).
-
-        The next tensor is read, scored and masked on a second thread while the caller zeroes and
-        writes this one (reading, the arithmetic and writing to disk overlap). Each lives in one
-        of two sets of buffers, reused two tensors later (the caller is done with it by then), and
-        the weight is the caller's to change.
-        """
+        never read whole. A global budget finds its threshold first (:func:`global_kth`). The weight
+        and its scores live in buffers reused for the next tensor (the caller is done with them by
+        then), and the weight is the caller's to change."""
         sparsity = self.options.sparsity
         scratch = Scratch()
 
-        def scored(tensor: PrunableTensor, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
-            weight = tensor.canonical(scratch(f"weight{slot}", tensor.size, tensor.dtype))
+        def scored(tensor: PrunableTensor) -> tuple[np.ndarray, np.ndarray]:
+            weight = tensor.canonical(scratch("weight", tensor.size, tensor.dtype))
             norm = norms.get(tensor.name)
-            score = tensor.canonical_view(scratch(f"score{slot}", tensor.size,
-                                                  tensor.dtype if norm is None else np.float64))
+            score = tensor.canonical_view(scratch("score", tensor.size, tensor.dtype if norm is None else np.float64))
             return weight, importance(tensor, weight, norm, score)
 
         if n_m is None and self.options.scope == "global":
@@ -358,26 +352,16 @@ class Prune(Pass):
             kth, smaller = (global_kth(lambda: (scored(t)[1] for t in tensors), sizes, budget) if budget
                             else (-np.inf, 0))
             ties = budget - smaller
-
-        def masked(tensor: PrunableTensor, slot: int) -> tuple[np.ndarray, np.ndarray]:
-            nonlocal ties
-            weight, score = scored(tensor, slot)
+        for tensor in tensors:
+            weight, score = scored(tensor)
             if n_m is not None:
-                return weight, n_m_mask(score, *n_m)
-            if self.options.scope == "layer":
-                return weight, smallest_mask(score, target_count(sparsity, score.size),
-                                             scratch(f"work{slot}", score.size, score.dtype))
-            mask = threshold_mask(score, kth, ties)
-            ties -= min(ties, int(np.count_nonzero(score == kth)))
-            return weight, mask
-
-        with ThreadPoolExecutor(1, thread_name_prefix="prune") as ahead:
-            pending = ahead.submit(masked, tensors[0], 0) if tensors else None
-            for number, tensor in enumerate(tensors):
-                weight, mask = pending.result()
-                if number + 1 < len(tensors):
-                    pending = ahead.submit(masked, tensors[number + 1], (number + 1) % 2)
-                yield tensor, weight, mask
+                mask = n_m_mask(score, *n_m)
+            elif self.options.scope == "layer":
+                mask = smallest_mask(score, target_count(sparsity, score.size), scratch("work", score.size, score.dtype))
+            else:
+                mask = threshold_mask(score, kth, ties)
+                ties -= min(ties, int(np.count_nonzero(score == kth)))
+            yield tensor, weight, mask
 
 
 def _magnitude(tensor: PrunableTensor, weight: np.ndarray, zeros: int, n_m) -> np.ndarray:
