@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import math
 import os
 import tempfile
 
@@ -37,7 +38,7 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    count = int(np.prod(tensor.dims, dtype=np.int64))
+    count = math.prod(tensor.dims)  # not np.prod: a piece of a model has many small tensors to size
     return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 

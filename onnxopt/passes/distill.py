@@ -7,12 +7,13 @@ of the same name after the bias. Conv layers are refit whole, weights and bias, 
 unfolded inputs (grouped and depthwise too); a Conv without a bias gets one.
 
 Student and teacher each run once over the calibration data, piece by piece
-(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input and target are
-computed just before it is fit, and the layer itself runs with its new weights. With an executor,
-each calibration shard's runners live on one worker (:class:`~onnxopt.reconstruction.stream.ShardedRunner`),
-which sums the shard's statistics; the fits run here. Statistics are
-float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of samples beyond the
-values at the current cut.
+(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input is computed just
+before it is fit, and the layer itself runs with its new weights; the teacher, which does not
+change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). With an
+executor, each calibration shard's runners live on one worker
+(:class:`~onnxopt.reconstruction.stream.ShardedRunner`), which sums the shard's statistics; the fits
+run here. Statistics are float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of
+samples beyond the values at the current cut.
 
 The ridge pulls toward the current weights, not toward zero: with fewer calibration rows than
 inputs, the directions the data does not see keep the student's values instead of collapsing.
@@ -27,8 +28,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,7 @@ from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
+PREFETCH_BYTES = 128 << 20  # teacher values computed ahead of their layers (fewer onnxruntime pieces)
 NEAR = 0.01  # relative error (from the sums) below which the current weights' error is measured exactly
 
 
@@ -87,6 +90,11 @@ class Layer:
             sums.gram = gram
         sums.anchor(self.current()[1], NEAR, lambda start: sums.start_error(self.geometry, xs, ys, start))
         return sums
+
+    @property
+    def width(self) -> int:
+        """Output channels (all groups)."""
+        return self.geometry.groups * self.geometry.outputs
 
     @property
     def rows(self) -> _LayerRows:
@@ -150,12 +158,7 @@ class Layer:
             keep = start != 0
             if self.with_bias:
                 keep[:, -1] = keep[:, :-1].any(axis=1)  # a pruned neuron keeps its bias too
-        solved = np.empty_like(start)
-        damping = options.damping
-        for group in range(len(start)):
-            solved[group], used = masked_refit(sums.gram[group], sums.cross[group], start[group],
-                                               None if keep is None else keep[group], options.damping)
-            damping = max(damping, used)
+        solved, damping = masked_refit(sums.gram, sums.cross, start, keep, options.damping)  # all groups at once
         after = sums.residual(solved)
         row.update(rel_err_after=_relative(after, sums), damping=damping)
         if not after < before:
@@ -205,7 +208,7 @@ class Distill(Pass):
         executor = self.context.executor
         runs = (_ShardedRuns(executor, model, teacher, feeds, self.options.batch_size)
                 if executor is not None and isinstance(feeds, FeedSet) else
-                _Runs(model, teacher, feeds, self.options.batch_size))
+                _Runs(model, teacher, feeds, self.options.batch_size, layers))
         undo: list[Callable[[], None]] = []
         rows = []
         shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
@@ -308,6 +311,21 @@ class Distill(Pass):
                      attribute(node, "beta", 1.0) if gemm else 1.0, stream)
 
 
+def _ahead(layers: Iterable[Layer], per_channel: int) -> list[str]:
+    """The teacher values of the next layers to compute in the same piece as this one's (fewer onnxruntime
+    sessions): as many as ``PREFETCH_BYTES`` holds, each estimated at ``per_channel`` bytes (the last
+    target's) times its width: exact where the rows stay alike (a transformer), above where feature
+    maps shrink (a CNN)."""
+    names: list[str] = []
+    total = 0
+    for layer in layers if per_channel else ():
+        total += per_channel * layer.width * len(layer.rows.teacher_values)
+        if total > PREFETCH_BYTES:
+            break
+        names += layer.rows.teacher_values
+    return names
+
+
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
     """The student's output error relative to the teacher's (L2 over every numeric output and batch)."""
     return _relative_error(*_error_sums(student, teacher))
@@ -343,15 +361,23 @@ class _LayerRows:
     geometry: LayerGeometry
     with_bias: bool
 
+    @property
+    def teacher_values(self) -> list[str]:
+        """What the layer may ask of the teacher: its target, and the residual stream's sum."""
+        return [self.target, *self.stream[:1]] if self.stream else [self.target]
 
-def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, layer: _LayerRows, stats) -> tuple:
+
+def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, layer: _LayerRows, stats,
+                        ahead: list[str] | None = None) -> tuple:
     """The layer's input (student) and target (teacher; with a residual stream, what the layer must add to the
-    student's stream to reach the teacher's sum) per batch."""
+    student's stream to reach the teacher's sum) per batch. ``ahead``: later layers' teacher values to
+    compute in the same piece (:func:`_ahead`)."""
     x = student.values([layer.data])[layer.data]
     stream = layer.stream if layer.stream is not None and student.ready(layer.stream[1]) else None
     if layer.stream is not None and stream is None:
         count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
-    taught = teacher.values([layer.target, *stream[:1]] if stream else [layer.target])  # one piece
+    taught = teacher.values([layer.target, *stream[:1]] if stream else [layer.target], ahead or ())  # one piece
+    teacher.release(layer.teacher_values)  # a stream sum computed ahead but not used
     y = taught[layer.target]
     if stream:
         y = _stream_target(y, taught[stream[0]], student.values([stream[1]])[stream[1]], stats)
@@ -361,15 +387,20 @@ def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, laye
 class _Runs:
     """Student and teacher run piece by piece in this process; the student's outputs before any change kept."""
 
-    def __init__(self, model, teacher, feeds, batch_size: int) -> None:
+    def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
         outputs = [o.name for o in model.graph.output]
         self.teacher = LayerwiseRunner(teacher, feeds, batch_size)
         self.before = LayerwiseRunner(model, feeds, batch_size).values(outputs)
         self.student = LayerwiseRunner(model, feeds, batch_size)
+        self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
+        self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
         """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
-        x, y = _inputs_and_targets(self.student, self.teacher, layer.rows, stats)
+        x, y = _inputs_and_targets(self.student, self.teacher, layer.rows, stats,
+                                   _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
+                                          self.per_channel))
+        self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
         work = layer.geometry.work(x)
         with blas_threads(work):
             return layer.statistics(x, y, gram), work

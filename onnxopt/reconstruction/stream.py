@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,13 +58,29 @@ class LayerwiseRunner:
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.frontier: dict[str, list[np.ndarray]] = {}
         self.outputs = [o.name for o in model.graph.output]
+        self.readers = Counter(n for uses in self.index.uses for n in uses)  # pending nodes reading each value
+        self.held: set[str] = set()  # computed ahead: kept until asked for or released
         self.sessions = 0
         self.version = 0  # changes applied to a worker's model (sessions are shared only within a version)
 
-    def values(self, names: Sequence[str]) -> dict[str, list[np.ndarray]]:
-        """Each name's value per batch, running the nodes it still needs."""
-        self._run(self._ancestors(names), names)
+    def values(self, names: Sequence[str], ahead: Sequence[str] = ()) -> dict[str, list[np.ndarray]]:
+        """Each name's value per batch, running the nodes it still needs.
+
+        ``ahead``: values computed in the same piece and held until asked for or released: fewer,
+        larger pieces where the model does not change between asks (a teacher)."""
+        ahead = [n for n in ahead if n not in names and self.index.producer.get(n, -1) in self.pending]
+        self._run(self._ancestors([*names, *ahead]), [*names, *ahead])
+        self.held.update(ahead)
+        self.held.difference_update(names)
         return {name: self._value(name) for name in names}
+
+    def release(self, names: Iterable[str]) -> None:
+        """Values held ahead that will not be asked for after all."""
+        for name in names:
+            if name in self.held:
+                self.held.discard(name)
+                if not self.readers[name] and name not in self.outputs:
+                    self.frontier.pop(name, None)
 
     def statistics(self, name: str, geometry: LayerGeometry, *, bias: bool = False) -> LayerStatistics | None:
         """``XᵀX`` (``[X, 1]ᵀ[X, 1]`` with ``bias``) of the value over every batch; None when it does not have
@@ -109,12 +126,12 @@ class LayerwiseRunner:
         if not piece:
             return
         self.pending.difference_update(piece)
+        self.readers.subtract(n for i in piece for n in self.index.uses[i])
         produced = {o for i in piece for o in self.index.nodes[i].output if o}
         # uses read afresh: a layer may have gained an input (a new bias) since the index was built
         read = list(dict.fromkeys(n for i in piece for n in node_uses(self.index.nodes[i]) if n not in produced))
-        still_read = {n for i in self.pending for n in self.index.uses[i]}
         kept = [n for n in dict.fromkeys([*asked, *sorted(produced)])
-                if n in produced and (n in still_read or n in asked or n in self.outputs)]
+                if n in produced and (self.readers[n] > 0 or n in asked or n in self.outputs)]
         inputs = [n for n in read if self._initializer(n) is None]
         graph = onnx.helper.make_graph(
             [self.index.nodes[i] for i in piece], "piece",
@@ -139,8 +156,8 @@ class LayerwiseRunner:
             if self.shared_sessions is None:
                 session.close()
         self.frontier.update(results)
-        for name in [n for n in self.frontier if n not in still_read and n not in self.outputs]:
-            if name not in asked:
+        for name in [n for n in self.frontier if self.readers[n] <= 0 and n not in self.outputs]:
+            if name not in asked and name not in self.held:
                 del self.frontier[name]
 
 
