@@ -31,7 +31,7 @@ from ..errors import InputError
 from .base import Pass, PassResult, count
 from ..calibration import TensorStats
 from ..graph import unique_name_factory
-from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, sparsegpt
+from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, masked_refit, sparsegpt
 from ..reconstruction.stream import LayerwiseRunner
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution, per_input_channel
 
@@ -190,6 +190,7 @@ class Prune(Pass):
         min_size: int = 0
         bias_correction: bool = True  # wanda and sparsegpt
         damping: float = 0.01  # sparsegpt: relative to the mean input energy, raised when the Hessian is singular
+        dense_target: bool = False  # sparsegpt: fit each layer to the unpruned model's output, not its own
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.sparsity < 1.0:
@@ -262,12 +263,13 @@ class Prune(Pass):
             position = {i: p for p, i in enumerate(alone[0].index.topological_order())}
             alone.sort(key=lambda t: position[order[id(t.use.node)]])
             runner = LayerwiseRunner(model, self.context.calibration_feeds(self.name))
+            dense = LayerwiseRunner(model, self.context.calibration_feeds(self.name)) if opts.dense_target else None
             adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
             deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
             now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
             for number, tensor in enumerate(alone, 1):
                 weight = tensor.canonical()
-                pruned, bias = self._sparsegpt_layer(tensor, weight, runner, zeros[tensor.name], n_m, stats,
+                pruned, bias = self._sparsegpt_layer(tensor, weight, runner, dense, zeros[tensor.name], n_m, stats,
                                                      adder is not None)
                 if _record(stats, tensor, weight, pruned) and bias is not None:
                     # a MatMul gets an Add after it, renaming its output: only once the runner is done
@@ -284,12 +286,16 @@ class Prune(Pass):
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
         return PassResult(model, stats["tensors_pruned"] > 0, stats)
 
-    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner, zeros: int,
-                         n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner,
+                         dense: LayerwiseRunner | None, zeros: int, n_m, stats, with_bias: bool
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
         """One layer: its Hessian from the runner's current input, SparseGPT per group, in canonical layout.
 
         With ``with_bias`` the Hessian gets a ones column and the weights a bias row that is never
         pruned: returns the bias change (output units) that compensates the pruned weights' mean too.
+        With ``dense`` (the same model run before each layer is pruned: it runs the layer with its
+        dense weights, so it never sees a pruned one), the layer is fitted to the dense model's
+        output rather than to its own on the pruned inputs: the drift upstream is corrected too.
         """
         use = tensor.use
         dims = tuple(tensor.store.tensor(tensor.name).dims)
@@ -297,8 +303,12 @@ class Prune(Pass):
                     else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
         sums = LayerStatistics.empty(geometry, bias=with_bias)
         x = runner.values([use.data])[use.data]
-        with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
-            if not sums.update_batches(geometry, x):
+        reference = dense.values([use.data, use.node.output[0]])[use.data] if dense is not None else None
+        if reference is not None and all(np.array_equal(a, b) for a, b in zip(x, reference)):
+            reference = None  # no drift yet (nothing upstream pruned): the layer's own output is the dense one
+        with blas_threads(geometry.work(x) * (1 + (reference is not None))):  # small layers: one thread
+            if not (sums.update_pair(geometry, x, reference) if reference is not None
+                    else sums.update_batches(geometry, x)):
                 count(stats, "sparsegpt_fallback_magnitude_unobservable")
                 return _magnitude(tensor, weight, zeros, n_m), None
             return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
@@ -317,8 +327,14 @@ class Prune(Pass):
         pruned = np.empty(per_group.shape)
         for i in range(g.groups):
             budget = splits[i] - (splits[i - 1] if i else 0)
+            start = per_group[i]
             try:
-                pruned[i], used = sparsegpt(per_group[i], sums.gram[i], zeros=budget, n_m=n_m,
+                if sums.cross is not None:  # the dense model's output as the target: zeros stay, the rest refit
+                    keep = start != 0
+                    keep[g.inputs:] = True
+                    start, _ = masked_refit(sums.gram[i], sums.cross[i] @ start, start, None if keep.all() else keep,
+                                            damping)
+                pruned[i], used = sparsegpt(start, sums.gram[i], zeros=budget, n_m=n_m,
                                             damping=damping, fixed_rows=int(with_bias))
             except SolverError as exc:
                 raise InputError(f"prune: layer '{use.node.name or tensor.name}': {exc}") from None

@@ -262,6 +262,26 @@ class LayerStatistics:
             start = stop
         return True
 
+    def update_pair(self, geometry: LayerGeometry, xs: list[np.ndarray], references: list[np.ndarray]) -> bool:
+        """Fold the layer's inputs in and ``cross`` against other inputs of the same shape: ``Σ Aᵀ A_ref``
+        per group, ``(G, K [+1], K [+1])`` (the reference model's input; ``cross @ W`` is then ``Σ Aᵀ A_ref W``,
+        the reference layer's output as the target). False when the shapes differ."""
+        if any(np.shape(x) != np.shape(r) for x, r in zip(xs, references)):
+            return False
+        k = geometry.inputs
+        cross = np.zeros_like(self.gram)
+        for x, reference in zip(xs, references):
+            if not self.update(geometry, x):
+                return False
+            for at, rt in zip(geometry.columns(x), geometry.columns(reference)):
+                cross[:, :k, :k] += at @ np.swapaxes(rt, 1, 2)
+                if self.bias:
+                    cross[:, :k, k] += at.sum(axis=2, dtype=np.float64)
+                    cross[:, k, :k] += rt.sum(axis=2, dtype=np.float64)
+                    cross[:, k, k] += at.shape[2]
+        self.cross = cross
+        return True
+
     def merge(self, other: LayerStatistics) -> LayerStatistics:
         return LayerStatistics(self.gram + other.gram, None if self.cross is None else self.cross + other.cross,
                                self.bias, self.target_sq + other.target_sq, self.rows + other.rows, self.start,
