@@ -8,7 +8,8 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxopt.data import load_feeds
 from onnxopt.passes import quantize as quantize_module
-from onnxopt.passes.fold_batchnorm import FoldBatchNorm, fold_batchnorm
+from onnxopt.passes.bias_rewrite import fold_batchnorm
+from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 from onnxopt.validate import Tolerances, check_structure, compare_outputs, run_model
 
 from conftest import make_model, tensor, value

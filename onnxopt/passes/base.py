@@ -95,3 +95,9 @@ class Pass:
 def count(stats: dict[str, int | float], key: str, n: int | float = 1) -> None:
     """Add to a named counter."""
     stats[key] = stats.get(key, 0) + n
+
+
+def check_choice(pass_name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
+    """An option that names one of ``choices``, or the error that lists them."""
+    if value not in choices:
+        raise InputError(f"{pass_name}: {option} must be one of {'|'.join(choices)}, not '{value}'")

@@ -28,12 +28,13 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from .base import Pass, PassResult, count
+from .base import Pass, PassResult, check_choice, count
 from ..calibration import TensorStats
 from ..graph import unique_name_factory
 from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, masked_refit, sparsegpt
 from ..reconstruction.stream import LayerwiseRunner
-from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution, per_input_channel
+from .importance import activation_stats, importance, input_norm, target_count
+from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global")
@@ -47,57 +48,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if sep and keep.isdigit() and group.isdigit() and 0 < int(keep) < int(group):
         return int(keep), int(group)
     raise InputError(f"prune: pattern must be 'unstructured' or N:M with 0 < N < M (like 2:4), not '{pattern}'")
-
-
-def check_choice(pass_name: str, option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{pass_name}: {option} must be one of {'|'.join(choices)}, not '{value}'")
-
-
-def target_count(fraction: float, size: int) -> int:
-    """How many of ``size`` items a fraction names, rounded half up (the exact target)."""
-    return int(math.floor(fraction * size + 0.5))
-
-
-def activation_stats(pass_: Pass, model: onnx.ModelProto, tensors: list[PrunableTensor],
-                     stats: dict[str, int | float]) -> dict[str, list[TensorStats]]:
-    """Per weight name, the channel statistics of each use's data input over the calibration data.
-
-    One streaming calibration run collects every data input at once. Weights inside subgraphs
-    have no observable input: they get none (ranked by magnitude) and are counted.
-    """
-    from ..calibration import collect
-
-    feeds = pass_.context.calibration_feeds(pass_.name)
-    axes = {u.data: u.data_axis for t in tensors if t.top_level for u in t.uses}
-    collected = collect(model, feeds, [], sumsq_axes=axes, executor=pass_.context.executor) if axes else {}
-    if any(not t.top_level for t in tensors):
-        count(stats, "wanda_fallback_magnitude_in_subgraph", sum(not t.top_level for t in tensors))
-    return {t.name: [collected[u.data] for u in t.uses] for t in tensors if t.top_level}
-
-
-def input_norm(inputs: list[TensorStats], centered: bool = False) -> np.ndarray:
-    """L2 norm of each input channel over the calibration data (a tied weight: over all its inputs).
-
-    ``centered`` measures about each channel's mean: what pruning leaves as error once the
-    pruned weights' mean contribution is added back to the bias.
-    """
-    sumsq = sum(s.channel_sumsq - (s.channel_sum ** 2 / s.channel_count if centered else 0.0) for s in inputs)
-    return np.sqrt(np.maximum(sumsq, 0.0))
-
-
-def importance(tensor: PrunableTensor, canonical: np.ndarray, norm: np.ndarray | None) -> np.ndarray:
-    """Importance on the canonical ``(out, ..., in)`` view; weights already zero rank below all others.
-
-    Magnitude is ``abs`` in the weight's dtype (exact, order kept; zeros are already the smallest);
-    Wanda's products are float64, and zeros are moved below a zero norm's products. The result
-    keeps the weight's memory layout, so :func:`memory_order` is a view.
-    """
-    if norm is None:
-        return np.abs(canonical)
-    score = np.abs(canonical.astype(np.float64)) * per_input_channel(canonical.shape, norm, tensor.use.groups)
-    score[canonical == 0] = -1.0
-    return score
 
 
 def memory_order(array: np.ndarray) -> np.ndarray:

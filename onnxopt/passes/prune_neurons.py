@@ -35,9 +35,9 @@ import onnx
 from ..calibration import TensorStats
 from ..errors import InputError
 from ..graph import model_graphs, opset_version, unique_name_factory, value_shapes, walk_graphs
-from .base import Pass, PassResult, count
+from .base import Pass, PassResult, check_choice, count
 from .channels import ChannelGraph, Producer, has_producers, union_roots
-from .prune import activation_stats, check_choice, importance, input_norm, target_count
+from .importance import activation_stats, importance, input_norm, target_count
 from .weights import BiasAdder, PrunableTensor, attribute, mean_contribution, per_input_channel
 
 METHODS = ("l2", "wanda", "fluctuation")

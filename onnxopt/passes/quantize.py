@@ -73,8 +73,7 @@ from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, repla
 from ..smoothing import fold_inverse_scale, smoothing_scale
 from ..validate import Session, Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
-from .fold_batchnorm import fold_batchnorm
-from .fuse_bias import fuse_bias
+from .bias_rewrite import fold_batchnorm, fuse_bias
 from ..reconstruction import SCHEDULES, LayerGeometry, LayerStatistics, Schedule, learned_rounding
 from ..reconstruction.stream import input_statistics
 from .weights import WeightUse, attribute, from_canonical, mean_contribution, to_canonical, weight_use
