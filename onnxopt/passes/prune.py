@@ -37,6 +37,9 @@ from .importance import activation_stats, importance, input_norm, target_count
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+# sparsegpt's refit toward the dense output is distill's ridge (its default damping): with 0.01, the refit
+# overfits the calibration rows (minilm_l3 after distill: 0.9733 instead of 0.9749)
+REFIT_DAMPING = 0.1
 SCOPES = ("layer", "global")
 
 
@@ -140,7 +143,7 @@ class Prune(Pass):
         min_size: int = 0
         bias_correction: bool = True  # wanda and sparsegpt
         damping: float = 0.01  # sparsegpt: relative to the mean input energy, raised when the Hessian is singular
-        dense_target: bool = False  # sparsegpt: fit each layer to the unpruned model's output, not its own
+        dense_target: bool = True  # sparsegpt: fit each layer to the unpruned model's output, not its own
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.sparsity < 1.0:
@@ -283,7 +286,7 @@ class Prune(Pass):
                     keep = start != 0
                     keep[g.inputs:] = True
                     start, _ = masked_refit(sums.gram[i], sums.cross[i] @ start, start, None if keep.all() else keep,
-                                            damping)
+                                            max(damping, REFIT_DAMPING))
                 pruned[i], used = sparsegpt(start, sums.gram[i], zeros=budget, n_m=n_m,
                                             damping=damping, fixed_rows=int(with_bias))
             except SolverError as exc:
