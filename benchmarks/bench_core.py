@@ -19,6 +19,8 @@ taken by a bare launcher process; a psutil-sampled peak is kept as a cross-check
   with ``--prune``: ``onnxopt optimize big.onnx -o out.onnx -p "prune(sparsity=0.5)"`` with
               ``--no-validate`` and with validation (``--min-cosine 0``, so that the 38 pruned layers'
               drift does not stop the write: the timing covers the whole validated run)
+  with ``--baseline DIR`` also: the same validated prune run by the onnxopt checkout in DIR (say, the
+              commit before a change), for a before/after in the same run
 
 Each output is then checked in another subprocess: onnxruntime runs it and the input on one random
 feed (outputs must agree within 1e-4), and its node count is compared with the live node count.
@@ -26,9 +28,11 @@ Targets: onnxopt --no-validate <= 1.5x the bare load+save time and peak RSS <= 1
 size; with validation peak RSS <= 2.2x; prune with validation: peak RSS <= 1.3x the model's size and
 wall <= 1.5x bare (issue 11). Results go to benchmarks/out/core.json.
 
-    python benchmarks/bench_core.py [--size-gb 1.0] [--skip-peers] [--prune] [--keep] [--workdir DIR]
+    python benchmarks/bench_core.py [--size-gb 1.0] [--skip-peers] [--prune] [--baseline DIR] [--keep] [--workdir DIR]
 
-The model is written just before the runs, so its files are in the page cache for every tool.
+The model is written just before the runs, so its files are in the page cache for every tool; the
+disk is synced before each run, so no tool waits for the previous one's writes. onnxopt syncs what it
+writes before it returns (an output is complete once it exists); the bare ``onnx.save`` does not.
 """
 
 from __future__ import annotations
@@ -203,22 +207,23 @@ def write_big_model(folder: Path, size_gb: float, seed: int = 0) -> dict:
 # interpreter (~10 MB), so the figure is the tool's.
 LAUNCHER = r"""
 import json, os, subprocess, sys, time
-argv, log = json.loads(sys.argv[1]), sys.argv[2]
+argv, log, env = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 start = time.perf_counter()
 with open(log, "wb") as out:
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
     _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"wall_s": time.perf_counter() - start, "rc": os.waitstatus_to_exitcode(status),
                   "maxrss_kib": usage.ru_maxrss}))
 """
 
 
-def timed_child(argv: list[str], log: Path) -> dict:
-    """Run argv through the launcher: wall time and the tool's own peak RSS (rusage of that process,
-    maxrss in KiB on Linux), plus an independent psutil-sampled peak of its process tree (every 20 ms)."""
+def timed_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
+    """Run argv through the launcher (``env``: variables set for the tool): wall time and the tool's own
+    peak RSS (rusage of that process, maxrss in KiB on Linux), plus an independent psutil-sampled peak of
+    its process tree (every 20 ms)."""
     import psutil
 
-    launcher = subprocess.Popen([PY, "-S", "-c", LAUNCHER, json.dumps(argv), str(log)],
+    launcher = subprocess.Popen([PY, "-S", "-c", LAUNCHER, json.dumps(argv), str(log), json.dumps(env or {})],
                                 stdout=subprocess.PIPE, text=True)
     sampled = 0
     parent = psutil.Process(launcher.pid)
@@ -274,9 +279,10 @@ PRUNE = "prune(sparsity=0.5)"
 
 
 def run_tools(folder: Path, model: dict, skip_peers: bool, keep: bool, repeats: int = 1,
-              prune: bool = False) -> list[dict]:
+              prune: bool = False, baseline: str | None = None) -> list[dict]:
     src = model["path"]
     onnxopt = str(BIN / "onnxopt")
+    envs = {}  # tool name -> variables for its process
     tools = [
         ("bare onnx.load+save", lambda out: [PY, __file__, "--_worker", "bare", src, out]),
         ("onnxopt -p dce --no-validate", lambda out: [onnxopt, "optimize", src, "-o", out, "-p", "dce", "--no-validate"]),
@@ -289,6 +295,11 @@ def run_tools(folder: Path, model: dict, skip_peers: bool, keep: bool, repeats: 
             (f"onnxopt -p {PRUNE} (validate)", lambda out: [onnxopt, "optimize", src, "-o", out, "-p", PRUNE,
                                                            "--min-cosine", "0"]),
         ]
+        if baseline:
+            name = f"baseline {Path(baseline).name}: onnxopt -p {PRUNE} (validate)"
+            envs[name] = {"PYTHONPATH": str(Path(baseline).resolve()), "PYTHONSAFEPATH": "1"}  # not ./onnxopt
+            tools.append((name, lambda out: [PY, "-m", "onnxopt", "optimize", src, "-o", out, "-p", PRUNE,
+                                             "--min-cosine", "0"]))
     if not skip_peers:
         tools += [
             ("onnxsim", lambda out: [str(BIN / "onnxsim"), src, out, "--save-as-external-data"]),
@@ -300,7 +311,10 @@ def run_tools(folder: Path, model: dict, skip_peers: bool, keep: bool, repeats: 
         out_dir.mkdir(exist_ok=True)
         out = str(out_dir / "out.onnx")
         print(f"  running {name} ...", flush=True)
-        runs = [timed_child(make_argv(out), folder / f"log{i}.txt") for _ in range(repeats)]
+        runs = []
+        for _ in range(repeats):
+            os.sync()  # each tool starts with nothing of the previous one's output still waiting to reach the disk
+            runs.append(timed_child(make_argv(out), folder / f"log{i}.txt", envs.get(name)))
         row = {"tool": name, **min(runs, key=lambda r: (r["rc"] != 0, r["wall_s"])),
                "walls_s": [r["wall_s"] for r in runs]}
         row["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
@@ -312,7 +326,7 @@ def run_tools(folder: Path, model: dict, skip_peers: bool, keep: bool, repeats: 
                 c = row["check"]
                 if i == 0:  # bare load+save: an unchanged copy
                     row["correct"] = c["outputs_match"] and c["nodes"] == model["nodes"]
-                elif name.startswith("onnxopt -p prune"):  # lossy: it runs, and every MatMul weight is half zeros
+                elif PRUNE in name:  # lossy: it runs, and every MatMul weight is half zeros
                     row["correct"] = math.isfinite(c["max_abs"]) and c["sparsity"] == 0.5
                 else:  # an optimizer: the dead branch and its weight must be gone
                     row["correct"] = (c["outputs_match"] and c["nodes"] <= model["live_nodes"]
@@ -386,6 +400,8 @@ def main() -> None:
     parser.add_argument("--skip-dce", action="store_true", help="skip part 1")
     parser.add_argument("--skip-big", action="store_true", help="skip part 2")
     parser.add_argument("--prune", action="store_true", help=f"part 2 also runs -p {PRUNE}, with and without validation")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help=f"with --prune: also run the validated prune with the onnxopt checkout in DIR")
     parser.add_argument("--_worker", nargs=3, metavar=("KIND", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -423,7 +439,7 @@ def main() -> None:
             model["write_s"] = time.perf_counter() - start
             print(f"  {model['gib']:.3f} GiB, {model['nodes']} nodes ({model['live_nodes']} live), "
                   f"written in {model['write_s']:.1f} s", flush=True)
-            rows = run_tools(folder, model, args.skip_peers, args.keep, args.repeats, args.prune)
+            rows = run_tools(folder, model, args.skip_peers, args.keep, args.repeats, args.prune, args.baseline)
             results["big"] = {"model": model, "rows": rows, "targets": verdicts(rows)}
             print(f"\nmodel: {model['gib']:.3f} GiB ({model['bytes']} bytes), {model['nodes']} nodes\n")
             print(table(rows))

@@ -79,6 +79,9 @@ def optimize(
     The report gets a per-layer table of the result (sparsity, weight change vs the input), and with
     ``bench`` the original's and the result's onnxruntime latency (``bench_runs`` interleaved runs).
 
+    With external data, the weights the pipeline rewrote are written once, straight to the
+    output's data file, and ``result.model`` reads them from there afterwards.
+
     ``executor="ray"`` runs validation and calibration statistics over shards of the data on Ray
     workers (``pip install "onnxopt[ray]"``): a local Ray instance with ``workers`` CPUs, or the
     cluster at ``ray_address`` (``"auto"`` or ``HOST:PORT``); workers send back metric sums, never
@@ -119,7 +122,7 @@ def optimize(
                                           runs=bench_runs).to_dict()
     if out_path is not None and (result.report.passed or keep_failed):
         save_model(result.model, out_path, external=external_data, input_path=input_path,
-                   overwrite_input=overwrite_input)
+                   overwrite_input=overwrite_input, move_spill=True)
         result.report.output = str(out_path)
     return result
 

@@ -69,12 +69,23 @@ class ModelHandle:
     source: Any
 
 
+def fetch(source: Any) -> Any:
+    """A value as :meth:`Executor.share` sent it (a Ray object reference is resolved where it is used)."""
+    if type(source).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(source)
+    return source
+
+
 class WorkerCache:
     """What a worker keeps between tasks: opened models and sessions, least recently used dropped first."""
 
     def __init__(self, entries: int = CACHE_ENTRIES) -> None:
         self.entries = entries
         self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._state: dict = {}
+        self._state_run: str | None = None
 
     def get(self, key, make: Callable[[], Any]):
         if key in self._items:
@@ -89,14 +100,21 @@ class WorkerCache:
 
     def model(self, handle: ModelHandle) -> onnx.ModelProto:
         """The handle's model, fetched (from the object store, or loaded from its path) once per worker."""
-        source = handle.source
-        if not isinstance(source, (bytes, str)):  # a Ray object reference
-            import ray
-
-            source = ray.get(source)
+        source = fetch(handle.source)
         if isinstance(source, str):
             return load_model(source)
         return onnx.ModelProto.FromString(source)
+
+    def state(self, run: str) -> dict:
+        """What a stateful run (layer-wise statistics) keeps on this worker between its maps; a worker
+        holds one run's state, so a new run drops an older one (a run that failed before it finished)."""
+        if self._state_run != run:
+            self._state, self._state_run = {}, run
+        return self._state
+
+    def drop_state(self, run: str) -> None:
+        if self._state_run == run:
+            self._state, self._state_run = {}, None
 
     def close(self) -> None:
         while self._items:
@@ -125,18 +143,29 @@ class Executor:
             path.parent.mkdir()
             save_scratch(model, path)
             return ModelHandle(key, str(path))
-        return ModelHandle(key, self._share(model.SerializeToString()))
+        return ModelHandle(key, self.share(model.SerializeToString()))
 
-    def _share(self, payload: bytes) -> Any:
-        return payload
+    def share(self, value: Any) -> Any:
+        """``value`` for tasks to :func:`fetch`: sent to each worker once (Ray's object store), not with every task."""
+        return value
 
-    def map(self, fn: Callable, shards: Sequence[Shard], *shared, progress: Callable[[int], None] | None = None) -> list:
-        """``[fn(cache, shard, *shared) for shard in shards]``, computed wherever the executor runs tasks."""
+    def map(self, fn: Callable, shards: Sequence, *shared, progress: Callable[[int], None] | None = None,
+            pinned: bool = False) -> list:
+        """``[fn(cache, shard, *shared) for shard in shards]``, computed wherever the executor runs tasks.
+
+        ``shards`` are :class:`Shard` objects or other work items (trials: progress counts them one
+        each). ``pinned``: item ``i`` always runs on worker ``i % workers``, so a task finds the state
+        (:meth:`WorkerCache.state`) its item's earlier tasks left there."""
         self.tasks += len(shards)
-        return self._map(fn, shards, shared, progress)
+        return self._map(fn, shards, shared, progress, pinned)
 
-    def _map(self, fn, shards, shared, progress) -> list:
+    def _map(self, fn, shards, shared, progress, pinned) -> list:
         raise NotImplementedError
+
+    def drop_state(self, run: str) -> None:
+        """Drop what a stateful run left on the workers (:meth:`WorkerCache.state`)."""
+        self.map(_drop_state, range(self.workers), run, pinned=True)
+        self.tasks -= self.workers
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "workers": self.workers, "tasks": self.tasks}
@@ -160,17 +189,26 @@ class InProcess(Executor):
         super().__init__()
         self.cache = WorkerCache()
 
-    def _map(self, fn, shards, shared, progress) -> list:
+    def _map(self, fn, shards, shared, progress, pinned) -> list:
         results = []
         for shard in shards:
             results.append(fn(self.cache, shard, *shared))
             if progress:
-                progress(shard.stop - shard.start)
+                progress(_size(shard))
         return results
 
     def close(self) -> None:
         self.cache.close()
         super().close()
+
+
+def _drop_state(cache: WorkerCache, worker: int, run: str) -> None:
+    cache.drop_state(run)
+
+
+def _size(item) -> int:
+    """What a finished item adds to a progress bar: a shard's samples, else one."""
+    return item.stop - item.start if isinstance(item, Shard) else 1
 
 
 class _RayWorker:
@@ -187,6 +225,13 @@ class _RayWorker:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time this worker process has used (user + system): its share of the work, whatever the load."""
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
 
 
 class RayExecutor(Executor):
@@ -221,17 +266,22 @@ class RayExecutor(Executor):
                            runtime_env={"env_vars": {"PYTHONPATH": str(PACKAGE.parent)}})(_RayWorker)
         self.actors = [actor.remote() for _ in range(self.workers)]
 
-    def _share(self, payload: bytes) -> Any:
-        return self._ray.put(payload)
+    def share(self, value: Any) -> Any:
+        return self._ray.put(value)
 
-    def _map(self, fn, shards, shared, progress) -> list:
-        """Each worker takes the next shard when it finishes one; partials are returned in shard order."""
+    def _map(self, fn, shards, shared, progress, pinned) -> list:
+        """Each worker takes the next shard when it finishes one (``pinned``: the next of its own);
+        partials are returned in shard order."""
         ray = self._ray
-        queue = collections.deque(enumerate(shards))
+        queues = {id(a): collections.deque() for a in self.actors}
+        for position, shard in enumerate(shards):
+            queue = queues[id(self.actors[position % len(self.actors)])] if pinned else queues[id(self.actors[0])]
+            queue.append((position, shard))
         results: list[Any] = [None] * len(shards)
-        running: dict[Any, tuple[int, Any, Shard]] = {}
+        running: dict[Any, tuple[int, Any, Any]] = {}
 
         def submit(actor) -> None:
+            queue = queues[id(actor)] if pinned else queues[id(self.actors[0])]
             if queue:
                 position, shard = queue.popleft()
                 running[actor.run.remote(fn, shard, shared)] = (position, actor, shard)
@@ -244,7 +294,7 @@ class RayExecutor(Executor):
                 position, actor, shard = running.pop(done[0])
                 results[position] = self._get(done[0])
                 if progress:
-                    progress(shard.stop - shard.start)
+                    progress(_size(shard))
                 submit(actor)
         finally:
             for ref in running:
@@ -267,6 +317,10 @@ class RayExecutor(Executor):
     def peak_memory(self) -> list[int]:
         """Peak resident bytes of each worker process."""
         return self._ray.get([a.peak_rss.remote() for a in self.actors])
+
+    def cpu_seconds(self) -> list[float]:
+        """CPU seconds each worker process has used."""
+        return self._ray.get([a.cpu_seconds.remote() for a in self.actors])
 
     def close(self) -> None:
         for actor in self.actors:

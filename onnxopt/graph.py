@@ -353,9 +353,10 @@ class WeightStore:
         node = self._constants.get(name)
         return None if node is None else constant_tensor(node)
 
-    def array(self, name: str) -> np.ndarray | None:
+    def array(self, name: str, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The weight's values (``out``: a flat buffer external data is read into, see :func:`tensor_to_array`)."""
         tensor = self.tensor(name)
-        return None if tensor is None else tensor_to_array(tensor)
+        return None if tensor is None else tensor_to_array(tensor, out)
 
     def set_array(self, name: str, array: np.ndarray) -> None:
         """Write new values for a weight where it lives (initializer or Constant ``value``)."""

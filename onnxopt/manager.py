@@ -34,7 +34,7 @@ from .sharded import WORKER_THREADS, ShardedValidation, Validated
 from .synthetic import synthetic_reference
 from .validate import (
     VALIDATION_THREADS, Comparison, Tolerances, check_interface, check_structure, compare_outputs, exact_atols,
-    measure_noise, run_model, task_accuracy,
+    measure_noise, run_model, task_accuracy, validation_prepack,
 )
 
 REPRO_COPY_LIMIT = 256 * 2**20  # models up to this size are kept (serialized) to bisect and for a reproducer
@@ -214,6 +214,7 @@ class _Validation:
     labels: np.ndarray | None = None
     reference_accuracy: float | None = None
     sharded: ShardedValidation | None = None
+    prepack: bool = True  # onnxruntime packs the weights at load (validation_prepack: not for big models)
 
     @classmethod
     def start(cls, model, data, labels, input_shapes, tolerances: Tolerances, report: Report,
@@ -224,8 +225,10 @@ class _Validation:
         a multi-GB model it costs one more onnxruntime session); through ``executor``, sums instead of outputs.
         The original runs from ``input_path`` when it came from a file: onnxruntime reads the file
         itself instead of a serialized copy of the model."""
+        prepack = validation_prepack(model)
         if data is None:
-            feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS)
+            feeds, notes, reference = synthetic_reference(model, input_shapes, threads=VALIDATION_THREADS,
+                                                          prepack=prepack)
         else:
             feeds, notes, reference = as_feeds(data, model), [], None
         origin = f"--calib {feeds.origin}, as no --data was given" if from_calib else feeds.origin
@@ -235,14 +238,16 @@ class _Validation:
             return cls._start_sharded(model, feeds, subset, labels, tolerances, report, executor, progress, exact_steps)
         if reference is None:
             try:
-                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, path=input_path)
+                reference = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, path=input_path,
+                                      prepack=prepack)
             except InputError as exc:
                 raise InputError(f"the input model cannot run on {feeds.origin}: {exc} "
                                  "(--no-validate skips onnxruntime)") from None
         head = _head(reference, len(subset))
-        noise = (measure_noise(model, subset, head, threads=VALIDATION_THREADS, path=input_path) if exact_steps
-                 else {})
-        validation = cls(feeds, subset, reference, reference, head, tolerances, noise, exact_atols(noise, tolerances))
+        noise = (measure_noise(model, subset, head, threads=VALIDATION_THREADS, path=input_path, prepack=prepack)
+                 if exact_steps else {})
+        validation = cls(feeds, subset, reference, reference, head, tolerances, noise, exact_atols(noise, tolerances),
+                         prepack=prepack)
         if labels is not None:
             validation.labels = load_labels(labels, len(feeds))
             validation.reference_accuracy = task_accuracy(reference, validation.labels)
@@ -323,7 +328,7 @@ class _Validation:
                 model, full=full, against=[(previous, previous_tol, atols), (self.reference, original_tol, None)])
             return outputs, vs_previous, vs_original, accuracy
         feeds = self.feeds if full else self.subset
-        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True)
+        outputs = run_model(model, feeds, threads=VALIDATION_THREADS, join=True, prepack=self.prepack)
         vs_previous = compare_outputs(previous, outputs, previous_tol, exact=exact, atols=atols)
         vs_original = compare_outputs(_head(self.reference, len(feeds)), outputs, original_tol, exact=False)
         accuracy = task_accuracy(outputs, self.labels) if self.labels is not None and full else None

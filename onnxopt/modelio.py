@@ -19,12 +19,12 @@ from google.protobuf.message import DecodeError
 
 from .errors import InputError
 from .graph import model_tensors
-from .tensors import external_info, is_external, set_external_location, spill_tensor, tensor_nbytes
+from .tensors import (ALIGNMENT, SPILL, copy_external_bytes, external_info, is_external, set_external_location,
+                      spill_tensor, tensor_nbytes)
 
 TWO_GB = 2**31
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this large go to the data file when saving externally
-ALIGNMENT = 4096  # data offsets aligned for mmap-friendly loading in onnxruntime
-COPY_CHUNK = 64 * 2**20
+SPILL_WASTE = 0.25  # the spill file becomes the output's data file when at most this share of it is stale
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -122,11 +122,15 @@ def save_model(
     external: bool | None = None,
     input_path: str | os.PathLike | None = None,
     overwrite_input: bool = False,
+    move_spill: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` completely or not at all.
 
     ``external=None`` chooses external data when the model already has some or would pass 2 GB.
-    The in-memory model stays valid whatever happens to the written files later.
+    The in-memory model stays valid whatever happens to the written files later, except with
+    ``move_spill``: when the spill file holds most of the data (a pass rewrote the weights of a
+    model with external data), it becomes the data file instead of being copied, and the in-memory
+    model reads those tensors from the output's data file from then on.
     Writing over ``input_path`` is refused unless ``overwrite_input``.
     """
     path = Path(path)
@@ -137,7 +141,7 @@ def save_model(
         with _atomic_file(path) as f:
             f.write(model.SerializeToString())
         return path
-    _save_external(model, path)
+    _save_external(model, path, move_spill)
     return path
 
 
@@ -176,15 +180,19 @@ def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def _save_external(model: onnx.ModelProto, path: Path) -> None:
+def _save_external(model: onnx.ModelProto, path: Path, move_spill: bool = False) -> None:
     """Stream every big tensor into ``<name>.data``, then write the skeleton that points at it.
 
     Inline tensors are first moved to the spill file, so the in-memory model never points at the
     file just written (which the caller may delete); afterwards every tensor points where it did,
     except those read from the very data file this save replaced, which take their new offsets.
+    With ``move_spill``, when the spill file already holds most of the bytes (a pass rewrote the
+    weights), the rest is appended to it and it becomes the data file instead (:func:`_publish_spill`).
     """
     data_name = f"{path.name}.data"
     data_path = (path.parent / data_name).resolve()
+    if move_spill and _spill_holds_most(model, data_path):
+        return _publish_spill(model, path, data_name, data_path)
     moved: list[tuple[onnx.TensorProto, dict[str, str], int, int]] = []
     with _atomic_file(data_path) as data:
         offset = 0
@@ -216,18 +224,56 @@ def _write_tensor_bytes(tensor: onnx.TensorProto, out) -> int:
     if not is_external(tensor):
         out.write(tensor.raw_data)
         return len(tensor.raw_data)
-    info = external_info(tensor)
-    length = int(info.get("length", tensor_nbytes(tensor)))
-    remaining = length
-    with open(info["location"], "rb") as src:
-        src.seek(int(info.get("offset", 0)))
-        while remaining:
-            chunk = src.read(min(COPY_CHUNK, remaining))
-            if not chunk:
-                raise InputError(f"external data of tensor '{tensor.name}' ends early in {info['location']}")
-            out.write(chunk)
-            remaining -= len(chunk)
-    return length
+    return copy_external_bytes(tensor, out)
+
+
+def _data_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors a save with external data writes to the data file."""
+    return [t for t in model_tensors(model) if is_external(t) or len(t.raw_data) >= EXTERNAL_THRESHOLD]
+
+
+def _spill_holds_most(model: onnx.ModelProto, data_path: Path) -> bool:
+    """Whether moving the spill file to ``data_path`` beats copying: it holds this model's tensors
+    with little else (at most ``SPILL_WASTE`` stale once the rest is appended), on the same filesystem."""
+    if SPILL.path is None or not SPILL.size():
+        return False
+    try:
+        if os.stat(SPILL.path).st_dev != os.stat(data_path.parent).st_dev:
+            return False
+    except OSError:
+        return False
+    held = rest = 0
+    for tensor in _data_tensors(model):
+        length = int(external_info(tensor).get("length", tensor_nbytes(tensor))) if is_external(tensor) \
+            else len(tensor.raw_data)
+        if SPILL.holds(tensor):
+            held += -(-length // ALIGNMENT) * ALIGNMENT  # with the padding that aligns the next tensor
+        else:
+            rest += length
+    stale = SPILL.size() - held
+    return held > rest and stale <= SPILL_WASTE * (SPILL.size() + rest)
+
+
+def _publish_spill(model: onnx.ModelProto, path: Path, data_name: str, data_path: Path) -> None:
+    """Append what the spill file lacks to it, move it to ``data_path``, then write the skeleton.
+
+    The rewritten weights are written once. An error before the move leaves the output as it was
+    (the tensors copied in read from the spill file then, as the rewritten ones do).
+    """
+    for tensor in _data_tensors(model):
+        if not is_external(tensor):
+            spill_tensor(tensor)
+        elif not SPILL.holds(tensor):
+            SPILL.copy_in(tensor)
+    SPILL.publish(data_path, _file_mode(data_path))
+    tensors = _data_tensors(model)
+    for tensor in tensors:
+        set_external_location(tensor, data_name)
+    skeleton = model.SerializeToString()
+    for tensor in tensors:
+        set_external_location(tensor, str(data_path))
+    with _atomic_file(path) as f:
+        f.write(skeleton)
 
 
 def save_scratch(model: onnx.ModelProto, path: Path, *, placeholders: bool = False) -> None:

@@ -15,7 +15,7 @@ import onnx
 
 from .data import input_dims, model_inputs
 from .graph import WeightStore, constant_tensor, model_graphs, walk_nodes
-from .tensors import FLOAT_TYPES, external_info, is_external, tensor_nbytes, tensor_to_array
+from .tensors import FLOAT_TYPES, count_zeros, external_info, is_external, tensor_nbytes
 from .modelio import model_tensors, write_file_atomically
 
 def weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -44,11 +44,8 @@ def model_info(model: onnx.ModelProto, path: str | Path | None = None) -> dict[s
     """Everything `onnxopt info` shows, as JSON-ready data."""
     weights = weight_tensors(model)
     float_weights = [t for t in weights if t.data_type in FLOAT_TYPES]
-    zeros = total = 0
-    for tensor in float_weights:  # one tensor at a time: memory stays flat on big models
-        values = tensor_to_array(tensor)
-        zeros += int(np.count_nonzero(values == 0))
-        total += values.size
+    zeros = sum(count_zeros(t) for t in float_weights)  # in chunks: memory stays flat on big models
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in float_weights)
     external_files: Counter[str] = Counter()
     for tensor in model_tensors(model):
         if is_external(tensor):
@@ -153,10 +150,15 @@ def layer_table(model: onnx.ModelProto, original: onnx.ModelProto | None = None)
     before = layer_weights(original) if original is not None else {}
     rows = []
     for name, (node, tensor, values) in layer_weights(model).items():
-        after = values()
-        row = {"name": name, "op": node.op_type, "weight": tensor.name, "shape": list(after.shape),
+        if name in before or tensor.name != node.input[1]:
+            after = values()
+            shape, zeros = list(after.shape), int(np.count_nonzero(after == 0))
+        else:  # a stored weight compared with nothing: its zeros are counted without holding it
+            shape, zeros = list(tensor.dims), count_zeros(tensor)
+        params = int(np.prod(shape, dtype=np.int64))
+        row = {"name": name, "op": node.op_type, "weight": tensor.name, "shape": shape,
                "dtype": onnx.TensorProto.DataType.Name(tensor.data_type).lower(),
-               "params": int(after.size), "sparsity": _sparsity(after)}
+               "params": params, "sparsity": zeros / params if params else 0.0}
         if name in before:
             old = before[name][2]()
             norm = float(np.linalg.norm(old))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,3 +182,45 @@ class ShardedValidation:
         with click.progressbar(length=sum(s.stop - s.start for s in shards), label="validating",
                                file=None) as bar:
             return self.executor.map(_evaluate, shards, job, progress=bar.update)
+
+
+class TrialScorer:
+    """Worst output cosine of trial models against a reference model on a few samples, the trials spread
+    over the executor's workers (accuracy-aware quantization). Each (trial, shard) task returns the
+    shard's output sums; a trial's are merged in shard order. Each worker runs the reference once per
+    shard and keeps its outputs for the trials that follow."""
+
+    def __init__(self, executor: Executor, reference: onnx.ModelProto, feeds: FeedSet) -> None:
+        self.executor, self.run = executor, uuid.uuid4().hex
+        self.reference = executor.put_model(reference)
+        self.shards = split(feeds)
+
+    def cosines(self, models: list[onnx.ModelProto]) -> list[float]:
+        handles = [self.executor.put_model(m) for m in models]
+        partials = self.executor.map(_trial_sums, [(h, s) for h in handles for s in self.shards], self.run,
+                                     self.reference)
+        cosines = []
+        for t in range(len(handles)):
+            mine = partials[t * len(self.shards): (t + 1) * len(self.shards)]
+            cosines.append(min((functools.reduce(OutputSums.merge, (p[name] for p in mine)).metrics().cosine
+                                for name in mine[0]), default=1.0))
+        return cosines
+
+    def close(self) -> None:
+        self.executor.drop_state(self.run)
+
+
+def _trial_sums(cache: WorkerCache, item: tuple[ModelHandle, Shard], run: str, reference: ModelHandle
+                ) -> dict[str, OutputSums]:
+    """A worker's part of :meth:`TrialScorer.cosines`: one trial on one shard, against the reference."""
+    handle, shard = item
+    state = cache.state(run)
+    if shard.index not in state:
+        state[shard.index] = _outputs(cache, reference, shard.feeds)
+    expected = state[shard.index]
+    model = cache.model(handle)  # used once per shard: not kept in the worker's cache
+    with Session(model, threads=WORKER_THREADS) as session:
+        outputs = session_outputs(session, model, shard.feeds, join=True)
+    tolerances = Tolerances()
+    return {name: output_sums(values, outputs[name], tolerances, tolerances.exact_atol)
+            for name, values in expected.items() if name in outputs}

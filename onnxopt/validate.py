@@ -21,7 +21,9 @@ import onnxruntime as ort
 
 from .data import FeedSet, input_dims, model_inputs
 from .errors import InputError
+from .graph import model_tensors
 from .modelio import needs_file, save_scratch
+from .tensors import tensor_nbytes
 
 
 DEFAULT_MIN_COSINE = 0.99  # lossy gate of `optimize` unless relaxed (README: Validation, for the measurements)
@@ -31,6 +33,7 @@ NOISE_CAP = 1e-3  # noise counts up to this fraction of the output's largest |va
 VALIDATION_THREADS = 0  # onnxruntime's default: one intra-op thread per physical core
 BATCH_BYTES = 32 << 20  # automatic batching: fetched values per joined batch (bounds memory)
 MAX_BATCH = 16  # automatic batching: samples per joined batch (fixed: memory does not depend on the sample count)
+PREPACK_LIMIT = 256 * 2**20  # weight bytes above which validation sessions skip prepacking (see validation_prepack)
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,13 @@ class Session:
         *,
         optimize: bool = False,
         threads: int = 1,
+        prepack: bool = True,
     ) -> None:
         """``threads``: intra-op threads (1 by default, so results and timings do not depend on the
-        machine; 0 for onnxruntime's default, one per physical core)."""
+        machine; 0 for onnxruntime's default, one per physical core). ``prepack=False`` leaves MatMul /
+        Conv weights as they are instead of packing a copy of each at load: validation runs a few
+        batches, and a multi-GB model's external data is then used where onnxruntime maps it (the
+        session opens in milliseconds instead of seconds per GB)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -85,6 +92,8 @@ class Session:
         options.inter_op_num_threads = 1
         if threads != 1:  # threads that wait instead of spinning: a loaded machine is not slowed further
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         options.log_severity_level = 4  # failures reach the user as our own one-line error
         from_file = isinstance(model, (str, os.PathLike))  # a benchmark opens the file as a deployment would
         added = 0 if from_file else _add_outputs(model, extra_outputs)
@@ -138,6 +147,18 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def validation_prepack(model: onnx.ModelProto) -> bool:
+    """Whether a validation run packs the model's weights at load (onnxruntime's default).
+
+    Up to ``PREPACK_LIMIT`` bytes of weights, yes: packed weights run single samples and joined
+    batches through the same kernel, so the runs agree to the bit, and packing is quick. Above it,
+    packing costs seconds per GB and as much memory again for a handful of batches; unpacked, the
+    weights of a model with external data are used where onnxruntime maps them. The choice is made
+    once per validation, from the original, so that every model compared runs alike.
+    """
+    return sum(tensor_nbytes(t) for t in model_tensors(model)) <= PREPACK_LIMIT
 
 
 def _first_line(exc: BaseException) -> str:
@@ -288,7 +309,8 @@ def _json_number(value):
 
 
 def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, list], *,
-                  threads: int = VALIDATION_THREADS, path: str | os.PathLike | None = None) -> dict[str, float]:
+                  threads: int = VALIDATION_THREADS, path: str | os.PathLike | None = None,
+                  prepack: bool = True) -> dict[str, float]:
     """The model's own float noise per output: the max abs difference between its outputs under
     onnxruntime's full graph optimizations and ``reference`` (the same feeds, optimizations off,
     the same threads). onnxruntime's optimizer makes the rewrites an exact pass makes (Conv+BatchNorm
@@ -296,9 +318,9 @@ def measure_noise(model: onnx.ModelProto, feeds: FeedSet, reference: dict[str, l
     float32 graph moves the outputs on this model. 0 where the optimized session cannot load; at
     most ``NOISE_CAP`` of the output's largest finite |value| (an optimizer that changes results more
     than that is not rounding, and must not widen the gate). ``reference`` comes from
-    ``run_model(..., join=True)``, as the runs this noise is compared with."""
+    ``run_model(..., join=True)`` with the same ``prepack``, as the runs this noise is compared with."""
     try:
-        optimized = run_model(model, feeds, optimize=True, threads=threads, join=True, path=path)
+        optimized = run_model(model, feeds, optimize=True, threads=threads, join=True, path=path, prepack=prepack)
     except InputError:
         return {name: 0.0 for name in reference}
     noise = {}

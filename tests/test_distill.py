@@ -15,6 +15,7 @@ from onnxopt.passes.base import PassContext
 from onnxopt.graph import GraphIndex, WeightStore, unique_name_factory
 from onnxopt.passes.distill import Distill, Layer
 from onnxopt.reconstruction import LayerGeometry, LayerStatistics
+from onnxopt.reconstruction.stream import LayerwiseRunner
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.prune_neurons import PruneNeurons
 from onnxopt.passes.weights import weight_use
@@ -386,3 +387,43 @@ def test_a_broadcast_residual_falls_back_to_the_layer_target_and_is_counted():
     result = distill(pruned, teacher)
     assert result.stats["stream_target_shape_mismatch"] == 1 and "stream_targets" not in result.stats
     assert result.stats["calib_rel_err_after"] < result.stats["calib_rel_err_before"]
+
+
+def test_teacher_values_asked_ahead_are_held_once_and_equal_asking_one_by_one():
+    """The teacher's values for later layers come in the same piece (one session) and stay until asked
+    for; released ones are dropped; the values equal a run that asks one at a time."""
+    model = mlp()
+    one_by_one = LayerwiseRunner(model, CALIB)
+    expected = {name: one_by_one.values([name])[name] for name in ("h1", "h2", "y")}
+    assert one_by_one.sessions == 3
+    runner = LayerwiseRunner(model, CALIB)
+    h1 = runner.values(["h1"], ahead=["h2", "r2", "y"])["h1"]
+    assert runner.sessions == 1 and runner.held == {"h2", "r2", "y"}
+    for name, values in [("h1", h1), ("h2", runner.values(["h2"])["h2"]), ("y", runner.values(["y"])["y"])]:
+        np.testing.assert_array_equal(np.concatenate(values), np.concatenate(expected[name]))
+    assert runner.sessions == 1 and runner.held == {"r2"}
+    runner.release(["r2"])
+    assert not runner.held and "r2" not in runner.frontier
+
+
+def test_distill_asks_the_teacher_for_later_layers_in_few_pieces():
+    """Three layers, two teacher pieces (one piece per layer would be three)."""
+    sessions = []
+    original = LayerwiseRunner._run
+
+    def counting(self, piece, asked):
+        if piece:
+            sessions.append(self.model)
+        return original(self, piece, asked)
+
+    teacher, student = mlp(), mlp()
+    student.graph.initializer[2].CopyFrom(tensor("w2", np.where(np.arange(32 * 24).reshape(32, 24) % 2, 0,
+                                                                weights(teacher)["w2"]).astype(np.float32)))
+    LayerwiseRunner._run = counting
+    try:
+        result = Distill(None, PassContext(calib=CALIB, teacher=lambda: teacher))(student)
+    finally:
+        LayerwiseRunner._run = original
+    assert result.stats["layers_refit"] >= 1
+    # the first layer's target alone (no size known yet), then the two later layers' in one piece
+    assert sum(1 for m in sessions if m is teacher) == 2

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import modelio
+from onnxopt import modelio, tensors
 from onnxopt.errors import InputError
 from onnxopt.graph import WeightStore
 from onnxopt.tensors import is_external, tensor_to_array
@@ -202,3 +202,109 @@ def test_serialized_size_above_agrees_with_protobuf_near_the_limit(fraction):
     model = helper.make_model(graph)
     limit = int(model.ByteSize() * fraction)
     assert modelio.serialized_size_above(model, limit) == (model.ByteSize() > limit)
+
+
+# --------------------------------------------------------------------------- the spill file as the output's data
+
+
+@pytest.fixture
+def fresh_spill():
+    """A spill file holding nothing from earlier tests (what it holds decides whether a save moves it)."""
+    tensors.SPILL.close()
+    yield tensors.SPILL
+    tensors.SPILL.close()
+
+
+def rewritten(tmp_path: Path, scale: float = 2.0, hidden: int = 256):
+    """A model with external data whose weights (not its biases) a pass rewrote: they sit in the spill file."""
+    model = mlp(hidden=hidden)
+    save_external(model, tmp_path / "in.onnx")
+    loaded = load_model(tmp_path / "in.onnx")
+    store = WeightStore(loaded.graph)
+    for name in ("w1", "w2"):
+        store.set_array(name, store.array(name) * np.float32(scale))
+    expected = {t.name: numpy_helper.to_array(t) * np.float32(scale if t.name in ("w1", "w2") else 1)
+                for t in model.graph.initializer}
+    return loaded, expected
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_final_save_moves_the_spill_file_and_writes_what_the_copying_save_writes(tmp_path, fresh_spill):
+    loaded, expected = rewritten(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_model(loaded, tmp_path / "a" / "out.onnx")  # copies: the spill file stays
+    spill = fresh_spill.path
+    inode = os.stat(spill).st_ino
+    save_model(loaded, tmp_path / "b" / "out.onnx", move_spill=True)
+    data = tmp_path / "b" / "out.onnx.data"
+    assert not Path(spill).exists() and fresh_spill.path is None
+    assert os.stat(data).st_ino == inode and os.stat(data).st_nlink == 1  # moved, not copied (onnx.load accepts it)
+    copied, moved = initializers(tmp_path / "a" / "out.onnx"), initializers(tmp_path / "b" / "out.onnx")
+    assert copied.keys() == moved.keys() == expected.keys()
+    for name, values in expected.items():
+        np.testing.assert_array_equal(copied[name], values)
+        np.testing.assert_array_equal(moved[name], values)
+    info = {e.key: e.value for t in onnx.load(str(tmp_path / "b" / "out.onnx"), load_external_data=False).graph.initializer
+            for e in t.external_data if e.key == "offset"}
+    assert all(int(offset) % modelio.ALIGNMENT == 0 for offset in info.values())
+    # the in-memory model now reads the output's data file
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(tensor_to_array(tensor), expected[tensor.name])
+    assert_same_outputs(onnx.load(str(tmp_path / "a" / "out.onnx")), onnx.load(str(tmp_path / "b" / "out.onnx")),
+                        feeds_for(loaded))
+
+
+def test_an_error_while_moving_the_spill_file_leaves_no_output(tmp_path, fresh_spill, monkeypatch):
+    loaded, expected = rewritten(tmp_path)
+
+    def fail(self, tensor):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tensors.SpillFile, "copy_in", fail)  # appending the biases (in the input's file) fails
+    with pytest.raises(OSError, match="disk full"):
+        save_model(loaded, tmp_path / "out.onnx", move_spill=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "in.onnx.data"]
+    assert fresh_spill.path is not None and Path(fresh_spill.path).exists()  # still the in-memory model's
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(tensor_to_array(tensor), expected[tensor.name])
+
+
+def test_a_spill_file_holding_mostly_stale_bytes_is_copied_not_moved(tmp_path, fresh_spill):
+    loaded, expected = rewritten(tmp_path)
+    store = WeightStore(loaded.graph)
+    for _ in range(3):  # rewritten again: the earlier versions stay in the spill file, unread
+        store.set_array("w1", store.array("w1"))
+    spill = fresh_spill.path
+    save_model(loaded, tmp_path / "out.onnx", move_spill=True)
+    assert fresh_spill.path == spill and Path(spill).exists()
+    for name, values in initializers(tmp_path / "out.onnx").items():
+        np.testing.assert_array_equal(values, expected[name])
+
+
+def test_without_move_spill_the_saved_files_stay_independent_of_the_model(tmp_path, fresh_spill):
+    loaded, expected = rewritten(tmp_path)
+    save_model(loaded, tmp_path / "out.onnx")
+    (tmp_path / "out.onnx.data").unlink()
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(tensor_to_array(tensor), expected[tensor.name])
+
+
+def test_reading_into_a_buffer_and_counting_zeros_in_chunks(tmp_path):
+    model = mlp(hidden=64)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        np.where(np.arange(512).reshape(64, 8) % 3 == 0, 0, 1).astype(np.float32), "w1"))
+    save_external(model, tmp_path / "m.onnx")
+    w1 = load_model(tmp_path / "m.onnx").graph.initializer[0]
+    buffer = np.empty(512, np.float32)
+    values = tensor_to_array(w1, out=buffer)
+    assert np.shares_memory(values, buffer) and values.shape == (64, 8)
+    np.testing.assert_array_equal(values, numpy_helper.to_array(model.graph.initializer[0]))
+    assert tensors.count_zeros(w1, chunk_bytes=100) == tensors.count_zeros(w1) == 171
+    assert tensors.count_zeros(model.graph.initializer[0]) == 171
+    (tmp_path / "m.onnx.data").write_bytes((tmp_path / "m.onnx.data").read_bytes()[:1000])
+    with pytest.raises(InputError, match="truncated"):
+        tensors.count_zeros(w1, chunk_bytes=100)

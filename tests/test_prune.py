@@ -270,7 +270,7 @@ def test_global_scope_reads_each_weight_a_bounded_number_of_times(monkeypatch):
     reads = []
     original = weights_module.PrunableTensor.canonical
     monkeypatch.setattr(weights_module.PrunableTensor, "canonical",
-                        lambda self: reads.append(self.name) or original(self))
+                        lambda self, out=None: reads.append(self.name) or original(self, out))
     prune(mlp(weight(6, 5), weight(3, 6)), sparsity=0.5, scope="global")
     assert sorted(reads) == sorted(["w1", "w2"] * 3)  # sample, window, prune: one tensor at a time
 
@@ -297,9 +297,9 @@ def test_prune_neurons_reads_each_weight_once(monkeypatch, method):
     reads: dict[str, int] = {}
     original = WeightStore.array
 
-    def counting(self, name):
+    def counting(self, name, out=None):
         reads[name] = reads.get(name, 0) + 1
-        return original(self, name)
+        return original(self, name, out)
 
     model = mlp(weight(8, 5), weight(3, 8))
     monkeypatch.setattr(WeightStore, "array", counting)
@@ -489,3 +489,37 @@ def test_prune_neurons_balances_grouped_conv_inputs():
     assert dead.reshape(4, 2).sum(axis=1).tolist() == [1, 1, 1, 1]
     _, stats = zero_rows_exact(result.model)
     assert stats["channels_removed"] == result.stats["neurons_zeroed"] == 4
+
+
+# --------------------------------------------------------------------------- in place, on big external models
+
+
+def test_pruned_weights_are_positive_zeros_and_the_input_file_is_untouched(tmp_path):
+    """Zeroing clears the bits in place: a pruned negative weight is +0.0, not -0.0 (sparse files stay
+    compressible), every survivor keeps its exact bits, and the external input is only read."""
+    from onnxopt.modelio import load_model, save_model
+
+    w1, w2 = weight(64, 32), weight(16, 64)
+    path = tmp_path / "in.onnx"
+    save_model(mlp(w1, w2), path, external=True)
+    before = (tmp_path / "in.onnx.data").read_bytes()
+    result = prune(load_model(path), sparsity=0.5)
+    for name, original in (("w1", w1), ("w2", w2)):
+        pruned = WeightStore(result.model.graph).array(name)
+        zero = pruned == 0
+        assert not np.signbit(pruned[zero]).any()
+        np.testing.assert_array_equal(pruned[~zero], original[~zero])
+        kth = np.sort(np.abs(original).ravel())[original.size // 2 - 1]
+        assert (np.abs(original[zero]) <= kth).all() and zeros(pruned) == original.size // 2
+    assert (tmp_path / "in.onnx.data").read_bytes() == before
+
+
+def test_read_only_weights_are_pruned_into_a_new_array():
+    from onnxopt.passes.prune import zero_where
+
+    values = np.array([-1.0, 2.0, -3.0], np.float32)
+    values.flags.writeable = False
+    pruned = zero_where(values, np.array([True, False, True]))
+    assert pruned is not values and pruned.tolist() == [0.0, 2.0, 0.0] and not np.signbit(pruned).any()
+    writable = np.array([-1.0, 2.0], np.float32)
+    assert zero_where(writable, np.array([True, False])) is writable and writable.tolist() == [0.0, 2.0]

@@ -213,3 +213,75 @@ def test_a_two_node_cluster_on_this_machine_gives_the_same_report(tmp_path, monk
         for node in nodes:
             node.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reconstruction statistics, trials
+
+
+@pytest.mark.slow
+def test_ray_reconstruction_statistics_equal_the_in_process_executors_bit_for_bit():
+    """GPTQ's one pass (XᵀX of every layer input), SparseGPT's and distill's layer by layer (shard runners pinned
+    to workers, each layer's change sent before the next layer's statistics)."""
+    from onnxopt.passes.prune import Prune
+    from onnxopt.reconstruction import LayerGeometry
+    from onnxopt.reconstruction.stream import input_statistics
+    from test_executor_reconstruction import distilled, prune, residual_block, scaled_feeds
+    from test_sparsegpt import correlated_mlp
+
+    model, feeds = scaled_feeds()
+    layers = {"x": LayerGeometry.linear(32, 1), "r1": LayerGeometry.linear(48, 1), "r2": LayerGeometry.linear(48, 1)}
+    model_p, calib, _ = correlated_mlp()
+    teacher = residual_block()
+    student = Prune(Prune.Options(sparsity=0.75))(teacher.__deepcopy__()).model
+    results = []
+    for executor in (InProcess(), RayExecutor(workers=2), RayExecutor(workers=1)):
+        with executor:
+            results.append((input_statistics(model, feeds, layers, bias=False, executor=executor),
+                            prune(model_p, calib, executor), distilled(student, teacher, executor)))
+    (grams, pruned, repaired), others = results[0], results[1:]
+    assert repaired.stats["layers_refit"] == 2 and repaired.stats["stream_targets"] == 1
+    for other_grams, other_pruned, other_repaired in others:
+        for name in layers:
+            np.testing.assert_array_equal(other_grams[name].gram, grams[name].gram)
+        assert other_pruned.model == pruned.model and other_pruned.stats == pruned.stats
+        assert other_repaired.model == repaired.model and other_repaired.stats == repaired.stats
+
+
+@pytest.mark.slow
+def test_ray_accuracy_aware_trials_choose_what_the_in_process_executor_chooses():
+    from test_executor_reconstruction import accuracy_aware, sensitive_mlp
+
+    model, feeds = sensitive_mlp()
+    results = []
+    for executor in (InProcess(), RayExecutor(workers=2)):
+        with executor:
+            results.append(accuracy_aware(model, feeds, executor))
+    assert results[0].model == results[1].model
+    assert results[0].stats == results[1].stats and results[0].details["sensitivity"] == results[1].details["sensitivity"]
+    assert results[1].stats["kept_float"] >= 2
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_between_layers_replays_the_changes_on_its_restart(tmp_path, monkeypatch):
+    """SparseGPT's shard runners live on the workers: a restarted worker rebuilds them from the model and
+    every layer change so far, and prunes as if nothing happened."""
+    from onnxopt.reconstruction import stream
+    from test_executor_reconstruction import prune
+    from test_sparsegpt import correlated_mlp
+
+    model, calib, _ = correlated_mlp()
+    with InProcess() as executor:
+        expected = prune(model, calib, executor)
+    marker = tmp_path / "died"
+    runner_task = stream._runner_task
+
+    def dies_once_at_the_second_layer(cache, shard, job):
+        if len(job.changes) == 1 and shard.index == 1 and not marker.exists():
+            marker.write_text("1")
+            os._exit(1)
+        return runner_task(cache, shard, job)
+
+    monkeypatch.setattr(stream, "_runner_task", dies_once_at_the_second_layer)
+    with RayExecutor(workers=2) as executor:
+        got = prune(model, calib, executor)
+    assert marker.exists() and got.model == expected.model

@@ -189,6 +189,90 @@ def test_conv_rows_times_the_group_weight_reproduce_onnxruntime(group, attrs, ch
     assert geometry.input_rows(x) == rows.shape[1] == geometry.output_rows(y)
 
 
+def unfolded_statistics(geometry: LayerGeometry, x: np.ndarray, y: np.ndarray) -> tuple:
+    """The reference: gram, cross and Σ y² in float64 from the unfolded rows (im2col) and a ones column."""
+    gram = cross = 0.0
+    for at, t in zip(geometry.columns(x), geometry.targets(y)):
+        a = np.concatenate([at.astype(np.float64), np.ones((at.shape[0], 1, at.shape[2]))], axis=1)
+        gram = gram + a @ np.swapaxes(a, 1, 2)
+        cross = cross + a @ t.astype(np.float64)
+    return gram, cross, float(np.sum(np.asarray(y, np.float64) ** 2))
+
+
+def assert_statistics_match(geometry: LayerGeometry, x: np.ndarray, y: np.ndarray) -> None:
+    gram, cross, square = unfolded_statistics(geometry, x, y)
+    sums = LayerStatistics.empty(geometry, bias=True, target=True)
+    assert sums.update(geometry, x, y)
+    np.testing.assert_allclose(sums.gram, gram, rtol=1e-5, atol=1e-5 * np.abs(gram).max())
+    np.testing.assert_allclose(sums.cross, cross, rtol=1e-5, atol=1e-5 * np.abs(cross).max())
+    assert sums.target_sq == pytest.approx(square, rel=1e-5)
+    assert sums.rows == geometry.input_rows(x) == gram[0, -1, -1]
+
+
+@pytest.mark.parametrize("channels,group,kernel,attrs", [
+    (6, 6, 5, {"pads": [2, 2, 2, 2], "strides": [2, 1]}),  # depthwise 5x5 as in PaddleOCR
+    (5, 5, 3, {"pads": [1, 0, 1, 2], "dilations": [1, 2]}),  # depthwise, dilated, uneven padding
+    (8, 4, 3, {"auto_pad": "SAME_LOWER", "strides": [2, 3]}),  # two inputs per group
+    (9, 3, 2, {"auto_pad": "VALID"}),  # three inputs per group, even kernel
+])
+def test_grouped_conv_statistics_from_shifted_products_equal_the_unfolded_rows(channels, group, kernel, attrs):
+    """Grouped Conv layers take the direct path (no unfolding): same sums as im2col, to float32 rounding."""
+    rng = np.random.default_rng(channels)
+    w = rng.standard_normal((2 * channels, channels // group, kernel, kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, kernel_shape=[kernel, kernel], **attrs)
+    model = make_model([node], [value("x", ["batch", channels, 7, 10])], [value("y", None)], [tensor("w", w)])
+    x = rng.standard_normal((3, channels, 7, 10)).astype(np.float32)
+    with Session(model) as session:
+        y = session.run({"x": x})["y"]
+    geometry = LayerGeometry.conv(node, w.shape)
+    assert geometry.direct
+    assert_statistics_match(geometry, x, y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 3), st.integers(1, 2), st.tuples(*[st.integers(1, 4)] * 2),
+       st.tuples(*[st.integers(1, 3)] * 2), st.tuples(*[st.integers(1, 2)] * 2), st.tuples(*[st.integers(0, 3)] * 4),
+       st.tuples(*[st.integers(1, 9)] * 2), st.integers(0, 10**6))
+def test_direct_grouped_statistics_equal_the_unfolded_rows_for_any_geometry(groups, per_group, outs, kernel, strides,
+                                                                            dilations, pads, size, seed):
+    geometry = LayerGeometry(groups, per_group * kernel[0] * kernel[1], outs, 1, kernel, strides, dilations, pads)
+    assert geometry.direct
+    lines = [(n + a + b - (k - 1) * d - 1) // s + 1 for n, (a, b), k, d, s
+             in zip(size, geometry._pads(size), kernel, dilations, strides)]
+    if min(lines) < 1:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, groups * per_group, *size)).astype(np.float32)
+    assert_statistics_match(geometry, x, rng.standard_normal((2, groups * outs, *lines)).astype(np.float32))
+
+
+def test_ungrouped_and_wide_group_convs_keep_the_unfolded_rows():
+    """The negative twin: one group, or more inputs per group than the direct path pays off for."""
+    assert not LayerGeometry(1, 9, 4, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)).direct
+    assert not LayerGeometry(2, 5 * 9, 4, 1, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)).direct  # 5 channels a group
+    assert not LayerGeometry(4, 3, 1, 1, (3,), (1,), (1,), (1, 1)).direct  # 1-D Conv
+    assert not LayerGeometry.linear(8, 4).direct
+
+
+def test_masked_refit_of_a_stack_equals_one_call_per_group():
+    rng = np.random.default_rng(11)
+    grams, crosses, starts, keeps = [], [], [], []
+    for group in range(5):
+        x = correlated(200, 10, 4, seed=group)
+        grams.append(x.T @ x)
+        crosses.append(x.T @ rng.standard_normal((200, 2)))
+        starts.append(rng.standard_normal((10, 2)))
+        keeps.append(rng.random((10, 2)) < 0.6)
+    keeps[2][:] = False  # a group with nothing kept stays as it is
+    stacked, _ = masked_refit(np.stack(grams), np.stack(crosses), np.stack(starts), np.stack(keeps), 0.05)
+    for group in range(5):
+        alone, _ = masked_refit(grams[group], crosses[group], starts[group], keeps[group], 0.05)
+        np.testing.assert_allclose(stacked[group], alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stacked[2], starts[2])
+    unmasked, _ = masked_refit(np.stack(grams), np.stack(crosses), np.stack(starts), None, 0.05)
+    np.testing.assert_allclose(unmasked[1], masked_refit(grams[1], crosses[1], starts[1], None, 0.05)[0], rtol=1e-9)
+
+
 def test_statistics_merge_equals_one_stream_and_target_mismatch_is_refused():
     rng = np.random.default_rng(7)
     x = rng.standard_normal((10, 3, 8)).astype(np.float32)

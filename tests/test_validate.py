@@ -88,3 +88,24 @@ def test_an_ulp_of_float16_is_exact_but_not_the_same_step_in_float32():
     assert output_metrics(ref, cand, Tolerances()).mismatches == 0
     as32 = ([ref[0].astype(np.float32)], [cand[0].astype(np.float32)])
     assert output_metrics(*as32, Tolerances()).mismatches > 0
+
+
+def test_big_models_are_validated_without_prepacking_and_the_gates_still_hold(tmp_path, monkeypatch):
+    """Above PREPACK_LIMIT, validation sessions leave the weights unpacked (a multi-GB model opens in
+    milliseconds); single and joined runs may then take different kernels, and the exact gate,
+    calibrated on the measured float noise, still passes an exact pass; the lossy gate still fails."""
+    import onnxopt
+    from onnxopt import validate
+    from onnxopt.modelio import save_model
+
+    model = mlp(hidden=512, with_dead_branch=True)
+    assert validate.validation_prepack(model)
+    session = validate.Session(model, prepack=False)
+    assert session.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    monkeypatch.setattr(validate, "PREPACK_LIMIT", 1024)
+    assert not validate.validation_prepack(model)
+    path = tmp_path / "in.onnx"
+    save_model(model, path, external=True)
+    assert onnxopt.optimize(path, "dce").report.passed
+    scaled = onnxopt.optimize(path, "prune(sparsity=0.5)", min_cosine=0.999999)
+    assert not scaled.report.passed and "cosine" in scaled.report.failure

@@ -7,10 +7,13 @@ of the same name after the bias. Conv layers are refit whole, weights and bias, 
 unfolded inputs (grouped and depthwise too); a Conv without a bias gets one.
 
 Student and teacher each run once over the calibration data, piece by piece
-(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input and target are
-computed just before it is fit, and the layer itself runs with its new weights. Statistics are
-float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of samples beyond the
-values at the current cut.
+(:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input is computed just
+before it is fit, and the layer itself runs with its new weights; the teacher, which does not
+change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). With an
+executor, each calibration shard's runners live on one worker
+(:class:`~onnxopt.reconstruction.stream.ShardedRunner`), which sums the shard's statistics; the fits
+run here. Statistics are float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of
+samples beyond the values at the current cut.
 
 The ridge pulls toward the current weights, not toward zero: with fewer calibration rows than
 inputs, the directions the data does not see keep the student's values instead of collapsing.
@@ -24,18 +27,21 @@ student is returned unchanged (``reverted_whole``), so distill never makes a mod
 from __future__ import annotations
 
 import fnmatch
+import functools
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from ..data import FeedSet
 from ..errors import InputError
 from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      unique_name_factory, walk_nodes)
 from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, masked_refit
-from ..reconstruction.stream import LayerwiseRunner
+from ..reconstruction.stream import LayerwiseRunner, ShardedRunner, ShardRunners
 from ..tensors import FLOAT_TYPES
 from ..validate import numeric_values
 from .base import Pass, PassResult, count
@@ -43,6 +49,7 @@ from .weights import WeightUse, attribute, from_canonical, to_canonical, weight_
 
 LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
+PREFETCH_BYTES = 128 << 20  # teacher values computed ahead of their layers (fewer onnxruntime pieces)
 NEAR = 0.01  # relative error (from the sums) below which the current weights' error is measured exactly
 
 
@@ -81,8 +88,17 @@ class Layer:
             return None
         if gram is not None:
             sums.gram = gram
-        sums.anchor(self.geometry, xs, ys, self.current()[1], NEAR)
+        sums.anchor(self.current()[1], NEAR, lambda start: sums.start_error(self.geometry, xs, ys, start))
         return sums
+
+    @property
+    def width(self) -> int:
+        """Output channels (all groups)."""
+        return self.geometry.groups * self.geometry.outputs
+
+    @property
+    def rows(self) -> _LayerRows:
+        return _LayerRows(self.use.data, self.target, self.stream, self.geometry, self.with_bias)
 
     @property
     def reads(self) -> tuple:
@@ -142,12 +158,7 @@ class Layer:
             keep = start != 0
             if self.with_bias:
                 keep[:, -1] = keep[:, :-1].any(axis=1)  # a pruned neuron keeps its bias too
-        solved = np.empty_like(start)
-        damping = options.damping
-        for group in range(len(start)):
-            solved[group], used = masked_refit(sums.gram[group], sums.cross[group], start[group],
-                                               None if keep is None else keep[group], options.damping)
-            damping = max(damping, used)
+        solved, damping = masked_refit(sums.gram, sums.cross, start, keep, options.damping)  # all groups at once
         after = sums.residual(solved)
         row.update(rel_err_after=_relative(after, sums), damping=damping)
         if not after < before:
@@ -194,31 +205,22 @@ class Distill(Pass):
         stats: dict[str, int | float] = {"layers_refit": 0, "layers_reverted": 0}
         layers = self._layers(model, teacher, stats)
         outputs = [o.name for o in model.graph.output]
-        teacher_run = LayerwiseRunner(teacher, feeds, self.options.batch_size)
-        before = LayerwiseRunner(model, feeds, self.options.batch_size).values(outputs)
-        student_run = LayerwiseRunner(model, feeds, self.options.batch_size)
+        executor = self.context.executor
+        runs = (_ShardedRuns(executor, model, teacher, feeds, self.options.batch_size)
+                if executor is not None and isinstance(feeds, FeedSet) else
+                _Runs(model, teacher, feeds, self.options.batch_size, layers))
         undo: list[Callable[[], None]] = []
         rows = []
         shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
         for number, layer in enumerate(layers, 1):
             start = time.perf_counter()
-            x = student_run.values([layer.use.data])[layer.use.data]
-            stream = layer.stream if layer.stream is not None and student_run.ready(layer.stream[1]) else None
-            if layer.stream is not None and stream is None:
-                count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
-            taught = teacher_run.values([layer.target, *stream[:1]] if stream else [layer.target])  # one piece
-            y = taught[layer.target]
-            if stream:
-                y = _stream_target(y, taught[stream[0]], student_run.values([stream[1]])[stream[1]], stats)
-            del taught
             reuse = shared is not None and shared[0] == layer.reads
-            with blas_threads(layer.geometry.work(x)):  # small layers on one thread: no oversubscription
-                sums = layer.statistics(x, y, shared[1] if reuse else None)
-                del x, y
-                if sums is None:
-                    count(stats, "skipped_width_mismatch")
-                    continue
-                shared = (layer.reads, sums.gram)
+            sums, work = runs.statistics(layer, shared[1] if reuse else None, stats)
+            if sums is None:
+                count(stats, "skipped_width_mismatch")
+                continue
+            shared = (layer.reads, sums.gram)
+            with blas_threads(work):  # small layers on one thread: no oversubscription
                 change, row = layer.fit(sums, self.options)
             stats_key = {"refit": "layers_refit", "reverted": "layers_reverted", "matched": "layers_matched"}
             count(stats, stats_key[row["result"]])
@@ -226,6 +228,7 @@ class Distill(Pass):
                 count(stats, "damping_raised")
             if change is not None:
                 undo.append(change)
+                runs.changed(layer.use.node, [layer.bias] if layer.bias else [])
             rows.append({**row, "seconds": round(time.perf_counter() - start, 4)})
             if self.context.progress:
                 import click
@@ -233,17 +236,15 @@ class Distill(Pass):
                 click.echo(f"distill: layer {number}/{len(layers)} {row['name']}: {row['result']} "
                            f"({row['rel_err_before']:.4f} -> {row.get('rel_err_after', row['rel_err_before']):.4f}, "
                            f"{rows[-1]['seconds']:.2f} s)", err=True)
-        after = student_run.values(outputs)
-        reference = teacher_run.values(outputs)
-        stats["calib_rel_err_before"] = error = _output_error(before, reference)
-        stats["calib_rel_err_after"] = _output_error(after, reference)
+        stats["calib_rel_err_before"], stats["calib_rel_err_after"] = error, _ = runs.output_errors(outputs)
         if undo and not stats["calib_rel_err_after"] < error:
             for change in reversed(undo):
                 change()
             stats["reverted_whole"] = 1  # the output got no closer to the teacher: the student is kept as it was
             stats["calib_rel_err_after"] = error
             undo = []
-        stats["pieces_run"] = student_run.sessions
+        stats["pieces_run"] = runs.pieces()
+        runs.close()
         return PassResult(model, bool(undo), stats, {"layers": rows})
 
     def _layers(self, model: onnx.ModelProto, teacher: onnx.ModelProto, stats) -> list:
@@ -310,8 +311,32 @@ class Distill(Pass):
                      attribute(node, "beta", 1.0) if gemm else 1.0, stream)
 
 
+def _ahead(layers: Iterable[Layer], per_channel: int) -> list[str]:
+    """The teacher values of the next layers to compute in the same piece as this one's (fewer onnxruntime
+    sessions): as many as ``PREFETCH_BYTES`` holds, each estimated at ``per_channel`` bytes (the last
+    target's) times its width: exact where the rows stay alike (a transformer), above where feature
+    maps shrink (a CNN)."""
+    names: list[str] = []
+    total = 0
+    for layer in layers if per_channel else ():
+        total += per_channel * layer.width * len(layer.rows.teacher_values)
+        if total > PREFETCH_BYTES:
+            break
+        names += layer.rows.teacher_values
+    return names
+
+
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
     """The student's output error relative to the teacher's (L2 over every numeric output and batch)."""
+    return _relative_error(*_error_sums(student, teacher))
+
+
+def _relative_error(err: float, ref: float) -> float:
+    return float(np.sqrt(err / ref)) if ref else (0.0 if err == 0 else float("inf"))
+
+
+def _error_sums(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> tuple[float, float]:
+    """``(Σ |student - teacher|², Σ teacher²)`` over every numeric output and batch: mergeable over shards."""
     err = ref = 0.0
     for name, values in teacher.items():
         for s, t in zip(student[name], values):
@@ -323,7 +348,144 @@ def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[
             diff = s - t
             err += float(np.dot(diff, diff))
             ref += float(np.dot(t, t))
-    return float(np.sqrt(err / ref)) if ref else (0.0 if err == 0 else float("inf"))
+    return err, ref
+
+
+@dataclass(frozen=True)
+class _LayerRows:
+    """What a worker needs to sum a layer's statistics: its input and target names and geometry."""
+
+    data: str
+    target: str
+    stream: tuple[str, str] | None
+    geometry: LayerGeometry
+    with_bias: bool
+
+    @property
+    def teacher_values(self) -> list[str]:
+        """What the layer may ask of the teacher: its target, and the residual stream's sum."""
+        return [self.target, *self.stream[:1]] if self.stream else [self.target]
+
+
+def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, layer: _LayerRows, stats,
+                        ahead: list[str] | None = None) -> tuple:
+    """The layer's input (student) and target (teacher; with a residual stream, what the layer must add to the
+    student's stream to reach the teacher's sum) per batch. ``ahead``: later layers' teacher values to
+    compute in the same piece (:func:`_ahead`)."""
+    x = student.values([layer.data])[layer.data]
+    stream = layer.stream if layer.stream is not None and student.ready(layer.stream[1]) else None
+    if layer.stream is not None and stream is None:
+        count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
+    taught = teacher.values([layer.target, *stream[:1]] if stream else [layer.target], ahead or ())  # one piece
+    teacher.release(layer.teacher_values)  # a stream sum computed ahead but not used
+    y = taught[layer.target]
+    if stream:
+        y = _stream_target(y, taught[stream[0]], student.values([stream[1]])[stream[1]], stats)
+    return x, y
+
+
+class _Runs:
+    """Student and teacher run piece by piece in this process; the student's outputs before any change kept."""
+
+    def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
+        outputs = [o.name for o in model.graph.output]
+        self.teacher = LayerwiseRunner(teacher, feeds, batch_size)
+        self.before = LayerwiseRunner(model, feeds, batch_size).values(outputs)
+        self.student = LayerwiseRunner(model, feeds, batch_size)
+        self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
+        self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+
+    def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
+        """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
+        x, y = _inputs_and_targets(self.student, self.teacher, layer.rows, stats,
+                                   _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
+                                          self.per_channel))
+        self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+        work = layer.geometry.work(x)
+        with blas_threads(work):
+            return layer.statistics(x, y, gram), work
+
+    def changed(self, node: onnx.NodeProto, constants: list[str]) -> None:
+        """The student runs the model in place: nothing to send."""
+
+    def output_errors(self, outputs: list[str]) -> tuple[float, float]:
+        """The output error against the teacher before and after the layers' changes."""
+        reference = self.teacher.values(outputs)
+        return _output_error(self.before, reference), _output_error(self.student.values(outputs), reference)
+
+    def pieces(self) -> int:
+        return self.student.sessions
+
+    def close(self) -> None:
+        pass
+
+
+class _ShardedRuns:
+    """The same on an executor's workers (:class:`ShardedRunner`): each calibration shard's student and teacher
+    runners on one worker; per layer, statistics per shard merged in shard order, and the exact error of the
+    current weights (near a match) summed there too."""
+
+    def __init__(self, executor, model, teacher, feeds: FeedSet, batch_size: int) -> None:
+        self.runner = ShardedRunner(executor, model, feeds, batch_size, teacher=teacher)
+        self.runner.map(_keep_outputs_before, [o.name for o in model.graph.output])
+
+    def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
+        partials = self.runner.map(_shard_statistics, layer.rows, gram is None)
+        for key, n in partials[0][1].items():  # counted once per layer, as in this process
+            count(stats, key, n)
+        if any(sums is None for sums, _ in partials):
+            return None, 0.0
+        sums = functools.reduce(LayerStatistics.merge, (p for p, _ in partials))
+        if gram is not None:
+            sums.gram = gram
+        sums.anchor(layer.current()[1], NEAR,
+                    lambda start: sum(self.runner.map(_shard_start_error, layer.geometry, start)))
+        return sums, float(sums.rows) * layer.geometry.inputs ** 2 * layer.geometry.groups
+
+    def changed(self, node: onnx.NodeProto, constants: list[str]) -> None:
+        self.runner.changed(node, constants)
+
+    def output_errors(self, outputs: list[str]) -> tuple[float, float]:
+        sums = self.runner.map(_shard_output_errors, outputs)
+        before, after, ref = (sum(s[i] for s in sums) for i in range(3))
+        return _relative_error(before, ref), _relative_error(after, ref)
+
+    def pieces(self) -> int:
+        return self.runner.map(_shard_pieces)[0]
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _keep_outputs_before(runners: ShardRunners, outputs: list[str]) -> None:
+    """Before any change: the student's outputs on the shard, for the output error at the end."""
+    runners.kept["before"] = LayerwiseRunner(runners.model.model, runners.model.batches, 1).values(outputs)
+
+
+def _shard_statistics(runners: ShardRunners, layer: _LayerRows, gram: bool):
+    """One shard's statistics of a layer (without the gram when another layer's is reused), and the counts."""
+    counts: dict = {}
+    x, y = _inputs_and_targets(runners.model, runners.teacher, layer, counts)
+    sums = LayerStatistics.empty(layer.geometry, bias=layer.with_bias, target=True)
+    fitted = sums.update_batches(layer.geometry, x, y, gram=gram)
+    runners.kept["rows"] = (x, y) if fitted else None  # for the exact error of the current weights
+    return (sums if fitted else None), counts
+
+
+def _shard_start_error(runners: ShardRunners, geometry: LayerGeometry, start: np.ndarray) -> float:
+    x, y = runners.kept["rows"]
+    return LayerStatistics.empty(geometry, bias=start.shape[1] > geometry.inputs).start_error(geometry, x, y, start)
+
+
+def _shard_output_errors(runners: ShardRunners, outputs: list[str]) -> tuple[float, float, float]:
+    reference = runners.teacher.values(outputs)
+    before, ref = _error_sums(runners.kept.pop("before"), reference)
+    after, _ = _error_sums(runners.model.values(outputs), reference)
+    return before, after, ref
+
+
+def _shard_pieces(runners: ShardRunners) -> int:
+    return runners.model.sessions
 
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # keep the element order: rows stay rows

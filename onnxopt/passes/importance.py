@@ -48,15 +48,18 @@ def input_norm(inputs: list[TensorStats], centered: bool = False) -> np.ndarray:
     return np.sqrt(np.maximum(sumsq, 0.0))
 
 
-def importance(tensor: PrunableTensor, canonical: np.ndarray, norm: np.ndarray | None) -> np.ndarray:
+def importance(tensor: PrunableTensor, canonical: np.ndarray, norm: np.ndarray | None,
+               out: np.ndarray | None = None) -> np.ndarray:
     """Importance on the canonical ``(out, ..., in)`` view; weights already zero rank below all others.
 
     Magnitude is ``abs`` in the weight's dtype (exact, order kept; zeros are already the smallest);
     Wanda's products are float64, and zeros are moved below a zero norm's products. The result
-    keeps the weight's memory layout, so :func:`memory_order` is a view.
+    keeps the weight's memory layout (so prune's ``memory_order`` is a view). ``out``: where to write
+    it (a view in that layout, of the weight's dtype or float64 for Wanda).
     """
     if norm is None:
-        return np.abs(canonical)
-    score = np.abs(canonical.astype(np.float64)) * per_input_channel(canonical.shape, norm, tensor.use.groups)
+        return np.abs(canonical, out=out)
+    score = np.abs(canonical, out=out, dtype=np.float64)
+    np.multiply(score, per_input_channel(canonical.shape, norm, tensor.use.groups), out=score)
     score[canonical == 0] = -1.0
     return score

@@ -70,6 +70,7 @@ from ..embeddings import quantize_embeddings
 from ..errors import InputError
 from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes,
                      unique_name_factory, walk_graphs)
+from ..sharded import TrialScorer
 from ..smoothing import fold_inverse_scale, smoothing_scale
 from ..validate import Session, Tolerances, compare_outputs, run_model
 from .base import Pass, PassResult, count
@@ -288,15 +289,20 @@ class QuantizePass(Pass):
         if request.alternatives:
             plan = _choose_mode(request, quantized, feeds, stats, details)
         if opt.min_cosine > 0:
-            kept = _keep_sensitive(request, plan, quantized, feeds, stats, sensitivity)
+            kept = _keep_sensitive(request, plan, quantized, feeds, stats, sensitivity, self.context.executor)
             plan = _replan(request, opt, plan, set(opt.exclude_nodes) | kept)
             stats["kept_float"] = len(kept)
             stats.update({f"kept_float:{name}": 1 for name in sorted(kept)})
         elif opt.layer_sensitivity:
-            sensitivity = _layer_sensitivity(plan, _trial_cosine(request, plan, _Trials(request, quantized, feeds)))
+            trials = _Trials(request, quantized, feeds, self.context.executor)
+            try:
+                sensitivity = _layer_sensitivity(plan, _trial_cosines(request, plan, trials))
+            finally:
+                trials.close()
         if opt.rounding == "learned":  # after the choices above, which measure nearest rounding (see the notes)
             quantized.learn(input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
-                                                            for u in plan.units if u.use is not None}))
+                                                            for u in plan.units if u.use is not None},
+                                             executor=self.context.executor))
         layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
                         request.index)
         stats.update(quantized.rounding_stats)
@@ -1006,12 +1012,19 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
 class _Trials:
     """Trial rewrites of the prepared model on a few calibration samples: each plans on the prepared
     model (its index and store, read only) and rewrites a copy with the weights, biases and ranges
-    quantized once; trial names only need to be unique in the trial."""
+    quantized once; trial names only need to be unique in the trial. With an ``executor`` (and the
+    data a FeedSet), :meth:`cosines` scores its trials on the executor's workers."""
 
-    def __init__(self, request: CalibrationRequest, quantized: _Quantized, feeds) -> None:
+    def __init__(self, request: CalibrationRequest, quantized: _Quantized, feeds, executor=None) -> None:
         self.request, self.quantized = request, quantized
-        self.subset = list(itertools.islice(feeds, quantized.opt.sensitivity_samples))
-        self.reference = run_model(request.model, self.subset)
+        samples = quantized.opt.sensitivity_samples
+        self.scorer = None
+        if executor is not None and isinstance(feeds, FeedSet):
+            self.scorer = TrialScorer(executor, request.model, feeds.window(0, samples))
+        else:
+            self.subset = list(itertools.islice(feeds, samples))
+            self.reference = run_model(request.model, self.subset)
+        self.window = executor.workers if self.scorer else 1  # trials scored at once
         self.names = unique_name_factory(request.model)
 
     def model(self, plan: _Plan) -> onnx.ModelProto:
@@ -1025,7 +1038,21 @@ class _Trials:
         return trial
 
     def cosine(self, trial: onnx.ModelProto) -> float:
+        if self.scorer is not None:
+            return self.scorer.cosines([trial])[0]
         return compare_outputs(self.reference, run_model(trial, self.subset), Tolerances(), exact=False).worst_cosine
+
+    def cosines(self, plans: list[_Plan]) -> list[float]:
+        """Each plan's trial cosine; ``window`` trials at a time are built here, then scored together."""
+        scores: list[float] = []
+        for start in range(0, len(plans), self.window):
+            models = [self.model(p) for p in plans[start: start + self.window]]
+            scores.extend(self.scorer.cosines(models) if self.scorer else [self.cosine(m) for m in models])
+        return scores
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
 
 
 def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> dict[str, float]:
@@ -1118,36 +1145,44 @@ def _fewer_muls(trials: _Trials, plan: _Plan, rows: list[dict], budget: float
     return best if best is not None and kept else None
 
 
-def _trial_cosine(request: CalibrationRequest, plan: _Plan, trials: _Trials) -> Callable[[set[str]], float]:
-    """Calibration worst cosine of ``plan``'s form with the named heavy nodes kept float."""
+def _trial_cosines(request: CalibrationRequest, plan: _Plan, trials: _Trials
+                   ) -> Callable[[list[set[str]]], list[float]]:
+    """Calibration worst cosine of ``plan``'s form with each set of named heavy nodes kept float."""
     opt = trials.quantized.opt
     excluded = set(opt.exclude_nodes)
 
-    def cosine(float_nodes: set[str]) -> float:
-        return trials.cosine(trials.model(_replan(request, opt, plan, excluded | float_nodes)))
+    def cosines(float_nodes: list[set[str]]) -> list[float]:
+        return trials.cosines([_replan(request, opt, plan, excluded | nodes) for nodes in float_nodes])
 
-    return cosine
+    return cosines
 
 
-def _layer_sensitivity(plan: _Plan, cosine: Callable[[set[str]], float]) -> dict[str, float]:
-    """Each heavy node's calibration cosine when it alone is quantized."""
+def _layer_sensitivity(plan: _Plan, cosines: Callable[[list[set[str]]], list[float]]) -> dict[str, float]:
+    """Each heavy node's calibration cosine when it alone is quantized (independent trials)."""
     names = [u.node.name for u in plan.units]
     everything = set(names)
-    return {n: cosine(everything - {n}) for n in names}
+    return dict(zip(names, cosines([everything - {n} for n in names])))
 
 
 def _keep_sensitive(request: CalibrationRequest, plan: _Plan, quantized: _Quantized, feeds, stats,
-                    sensitivity: dict[str, float]) -> set[str]:
-    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine; ``sensitivity``
-    receives each node's cosine when it alone is quantized."""
-    cosine = _trial_cosine(request, plan, _Trials(request, quantized, feeds))
-    sensitivity.update(_layer_sensitivity(plan, cosine))
-    kept: set[str] = set()
-    score = cosine(set())
-    for n in sorted(sensitivity, key=lambda n: sensitivity[n]):
-        if score >= quantized.opt.min_cosine:
-            break
-        kept.add(n)
-        score = cosine(kept)
-    stats["calib_cosine"] = score
-    return kept
+                    sensitivity: dict[str, float], executor=None) -> set[str]:
+    """Names of the heavy nodes to keep in float so that calibration cosine >= min_cosine: the most sensitive
+    first, until the score is reached; ``sensitivity`` receives each node's cosine when it alone is quantized.
+
+    The greedy steps keep float the first ``j`` nodes of one fixed ranking, so their trials are independent:
+    ``trials.window`` of them are scored at once (on as many workers), the first to reach the target wins,
+    as when they are tried one by one."""
+    trials = _Trials(request, quantized, feeds, executor)
+    try:
+        cosines = _trial_cosines(request, plan, trials)
+        sensitivity.update(_layer_sensitivity(plan, cosines))
+        order = sorted(sensitivity, key=lambda n: sensitivity[n])
+        for start in range(0, len(order) + 1, trials.window):
+            steps = range(start, min(start + trials.window, len(order) + 1))
+            for kept, score in zip(steps, cosines([set(order[:j]) for j in steps])):
+                if score >= quantized.opt.min_cosine or kept == len(order):
+                    stats["calib_cosine"] = score
+                    return set(order[:kept])
+    finally:
+        trials.close()
+    raise AssertionError("unreachable: the last step keeps every node float")

@@ -38,10 +38,12 @@ from onnx import helper, numpy_helper
 
 from ..blockquant import (GRIDS, BlockQuantized, NBitsWeight, grid_chooser, max_code, padded_blocks, quantize_blocks,
                           quantize_for_nbits)
+from ..data import FeedSet
 from ..embeddings import MS_DOMAIN, gather_block_quantized, table_data, table_zero_points
 from ..errors import InputError
 from ..graph import STANDARD_DOMAINS, GraphIndex, WeightStore, node_uses, unique_name_factory, value_shapes, walk_graphs
 from ..reconstruction import SCHEDULES, LayerGeometry, LayerStatistics, Schedule, blas_threads, gptq, learned_rounding
+from ..reconstruction.stream import input_statistics
 from ..tensors import is_external, spill_tensor
 from ..validate import Session
 from .base import Pass, PassResult, count
@@ -164,11 +166,16 @@ class QuantizeWeights(Pass):
             for use in weight.uses:
                 if use.node.op_type != "Gather":
                     geometry[use.node.input[0]] = LayerGeometry.linear(dims[1] if use.transposed else dims[0], 1)
+        count(stats, "gptq_calibration_passes")
+        feeds, executor = self.context.calibration_feeds(self.name), self.context.executor
+        if executor is not None and isinstance(feeds, FeedSet) and len(feeds):  # each shard's sums on a worker
+            statistics = input_statistics(model, feeds, geometry, bias=False, executor=executor)
+            stats["gptq_calibration_samples"] = len(feeds)
+            return {name: stat.hessian[0] for name, stat in statistics.items()}
         statistics = {name: LayerStatistics.empty(g) for name, g in geometry.items()}
         inputs = {v.name for v in model.graph.input}
         fetched = [name for name in statistics if name not in inputs]
         samples = 0
-        count(stats, "gptq_calibration_passes")
         with Session(model, extra_outputs=fetched, optimize=True) as session:
             for feed in self.context.calibration_feeds(self.name):
                 values = {**session.run(feed, fetched), **{k: v for k, v in feed.items() if k in statistics}}

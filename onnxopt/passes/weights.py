@@ -199,12 +199,21 @@ class PrunableTensor:
         return self.uses[0]
 
     @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.store.tensor(self.name).data_type))
+
+    @property
     def size(self) -> int:
         """Elements, from the dims (the values stay where they are)."""
         return int(np.prod(self.store.tensor(self.name).dims, dtype=np.int64))
 
-    def canonical(self) -> np.ndarray:
-        return to_canonical(self.store.array(self.name), self.use)
+    def canonical(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The values as ``(out, ..., in)`` (``out``: a flat buffer to read external data into)."""
+        return to_canonical(self.store.array(self.name, out), self.use)
+
+    def canonical_view(self, flat: np.ndarray) -> np.ndarray:
+        """``flat`` (the tensor's size) seen as the canonical view, in the same memory layout as :meth:`canonical`."""
+        return to_canonical(flat.reshape(tuple(self.store.tensor(self.name).dims)), self.use)
 
     def write_canonical(self, array: np.ndarray) -> None:
         self.store.set_array(self.name, from_canonical(array, self.use))

@@ -14,15 +14,22 @@ residual stream and the current activation), not every layer's output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+import functools
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from ..data import FeedSet
 from ..errors import InputError
+from ..executor import Executor, ModelHandle, Shard, WorkerCache, fetch, split
 from ..graph import GraphIndex, node_uses
 from ..validate import Session, batched, dynamic_batch
+from .solvers import blas_threads
 from .statistics import LayerGeometry, LayerStatistics
 
 JOINED = 16  # samples per run when the model's batch axis is dynamic
@@ -35,8 +42,12 @@ class LayerwiseRunner:
     run again. ``batch_size`` samples a run (0: ``JOINED`` when every input's batch axis is dynamic).
     """
 
-    def __init__(self, model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int = 0) -> None:
+    def __init__(self, model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], batch_size: int = 0,
+                 sessions: WorkerCache | None = None) -> None:
+        """``sessions``: a worker's cache that runners of other shards of the same run share, so that each
+        piece opens one onnxruntime session per worker (the runners ask for the same values in the same order)."""
         self.model = model
+        self.shared_sessions = sessions
         size = batch_size or (JOINED if isinstance(feeds, FeedSet) and dynamic_batch(model) else 1)
         self.batches = [feed for _, feed in batched(feeds, size)]
         if not self.batches:
@@ -47,12 +58,40 @@ class LayerwiseRunner:
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.frontier: dict[str, list[np.ndarray]] = {}
         self.outputs = [o.name for o in model.graph.output]
+        self.readers = Counter(n for uses in self.index.uses for n in uses)  # pending nodes reading each value
+        self.held: set[str] = set()  # computed ahead: kept until asked for or released
         self.sessions = 0
+        self.version = 0  # changes applied to a worker's model (sessions are shared only within a version)
 
-    def values(self, names: Sequence[str]) -> dict[str, list[np.ndarray]]:
-        """Each name's value per batch, running the nodes it still needs."""
-        self._run(self._ancestors(names), names)
+    def values(self, names: Sequence[str], ahead: Sequence[str] = ()) -> dict[str, list[np.ndarray]]:
+        """Each name's value per batch, running the nodes it still needs.
+
+        ``ahead``: values computed in the same piece and held until asked for or released: fewer,
+        larger pieces where the model does not change between asks (a teacher)."""
+        ahead = [n for n in ahead if n not in names and self.index.producer.get(n, -1) in self.pending]
+        self._run(self._ancestors([*names, *ahead]), [*names, *ahead])
+        self.held.update(ahead)
+        self.held.difference_update(names)
         return {name: self._value(name) for name in names}
+
+    def release(self, names: Iterable[str]) -> None:
+        """Values held ahead that will not be asked for after all."""
+        for name in names:
+            if name in self.held:
+                self.held.discard(name)
+                if not self.readers[name] and name not in self.outputs:
+                    self.frontier.pop(name, None)
+
+    def statistics(self, name: str, geometry: LayerGeometry, *, bias: bool = False) -> LayerStatistics | None:
+        """``XᵀX`` (``[X, 1]ᵀ[X, 1]`` with ``bias``) of the value over every batch; None when it does not have
+        the layer's rows."""
+        x = self.values([name])[name]
+        sums = LayerStatistics.empty(geometry, bias=bias)
+        with blas_threads(geometry.work(x)):  # small layers on one thread: no oversubscription
+            return sums if sums.update_batches(geometry, x) else None
+
+    def changed(self, node: onnx.NodeProto, constants: Sequence[str] = ()) -> None:
+        """A layer's node or constants were changed in place: this runner reads the model as it is."""
 
     def ready(self, name: str) -> bool:
         """Whether the value is known without running another node (asking for it changes nothing)."""
@@ -87,12 +126,12 @@ class LayerwiseRunner:
         if not piece:
             return
         self.pending.difference_update(piece)
+        self.readers.subtract(n for i in piece for n in self.index.uses[i])
         produced = {o for i in piece for o in self.index.nodes[i].output if o}
         # uses read afresh: a layer may have gained an input (a new bias) since the index was built
         read = list(dict.fromkeys(n for i in piece for n in node_uses(self.index.nodes[i]) if n not in produced))
-        still_read = {n for i in self.pending for n in self.index.uses[i]}
         kept = [n for n in dict.fromkeys([*asked, *sorted(produced)])
-                if n in produced and (n in still_read or n in asked or n in self.outputs)]
+                if n in produced and (self.readers[n] > 0 or n in asked or n in self.outputs)]
         inputs = [n for n in read if self._initializer(n) is None]
         graph = onnx.helper.make_graph(
             [self.index.nodes[i] for i in piece], "piece",
@@ -102,15 +141,23 @@ class LayerwiseRunner:
         sub.functions.extend(self.model.functions)
         columns = {n: self._value(n) for n in inputs}
         results: dict[str, list[np.ndarray]] = {n: [] for n in kept}
-        with Session(sub, optimize=True) as session:
-            self.sessions += 1
+        if self.shared_sessions is None:
+            session = Session(sub, optimize=True)
+        else:  # runs of one piece on other shards follow on this worker: open it once (closed when evicted)
+            session = self.shared_sessions.get(("piece", id(self.model), self.version, tuple(piece), tuple(kept)),
+                                               lambda: Session(sub, optimize=True))
+        self.sessions += 1
+        try:
             for b in range(len(self.batches)):
                 out = session.run({n: columns[n][b] for n in inputs}, kept)
                 for n in kept:
                     results[n].append(out[n])
+        finally:
+            if self.shared_sessions is None:
+                session.close()
         self.frontier.update(results)
-        for name in [n for n in self.frontier if n not in still_read and n not in self.outputs]:
-            if name not in asked:
+        for name in [n for n in self.frontier if self.readers[n] <= 0 and n not in self.outputs]:
+            if name not in asked and name not in self.held:
                 del self.frontier[name]
 
 
@@ -121,20 +168,185 @@ def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
 
 
 def input_statistics(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]],
-                     layers: Mapping[str, LayerGeometry], batch_size: int = 0) -> dict[str, LayerStatistics]:
+                     layers: Mapping[str, LayerGeometry], batch_size: int = 0, *, bias: bool = True,
+                     executor: Executor | None = None) -> dict[str, LayerStatistics]:
     """``[X, 1]ᵀ[X, 1]`` of each named layer input (with its geometry) over the calibration data, in one pass
-    (the ones column gives input sums: :meth:`LayerStatistics.centered` needs them).
+    (the ones column gives input sums: :meth:`LayerStatistics.centered` needs them; ``bias=False``: ``XᵀX``).
 
-    For solvers that work on the original model's inputs (learned rounding); layers that must see
-    their predecessors' changes use :class:`LayerwiseRunner` instead.
+    For solvers that work on the original model's inputs (learned rounding, GPTQ); layers that must see
+    their predecessors' changes use :class:`LayerwiseRunner` instead. With an ``executor``, each shard
+    of a FeedSet is summed on a worker and the partials merged in shard order (the same sums for any
+    number of workers).
     """
     size = batch_size or (JOINED if isinstance(feeds, FeedSet) and dynamic_batch(model) else 1)
-    sums = {name: LayerStatistics.empty(geometry, bias=True) for name, geometry in layers.items()}
     inputs = {i.name for i in model.graph.input}
-    fetched = [n for n in layers if n not in inputs]
-    with Session(model, extra_outputs=fetched, optimize=True) as session:
-        for _, feed in batched(feeds, size):
-            values = session.run(feed, fetched) if fetched else {}
-            for name, geometry in layers.items():
-                sums[name].update(geometry, values[name] if name in values else feed[name])
+    job = _InputJob(None, dict(layers), tuple(n for n in layers if n not in inputs), size, bias)
+    if executor is None or not isinstance(feeds, FeedSet):
+        with Session(model, extra_outputs=list(job.fetched), optimize=True) as session:
+            return _input_sums(session, feeds, job)
+    shards = split(feeds)
+    if not shards:
+        raise InputError("calibration: no samples")
+    partials = executor.map(_input_shard, shards, dataclasses.replace(job, model=executor.put_model(model)))
+    return {name: functools.reduce(LayerStatistics.merge, (p[name] for p in partials)) for name in layers}
+
+
+@dataclass(frozen=True)
+class _InputJob:
+    """What :func:`input_statistics` sums (``model``: the handle a worker opens)."""
+
+    model: ModelHandle | None
+    layers: dict[str, LayerGeometry]
+    fetched: tuple[str, ...]
+    batch_size: int
+    bias: bool
+
+
+def _input_sums(session: Session, feeds: Iterable[Mapping[str, np.ndarray]], job: _InputJob
+                ) -> dict[str, LayerStatistics]:
+    sums = {name: LayerStatistics.empty(geometry, bias=job.bias) for name, geometry in job.layers.items()}
+    fetched = list(job.fetched)
+    for _, feed in batched(feeds, job.batch_size):
+        values = session.run(feed, fetched) if fetched else {}
+        for name, geometry in job.layers.items():
+            sums[name].update(geometry, values[name] if name in values else feed[name])
     return sums
+
+
+def _input_shard(cache: WorkerCache, shard: Shard, job: _InputJob) -> dict[str, LayerStatistics]:
+    """A worker's part of :func:`input_statistics`: one shard's sums (BLAS on one thread, as every worker)."""
+    from threadpoolctl import threadpool_limits
+
+    model = cache.get(("model", job.model.key), lambda: cache.model(job.model))
+    session = cache.get(("inputs", job.model.key, job.fetched),
+                        lambda: Session(model, extra_outputs=list(job.fetched), optimize=True))
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _input_sums(session, shard.feeds, job)
+
+
+@dataclass(frozen=True)
+class _Change:
+    """A layer's node (by position) and its constant inputs as they are after the layer was changed."""
+
+    nodes: dict[int, bytes]
+    initializers: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class _RunnerJob:
+    run: str
+    model: ModelHandle
+    teacher: ModelHandle | None
+    changes: tuple  # every change so far, shared (a restarted worker replays them all)
+    batch_size: int
+    task: Callable  # task(shard's runners, *args): a module-level function
+    args: tuple
+
+
+@dataclass
+class ShardRunners:
+    """What one calibration shard keeps on its worker: the model's runner, the teacher's (when there is
+    one), and what tasks leave for the next task on the same layer (``kept``)."""
+
+    model: LayerwiseRunner
+    teacher: LayerwiseRunner | None
+    kept: dict
+
+
+class ShardedRunner:
+    """:class:`LayerwiseRunner` spread over an executor's workers: the same layer-by-layer statistics.
+
+    Each shard of the calibration data has its own runner on one worker (``pinned`` maps), which keeps
+    that shard's frontier: activations stay where they were computed, only a layer's ``XᵀX`` per shard
+    comes back, merged in shard order (the same sums for any number of workers). The caller's
+    changes to a layer (:meth:`changed`) travel to every worker before the next layer's statistics.
+    """
+
+    def __init__(self, executor: Executor, model: onnx.ModelProto, feeds: FeedSet, batch_size: int = 0,
+                 teacher: onnx.ModelProto | None = None) -> None:
+        """``teacher``: a second model that each shard also runs layer by layer (never changed)."""
+        self.executor, self.model = executor, model
+        self.shards = split(feeds)
+        if not self.shards:
+            raise InputError("calibration: no samples")
+        self.batch_size = batch_size or (JOINED if dynamic_batch(model) else 1)
+        self.run = uuid.uuid4().hex
+        self.handle = executor.put_model(model)
+        self.teacher = None if teacher is None else executor.put_model(teacher)
+        self.changes: list = []
+        self.producer = GraphIndex(model.graph).producer  # a node's position, by its (unique) first output
+        self.initializers = {t.name: t for t in model.graph.initializer}
+
+    def statistics(self, name: str, geometry: LayerGeometry, *, bias: bool = False) -> LayerStatistics | None:
+        """Like :meth:`LayerwiseRunner.statistics`, each shard's part summed where its activations are."""
+        partials = self.map(_layer_gram, name, geometry, bias)
+        if any(p is None for p in partials):
+            return None
+        return functools.reduce(LayerStatistics.merge, partials)
+
+    def map(self, task: Callable, *args) -> list:
+        """``task(ShardRunners, *args)`` on every shard, on the worker that holds its runners (the changes
+        so far applied first); results in shard order."""
+        job = _RunnerJob(self.run, self.handle, self.teacher, tuple(self.changes), self.batch_size, task, args)
+        return self.executor.map(_runner_task, self.shards, job, pinned=True)
+
+    def changed(self, node: onnx.NodeProto, constants: Sequence[str] = ()) -> None:
+        """Send the node and its constant inputs (initializers, Constant nodes), and the named ``constants``
+        it does not read (a MatMul's bias in the Add after it), as they are now."""
+        graph = self.model.graph
+        names = [n for n in dict.fromkeys([*node.input, *constants]) if n]
+        if any(n not in self.initializers and n not in self.producer for n in names):  # a new bias
+            self.initializers = {t.name: t for t in graph.initializer}
+        initializers = {n: self.initializers[n] for n in names if n in self.initializers}
+        nodes = {self.producer[node.output[0]]: node.SerializeToString()}
+        for name in names:
+            producer = self.producer.get(name)
+            if name not in initializers and producer is not None and graph.node[producer].op_type == "Constant":
+                nodes[producer] = graph.node[producer].SerializeToString()
+        self.changes.append(self.executor.share(_Change(nodes, {n: t.SerializeToString()
+                                                                for n, t in initializers.items()})))
+
+    def close(self) -> None:
+        """Drop the runners' state on the workers."""
+        self.executor.drop_state(self.run)
+
+
+def _runner_task(cache: WorkerCache, shard: Shard, job: _RunnerJob):
+    """A worker's part of :meth:`ShardedRunner.map`: the shard's runners, the changes so far, then the task
+    (BLAS on one thread, as in every worker)."""
+    from threadpoolctl import threadpool_limits
+
+    state = cache.state(job.run)
+    if "model" not in state:  # a fresh (or restarted) worker: the model as sent, then every change so far
+        state["model"], state["applied"] = cache.model(job.model), 0
+        state["initializers"] = {t.name: t for t in state["model"].graph.initializer}
+        state["teacher"] = None if job.teacher is None else cache.model(job.teacher)
+    model = state["model"]
+    for change in job.changes[state["applied"]:]:
+        _apply_change(model, state["initializers"], fetch(change))
+        state["applied"] += 1
+    runners = state.get(shard.index)
+    if runners is None:
+        runners = state[shard.index] = ShardRunners(
+            LayerwiseRunner(model, shard.feeds, job.batch_size, sessions=cache),
+            None if state["teacher"] is None else LayerwiseRunner(state["teacher"], shard.feeds, job.batch_size,
+                                                                  sessions=cache), {})
+    runners.model.version = state["applied"]
+    with threadpool_limits(limits=1, user_api="blas"):
+        return job.task(runners, *job.args)
+
+
+def _layer_gram(runners: ShardRunners, name: str, geometry: LayerGeometry, bias: bool) -> LayerStatistics | None:
+    x = runners.model.values([name])[name]
+    sums = LayerStatistics.empty(geometry, bias=bias)
+    return sums if sums.update_batches(geometry, x) else None
+
+
+def _apply_change(model: onnx.ModelProto, initializers: dict[str, onnx.TensorProto], change: _Change) -> None:
+    """In place: the runners hold references to these nodes and initializers."""
+    for position, node in change.nodes.items():
+        model.graph.node[position].CopyFrom(onnx.NodeProto.FromString(node))
+    for name, tensor in change.initializers.items():
+        if name not in initializers:
+            initializers[name] = model.graph.initializer.add()
+        initializers[name].CopyFrom(onnx.TensorProto.FromString(tensor))
