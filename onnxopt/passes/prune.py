@@ -32,13 +32,8 @@ from .base import Pass, PassResult, check_choice, count
 from ..calibration import TensorStats
 from ..data import FeedSet
 from ..graph import unique_name_factory
-<<<<<<< HEAD
 from ..reconstruction import LayerGeometry, LayerStatistics, SolverError, blas_threads, masked_refit, sparsegpt
-from ..reconstruction.stream import LayerwiseRunner
-=======
-from ..reconstruction import LayerGeometry, SolverError, blas_threads, sparsegpt
 from ..reconstruction.stream import LayerwiseRunner, ShardedRunner
->>>>>>> b65c1a7e56870a51e147156968641b11b738c281
 from .importance import activation_stats, importance, input_norm, target_count
 from .weights import BiasAdder, PrunableTensor, attribute, find_prunable, mean_contribution
 
@@ -260,25 +255,21 @@ class Prune(Pass):
             order = {id(node): i for i, node in enumerate(alone[0].index.nodes)}
             position = {i: p for p, i in enumerate(alone[0].index.topological_order())}
             alone.sort(key=lambda t: position[order[id(t.use.node)]])
-<<<<<<< HEAD
-            runner = LayerwiseRunner(model, self.context.calibration_feeds(self.name))
-            dense = LayerwiseRunner(model, self.context.calibration_feeds(self.name)) if opts.dense_target else None
-=======
             feeds = self.context.calibration_feeds(self.name)
             executor = self.context.executor
             runner = (ShardedRunner(executor, model, feeds) if executor is not None and isinstance(feeds, FeedSet)
                       else LayerwiseRunner(model, feeds))
->>>>>>> b65c1a7e56870a51e147156968641b11b738c281
+            dense = None
+            if opts.dense_target and isinstance(runner, ShardedRunner):
+                count(stats, "sparsegpt_dense_target_skipped_executor")  # dense targets run in this process only
+            elif opts.dense_target:
+                dense = LayerwiseRunner(model, feeds)
             adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
             deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
             now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
             for number, tensor in enumerate(alone, 1):
                 weight = tensor.canonical()
-<<<<<<< HEAD
-                pruned, bias = self._sparsegpt_layer(tensor, weight, runner, dense, zeros[tensor.name], n_m, stats,
-=======
-                pruned, bias = self._sparsegpt_layer(tensor, weight, runner, budgets[tensor.name], n_m, stats,
->>>>>>> b65c1a7e56870a51e147156968641b11b738c281
+                pruned, bias = self._sparsegpt_layer(tensor, weight, runner, dense, budgets[tensor.name], n_m, stats,
                                                      adder is not None)
                 if _record(stats, tensor, zeros(weight), pruned):
                     if bias is not None:
@@ -300,14 +291,9 @@ class Prune(Pass):
         stats["sparsity"] = stats["weights_zero_after"] / stats["weights_eligible"]
         return PassResult(model, stats["tensors_pruned"] > 0, stats)
 
-<<<<<<< HEAD
-    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner,
+    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner | ShardedRunner,
                          dense: LayerwiseRunner | None, zeros: int, n_m, stats, with_bias: bool
                          ) -> tuple[np.ndarray, np.ndarray | None]:
-=======
-    def _sparsegpt_layer(self, tensor: PrunableTensor, weight: np.ndarray, runner: LayerwiseRunner | ShardedRunner,
-                         zeros: int, n_m, stats, with_bias: bool) -> tuple[np.ndarray, np.ndarray | None]:
->>>>>>> b65c1a7e56870a51e147156968641b11b738c281
         """One layer: its Hessian from the runner's current input, SparseGPT per group, in canonical layout.
 
         With ``with_bias`` the Hessian gets a ones column and the weights a bias row that is never
@@ -320,24 +306,22 @@ class Prune(Pass):
         dims = tuple(tensor.store.tensor(tensor.name).dims)
         geometry = (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
                     else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
-<<<<<<< HEAD
-        sums = LayerStatistics.empty(geometry, bias=with_bias)
-        x = runner.values([use.data])[use.data]
-        reference = dense.values([use.data, use.node.output[0]])[use.data] if dense is not None else None
-        if reference is not None and all(np.array_equal(a, b) for a, b in zip(x, reference)):
-            reference = None  # no drift yet (nothing upstream pruned): the layer's own output is the dense one
-        with blas_threads(geometry.work(x) * (1 + (reference is not None))):  # small layers: one thread
-            if not (sums.update_pair(geometry, x, reference) if reference is not None
-                    else sums.update_batches(geometry, x)):
-                count(stats, "sparsegpt_fallback_magnitude_unobservable")
-                return _magnitude(tensor, weight, zeros, n_m), None
-=======
-        sums = runner.statistics(use.data, geometry, bias=with_bias)
+        if dense is not None:
+            x = runner.values([use.data])[use.data]
+            reference = dense.values([use.data, use.node.output[0]])[use.data]
+            if all(np.array_equal(a, b) for a, b in zip(x, reference)):
+                reference = None  # no drift yet (nothing upstream pruned): the layer's own output is the dense one
+            sums = LayerStatistics.empty(geometry, bias=with_bias)
+            with blas_threads(geometry.work(x) * (1 + (reference is not None))):  # small layers: one thread
+                if not (sums.update_pair(geometry, x, reference) if reference is not None
+                        else sums.update_batches(geometry, x)):
+                    sums = None
+        else:
+            sums = runner.statistics(use.data, geometry, bias=with_bias)
         if sums is None:
             count(stats, "sparsegpt_fallback_magnitude_unobservable")
             return _magnitude(tensor, weight, zeros, n_m), None
         with blas_threads(float(sums.rows) * geometry.inputs**2 * geometry.groups):  # small layers on one thread
->>>>>>> b65c1a7e56870a51e147156968641b11b738c281
             return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
 
     def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias):
