@@ -15,7 +15,8 @@ outlier activation channels real transformers have.
 
 For each model ``<name>.calib.npz`` and ``<name>.eval.npz`` hold 64 samples each, sample-major:
 ``{input name: (N, 1, *rest)}``, sample ``i`` is fed as ``{name: arr[i]}``. The MLP and the CNN
-also get ``<name>.labels.npz`` with ``labels`` (N,) int64 for the eval samples.
+also get ``<name>.labels.npz`` with ``labels`` (N,) int64 for the eval samples. ``build_<name>(samples)``
+draws larger sets from the same seeds (benchmarks/bench_distill.py measures on 1024 of each).
 """
 
 import argparse
@@ -175,7 +176,7 @@ def _mlp_task(rng: np.random.Generator):
     return draw
 
 
-def build_mlp() -> Sample:
+def build_mlp(samples: int = SAMPLES) -> Sample:
     name = "mlp"
     draw = _mlp_task(_rng(SEED_TASK, name))
     rng = _rng(SEED_WEIGHTS, name)
@@ -194,8 +195,8 @@ def build_mlp() -> Sample:
     doc = "MLP classifier 64 -> 256 -> 128 -> 10 on a synthetic 10-class Gaussian-mixture task"
     model = _to_model(mlp_graph, name, w, doc)
     _check_reference(model, {"x": x_train[:32, None]}, h[:32] @ w["head_weight"] + w["head_bias"])
-    x_calib, _ = draw(_rng(SEED_CALIB, name), SAMPLES)
-    x_eval, y_eval = draw(_rng(SEED_EVAL, name), SAMPLES)
+    x_calib, _ = draw(_rng(SEED_CALIB, name), samples)
+    x_eval, y_eval = draw(_rng(SEED_EVAL, name), samples)
     return Sample(name, model, {"x": x_calib[:, None]}, {"x": x_eval[:, None]}, y_eval, doc)
 
 
@@ -282,7 +283,7 @@ def _cnn_task(rng: np.random.Generator):
     return draw
 
 
-def build_cnn() -> Sample:
+def build_cnn(samples: int = SAMPLES) -> Sample:
     name = "cnn"
     draw = _cnn_task(_rng(SEED_TASK, name))
     rng = _rng(SEED_WEIGHTS, name)
@@ -302,8 +303,8 @@ def build_cnn() -> Sample:
     doc = "CNN classifier conv16-bn-relu, maxpool, conv32-bn-relu, GAP, fc10 on synthetic gratings"
     model = _to_model(cnn_graph, name, w, doc)
     _check_reference(model, {"image": x_train[:32, None]}, h[:32] @ head_weight + w["fc_bias"])
-    x_calib, _ = draw(_rng(SEED_CALIB, name), SAMPLES)
-    x_eval, y_eval = draw(_rng(SEED_EVAL, name), SAMPLES)
+    x_calib, _ = draw(_rng(SEED_CALIB, name), samples)
+    x_eval, y_eval = draw(_rng(SEED_EVAL, name), samples)
     return Sample(name, model, {"image": x_calib[:, None]}, {"image": x_eval[:, None]}, y_eval, doc)
 
 
@@ -359,7 +360,7 @@ def transformer_graph(
     return hidden
 
 
-def build_transformer() -> Sample:
+def build_transformer(samples: int = SAMPLES) -> Sample:
     name = "transformer"
     rng = _rng(SEED_WEIGHTS, name)
 
@@ -402,8 +403,8 @@ def build_transformer() -> Sample:
 
     doc = "Pre-LN transformer encoder block: 4-head self-attention and a 64-256-64 GELU MLP"
     model = _to_model(transformer_graph, name, w, doc)
-    calib = draw(_rng(SEED_CALIB, name), SAMPLES)
-    evals = draw(_rng(SEED_EVAL, name), SAMPLES)
+    calib = draw(_rng(SEED_CALIB, name), samples)
+    evals = draw(_rng(SEED_EVAL, name), samples)
     return Sample(name, model, {"tokens": calib[:, None]}, {"tokens": evals[:, None]}, None, doc)
 
 

@@ -110,15 +110,17 @@ def test_reruns_merge_in_shard_order_whatever_order_shards_finish_in(monkeypatch
     assert not np.array_equal(forward, backward)
 
 
-def prune(model, calib, executor=None):
-    options = Prune.Options(sparsity=0.5, method="sparsegpt")
+def prune(model, calib, executor=None, **options):
+    options = Prune.Options(sparsity=0.5, method="sparsegpt", **options)
     return Prune(options, PassContext(calib=calib, executor=executor))(model.__deepcopy__())
 
 
 def test_sparsegpt_through_the_executor_prunes_like_the_default_and_reruns_bit_for_bit():
     model, calib, _ = correlated_mlp()
-    default = prune(model, calib)
+    default = prune(model, calib, dense_target=False)  # dense targets run in process only
     runs = [prune(model, calib, Shuffled(seed)) for seed in range(2)]
+    assert runs[0].stats.pop("sparsegpt_dense_target_skipped_executor") == 1
+    assert "sparsegpt_dense_target_skipped_executor" not in prune(model, calib, Shuffled(0), dense_target=False).stats
     assert runs[0].stats == default.stats
     assert runs[0].model == runs[1].model
     for a, b in zip(default.model.graph.initializer, runs[0].model.graph.initializer):

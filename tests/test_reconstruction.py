@@ -122,6 +122,20 @@ def test_sparsegpt_error_is_below_magnitude_and_wanda_at_equal_sparsity():
     assert layer_error(x, w, pruned) < 0.5 * min(layer_error(x, w, magnitude), layer_error(x, w, wanda))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_adaptive_mask_blocks_beat_one_mask_for_the_whole_layer(seed):
+    """A 64-input layer is one 128-row block: the mask would be fixed before any compensation; choosing it
+    every 4 rows from the updated weights (budgets from the layer-wide ranking) errs several times less."""
+    x = correlated(1024, 64, 16, seed)
+    w = np.random.default_rng(seed + 10).standard_normal((64, 32))
+    adaptive, _ = sparsegpt(w, x.T @ x, sparsity=0.5)
+    whole, _ = sparsegpt(w, x.T @ x, sparsity=0.5, mask_block=128)
+    assert np.count_nonzero(adaptive == 0) == np.count_nonzero(whole == 0) == w.size // 2
+    assert layer_error(x, w, adaptive) < 0.5 * layer_error(x, w, whole)
+    per_input = np.count_nonzero(adaptive == 0, axis=1)
+    assert per_input.min() < 16 < per_input.max()  # the ranking spreads the zeros unevenly over the inputs
+
+
 def test_sparsegpt_n_m_keeps_n_of_every_m_inputs_and_existing_zeros():
     x = correlated(512, 32, 8)
     w = np.random.default_rng(4).standard_normal((32, 8))
@@ -380,3 +394,20 @@ def test_shrinkage_counts_a_sample_whose_rows_move_together_as_one_observation()
     h = stats.hessian[0]
     by_rows = stats.row_noise[0] / off_diagonal_square(h) - 1 / stats.rows
     assert by_rows < 0.2 < 0.8 < stats.shrinkage()[0]
+
+
+@pytest.mark.parametrize("group,attrs", [(1, {"pads": [1, 0, 1, 2], "strides": [2, 1]}), (4, {"strides": [2, 2]})])
+def test_paired_statistics_give_the_reference_inputs_times_the_weight_as_target(group, attrs):
+    """``cross @ W`` of :meth:`update_pair` is ``Σ Aᵀ (A_ref W)``: the reference layer's output as a target."""
+    node, w, x, _ = conv_case(group, **attrs)
+    geometry = LayerGeometry.conv(node, w.shape)
+    reference = x + 0.3 * np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    paired = LayerStatistics.empty(geometry, bias=True)
+    assert paired.update_pair(geometry, [x[:2], x[2:]], [reference[:2], reference[2:]])
+    alone = LayerStatistics.empty(geometry, bias=True)
+    assert alone.update(geometry, x)
+    np.testing.assert_allclose(paired.gram, alone.gram, rtol=1e-5, atol=1e-3)
+    ones = np.ones((group, 1, geometry.input_rows(x)), np.float32)
+    a, r = (np.concatenate([np.concatenate(list(geometry.columns(v)), axis=2), ones], axis=1) for v in (x, reference))
+    np.testing.assert_allclose(paired.cross, a @ np.swapaxes(r, 1, 2), rtol=1e-4, atol=1e-2)
+    assert not LayerStatistics.empty(geometry, bias=True).update_pair(geometry, [x], [reference[:, :, 1:]])

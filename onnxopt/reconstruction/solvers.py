@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -128,25 +128,28 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, *, maxq: int, group_size: int,
     return codes, scales, zero_points, used
 
 
-def _prune_budgets(zero: np.ndarray, target: int, block: int) -> Iterator[int]:
-    """Zeros per block of rows: the remaining target spread by size, never fewer than the zeros already there."""
-    rows, n = zero.shape
-    done = 0
-    for i1 in range(0, rows, block):
-        i2 = min(i1 + block, rows)
-        share = round((target - done) * (i2 - i1) / (rows - i1))
-        budget = min(max(share, int(zero[i1:i2].sum())), (i2 - i1) * n)
-        done += budget
-        yield budget
+def _ranked_budgets(score: np.ndarray, target: int, block: int) -> list[int]:
+    """Zeros per block of ``block`` rows: how many of the layer's ``target`` lowest scores each holds, never
+    fewer than its weights already zero (scored ``-inf``)."""
+    lowest = np.zeros(score.size, bool)
+    if target > 0:
+        lowest[np.argpartition(score.ravel(), target - 1)[:target]] = True
+    lowest = lowest.reshape(score.shape) | np.isneginf(score)
+    return [int(lowest[r: r + block].sum()) for r in range(0, len(score), block)]
 
 
 def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = None, sparsity: float = 0.5,
-              n_m: tuple[int, int] | None = None, damping: float = 0.01, block: int = 128, fixed_rows: int = 0
-              ) -> tuple[np.ndarray, float]:
+              n_m: tuple[int, int] | None = None, damping: float = 0.01, block: int = 128, fixed_rows: int = 0,
+              mask_block: int = 4) -> tuple[np.ndarray, float]:
     """SparseGPT: zero weights of ``weight (K, N)`` and update the survivors to compensate.
 
     Unstructured: exactly ``zeros`` weights (default ``round(sparsity · size)``) become zero, chosen
-    per block by the OBS saliency ``w² / U[k, k]²``; weights already zero stay zero and count first.
+    every ``mask_block`` rows by the OBS saliency ``w² / U[k, k]²`` of the weights as updated so far
+    (adaptive mask selection); how many in each such block comes from the same saliency over the
+    whole layer before any update, so that sparsity may differ between inputs. Small mask blocks
+    matter on small layers, where one 128-row block would fix the whole mask before any update
+    (the sample transformer's 64-input layers: output cosine 0.9883 → 0.9900 after distill with 4).
+    Weights already zero stay zero and count first.
     ``n_m = (N, M)`` keeps ``N`` of every ``M`` consecutive inputs per output instead. The last
     ``fixed_rows`` rows are never pruned but take compensation (a bias row, with a ones column in the
     Hessian: the bias absorbs the mean of what pruning removes); sizes and budgets count the rows
@@ -176,12 +179,15 @@ def sparsegpt(weight: np.ndarray, hessian: np.ndarray, *, zeros: int | None = No
             return np.where(pruned[row], 0.0, w1[i])
     else:
         target = int(math.floor(sparsity * prunable * n + 0.5)) if zeros is None else zeros
-        budgets = _prune_budgets(was_zero[:prunable], target, block)
+        block = max(mask_block, block - block % mask_block)  # mask blocks never span update blocks
+        initial = np.asarray(weight[:prunable], dtype=np.float64) ** 2 / np.diag(upper)[:prunable, None] ** 2
+        initial[was_zero[:prunable]] = -np.inf
+        budgets = iter(_ranked_budgets(initial, target, mask_block))
 
         def step(row: int, i: int, w1: np.ndarray, u1: np.ndarray) -> np.ndarray:
-            if i == 0 and row < prunable:
-                rows = min(len(w1), prunable - row)
-                score = w1[:rows] ** 2 / np.diag(u1)[:rows, None] ** 2
+            if i % mask_block == 0 and row < prunable:
+                rows = min(mask_block, len(w1) - i, prunable - row)
+                score = w1[i: i + rows] ** 2 / np.diag(u1)[i: i + rows, None] ** 2
                 score[was_zero[row: row + rows]] = -np.inf
                 flat = np.zeros(score.size, bool)
                 budget = next(budgets)

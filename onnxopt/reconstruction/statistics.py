@@ -207,6 +207,24 @@ def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int, stride
             yield array[b: b + 1, :, start * stride: (stop - 1) * stride + reach]
 
 
+def _joined(geometry: LayerGeometry, xs: list[np.ndarray], others: list[np.ndarray | None]
+            ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """``(x, other)`` batches, consecutive ones joined along the batch axis up to ``CHUNK_BYTES`` of ``x``
+    (``others``: arrays that line up with them, or None)."""
+    x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
+    start = 0
+    while start < len(xs):
+        stop, size = start + 1, np.size(xs[start])
+        while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= CHUNK_BYTES and np.ndim(xs[stop]) > 0 \
+                and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
+            size += np.size(xs[stop])
+            stop += 1
+        x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
+        other = others[start] if stop == start + 1 or others[start] is None else np.concatenate(others[start:stop])
+        yield x, other
+        start = stop
+
+
 def _reads(kernel: int, dilation: int, stride: int, outputs: int, pad: int, length: int) -> np.ndarray:
     """``(kernel, length)`` float32: row ``a`` marks the input positions (padding excluded) that kernel
     offset ``a`` reads for the outputs ``0 .. outputs-1``."""
@@ -409,20 +427,27 @@ class LayerStatistics:
     def update_batches(self, geometry: LayerGeometry, xs: list[np.ndarray], ys: list[np.ndarray] | None = None, *,
                        gram: bool = True) -> bool:
         """:meth:`update` over batches, consecutive ones joined up to ``CHUNK_BYTES`` (fewer, bigger products)."""
-        ys = ys if ys is not None else [None] * len(xs)
-        x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
-        start = 0
-        while start < len(xs):
-            stop, size = start + 1, np.size(xs[start])
-            while stop < len(xs) and 4 * (size + np.size(xs[stop])) <= CHUNK_BYTES and np.ndim(xs[stop]) > 0 \
-                    and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
-                size += np.size(xs[stop])
-                stop += 1
-            x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
-            y = ys[start] if stop == start + 1 or ys[start] is None else np.concatenate(ys[start:stop])
-            if not self.update(geometry, x, y, gram=gram):
+        return all(self.update(geometry, x, y, gram=gram)
+                   for x, y in _joined(geometry, xs, ys if ys is not None else [None] * len(xs)))
+
+    def update_pair(self, geometry: LayerGeometry, xs: list[np.ndarray], references: list[np.ndarray]) -> bool:
+        """Fold the layer's inputs in and ``cross`` against other inputs of the same shape: ``Σ Aᵀ A_ref``
+        per group, ``(G, K [+1], K [+1])`` (the reference model's input; ``cross @ W`` is then ``Σ Aᵀ A_ref W``,
+        the reference layer's output as the target). False when the shapes differ."""
+        if any(np.shape(x) != np.shape(r) for x, r in zip(xs, references)):
+            return False
+        k = geometry.inputs
+        cross = np.zeros_like(self.gram)
+        for x, reference in _joined(geometry, xs, references):
+            if not self.update(geometry, x):
                 return False
-            start = stop
+            for at, rt in zip(geometry.columns(x), geometry.columns(reference)):
+                cross[:, :k, :k] += at @ np.swapaxes(rt, 1, 2)
+                if self.bias:
+                    cross[:, :k, k] += at.sum(axis=2, dtype=np.float64)
+                    cross[:, k, :k] += rt.sum(axis=2, dtype=np.float64)
+                    cross[:, k, k] += at.shape[2]
+        self.cross = cross
         return True
 
     def merge(self, other: LayerStatistics) -> LayerStatistics:
