@@ -115,18 +115,26 @@ def prune(model, calib, executor=None, **options):
     return Prune(options, PassContext(calib=calib, executor=executor))(model.__deepcopy__())
 
 
-def test_sparsegpt_through_the_executor_prunes_like_the_default_and_reruns_bit_for_bit():
+@pytest.mark.parametrize("dense_target", [True, False])
+def test_sparsegpt_through_the_executor_prunes_like_the_default_and_reruns_bit_for_bit(dense_target):
+    """Dense targets too: each shard's worker runs the unpruned model beside the pruned one."""
     model, calib, _ = correlated_mlp()
-    default = prune(model, calib, dense_target=False)  # dense targets run in process only
-    runs = [prune(model, calib, Shuffled(seed)) for seed in range(2)]
-    assert runs[0].stats.pop("sparsegpt_dense_target_skipped_executor") == 1
-    assert "sparsegpt_dense_target_skipped_executor" not in prune(model, calib, Shuffled(0), dense_target=False).stats
+    default = prune(model, calib, dense_target=dense_target)
+    runs = [prune(model, calib, Shuffled(seed), dense_target=dense_target) for seed in range(2)]
     assert runs[0].stats == default.stats
     assert runs[0].model == runs[1].model
     for a, b in zip(default.model.graph.initializer, runs[0].model.graph.initializer):
         x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
         assert np.array_equal(x == 0, y == 0), a.name  # the same weights pruned
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
+
+
+def test_dense_targets_change_the_sharded_result():
+    """The twin: with and without dense targets the executor prunes differently (the option reaches it)."""
+    model, calib, _ = correlated_mlp()
+    with_dense, own = (prune(model, calib, Shuffled(0), dense_target=flag).model for flag in (True, False))
+    assert any(not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(with_dense.graph.initializer, own.graph.initializer))
 
 
 @pytest.mark.parametrize("options", [{"method": "gptq"}, {"rounding": "learned"}])

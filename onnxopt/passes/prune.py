@@ -257,13 +257,11 @@ class Prune(Pass):
             alone.sort(key=lambda t: position[order[id(t.use.node)]])
             feeds = self.context.calibration_feeds(self.name)
             executor = self.context.executor
-            runner = (ShardedRunner(executor, model, feeds) if executor is not None and isinstance(feeds, FeedSet)
+            sharded = executor is not None and isinstance(feeds, FeedSet)
+            # dense targets: the same model, never changed, run beside it (on each shard's worker when sharded)
+            runner = (ShardedRunner(executor, model, feeds, teacher=model if opts.dense_target else None) if sharded
                       else LayerwiseRunner(model, feeds))
-            dense = None
-            if opts.dense_target and isinstance(runner, ShardedRunner):
-                count(stats, "sparsegpt_dense_target_skipped_executor")  # dense targets run in this process only
-            elif opts.dense_target:
-                dense = LayerwiseRunner(model, feeds)
+            dense = LayerwiseRunner(model, feeds) if opts.dense_target and not sharded else None
             adder = BiasAdder(alone[0].index, alone[0].store, unique_name_factory(model)) if opts.bias_correction else None
             deferred: list[tuple[onnx.NodeProto, np.ndarray]] = []
             now, later = (adder.add if adder else None), (lambda node, delta: deferred.append((node, delta)))
@@ -316,6 +314,8 @@ class Prune(Pass):
                 if not (sums.update_pair(geometry, x, reference) if reference is not None
                         else sums.update_batches(geometry, x)):
                     sums = None
+        elif isinstance(runner, ShardedRunner) and runner.teacher is not None:
+            sums = runner.pair_statistics(use.data, use.node.output[0], geometry, bias=with_bias)
         else:
             sums = runner.statistics(use.data, geometry, bias=with_bias)
         if sums is None:

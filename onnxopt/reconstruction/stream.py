@@ -286,6 +286,18 @@ class ShardedRunner:
             return None
         return functools.reduce(LayerStatistics.merge, partials)
 
+    def pair_statistics(self, name: str, output: str, geometry: LayerGeometry, *, bias: bool = False
+                        ) -> LayerStatistics | None:
+        """The layer's statistics with ``cross`` against the teacher's input of it
+        (:meth:`LayerStatistics.update_pair`: the teacher's output as the target), each shard's part summed
+        where its activations are. While no shard's input differs from the teacher's (nothing upstream
+        changed yet), plain statistics, as :class:`LayerwiseRunner` callers do in this process."""
+        drifted = any(self.map(_hold_pair, name, output))
+        partials = self.map(_pair_gram, name, output, geometry, bias, drifted)
+        if any(p is None for p in partials):
+            return None
+        return functools.reduce(LayerStatistics.merge, partials)
+
     def map(self, task: Callable, *args) -> list:
         """``task(ShardRunners, *args)`` on every shard, on the worker that holds its runners (the changes
         so far applied first); results in shard order."""
@@ -336,6 +348,25 @@ def _runner_task(cache: WorkerCache, shard: Shard, job: _RunnerJob):
     runners.model.version = state["applied"]
     with threadpool_limits(limits=1, user_api="blas"):
         return job.task(runners, *job.args)
+
+
+def _hold_pair(runners: ShardRunners, name: str, output: str) -> bool:
+    """The shard's input of a layer and the teacher's (kept for :func:`_pair_gram`); whether they differ.
+    The teacher also runs the layer's output, so that its frontier moves past the layer."""
+    x = runners.model.values([name])[name]
+    reference = runners.teacher.values([name, output])[name]
+    runners.kept["pair"] = (x, reference)
+    return not all(np.array_equal(a, b) for a, b in zip(x, reference))
+
+
+def _pair_gram(runners: ShardRunners, name: str, output: str, geometry: LayerGeometry, bias: bool,
+               drifted: bool) -> LayerStatistics | None:
+    if "pair" not in runners.kept:  # a worker restarted since: its runners were rebuilt
+        _hold_pair(runners, name, output)
+    x, reference = runners.kept.pop("pair")
+    sums = LayerStatistics.empty(geometry, bias=bias)
+    fitted = sums.update_pair(geometry, x, reference) if drifted else sums.update_batches(geometry, x)
+    return sums if fitted else None
 
 
 def _layer_gram(runners: ShardRunners, name: str, geometry: LayerGeometry, bias: bool) -> LayerStatistics | None:
