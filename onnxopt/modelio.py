@@ -260,13 +260,13 @@ def _publish_spill(model: onnx.ModelProto, path: Path, data_name: str, data_path
     The rewritten weights are written once. An error before the move leaves the output as it was
     (the tensors copied in read from the spill file then, as the rewritten ones do).
     """
-    for tensor in _data_tensors(model):
+    tensors = _data_tensors(model)
+    for tensor in tensors:
         if not is_external(tensor):
             spill_tensor(tensor)
         elif not SPILL.holds(tensor):
             SPILL.copy_in(tensor)
     SPILL.publish(data_path, _file_mode(data_path))
-    tensors = _data_tensors(model)
     for tensor in tensors:
         set_external_location(tensor, data_name)
     skeleton = model.SerializeToString()
