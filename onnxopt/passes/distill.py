@@ -38,9 +38,10 @@ import onnx
 
 from ..data import FeedSet
 from ..errors import InputError
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
-                     unique_name_factory, walk_nodes)
+from ..graph import (STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, defined_names, node_subgraphs,
+                     opset_version, unique_name_factory, walk_nodes)
 from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, masked_refit
+from ..reconstruction.attention import AttentionScores, ScoreProblem, find_attention, heads_of
 from ..reconstruction.stream import LayerwiseRunner, ShardedRunner, ShardRunners
 from ..tensors import FLOAT_TYPES
 from ..validate import numeric_values
@@ -183,6 +184,8 @@ class Distill(Pass):
         exclude: tuple[str, ...] = ()
         max_layers: int = 0
         batch_size: int = 0  # samples per run; 0: joined when the batch axis is dynamic
+        attention: bool = True  # refit query / key pairs to the teacher's attention scores (softmax metric)
+        attention_steps: int = 10  # conjugate-gradient steps per side
 
         def __post_init__(self) -> None:
             if not self.damping > 0:
@@ -195,6 +198,8 @@ class Distill(Pass):
                 raise InputError(f"distill: max_layers must be >= 0 (0 = all), not {self.max_layers}")
             if self.batch_size < 0:
                 raise InputError(f"distill: batch_size must be >= 0 (0 = automatic), not {self.batch_size}")
+            if self.attention_steps < 1:
+                raise InputError(f"distill: attention_steps must be >= 1, not {self.attention_steps}")
 
     def requires(self, model: onnx.ModelProto) -> None:
         self.context.calibration_feeds(self.name)
@@ -211,6 +216,7 @@ class Distill(Pass):
                 _Runs(model, teacher, feeds, self.options.batch_size, layers))
         undo: list[Callable[[], None]] = []
         rows = []
+        pairs = self._attention_pairs(model, layers, runs, stats) if self.options.attention else {}
         shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
         for number, layer in enumerate(layers, 1):
             start = time.perf_counter()
@@ -230,6 +236,8 @@ class Distill(Pass):
                 undo.append(change)
                 runs.changed(layer.use.node, [layer.bias] if layer.bias else [])
             rows.append({**row, "seconds": round(time.perf_counter() - start, 4)})
+            if layer in pairs:
+                rows.append(self._fit_attention(*pairs[layer], runs, stats, undo))
             if self.context.progress:
                 import click
 
@@ -246,6 +254,79 @@ class Distill(Pass):
         stats["pieces_run"] = runs.pieces()
         runs.close()
         return PassResult(model, bool(undo), stats, {"layers": rows})
+
+    def _attention_pairs(self, model: onnx.ModelProto, layers: list[Layer], runs, stats) -> dict:
+        """``{the later of a query / key pair: (query layer, key layer, attention)}``; their rows are kept."""
+        by_target = {layer.target: layer for layer in layers  # rows in order: features on the last axis
+                     if not layer.geometry.is_conv and (layer.use.data_axis == -1 or (
+                         layer.use.node.op_type == "Gemm" and not attribute(layer.use.node, "transA", 0)))}
+        index = GraphIndex(model.graph)
+        found = find_attention(index, ConstantResolver(index, WeightStore(model.graph), opset_version(model)),
+                               set(by_target))
+        if found and not isinstance(runs, _Runs):
+            count(stats, "attention_skipped_executor", len(found))
+            return {}
+        position = {layer: i for i, layer in enumerate(layers)}
+        pairs = {}
+        for attention in found:
+            query, key = by_target[attention.query], by_target[attention.key]
+            pairs[max(query, key, key=position.__getitem__)] = (query, key, attention)
+            runs.keep_rows.update((query, key))
+            runs.teacher.hold([attention.scores, attention.probabilities])
+        return pairs
+
+    def _fit_attention(self, query: Layer, key: Layer, attention: AttentionScores, runs: _Runs, stats, undo) -> dict:
+        """Refit the key, then the query, to the teacher's scores (:mod:`onnxopt.reconstruction.attention`);
+        kept when the Fisher-weighted score error goes down. The report row."""
+        start = time.perf_counter()
+        row = {"name": f"attention {attention.scores}", "op": "Attention"}
+        (xq, yq), (xk, yk) = runs.rows.pop(query), runs.rows.pop(key)
+        if runs.student.ready(query.use.node.output[0]) or runs.student.ready(key.use.node.output[0]):
+            count(stats, "attention_skipped_already_run")
+            return {**row, "result": "skipped"}
+        taught = runs.teacher.values([attention.scores, attention.probabilities])
+        h, d = attention.heads, attention.head_size
+        target, probabilities = (np.concatenate([v.reshape(-1, h, *v.shape[-2:]) for v in taught[n]]).astype(np.float32)
+                                 for n in (attention.scores, attention.probabilities))
+        sequences, length = len(target), target.shape[-1]
+        inputs = [_rows(layer, x) for layer, x in ((query, xq), (key, xk))]
+        teacher = [np.concatenate([np.reshape(v, (-1, h * d)) for v in y]) for y in (yq, yk)]
+        if (target.shape[-2:] != (length, length) or probabilities.shape != target.shape
+                or any(len(rows) != sequences * length for rows in (*inputs, *teacher))
+                or not _close(attention.scale * heads_of(teacher[0], sequences, h, d)[:1]
+                              @ heads_of(teacher[1], sequences, h, d)[:1].transpose(0, 1, 3, 2), target[:1])):
+            count(stats, "attention_layout_mismatch")
+            return {**row, "result": "skipped"}
+        (old_q, wq), (old_k, wk) = query.current(), key.current()
+        wq, wk = wq[0], wk[0]
+        keep_q = wq != 0 if self.options.keep_zeros else np.ones(wq.shape, bool)
+        keep_k = wk != 0 if self.options.keep_zeros else np.ones(wk.shape, bool)
+        if key.with_bias:
+            keep_k[-1] = False  # a key bias shifts a query's whole row of scores: the softmax ignores it
+        if query.with_bias:
+            keep_q[-1] = keep_q[:-1].any(axis=0)
+
+        def other(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+            return (attention.scale * heads_of(x @ w.astype(np.float32), sequences, h, d)).astype(np.float32)
+
+        with blas_threads(2.0 * sum(rows.size for rows in inputs) * h * d * self.options.attention_steps):
+            keys = ScoreProblem(inputs[1], other(inputs[0], wq), target, probabilities, key=True)
+            before = keys.error(wk)
+            new_k = keys.fit(wk, keep_k, self.options.attention_steps)
+            queries = ScoreProblem(inputs[0], other(inputs[1], new_k), target, probabilities, key=False)
+            new_q = queries.fit(wq, keep_q, self.options.attention_steps)
+            after = queries.error(new_q)
+        reference = queries.reference()
+        row.update(rel_err_before=float(np.sqrt(before / reference)), rel_err_after=float(np.sqrt(after / reference)),
+                   seconds=round(time.perf_counter() - start, 4))
+        if not after < before:
+            count(stats, "attention_reverted")
+            return {**row, "result": "reverted"}
+        for layer, solved, old in ((query, new_q, old_q), (key, new_k, old_k)):
+            undo.append(layer.write(solved[None], old))
+            runs.changed(layer.use.node, [layer.bias] if layer.bias else [])
+        count(stats, "attention_refit")
+        return {**row, "result": "refit"}
 
     def _layers(self, model: onnx.ModelProto, teacher: onnx.ModelProto, stats) -> list:
         """The student's repairable layers in topological order; every other candidate counted as a skip."""
@@ -326,6 +407,16 @@ def _ahead(layers: Iterable[Layer], per_channel: int) -> list[str]:
     return names
 
 
+def _rows(layer: Layer, x: list[np.ndarray]) -> np.ndarray:
+    """A linear layer's input rows over every batch, float32, with a ones column when it has a bias."""
+    rows = np.concatenate([np.reshape(v, (-1, layer.geometry.inputs)) for v in x]).astype(np.float32, copy=False)
+    return np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1) if layer.with_bias else rows
+
+
+def _close(computed: np.ndarray, expected: np.ndarray, tolerance: float = 1e-3) -> bool:
+    return bool(np.linalg.norm(computed - expected) <= tolerance * (np.linalg.norm(expected) + 1e-30))
+
+
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
     """The student's output error relative to the teacher's (L2 over every numeric output and batch)."""
     return _relative_error(*_error_sums(student, teacher))
@@ -394,6 +485,8 @@ class _Runs:
         self.student = LayerwiseRunner(model, feeds, batch_size)
         self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
         self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+        self.keep_rows: set[Layer] = set()  # layers whose inputs and targets a later fit needs (attention)
+        self.rows: dict[Layer, tuple[list[np.ndarray], list[np.ndarray]]] = {}
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
         """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
@@ -401,6 +494,8 @@ class _Runs:
                                    _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
                                           self.per_channel))
         self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+        if layer in self.keep_rows:
+            self.rows[layer] = (x, y)
         work = layer.geometry.work(x)
         with blas_threads(work):
             return layer.statistics(x, y, gram), work
