@@ -262,7 +262,7 @@ class Distill(Pass):
                          layer.use.node.op_type == "Gemm" and not attribute(layer.use.node, "transA", 0)))}
         index = GraphIndex(model.graph)
         found = find_attention(index, ConstantResolver(index, WeightStore(model.graph), opset_version(model)),
-                               set(by_target))
+                               {target: layer.width for target, layer in by_target.items()})
         if found and not isinstance(runs, _Runs):
             count(stats, "attention_skipped_executor", len(found))
             return {}

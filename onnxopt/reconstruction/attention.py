@@ -48,9 +48,10 @@ class AttentionScores:
     scale: float
 
 
-def find_attention(index: GraphIndex, constants: ConstantResolver, projections: set[str]) -> list[AttentionScores]:
+def find_attention(index: GraphIndex, constants: ConstantResolver, projections: dict[str, int]
+                   ) -> list[AttentionScores]:
     """Every ``Softmax(c2 · MatMul(Q, Kᵀ) [+ mask])`` over the last axis whose operands come from two of the
-    ``projections`` through a Reshape that splits the last axis into heads, Transposes to ``(.., H, L, d)``
+    ``projections`` (output name: width) through a Reshape that splits the last axis into heads, Transposes to ``(.., H, L, d)``
     and ``(.., H, d, L)``, and scalar Mul / Div, each value read by the next node alone."""
     found = []
     for node in index.nodes:
@@ -91,7 +92,7 @@ def _scaled_input(node: onnx.NodeProto, name: str, constants: ConstantResolver) 
     return None
 
 
-def _head_path(name: str, index: GraphIndex, constants: ConstantResolver, projections: set[str], *, key: bool
+def _head_path(name: str, index: GraphIndex, constants: ConstantResolver, projections: dict[str, int], *, key: bool
                ) -> tuple[str, int, int, float, int] | None:
     """``(projection, heads, head size, scale, rank)`` when ``name`` is a projection's output split into heads,
     laid out ``(.., H, L, d)`` (``key``: ``(.., H, d, L)``); else None."""
@@ -112,13 +113,17 @@ def _head_path(name: str, index: GraphIndex, constants: ConstantResolver, projec
             name = node.input[0]
         elif node.op_type == "Reshape" and split is None:
             target = constants.value(node.input[1]) if len(node.input) > 1 else None
-            if target is None or len(target) < 3 or min(target[-2:]) <= 0:
+            if target is None or len(target) < 3 or 0 in target[-2:] or min(target[-2:]) < -1:
                 return None
             split = (int(target[-2]), int(target[-1]), len(target))
             name = node.input[0]
         else:
             return None
     heads, size, rank = split
+    width = projections[name]
+    heads, size = (width // size, size) if heads == -1 else (heads, width // heads) if size == -1 else (heads, size)
+    if heads * size != width:
+        return None
     lead = list(range(rank - 3))
     wanted = lead + ([rank - 2, rank - 1, rank - 3] if key else [rank - 2, rank - 3, rank - 1])
     if (order if order is not None else list(range(rank))) != wanted:
@@ -145,10 +150,12 @@ def _softmax_after(scores: str, index: GraphIndex, constants: ConstantResolver, 
             return None
 
 
-def fisher_weight(errors: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """``(diag p − p pᵀ) δz`` for every attention row: the softmax's sensitivity to a change of its input."""
-    weighted = probabilities * errors
-    return weighted - probabilities * weighted.sum(axis=-1, keepdims=True)
+def fisher_weight(errors: np.ndarray, probabilities: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+    """``(diag p − p pᵀ) δz = p ⊙ (δz − pᵀδz)`` for every attention row: the softmax's sensitivity to a change
+    of its input (``overwrite``: in the errors' own memory)."""
+    mean = np.einsum("...j,...j->...", probabilities, errors)[..., None]
+    weighted = np.subtract(errors, mean, out=errors if overwrite else None)
+    return np.multiply(weighted, probabilities, out=weighted)
 
 
 @dataclass
@@ -181,7 +188,7 @@ class ScoreProblem:
     def error(self, weights: np.ndarray) -> float:
         """``Σ δzᵀ F δz`` over every query row and head."""
         errors = self.scores(weights) - self.target
-        return float(np.vdot(errors, fisher_weight(errors, self.probabilities)))
+        return float(np.vdot(errors, fisher_weight(errors.copy(), self.probabilities, overwrite=True)))
 
     def reference(self) -> float:
         """The error of all-zero scores, to make errors relative."""
@@ -203,12 +210,10 @@ class ScoreProblem:
     def fit(self, weights: np.ndarray, keep: np.ndarray, steps: int) -> np.ndarray:
         """Preconditioned conjugate gradients on the Fisher-weighted score error from ``weights``; only
         entries where ``keep`` move. Each step lowers the error (the problem is a convex quadratic)."""
-        operator = lambda w: self.back(fisher_weight(self.scores(w), self.probabilities)) * keep  # noqa: E731
+        operator = lambda w: self.back(fisher_weight(self.scores(w), self.probabilities, overwrite=True)) * keep  # noqa: E731
         precondition = self.preconditioner()
-        x = np.where(keep, weights, 0.0)
-        fixed = np.where(keep, 0.0, weights)
-        residual = (self.back(fisher_weight(self.target - self.scores(fixed), self.probabilities)) * keep
-                    - operator(x))
+        x = np.array(weights, dtype=np.float64)  # entries outside ``keep`` stay: the residual never reaches them
+        residual = self.back(fisher_weight(self.target - self.scores(x), self.probabilities, overwrite=True)) * keep
         z = precondition(residual) * keep
         direction, rz = z, float(np.vdot(residual, z))
         for _ in range(steps):
@@ -222,7 +227,7 @@ class ScoreProblem:
             z = precondition(residual) * keep
             rz, previous = float(np.vdot(residual, z)), rz
             direction = z + rz / previous * direction
-        return x + fixed
+        return x
 
 
 def _damped_inverse(matrix: np.ndarray) -> np.ndarray:
