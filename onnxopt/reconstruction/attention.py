@@ -98,9 +98,13 @@ def _head_path(name: str, index: GraphIndex, constants: ConstantResolver, projec
     laid out ``(.., H, L, d)`` (``key``: ``(.., H, d, L)``); else None."""
     order: list[int] | None = None  # axes of the MatMul operand, as axes of the value reached so far
     scale, split = 1.0, None
-    while name not in projections or split is None:
+    while True:
+        if _only_reader(name, index) is None:  # another reader would feel a change made for the scores
+            return None
+        if name in projections and split is not None:
+            break
         node = index.producer_node(name)
-        if node is None or node.domain not in STANDARD_DOMAINS or _only_reader(name, index) is None:
+        if node is None or node.domain not in STANDARD_DOMAINS:
             return None
         scaled = _scaled_input(node, None, constants)
         if scaled is not None:
