@@ -41,7 +41,7 @@ from ..errors import InputError
 from ..graph import (STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      opset_version, unique_name_factory, walk_nodes)
 from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, masked_refit
-from ..reconstruction.attention import AttentionScores, ScoreProblem, find_attention, heads_of
+from ..reconstruction.attention import AttentionScores, find_attention, layout_matches, refit_query_key
 from ..reconstruction.stream import LayerwiseRunner, ShardedRunner, ShardRunners
 from ..tensors import FLOAT_TYPES
 from ..validate import numeric_values
@@ -285,44 +285,29 @@ class Distill(Pass):
             count(stats, "attention_skipped_already_run")
             return {**row, "result": "skipped"}
         taught = runs.teacher.values([attention.scores, attention.probabilities])
-        h, d = attention.heads, attention.head_size
-        target, probabilities = (np.concatenate([v.reshape(-1, h, *v.shape[-2:]) for v in taught[n]]).astype(np.float32)
-                                 for n in (attention.scores, attention.probabilities))
-        sequences, length = len(target), target.shape[-1]
-        inputs = [_rows(layer, x) for layer, x in ((query, xq), (key, xk))]
-        teacher = [np.concatenate([np.reshape(v, (-1, h * d)) for v in y]) for y in (yq, yk)]
-        if (target.shape[-2:] != (length, length) or probabilities.shape != target.shape
-                or any(len(rows) != sequences * length for rows in (*inputs, *teacher))
-                or not _close(attention.scale * heads_of(teacher[0], sequences, h, d)[:1]
-                              @ heads_of(teacher[1], sequences, h, d)[:1].transpose(0, 1, 3, 2), target[:1])):
+        target, probabilities = (np.concatenate([v.reshape(-1, attention.heads, *v.shape[-2:]) for v in taught[n]])
+                                 .astype(np.float32) for n in (attention.scores, attention.probabilities))
+        inputs = tuple(_rows(layer, x) for layer, x in ((query, xq), (key, xk)))
+        outputs = (_rows(query, yq, query.width), _rows(key, yk, key.width))  # the teacher's
+        if (probabilities.shape != target.shape or any(len(x) != len(y) for x, y in zip(inputs, outputs))
+                or not layout_matches(attention, *outputs, target)):
             count(stats, "attention_layout_mismatch")
             return {**row, "result": "skipped"}
         (old_q, wq), (old_k, wk) = query.current(), key.current()
-        wq, wk = wq[0], wk[0]
-        keep_q = wq != 0 if self.options.keep_zeros else np.ones(wq.shape, bool)
-        keep_k = wk != 0 if self.options.keep_zeros else np.ones(wk.shape, bool)
-        if key.with_bias:
-            keep_k[-1] = False  # a key bias shifts a query's whole row of scores: the softmax ignores it
+        keep = tuple(w[0] != 0 if self.options.keep_zeros else np.ones(w[0].shape, bool) for w in (wq, wk))
         if query.with_bias:
-            keep_q[-1] = keep_q[:-1].any(axis=0)
-
-        def other(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-            return (attention.scale * heads_of(x @ w.astype(np.float32), sequences, h, d)).astype(np.float32)
-
-        with blas_threads(2.0 * sum(rows.size for rows in inputs) * h * d * self.options.attention_steps):
-            keys = ScoreProblem(inputs[1], other(inputs[0], wq), target, probabilities, key=True)
-            before = keys.error(wk)
-            new_k = keys.fit(wk, keep_k, self.options.attention_steps)
-            queries = ScoreProblem(inputs[0], other(inputs[1], new_k), target, probabilities, key=False)
-            new_q = queries.fit(wq, keep_q, self.options.attention_steps)
-            after = queries.error(new_q)
-        reference = queries.reference()
-        row.update(rel_err_before=float(np.sqrt(before / reference)), rel_err_after=float(np.sqrt(after / reference)),
+            keep[0][-1] = keep[0][:-1].any(axis=0)
+        if key.with_bias:
+            keep[1][-1] = False  # a key bias shifts a query's whole row of scores: the softmax ignores it
+        with blas_threads(2.0 * sum(rows.size for rows in inputs) * query.width * self.options.attention_steps):
+            fit = refit_query_key(attention, inputs, (wq[0], wk[0]), keep, target, probabilities,
+                                  self.options.attention_steps)
+        row.update(rel_err_before=fit.error_before, rel_err_after=fit.error_after,
                    seconds=round(time.perf_counter() - start, 4))
-        if not after < before:
+        if not fit.error_after < fit.error_before:
             count(stats, "attention_reverted")
             return {**row, "result": "reverted"}
-        for layer, solved, old in ((query, new_q, old_q), (key, new_k, old_k)):
+        for layer, solved, old in ((query, fit.query, old_q), (key, fit.key, old_k)):
             undo.append(layer.write(solved[None], old))
             runs.changed(layer.use.node, [layer.bias] if layer.bias else [])
         count(stats, "attention_refit")
@@ -407,14 +392,12 @@ def _ahead(layers: Iterable[Layer], per_channel: int) -> list[str]:
     return names
 
 
-def _rows(layer: Layer, x: list[np.ndarray]) -> np.ndarray:
-    """A linear layer's input rows over every batch, float32, with a ones column when it has a bias."""
-    rows = np.concatenate([np.reshape(v, (-1, layer.geometry.inputs)) for v in x]).astype(np.float32, copy=False)
-    return np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1) if layer.with_bias else rows
-
-
-def _close(computed: np.ndarray, expected: np.ndarray, tolerance: float = 1e-3) -> bool:
-    return bool(np.linalg.norm(computed - expected) <= tolerance * (np.linalg.norm(expected) + 1e-30))
+def _rows(layer: Layer, values: list[np.ndarray], width: int = 0) -> np.ndarray:
+    """A linear layer's input rows over every batch, float32, with a ones column when it has a bias
+    (``width``: its output rows instead)."""
+    rows = np.concatenate([np.reshape(v, (-1, width or layer.geometry.inputs)) for v in values]).astype(
+        np.float32, copy=False)
+    return np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1) if layer.with_bias and not width else rows
 
 
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:

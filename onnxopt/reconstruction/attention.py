@@ -242,3 +242,48 @@ def _damped_inverse(matrix: np.ndarray) -> np.ndarray:
 def heads_of(rows: np.ndarray, sequences: int, heads: int, size: int) -> np.ndarray:
     """``(R, H·d)`` projection rows as ``(S, H, L, d)`` heads."""
     return rows.reshape(sequences, -1, heads, size).transpose(0, 2, 1, 3)
+
+
+@dataclass(frozen=True)
+class PairFit:
+    """Refit query and key weights and the Fisher-weighted score error before and after (relative)."""
+
+    query: np.ndarray
+    key: np.ndarray
+    error_before: float
+    error_after: float
+
+
+def layout_matches(attention: AttentionScores, queries: np.ndarray, keys: np.ndarray, target: np.ndarray) -> bool:
+    """Whether the teacher's projection rows ``(R, H·d)``, split into heads as found, give its scores
+    ``(S, H, L, L)`` (checked on the first sequence): the graph was read right."""
+    sequences, length = len(target), target.shape[-1]
+    if any(len(rows) != sequences * length for rows in (queries, keys)) or target.shape[-2] != length:
+        return False
+    h, d = attention.heads, attention.head_size
+    first = attention.scale * heads_of(queries, sequences, h, d)[:1] @ heads_of(keys, sequences, h, d)[:1].transpose(
+        0, 1, 3, 2)
+    return bool(np.linalg.norm(first - target[:1]) <= 1e-3 * (np.linalg.norm(target[:1]) + 1e-30))
+
+
+def refit_query_key(attention: AttentionScores, inputs: tuple[np.ndarray, np.ndarray],
+                    weights: tuple[np.ndarray, np.ndarray], keep: tuple[np.ndarray, np.ndarray], target: np.ndarray,
+                    probabilities: np.ndarray, steps: int) -> PairFit:
+    """The key refit to the teacher's scores given the student's queries, then the query given the new keys.
+
+    ``inputs``: the query's and the key's input rows ``(R, K)`` (a ones column last where ``weights`` have a
+    bias row); ``weights`` ``(K, H·d)``; ``keep``: which weights may move.
+    """
+    sequences, h, d = len(target), attention.heads, attention.head_size
+
+    def heads(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return (attention.scale * heads_of(rows @ w.astype(np.float32), sequences, h, d)).astype(np.float32)
+
+    keys = ScoreProblem(inputs[1], heads(inputs[0], weights[0]), target, probabilities, key=True)
+    before = keys.error(weights[1])
+    new_key = keys.fit(weights[1], keep[1], steps)
+    queries = ScoreProblem(inputs[0], heads(inputs[1], new_key), target, probabilities, key=False)
+    new_query = queries.fit(weights[0], keep[0], steps)
+    reference = queries.reference()
+    return PairFit(new_query, new_key, float(np.sqrt(before / reference)),
+                   float(np.sqrt(queries.error(new_query) / reference)))
