@@ -246,3 +246,12 @@ def test_under_an_executor_the_attention_fit_is_skipped_and_counted():
 def test_bad_attention_steps_is_an_input_error():
     with pytest.raises(InputError, match="attention_steps must be >= 1"):
         Distill.Options(attention_steps=0)
+
+
+def test_progress_prints_the_attention_fit_after_its_layer(capsys):
+    teacher = attention_block()
+    pruned = Prune(Prune.Options(sparsity=0.5))(teacher.__deepcopy__()).model
+    Distill(None, PassContext(calib=feeds("matmul", 32, 1), teacher=lambda: teacher, progress=True))(pruned)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].split()[-1] for line in lines] == ["proj_q", "proj_k", "raw", "proj_v", "proj_o"]
+    assert "attention raw: refit" in lines[2]

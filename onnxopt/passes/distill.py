@@ -241,9 +241,11 @@ class Distill(Pass):
             if self.context.progress:
                 import click
 
-                click.echo(f"distill: layer {number}/{len(layers)} {row['name']}: {row['result']} "
-                           f"({row['rel_err_before']:.4f} -> {row.get('rel_err_after', row['rel_err_before']):.4f}, "
-                           f"{rows[-1]['seconds']:.2f} s)", err=True)
+                for done in rows[-1 - (layer in pairs):]:  # the layer's row, and its attention's
+                    before = done.get("rel_err_before", float("nan"))
+                    click.echo(f"distill: layer {number}/{len(layers)} {done['name']}: {done['result']} "
+                               f"({before:.4f} -> {done.get('rel_err_after', before):.4f}, {done['seconds']:.2f} s)",
+                               err=True)
         stats["calib_rel_err_before"], stats["calib_rel_err_after"] = error, _ = runs.output_errors(outputs)
         if undo and not stats["calib_rel_err_after"] < error:
             for change in reversed(undo):
@@ -279,7 +281,7 @@ class Distill(Pass):
         """Refit the key, then the query, to the teacher's scores (:mod:`onnxopt.reconstruction.attention`);
         kept when the Fisher-weighted score error goes down. The report row."""
         start = time.perf_counter()
-        row = {"name": f"attention {attention.scores}", "op": "Attention"}
+        row = {"name": f"attention {attention.scores}", "op": "Attention", "seconds": 0.0}
         (xq, yq), (xk, yk) = runs.rows.pop(query), runs.rows.pop(key)
         if runs.student.ready(query.use.node.output[0]) or runs.student.ready(key.use.node.output[0]):
             count(stats, "attention_skipped_already_run")
