@@ -17,6 +17,7 @@ from onnxopt.graph import ConstantResolver, GraphIndex, WeightStore
 from onnxopt.passes.base import PassContext
 from onnxopt.passes.distill import Distill
 from onnxopt.passes.prune import Prune
+from onnxopt.reconstruction import attention as attention_module
 from onnxopt.reconstruction.attention import ScoreProblem, find_attention, fisher_weight
 from onnxopt.validate import run_model
 
@@ -171,21 +172,27 @@ def test_conjugate_gradients_reach_the_normal_equations_solution_and_keep_zeros(
     assert np.all(fitted[~keep] == 0)
     free = np.flatnonzero(keep)
 
-    def gradient_part(w):  # Σ backᵀ F scores(w): the quadratic's linear operator
-        return task.back(fisher_weight(task.scores(w).astype(np.float64), task.probabilities)).reshape(-1)[free]
-
     unit = np.zeros(36)
     columns = []
-    for i in free:
+    for i in free:  # the normal equations' matrix, one column per kept weight
         unit[:] = 0
         unit[i] = 1
-        columns.append(gradient_part(unit.reshape(6, 6)))
+        columns.append(task.gradient(unit.reshape(6, 6)).reshape(-1)[free])
     hessian = np.stack(columns, axis=1)
-    rhs = task.back(fisher_weight(task.target.astype(np.float64), task.probabilities)).reshape(-1)[free]
+    rhs = task.gradient(np.zeros((6, 6)), residual=True).reshape(-1)[free]
     exact = np.zeros(36)
     exact[free] = np.linalg.lstsq(hessian, rhs, rcond=None)[0]
     assert task.error(fitted) <= task.error(exact.reshape(6, 6)) * (1 + 1e-4) + 1e-6
     assert task.error(fitted) < 0.5 * task.error(start)
+
+
+def test_chunks_of_sequences_give_the_same_fit(monkeypatch):
+    task, keep = problem(3, True), np.random.default_rng(4).random((6, 6)) < 0.7
+    start = np.where(keep, np.random.default_rng(5).standard_normal((6, 6)), 0)
+    whole = task.fit(start, keep, 5)
+    monkeypatch.setattr(attention_module, "CHUNK_BYTES", 1)  # one sequence at a time
+    assert len(task.parts()) == 5
+    np.testing.assert_allclose(task.fit(start, keep, 5), whole, rtol=1e-4, atol=1e-6)
 
 
 @settings(max_examples=25, deadline=None)
