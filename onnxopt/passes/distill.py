@@ -18,7 +18,9 @@ samples beyond the values at the current cut.
 The ridge pulls toward the current weights, not toward zero: with fewer calibration rows than
 inputs, the directions the data does not see keep the student's values instead of collapsing.
 Zeros from pruning stay zero (each output column is solved over its nonzero inputs, all columns at
-once; an all-zero column, a pruned neuron, is left alone, bias included). A layer's change is kept
+once; an all-zero column, a pruned neuron, is left alone, bias included). A query / key pair feeding one
+softmax attention is then refit together to the teacher's attention scores
+(:mod:`onnxopt.reconstruction.attention`): what matters of their error is what reaches the softmax. A layer's change is kept
 only if it lowers the layer's own error against the teacher; and the whole repair is kept only if
 the model's output error against the teacher on the calibration data goes down: otherwise the
 student is returned unchanged (``reverted_whole``), so distill never makes a model worse on it.
