@@ -28,7 +28,7 @@ def attention_block(style: str = "matmul", seed: int = 0) -> onnx.ModelProto:
     """One self-attention, two heads of 8, then an output projection.
 
     ``matmul``: x [batch, 8, 16], MatMul + Add projections, Reshape [0, 0, 2, 8], K laid out by one Transpose,
-    scores times 1/√8. ``gemm`` (as PyTorch exports BERT): x [1, 8, 16] flattened for Gemm projections,
+    scores times 1/√8 (``prescaled``: the query times 1/√8 before its Reshape instead). ``gemm`` (as PyTorch exports BERT): x [1, 8, 16] flattened for Gemm projections,
     Reshape [1, 8, -1, 8], K by two Transposes, scores divided by √8, plus an additive mask input."""
     rng = np.random.default_rng(seed)
     gemm = style == "gemm"
@@ -45,8 +45,11 @@ def attention_block(style: str = "matmul", seed: int = 0) -> onnx.ModelProto:
             nodes += [helper.make_node("MatMul", ["x", f"w{n}"], [f"m{n}"], name=f"proj_{n}"),
                       helper.make_node("Add", [f"m{n}", f"b{n}"], [n])]
         inits.append(tensor("split", np.array([0, 0, HEADS, SIZE], np.int64)))
+    prescaled = style == "prescaled"
+    if prescaled:
+        nodes.append(helper.make_node("Mul", ["inverse_root", "q"], ["q_scaled"]))
     for n in "qkv":
-        nodes.append(helper.make_node("Reshape", [n, "split"], [f"{n}4"]))
+        nodes.append(helper.make_node("Reshape", ["q_scaled" if prescaled and n == "q" else n, "split"], [f"{n}4"]))
     nodes += [helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
               helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3])]
     if gemm:
@@ -58,8 +61,9 @@ def attention_block(style: str = "matmul", seed: int = 0) -> onnx.ModelProto:
         inits.append(tensor("root", np.array(np.sqrt(SIZE), np.float32)))
     else:
         nodes += [helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
-                  helper.make_node("MatMul", ["qh", "kt"], ["raw"]),
-                  helper.make_node("Mul", ["raw", "inverse_root"], ["scores"])]
+                  helper.make_node("MatMul", ["qh", "kt"], ["raw"])]
+        nodes.append(helper.make_node("Identity", ["raw"], ["scores"]) if prescaled
+                     else helper.make_node("Mul", ["raw", "inverse_root"], ["scores"]))
         inits.append(tensor("inverse_root", np.array(1 / np.sqrt(SIZE), np.float32)))
     nodes += [helper.make_node("Softmax", ["scores"], ["attn"], axis=-1),
               helper.make_node("MatMul", ["attn", "vh"], ["context"]),
@@ -114,11 +118,12 @@ def found(model: onnx.ModelProto, projections: dict[str, int]):
 # --------------------------------------------------------------------------- detection
 
 
-@pytest.mark.parametrize("style", ["matmul", "gemm"])
+@pytest.mark.parametrize("style", ["matmul", "gemm", "prescaled"])
 def test_the_attention_is_found_with_its_heads_and_scale(style):
     [attention] = found(attention_block(style), {"q": WIDTH, "k": WIDTH, "v": WIDTH})
     assert (attention.query, attention.key, attention.scores, attention.probabilities) == ("q", "k", "raw", "attn")
-    assert (attention.heads, attention.head_size, attention.scale) == (HEADS, SIZE, 1.0)
+    scale = np.float32(1 / np.sqrt(SIZE)) if style == "prescaled" else 1.0  # what lies between Q·Kᵀ and the MatMul
+    assert (attention.heads, attention.head_size, attention.scale) == (HEADS, SIZE, scale)
 
 
 def with_node_replaced(model: onnx.ModelProto, output: str, node: onnx.NodeProto, *extra) -> onnx.ModelProto:
@@ -219,7 +224,7 @@ def test_fisher_weight_ignores_a_shift_of_a_row_and_masked_positions():
 # --------------------------------------------------------------------------- distill
 
 
-@pytest.mark.parametrize("style", ["matmul", "gemm"])
+@pytest.mark.parametrize("style", ["matmul", "gemm", "prescaled"])
 @pytest.mark.parametrize("attention", [True, False])
 def test_distill_lowers_the_attention_error_on_held_out_data_only_with_the_attention_fit(style, attention):
     """Pruned at 50 %, distill with the attention fit brings the attention rows closer to the teacher's on data

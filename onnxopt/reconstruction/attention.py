@@ -55,7 +55,7 @@ def find_attention(index: GraphIndex, constants: ConstantResolver, projections: 
                    ) -> list[AttentionScores]:
     """Every ``Softmax(c2 · MatMul(Q, Kᵀ) [+ mask])`` over the last axis whose operands come from two of the
     ``projections`` (output name: width) through a Reshape that splits the last axis into heads, Transposes to ``(.., H, L, d)``
-    and ``(.., H, d, L)``, and scalar Mul / Div, each value read by the next node alone."""
+    and ``(.., H, d, L)``, and scalar Mul / Div (and Identity), each value read by the next node alone."""
     found = []
     for node in index.nodes:
         if node.op_type != "MatMul" or node.domain not in STANDARD_DOMAINS:
@@ -109,7 +109,7 @@ def _head_path(name: str, index: GraphIndex, constants: ConstantResolver, projec
         node = index.producer_node(name)
         if node is None or node.domain not in STANDARD_DOMAINS:
             return None
-        scaled = _scaled_input(node, None, constants)
+        scaled = (node.input[0], 1.0) if node.op_type == "Identity" else _scaled_input(node, None, constants)
         if scaled is not None:
             name, scale = scaled[0], scale * scaled[1]
         elif node.op_type == "Transpose" and split is None:
@@ -139,7 +139,8 @@ def _head_path(name: str, index: GraphIndex, constants: ConstantResolver, projec
 
 
 def _softmax_after(scores: str, index: GraphIndex, constants: ConstantResolver, rank: int) -> str | None:
-    """The Softmax output reached from ``scores`` through scalar Mul / Div and Add / Sub of a mask, over the last axis."""
+    """The Softmax output reached from ``scores`` through scalar Mul / Div, Add / Sub of a mask and Identity, over the
+    last axis."""
     name = scores
     while True:
         node = _only_reader(name, index)
@@ -148,7 +149,7 @@ def _softmax_after(scores: str, index: GraphIndex, constants: ConstantResolver, 
         if node.op_type == "Softmax":
             axis = next((a.i for a in node.attribute if a.name == "axis"), None)
             return node.output[0] if axis is not None and axis % rank == rank - 1 else None
-        if node.op_type in ("Add", "Sub") and list(node.input).count(name) == 1 and (
+        if node.op_type == "Identity" or node.op_type in ("Add", "Sub") and list(node.input).count(name) == 1 and (
                 node.op_type == "Add" or node.input[0] == name):
             name = node.output[0]
         elif node.op_type in ("Mul", "Div") and _scaled_input(node, name, constants) is not None:
