@@ -43,7 +43,8 @@ from ..errors import InputError
 from ..graph import (STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, defined_names, node_subgraphs,
                      opset_version, unique_name_factory, walk_nodes)
 from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, masked_refit
-from ..reconstruction.attention import AttentionScores, find_attention, layout_matches, refit_query_key
+from ..reconstruction.attention import (AttentionScores, find_attention, layout_matches, local_scores,
+                                        refit_query_key)
 from ..reconstruction.stream import LayerwiseRunner, ShardedRunner, ShardRunners
 from ..tensors import FLOAT_TYPES
 from ..validate import numeric_values
@@ -304,7 +305,7 @@ class Distill(Pass):
         if key.with_bias:
             keep[1][-1] = False  # a key bias shifts a query's whole row of scores: the softmax ignores it
         with blas_threads(2.0 * sum(rows.size for rows in inputs) * query.width * self.options.attention_steps):
-            fit = refit_query_key(attention, inputs, (wq[0], wk[0]), keep, target, probabilities,
+            fit = refit_query_key(local_scores(attention, inputs, target, probabilities), (wq[0], wk[0]), keep,
                                   self.options.attention_steps)
         row.update(rel_err_before=fit.error_before, rel_err_after=fit.error_after,
                    seconds=round(time.perf_counter() - start, 4))

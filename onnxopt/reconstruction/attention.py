@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -220,39 +221,59 @@ class ScoreProblem:
             total += float(np.vdot(errors, fisher_weight(errors.copy(), self.probabilities[part], overwrite=True)))
         return total
 
-    def preconditioner(self) -> Callable[[np.ndarray], np.ndarray]:
-        """``R ↦ (XᵀX)⁻¹ R (OₕᵀOₕ)⁻¹`` per head: the inverse of the unweighted problem's Kronecker factors."""
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(XᵀX, OₕᵀOₕ per head)``: the unweighted problem's Kronecker factors (sums: mergeable over shards)."""
         _, h, _, size = self.other.shape
-        left = _damped_inverse(self.inputs.T.astype(np.float64) @ self.inputs)
         heads = self.other.astype(np.float64).transpose(1, 0, 2, 3).reshape(h, -1, size)
-        right = np.stack([_damped_inverse(o.T @ o) for o in heads])
-
-        def apply(residual: np.ndarray) -> np.ndarray:
-            solved = (left @ residual).reshape(len(left), h, size)
-            return np.einsum("khd,hde->khe", solved, right).reshape(residual.shape)
-
-        return apply
+        return self.inputs.T.astype(np.float64) @ self.inputs, np.einsum("hrd,hre->hde", heads, heads)
 
     def fit(self, weights: np.ndarray, keep: np.ndarray, steps: int) -> np.ndarray:
-        """Preconditioned conjugate gradients on the Fisher-weighted score error from ``weights``; only
-        entries where ``keep`` move. Each step lowers the error (the problem is a convex quadratic)."""
-        precondition = self.preconditioner()
-        x = np.array(weights, dtype=np.float64)  # entries outside ``keep`` stay: the residual never reaches them
-        residual = self.gradient(x, residual=True) * keep
+        return conjugate_gradients(self, weights, keep, steps)
+
+
+class Scores(Protocol):
+    """What the solver needs of a score problem: :class:`ScoreProblem`, or its sums over calibration shards."""
+
+    def gradient(self, weights: np.ndarray, *, residual: bool = False) -> np.ndarray: ...
+
+    def error(self, weights: np.ndarray) -> float: ...
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def preconditioner(factors: tuple[np.ndarray, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``R ↦ (XᵀX)⁻¹ R (OₕᵀOₕ)⁻¹`` per head: the inverse of the unweighted problem's Kronecker factors."""
+    left = _damped_inverse(factors[0])
+    right = np.stack([_damped_inverse(f) for f in factors[1]])
+    heads, size = right.shape[:2]
+
+    def apply(residual: np.ndarray) -> np.ndarray:
+        solved = (left @ residual).reshape(len(left), heads, size)
+        return np.einsum("khd,hde->khe", solved, right).reshape(residual.shape)
+
+    return apply
+
+
+def conjugate_gradients(problem: Scores, weights: np.ndarray, keep: np.ndarray, steps: int) -> np.ndarray:
+    """Preconditioned conjugate gradients on the Fisher-weighted score error from ``weights``; only entries
+    where ``keep`` move. Each step lowers the error (the problem is a convex quadratic)."""
+    precondition = preconditioner(problem.factors())
+    x = np.array(weights, dtype=np.float64)  # entries outside ``keep`` stay: the residual never reaches them
+    residual = problem.gradient(x, residual=True) * keep
+    z = precondition(residual) * keep
+    direction, rz = z, float(np.vdot(residual, z))
+    for _ in range(steps):
+        product = problem.gradient(direction) * keep
+        curvature = float(np.vdot(direction, product))
+        if not curvature > 0 or not rz > 0:
+            break
+        alpha = rz / curvature
+        x = x + alpha * direction
+        residual = residual - alpha * product
         z = precondition(residual) * keep
-        direction, rz = z, float(np.vdot(residual, z))
-        for _ in range(steps):
-            product = self.gradient(direction) * keep
-            curvature = float(np.vdot(direction, product))
-            if not curvature > 0 or not rz > 0:
-                break
-            alpha = rz / curvature
-            x = x + alpha * direction
-            residual = residual - alpha * product
-            z = precondition(residual) * keep
-            rz, previous = float(np.vdot(residual, z)), rz
-            direction = z + rz / previous * direction
-        return x
+        rz, previous = float(np.vdot(residual, z)), rz
+        direction = z + rz / previous * direction
+    return x
 
 
 def _damped_inverse(matrix: np.ndarray) -> np.ndarray:
@@ -287,24 +308,32 @@ def layout_matches(attention: AttentionScores, queries: np.ndarray, keys: np.nda
     return bool(np.linalg.norm(first - target[:1]) <= 1e-3 * (np.linalg.norm(target[:1]) + 1e-30))
 
 
-def refit_query_key(attention: AttentionScores, inputs: tuple[np.ndarray, np.ndarray],
-                    weights: tuple[np.ndarray, np.ndarray], keep: tuple[np.ndarray, np.ndarray], target: np.ndarray,
-                    probabilities: np.ndarray, steps: int) -> PairFit:
-    """The key refit to the teacher's scores given the student's queries, then the query given the new keys.
-
-    ``inputs``: the query's and the key's input rows ``(R, K)`` (a ones column last where ``weights`` have a
-    bias row); ``weights`` ``(K, H·d)``; ``keep``: which weights may move.
-    """
+def local_scores(attention: AttentionScores, inputs: tuple[np.ndarray, np.ndarray], target: np.ndarray,
+                 probabilities: np.ndarray) -> Callable[[bool, np.ndarray], ScoreProblem]:
+    """``(key, the other side's weights) -> ScoreProblem`` over one set of calibration rows: ``inputs`` are the
+    query's and the key's input rows ``(R, K)`` (a ones column last where the weights have a bias row)."""
     sequences, h, d = len(target), attention.heads, attention.head_size
 
-    def heads(rows: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return (attention.scale * heads_of(rows @ w.astype(np.float32), sequences, h, d)).astype(np.float32)
+    def problem(key: bool, other: np.ndarray) -> ScoreProblem:
+        mine, theirs = (inputs[1], inputs[0]) if key else inputs
+        heads = attention.scale * heads_of(theirs @ other.astype(np.float32), sequences, h, d)
+        return ScoreProblem(mine, heads.astype(np.float32), target, probabilities, key)
 
-    keys = ScoreProblem(inputs[1], heads(inputs[0], weights[0]), target, probabilities, key=True)
+    return problem
+
+
+def refit_query_key(problem: Callable[[bool, np.ndarray], Scores], weights: tuple[np.ndarray, np.ndarray],
+                    keep: tuple[np.ndarray, np.ndarray], steps: int) -> PairFit:
+    """The key refit to the teacher's scores given the student's queries, then the query given the new keys.
+
+    ``problem(key, other side's weights)``: the score problem of one side (:func:`local_scores`);
+    ``weights`` ``(K, H·d)``, query's then key's; ``keep``: which weights may move.
+    """
+    keys = problem(True, weights[0])
     before = keys.error(weights[1])
-    new_key = keys.fit(weights[1], keep[1], steps)
-    queries = ScoreProblem(inputs[0], heads(inputs[1], new_key), target, probabilities, key=False)
-    new_query = queries.fit(weights[0], keep[0], steps)
+    new_key = conjugate_gradients(keys, weights[1], keep[1], steps)
+    queries = problem(False, new_key)
+    new_query = conjugate_gradients(queries, weights[0], keep[0], steps)
     reference = queries.error(np.zeros_like(weights[0]))
     return PairFit(new_query, new_key, float(np.sqrt(before / reference)),
                    float(np.sqrt(queries.error(new_query) / reference)))
