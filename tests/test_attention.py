@@ -12,6 +12,7 @@ from onnx import helper
 from conftest import make_model, tensor, value
 from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
+from onnxopt import executor as executor_module
 from onnxopt.executor import InProcess
 from onnxopt.graph import ConstantResolver, GraphIndex, WeightStore
 from onnxopt.passes.base import PassContext
@@ -247,12 +248,22 @@ def test_distill_lowers_the_attention_error_on_held_out_data_only_with_the_atten
         np.testing.assert_array_equal(after["bk"], arrays(plain.model)["bk"])  # the softmax ignores a key bias
 
 
-def test_under_an_executor_the_attention_fit_is_skipped_and_counted():
-    teacher = attention_block()
-    calib = feeds("matmul", 32, 1)
+@pytest.mark.parametrize("style", ["matmul", "gemm"])
+def test_under_an_executor_the_attention_fit_gives_the_same_model(style, monkeypatch):
+    """Each calibration shard's rows stay on its worker; every conjugate-gradient product is summed over the
+    shards in order: the same weights as in this process."""
+    teacher = attention_block(style)
+    calib = feeds(style, 48, 1)
     pruned = Prune(Prune.Options(sparsity=0.5))(teacher.__deepcopy__()).model
-    result = Distill(None, PassContext(calib=calib, teacher=lambda: teacher, executor=InProcess()))(pruned)
-    assert result.stats["attention_skipped_executor"] == 1 and "attention_refit" not in result.stats
+    here = distill(pruned, teacher, calib)
+    monkeypatch.setattr(executor_module, "SHARD_SAMPLES", 20)  # three shards: 20, 20, 8
+    sharded = Distill(None, PassContext(calib=calib, teacher=lambda: teacher, executor=InProcess()))(
+        pruned.__deepcopy__())
+    assert sharded.stats["attention_refit"] == here.stats["attention_refit"] == 1
+    for name, array in arrays(here.model).items():
+        np.testing.assert_allclose(arrays(sharded.model)[name], array, rtol=2e-3, atol=2e-5)
+    assert attention_kl(sharded.model, teacher, feeds(style, 32, 2)) == pytest.approx(
+        attention_kl(here.model, teacher, feeds(style, 32, 2)), rel=1e-3)
 
 
 def test_bad_attention_steps_is_an_input_error():
