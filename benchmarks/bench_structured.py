@@ -148,14 +148,16 @@ def _symbolic_batch(model: onnx.ModelProto) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"| model | pipeline | bytes | params | layer params | latency ms (IQR) | speed-up "
-             f"| {BATCH} samples ms (IQR) | speed-up | cosine | build s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = (f"| model | pipeline | bytes | params | layer params | latency ms (IQR) | speed-up "
+              f"| {BATCH} samples ms (IQR) | speed-up | cosine | build s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         batch = (f"{_spread(r['batch_latency_ms'], r['batch_latency_iqr_ms'])} | {r['batch_speedup']:.2f}×"
                  if "batch_latency_ms" in r else "— (fixed batch 1) | —")
         lines.append(f"| {r['model']} | {r['setting']} | {r['bytes']:,} ({r['bytes_ratio']:.2f}×) | "
                      f"{r['params']:,} ({r['params_ratio']:.2f}×) | {r['layer_params']:,} "
-                     f"({r['layer_params_ratio']:.2f}×) | {_spread(r['latency_ms'], r['latency_iqr_ms'])} | {r['speedup']:.2f}× | "
+                     f"({r['layer_params_ratio']:.2f}×) | {_spread(r['latency_ms'], r['latency_iqr_ms'])} | "
+                     f"{r['speedup']:.2f}× | "
                      f"{batch} | {r['cosine']:.4f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 

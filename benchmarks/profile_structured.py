@@ -14,9 +14,11 @@ once, in turn, so load from elsewhere hits all alike):
 - onnxruntime's profiler: mean kernel time of every node of the optimized graph, summed by op type;
   it times the kernels only (and slows the run several-fold at one sample), so per-node work
   outside kernels shows as the gap to the run time;
-- isolated nodes: every node of onnxruntime's optimized graph run alone on its real inputs
-  (constants as initializers, no further optimization), less the empty model's time: the node's
-  own cost with its per-node work, which adds up to about the run time.
+- isolated nodes (one thread only): every node of onnxruntime's optimized graph run alone on its
+  real inputs (constants as initializers, no further optimization), less the empty model's time in
+  the same round: the node's own cost with its per-node work, which adds up to about the run time.
+Sessions with more than one thread do not spin (``session.intra_op.allow_spinning=0``): timed in
+turn, the idle sessions' spinning workers would take the cores from the one running.
 ``--fused`` (samples/transformer only) adds a what-if: both models' block rewritten by hand into
 onnxruntime's contrib kernels (Attention with packed Q/K/V, SkipLayerNormalization, BiasGelu: 9
 nodes instead of 32), the least per-node work onnxruntime's CPU kernels allow; the ratio it
@@ -61,6 +63,8 @@ def session(model: onnx.ModelProto, threads: int, optimize: bool = True, profile
     options.log_severity_level = 3
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads > 1:  # idle workers of the sessions not running would spin on the cores of the one that is
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile:
         options.enable_profiling, options.profile_file_prefix = True, profile
     if optimized_path:
@@ -96,7 +100,8 @@ def optimized_graph(model: onnx.ModelProto, threads: int, folder: Path) -> onnx.
     return onnx.load(path)
 
 
-def isolated_nodes(optimized: onnx.ModelProto, feed: dict, threads: int) -> list[tuple[onnx.NodeProto, ort.InferenceSession, dict]]:
+def isolated_nodes(optimized: onnx.ModelProto, feed: dict, threads: int
+                   ) -> list[tuple[onnx.NodeProto, ort.InferenceSession, dict]]:
     """Every node of ``optimized`` as a one-node model with its real inputs (from one unoptimized run)."""
     constants = {t.name: t for t in optimized.graph.initializer}
     produced = [name for node in optimized.graph.node for name in node.output if name]
@@ -183,17 +188,22 @@ def profile_case(models: dict[str, onnx.ModelProto], feed: dict, threads: int, r
         for name in names:
             optimized = optimized_graph(models[name], threads, Path(folder))
             kernels, profiled_run = kernel_profile(models[name], feed, threads, max(rounds // 2, 50), Path(folder))
-            nodes = isolated_nodes(optimized, feed, threads)
+            nodes = isolated_nodes(optimized, feed, threads) if threads == 1 else \
+                [(node, None, {}) for node in optimized.graph.node]
             layouts.append((name, nodes, kernels, profiled_run))
-            isolated_all += [(s, inputs) for _, s, inputs in nodes]
-    node_wall = interleaved_us(isolated_all + [(floor, feed)], max(rounds // 2, 50))
-    node_us = np.median(node_wall[:, :-1] - node_wall[:, -1:], axis=0)  # paired with the same round's empty run
+            isolated_all += [(s, inputs) for _, s, inputs in nodes if s is not None]
+    node_us = [None] * sum(len(nodes) for _, nodes, _, _ in layouts)
+    if isolated_all:  # against an empty model made like the one-node ones
+        alone_floor = session(empty_model(next(iter(models.values()))), threads, optimize=False)
+        node_wall = interleaved_us(isolated_all + [(alone_floor, feed)], max(rounds // 2, 50))
+        node_us = np.median(node_wall[:, :-1] - node_wall[:, -1:], axis=0).tolist()  # paired: the round's empty run
+        result["isolated_floor_us"] = float(np.median(node_wall[:, -1]))
     offset = 0
     for i, (name, nodes, kernels, profiled_run) in enumerate(layouts):
         rows = []
         for node, _, inputs in nodes:
             rows.append({"node": node.name, "op": node.op_type, "inputs": shapes(node, inputs),
-                         "isolated_us": float(node_us[offset]), "kernel_us": kernels.get(node.name, 0.0)})
+                         "isolated_us": node_us[offset], "kernel_us": kernels.get(node.name, 0.0)})
             offset += 1
         q1, median, q3 = np.percentile(wall[:, i], [25, 50, 75])
         result["models"][name] = {"median_us": float(median), "iqr_us": [float(q1), float(q3)],
@@ -201,37 +211,47 @@ def profile_case(models: dict[str, onnx.ModelProto], feed: dict, threads: int, r
     return result
 
 
+def _us(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def _total(values: list[float | None]) -> float | None:
+    """The sum, or None where a part was not measured (isolated nodes with more than one thread)."""
+    return None if any(v is None for v in values) else float(sum(values))
+
+
 def op_table(case: dict) -> str:
     names = list(case["models"])
-    ops: dict[str, dict[str, list[float]]] = defaultdict(lambda: {n: [0, 0.0, 0.0] for n in names})
+    ops: dict[str, dict[str, list]] = defaultdict(lambda: {n: [] for n in names})
     for name in names:
         for row in case["models"][name]["nodes"]:
-            cell = ops[row["op"]][name]
-            cell[0] += 1
-            cell[1] += row["isolated_us"]
-            cell[2] += row["kernel_us"]
+            ops[row["op"]][name].append(row)
+    cells = {op: {n: (len(rows), _total([r["isolated_us"] for r in rows]), sum(r["kernel_us"] for r in rows))
+                  for n, rows in per_model.items()} for op, per_model in ops.items()}
     header = " | ".join(f"{n}: nodes, isolated µs, profiler µs" for n in names)
     lines = [f"| op | {header} |", "|---|" + "---|" * len(names)]
-    for op, cells in sorted(ops.items(), key=lambda kv: -kv[1][names[0]][1]):
-        lines.append(f"| {op} | " + " | ".join(f"{c[0]}, {c[1]:.2f}, {c[2]:.2f}" for c in cells.values()) + " |")
-    totals = [(sum(c[name][0] for c in ops.values()), sum(c[name][1] for c in ops.values()),
-               sum(c[name][2] for c in ops.values())) for name in names]
-    lines.append("| **sum** | " + " | ".join(f"{n}, {i:.2f}, {k:.2f}" for n, i, k in totals) + " |")
+    for op, per_model in sorted(cells.items(), key=lambda kv: -kv[1][names[0]][2]):
+        lines.append(f"| {op} | " + " | ".join(f"{c[0]}, {_us(c[1])}, {c[2]:.2f}" for c in per_model.values()) + " |")
+    totals = [(sum(c[n][0] for c in cells.values()), _total([c[n][1] for c in cells.values() if c[n][0]]),
+               sum(c[n][2] for c in cells.values())) for n in names]
+    lines.append("| **sum** | " + " | ".join(f"{k}, {_us(i)}, {p:.2f}" for k, i, p in totals) + " |")
     return "\n".join(lines)
 
 
 def summary_table(cases: list[dict]) -> str:
     names = list(cases[0]["models"])
-    lines = ["| threads | batch | empty run µs | " + " | ".join(f"{n} µs (IQR) · profiled run · Σ isolated + empty"
-                                                             for n in names) + " | speed-up, dense / pruned (medians) |",
+    cells = " | ".join(f"{n} µs (IQR) · profiled run · Σ isolated + empty" for n in names)
+    lines = [f"| threads | batch | empty run µs | {cells} | speed-up, dense / pruned (medians) |",
              "|---|---|---|" + "---|" * len(names) + "---|"]
     for case in cases:
         cells = []
         for name in names:
             m = case["models"][name]
-            isolated = sum(r["isolated_us"] for r in m["nodes"]) + case["floor_us"]
+            isolated = _total([r["isolated_us"] for r in m["nodes"]])
+            if isolated is not None:
+                isolated += case["isolated_floor_us"]
             cells.append(f"{m['median_us']:.1f} ({m['iqr_us'][0]:.1f}–{m['iqr_us'][1]:.1f}) · "
-                         f"{m['profiled_run_us']:.1f} · {isolated:.1f}")
+                         f"{m['profiled_run_us']:.1f} · {_us(isolated)}")
         median = {n: case["models"][n]["median_us"] for n in names}
         ratios = [f"{median[d] / median[p]:.3f}×" for d, p in (("dense", "pruned"), ("dense fused", "pruned fused"))
                   if d in median]
@@ -246,7 +266,7 @@ def node_table(case: dict) -> str:
              "|---|---|---|" + "---|" * len(names)]
     for i, row in enumerate(case["models"][names[0]]["nodes"]):
         others = [case["models"][n]["nodes"] for n in names]
-        cells = [f"{rows[i]['isolated_us']:.2f} · {rows[i]['kernel_us']:.2f}" if i < len(rows)
+        cells = [f"{_us(rows[i]['isolated_us'])} · {rows[i]['kernel_us']:.2f}" if i < len(rows)
                  and rows[i]["op"] == row["op"] else "—" for rows in others]
         lines.append(f"| {i} | {row['op']} | {row['inputs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -282,7 +302,8 @@ def main() -> None:
         feed = samples[0]
         for name in ("dense fused", "pruned fused"):  # the same function as the graph it stands for
             reference = name.removesuffix(" fused")
-            error = np.abs(session(models[name], 1).run(None, feed)[0] - session(models[reference], 1).run(None, feed)[0])
+            fused, unfused = (session(models[n], 1).run(None, feed)[0] for n in (name, reference))
+            error = np.abs(fused - unfused)
             print(f"{name}: max |difference| to {reference} {error.max():.2e}")
     symbolic = all(i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input)
     load = os.getloadavg()[0]
