@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
-from common import SAMPLES, SHARED_MODELS, outputs, session  # noqa: E402
+from common import SAMPLES, SHARED_MODELS, interleaved_times, outputs, session  # noqa: E402
 from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
 from onnxopt.graph import parameter_count  # noqa: E402
 
@@ -77,16 +77,7 @@ def cosine(reference: list[np.ndarray], output: list[np.ndarray], lengths: np.nd
 def interleaved_latency_ms(models: list[onnx.ModelProto], feed: dict, rounds: int, threads: int
                            ) -> list[tuple[float, float, float]]:
     """(lower quartile, median, upper quartile) latency of each model, timed in turn within every round."""
-    sessions = [session(m, threads=threads) for m in models]
-    for s in sessions:
-        for _ in range(10):
-            s.run(None, feed)
-    times = np.zeros((rounds, len(sessions)))
-    for r in range(rounds):
-        for i, s in enumerate(sessions):
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[r, i] = time.perf_counter() - start
+    times = interleaved_times([(session(m, threads=threads), feed) for m in models], rounds)
     return [tuple(float(q) for q in quartiles) for quartiles in np.percentile(times, [25, 50, 75], axis=0).T * 1e3]
 
 

@@ -23,6 +23,10 @@ turn, the idle sessions' spinning workers would take the cores from the one runn
 onnxruntime's contrib kernels (Attention with packed Q/K/V, SkipLayerNormalization, BiasGelu: 9
 nodes instead of 32), the least per-node work onnxruntime's CPU kernels allow; the ratio it
 reaches bounds what any clean-up could give pruning on one sample.
+``--widths`` times what a pruned MLP width costs instead: 8 chained pairs of MatMuls
+[tokens, 64] x [64, N] x [N, 64] (the sample's shapes) for N from 128 to 256 in steps of 8, on one
+sample and on 64, interleaved: whether a width off a multiple of 16 (MLAS's SGEMM column block on
+x64) is paid as the next multiple.
 Prints markdown tables (by op type; ``--nodes``: every node); writes
 benchmarks/out/profile_structured.json.
 """
@@ -34,7 +38,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -49,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
-from common import SAMPLES, SHARED_MODELS  # noqa: E402
+from common import SAMPLES, SHARED_MODELS, interleaved_times  # noqa: E402
 from onnxopt.data import load_feeds, name_positional_inputs  # noqa: E402
 
 PIPELINE = "prune-neurons(ratio=0.25,method=fluctuation,scope=global),distill,zero-rows"
@@ -74,16 +77,7 @@ def session(model: onnx.ModelProto, threads: int, optimize: bool = True, profile
 
 def interleaved_us(runs: list[tuple[ort.InferenceSession, dict]], rounds: int) -> np.ndarray:
     """(rounds, len(runs)) wall times in µs, every round running each session once, in turn."""
-    for s, feed in runs:
-        for _ in range(20):
-            s.run(None, feed)
-    times = np.zeros((rounds, len(runs)))
-    for r in range(rounds):
-        for i, (s, feed) in enumerate(runs):
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[r, i] = time.perf_counter() - start
-    return times * 1e6
+    return interleaved_times(runs, rounds, warmup=20) * 1e6
 
 
 def empty_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -272,6 +266,36 @@ def node_table(case: dict) -> str:
     return "\n".join(lines)
 
 
+def width_sweep(widths: range, batches: list[int], rounds: int) -> str:
+    """Median µs per MatMul pair of a chain of 8, per MLP width N and batch (16 tokens, model width 64)."""
+    rng = np.random.default_rng(0)
+
+    def chain(width: int) -> onnx.ModelProto:
+        nodes, weights, previous = [], [], "x"
+        for i in range(8):
+            weights += [numpy_helper.from_array(rng.standard_normal((64, width)).astype(np.float32) / 8, f"up{i}"),
+                        numpy_helper.from_array(rng.standard_normal((width, 64)).astype(np.float32) / 8, f"down{i}")]
+            nodes += [helper.make_node("MatMul", [previous, f"up{i}"], [f"hidden{i}"]),
+                      helper.make_node("MatMul", [f"hidden{i}", f"down{i}"], [f"y{i}"])]
+            previous = f"y{i}"
+        graph = helper.make_graph(nodes, "widths", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                  ["batch", 16, 64])],
+                                  [helper.make_tensor_value_info(previous, onnx.TensorProto.FLOAT, None)], weights)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    sessions = [session(chain(w), 1) for w in widths]
+    lines = ["| N | " + " | ".join(f"batch {b}: µs per pair (× N=128)" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    columns = []
+    for batch in batches:
+        feed = {"x": rng.standard_normal((batch, 16, 64)).astype(np.float32)}
+        wall = interleaved_us([(s, feed) for s in sessions], rounds if batch == 1 else max(rounds // 10, 20))
+        columns.append(np.median(wall, axis=0) / 8)
+    for i, width in enumerate(widths):
+        lines.append(f"| {width} | " + " | ".join(f"{c[i]:.2f} ({c[i] / c[0]:.2f}×)" for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def load_case(name: str, models: Path) -> tuple[onnx.ModelProto, Path, Path]:
     folder = SAMPLES if name.startswith("samples/") else models / name
     if name.startswith("samples/"):
@@ -290,7 +314,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--nodes", action="store_true", help="also print every node")
     parser.add_argument("--fused", action="store_true", help="samples/transformer: also both in contrib kernels")
+    parser.add_argument("--widths", action="store_true", help="only time MLP widths 128-256 (MatMul pairs)")
     args = parser.parse_args()
+    if args.widths:
+        print(width_sweep(range(128, 257, 8), args.batches, args.rounds))
+        return
     model, calib_path, eval_path = load_case(args.model, args.models)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     samples = list(name_positional_inputs(load_feeds(eval_path), model))
