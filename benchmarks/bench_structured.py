@@ -15,7 +15,8 @@ remove is the intercept (``profile_structured.py`` shows where it goes). Latency
 optimizations, ``--threads`` intra-op threads (1), one sample; the models are timed interleaved
 (each round runs every model once, in turn), so load from elsewhere hits all of them alike; the
 median and the interquartile range per model over ``--rounds`` rounds are reported, and the speed-up
-is the ratio of medians, dense / model; where the batch is symbolic, also on 64 samples at once
+is the median (and IQR) over rounds of dense / model within a round, so a busy spell that slows
+whole rounds cancels; where the batch is symbolic, also on 64 samples at once
 (compute-bound, ``--rounds / 10`` rounds). Scores are on the EVAL file: output cosine for the
 sample, the cosine of the masked-mean sentence embedding (its info.json) for minilm_l3. Prints a
 markdown table; writes benchmarks/out/bench_structured.json.
@@ -74,11 +75,17 @@ def cosine(reference: list[np.ndarray], output: list[np.ndarray], lengths: np.nd
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def interleaved_latency_ms(models: list[onnx.ModelProto], feed: dict, rounds: int, threads: int
-                           ) -> list[tuple[float, float, float]]:
-    """(lower quartile, median, upper quartile) latency of each model, timed in turn within every round."""
+def timed(rows: list[dict], key: str, models: list[onnx.ModelProto], feed: dict, rounds: int, threads: int) -> None:
+    """Each row's ``key`` latency in ms, median and interquartile range over interleaved rounds, and
+    ``key`` speed-up: the median over rounds of the first model's time over this one's in the same
+    round (a busy spell that slows a whole round cancels), with its interquartile range."""
     times = interleaved_times([(session(m, threads=threads), feed) for m in models], rounds)
-    return [tuple(float(q) for q in quartiles) for quartiles in np.percentile(times, [25, 50, 75], axis=0).T * 1e3]
+    ratios = times[:, :1] / times
+    for row, column, ratio in zip(rows, times.T * 1e3, ratios.T):
+        q1, median, q3 = np.percentile(column, [25, 50, 75])
+        row[f"{key}_ms"], row[f"{key}_iqr_ms"] = float(median), [float(q1), float(q3)]
+        q1, median, q3 = np.percentile(ratio, [25, 50, 75])
+        row[f"{key}_speedup"], row[f"{key}_speedup_iqr"] = float(median), [float(q1), float(q3)]
 
 
 def cases(models: Path) -> list[tuple[str, Path, Path, Path, np.ndarray | None]]:
@@ -108,19 +115,14 @@ def rows_for(name: str, path: Path, calib_path: Path, eval_path: Path, lengths, 
                      "layer_params": layer_parameters(optimized),
                      "cosine": cosine(dense, outputs(optimized, evals, optimize=False), lengths)})
     samples = list(evals)
-    for row, (q1, ms, q3) in zip(rows, interleaved_latency_ms(built, samples[0], rounds, threads)):
-        row["latency_ms"], row["latency_iqr_ms"] = ms, [q1, q3]
+    timed(rows, "latency", built, samples[0], rounds, threads)
     if _symbolic_batch(model):  # the same models on a batch of 64 samples: compute-bound
         batch = {name: np.concatenate([s[name] for s in samples[:BATCH]]) for name in samples[0]}
-        for row, (q1, ms, q3) in zip(rows, interleaved_latency_ms(built, batch, max(rounds // 10, 10), threads)):
-            row["batch_latency_ms"], row["batch_latency_iqr_ms"] = ms, [q1, q3]
+        timed(rows, "batch_latency", built, batch, max(rounds // 10, 10), threads)
     for row in rows:
         row["bytes_ratio"] = row["bytes"] / rows[0]["bytes"]
         row["params_ratio"] = row["params"] / rows[0]["params"]
         row["layer_params_ratio"] = row["layer_params"] / rows[0]["layer_params"]
-        row["speedup"] = rows[0]["latency_ms"] / row["latency_ms"]
-        if "batch_latency_ms" in row:
-            row["batch_speedup"] = rows[0]["batch_latency_ms"] / row["batch_latency_ms"]
     return rows
 
 
@@ -139,22 +141,23 @@ def _symbolic_batch(model: onnx.ModelProto) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    header = (f"| model | pipeline | bytes | params | layer params | latency ms (IQR) | speed-up "
-              f"| {BATCH} samples ms (IQR) | speed-up | cosine | build s |")
+    header = (f"| model | pipeline | bytes | params | layer params | latency ms (IQR) | speed-up (IQR) "
+              f"| {BATCH} samples ms (IQR) | speed-up (IQR) | cosine | build s |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        batch = (f"{_spread(r['batch_latency_ms'], r['batch_latency_iqr_ms'])} | {r['batch_speedup']:.2f}×"
+        batch = (f"{_spread(r['batch_latency_ms'], r['batch_latency_iqr_ms'])} | "
+                 f"{_spread(r['batch_latency_speedup'], r['batch_latency_speedup_iqr'], 2, '×')}"
                  if "batch_latency_ms" in r else "— (fixed batch 1) | —")
         lines.append(f"| {r['model']} | {r['setting']} | {r['bytes']:,} ({r['bytes_ratio']:.2f}×) | "
                      f"{r['params']:,} ({r['params_ratio']:.2f}×) | {r['layer_params']:,} "
                      f"({r['layer_params_ratio']:.2f}×) | {_spread(r['latency_ms'], r['latency_iqr_ms'])} | "
-                     f"{r['speedup']:.2f}× | "
+                     f"{_spread(r['latency_speedup'], r['latency_speedup_iqr'], 2, '×')} | "
                      f"{batch} | {r['cosine']:.4f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
-def _spread(median: float, iqr: list[float]) -> str:
-    return f"{median:.3f} ({iqr[0]:.3f}–{iqr[1]:.3f})"
+def _spread(median: float, iqr: list[float], digits: int = 3, unit: str = "") -> str:
+    return f"{median:.{digits}f}{unit} ({iqr[0]:.{digits}f}–{iqr[1]:.{digits}f})"
 
 
 def main() -> None:

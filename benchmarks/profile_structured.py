@@ -10,7 +10,8 @@ pruning's alone. For every intra_op_num_threads and batch (64 samples only where
 symbolic), three views of the same models, each timed interleaved (every round runs every model
 once, in turn, so load from elsewhere hits all alike):
 - latency: median and interquartile range of plain ``session.run`` calls, beside an empty model's
-  (the floor any run from Python pays);
+  (the floor any run from Python pays); the speed-up is the median (IQR) over rounds of the dense
+  model's time over the pruned one's in the same round (a busy spell slowing whole rounds cancels);
 - onnxruntime's profiler: mean kernel time of every node of the optimized graph, summed by op type;
   it times the kernels only (and slows the run several-fold at one sample), so per-node work
   outside kernels shows as the gap to the run time;
@@ -202,6 +203,12 @@ def profile_case(models: dict[str, onnx.ModelProto], feed: dict, threads: int, r
         q1, median, q3 = np.percentile(wall[:, i], [25, 50, 75])
         result["models"][name] = {"median_us": float(median), "iqr_us": [float(q1), float(q3)],
                                   "profiled_run_us": profiled_run, "nodes": rows}
+    column = {name: i for i, name in enumerate(names)}
+    result["speedups"] = {}  # median and IQR over rounds of the two times in one round: busy spells cancel
+    for dense, pruned in (("dense", "pruned"), ("dense fused", "pruned fused")):
+        if dense in column and pruned in column:
+            ratio = wall[:, column[dense]] / wall[:, column[pruned]]
+            result["speedups"][f"{dense} / {pruned}"] = [float(q) for q in np.percentile(ratio, [50, 25, 75])]
     return result
 
 
@@ -235,7 +242,7 @@ def op_table(case: dict) -> str:
 def summary_table(cases: list[dict]) -> str:
     names = list(cases[0]["models"])
     cells = " | ".join(f"{n} µs (IQR) · profiled run · Σ isolated + empty" for n in names)
-    lines = [f"| threads | batch | empty run µs | {cells} | speed-up, dense / pruned (medians) |",
+    lines = [f"| threads | batch | empty run µs | {cells} | speed-up: median (IQR) of per-round ratios |",
              "|---|---|---|" + "---|" * len(names) + "---|"]
     for case in cases:
         cells = []
@@ -246,11 +253,9 @@ def summary_table(cases: list[dict]) -> str:
                 isolated += case["isolated_floor_us"]
             cells.append(f"{m['median_us']:.1f} ({m['iqr_us'][0]:.1f}–{m['iqr_us'][1]:.1f}) · "
                          f"{m['profiled_run_us']:.1f} · {_us(isolated)}")
-        median = {n: case["models"][n]["median_us"] for n in names}
-        ratios = [f"{median[d] / median[p]:.3f}×" for d, p in (("dense", "pruned"), ("dense fused", "pruned fused"))
-                  if d in median]
+        ratios = [f"{pair}: {m:.3f}× ({q1:.3f}–{q3:.3f})" for pair, (m, q1, q3) in case["speedups"].items()]
         lines.append(f"| {case['threads']} | {case['batch']} | {case['floor_us']:.1f} | " + " | ".join(cells)
-                     + f" | {' · fused '.join(ratios)} |")
+                     + f" | {'; '.join(ratios)} |")
     return "\n".join(lines)
 
 
