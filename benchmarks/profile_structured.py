@@ -12,7 +12,8 @@ once, in turn, so load from elsewhere hits all alike):
 - latency: median and interquartile range of plain ``session.run`` calls, beside an empty model's
   (the floor any run from Python pays); the speed-up is the median (IQR) over rounds of the dense
   model's time over the pruned one's in the same round (a busy spell slowing whole rounds cancels);
-- onnxruntime's profiler: mean kernel time of every node of the optimized graph, summed by op type;
+- onnxruntime's profiler: mean kernel time (middle 90 % of the runs) of every node of the optimized
+  graph, summed by op type;
   it times the kernels only (and slows the run several-fold at one sample), so per-node work
   outside kernels shows as the gap to the run time;
 - isolated nodes (one thread only): every node of onnxruntime's optimized graph run alone on its
@@ -122,7 +123,7 @@ def isolated_nodes(optimized: onnx.ModelProto, feed: dict, threads: int
 
 def kernel_profile(model: onnx.ModelProto, feed: dict, threads: int, runs: int, folder: Path
                    ) -> tuple[dict[str, float], float]:
-    """Mean kernel µs per node name over ``runs`` profiled runs, and the mean profiled run time."""
+    """Mean kernel µs per node name over ``runs`` profiled runs, and the mean profiled run time (trimmed)."""
     s = session(model, threads, profile=str(folder / "profile"))
     for _ in range(runs):
         s.run(None, feed)
@@ -134,7 +135,15 @@ def kernel_profile(model: onnx.ModelProto, feed: dict, threads: int, runs: int, 
         elif event.get("cat") == "Session" and event["name"] == "model_run":
             run_times.append(event["dur"])
     skip = runs // 5  # warm-up
-    return {name: float(np.mean(d[skip:])) for name, d in kernels.items()}, float(np.mean(run_times[skip:]))
+    return ({name: _trimmed_mean(d[skip:]) for name, d in kernels.items()}, _trimmed_mean(run_times[skip:]))
+
+
+def _trimmed_mean(values: list[float]) -> float:
+    """The mean of the middle 90 %: the profiler's whole-µs times average to fractions, and the few runs
+    another process interrupted (milliseconds on a shared machine) do not swamp it."""
+    ordered = np.sort(values)
+    cut = len(ordered) // 20
+    return float(np.mean(ordered[cut:len(ordered) - cut]))
 
 
 def fused_sample_block(model: onnx.ModelProto) -> onnx.ModelProto:
