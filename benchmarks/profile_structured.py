@@ -333,6 +333,8 @@ def main() -> None:
     if args.widths:
         print(width_sweep(range(128, 257, 8), args.batches, args.rounds))
         return
+    if args.fused and args.model != "samples/transformer":
+        parser.error("--fused rewrites samples/transformer's block only")
     model, calib_path, eval_path = load_case(args.model, args.models)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     samples = list(name_positional_inputs(load_feeds(eval_path), model))
