@@ -175,6 +175,27 @@ def test_cleanup_preset_runs_it_from_the_api():
     assert step.stats["values_flushed"] == 12 and step.exact and result.report.failure is None
 
 
+def test_from_the_cli_with_a_report(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxopt.cli import main
+
+    model = model_with_weights(subnormals=True)
+    path, out, report, data = (tmp_path / name for name in ("in.onnx", "out.onnx", "r.json", "feeds.npz"))
+    onnx.save(model, path)
+    x = np.random.default_rng(2).standard_normal((2, 3, 4)).astype(np.float32)
+    np.savez(data, x=x, cond=np.array([True, False]))
+    result = CliRunner().invoke(main, ["optimize", str(path), "-o", str(out), "-p", "flush-subnormals",
+                                       "--data", str(data), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    step = json.loads(report.read_text())["steps"][0]
+    assert step["exact"] and step["stats"] == {"tensors_flushed": 3, "values_flushed": 12}
+    assert not any(is_subnormal(a).any() for a in all_weights(onnx.load(out)).values())
+    assert path.read_bytes() == model.SerializeToString()
+
+
 @pytest.mark.slow
 def test_digits_mlp_cleanup_flushes_its_291_subnormals(shared_models):
     folder = shared_models / "digits_mlp"
