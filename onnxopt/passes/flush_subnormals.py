@@ -43,7 +43,9 @@ def flush_subnormal_values(array: np.ndarray, data_type: int) -> tuple[np.ndarra
     """
     view_type, exponent, mantissa = _LAYOUTS[data_type]
     bits = np.ascontiguousarray(array).view(view_type)
-    subnormal = ((bits & view_type(exponent)) == 0) & ((bits & view_type(mantissa)) != 0)
+    magnitude_less_one = bits & view_type(exponent | mantissa)
+    magnitude_less_one -= view_type(1)  # +-0 wraps around to the largest value
+    subnormal = magnitude_less_one < view_type(mantissa)  # magnitude in 1 .. mantissa: exponent 0, mantissa not
     flushed = int(np.count_nonzero(subnormal))
     if not flushed:
         return array, 0
