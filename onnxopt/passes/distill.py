@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import itertools
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,11 +206,18 @@ class Distill(Pass):
         feeds = self.context.calibration_feeds(self.name)
         stats: dict[str, int | float] = {"layers_refit": 0, "layers_reverted": 0}
         layers = self._layers(model, teacher, stats)
-        outputs = [o.name for o in model.graph.output]
         executor = self.context.executor
         runs = (_ShardedRuns(executor, model, teacher, feeds, self.options.batch_size)
                 if executor is not None and isinstance(feeds, FeedSet) else
                 _Runs(model, teacher, feeds, self.options.batch_size, layers))
+        try:
+            return self._repair(model, layers, runs, stats)
+        finally:
+            runs.close()  # the in-process runs' threads too, when a layer failed
+
+    def _repair(self, model: onnx.ModelProto, layers: list[Layer], runs, stats: dict) -> PassResult:
+        """Refit the layers in order; keep the whole repair only if the output error went down."""
+        outputs = [o.name for o in model.graph.output]
         undo: list[Callable[[], None]] = []
         rows = []
         shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
@@ -244,7 +253,6 @@ class Distill(Pass):
             stats["calib_rel_err_after"] = error
             undo = []
         stats["pieces_run"] = runs.pieces()
-        runs.close()
         return PassResult(model, bool(undo), stats, {"layers": rows})
 
     def _layers(self, model: onnx.ModelProto, teacher: onnx.ModelProto, stats) -> list:
@@ -373,34 +381,101 @@ def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, laye
     student's stream to reach the teacher's sum) per batch. ``ahead``: later layers' teacher values to
     compute in the same piece (:func:`_ahead`)."""
     x = student.values([layer.data])[layer.data]
-    stream = layer.stream if layer.stream is not None and student.ready(layer.stream[1]) else None
-    if layer.stream is not None and stream is None:
-        count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
-    taught = teacher.values([layer.target, *stream[:1]] if stream else [layer.target], ahead or ())  # one piece
+    stream = layer.stream is not None and student.ready(layer.stream[1])
+    taught = _teacher_values(teacher, layer, stream, ahead or ())
+    return x, _target(student, layer, taught, stats)
+
+
+def _teacher_values(teacher: LayerwiseRunner, layer: _LayerRows, stream: bool, ahead: Sequence[str]
+                    ) -> dict[str, list[np.ndarray]]:
+    """What the layer asks of the teacher, in one piece with the ``ahead`` values: its target, and the residual
+    stream's sum when the student's residual is known (``stream``)."""
+    taught = teacher.values(layer.teacher_values if stream else [layer.target], ahead)
     teacher.release(layer.teacher_values)  # a stream sum computed ahead but not used
-    y = taught[layer.target]
-    if stream:
-        y = _stream_target(y, taught[stream[0]], student.values([stream[1]])[stream[1]], stats)
-    return x, y
+    return taught
+
+
+def _target(student: LayerwiseRunner, layer: _LayerRows, taught: dict[str, list[np.ndarray]], stats) -> list:
+    """The layer's target from the teacher's values: through the residual stream when the teacher's sum
+    is there (:func:`_stream_target`)."""
+    if layer.stream is None:
+        return taught[layer.target]
+    total, residual = layer.stream
+    if total not in taught:
+        count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
+        return taught[layer.target]
+    return _stream_target(taught[layer.target], taught[total], student.values([residual])[residual], stats)
+
+
+class _Teacher:
+    """The teacher's values for each layer in order, then its outputs, computed in a thread ahead of the
+    layers: the teacher never changes, so its pieces overlap the student's pieces, statistics and fits
+    here. The same asks, in the same order, as one at a time (the same pieces: the same values); at most
+    ``QUEUED`` layers' values wait beside the pieces computed ahead."""
+
+    QUEUED = 2
+
+    def __init__(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str]
+                 ) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(runner, layers, streams, outputs),
+                                       name="distill-teacher", daemon=True)
+        self.thread.start()
+
+    def _produce(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str]
+                 ) -> None:
+        try:
+            per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+            for position, (layer, stream) in enumerate(zip(layers, streams)):
+                rows = layer.rows
+                taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel))
+                per_channel = sum(np.asarray(v).nbytes for v in taught[rows.target]) // layer.width
+                if not self._put(taught):
+                    return
+            self._put(runner.values(outputs))
+        except BaseException as exc:  # noqa: BLE001 - raised again where the values are taken
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        """Queue the item; False when closed meanwhile."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> dict[str, list[np.ndarray]]:
+        """The next layer's values (after the last layer: the outputs); an error of the thread raised here."""
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 class _Runs:
-    """Student and teacher run piece by piece in this process; the student's outputs before any change kept."""
+    """Student and teacher run piece by piece in this process. The teacher's values and the student's outputs
+    before any change (for the keep-the-better check) are computed in threads beside the layers."""
 
     def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
-        outputs = [o.name for o in model.graph.output]
-        self.teacher = LayerwiseRunner(teacher, feeds, batch_size)
-        self.before = LayerwiseRunner(model, feeds, batch_size).values(outputs)
+        self.outputs = [o.name for o in model.graph.output]
         self.student = LayerwiseRunner(model, feeds, batch_size)
-        self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
-        self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+        rows = [layer.rows for layer in layers]
+        streams = self.student.plan([r.data for r in rows], [r.stream[1] if r.stream else None for r in rows])
+        self.before_pool = ThreadPoolExecutor(1, thread_name_prefix="distill-before")
+        self.before = self.before_pool.submit(LayerwiseRunner(model, feeds, batch_size).later(self.outputs))
+        self.teacher = _Teacher(LayerwiseRunner(teacher, feeds, batch_size), layers, streams, self.outputs)
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
         """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
-        x, y = _inputs_and_targets(self.student, self.teacher, layer.rows, stats,
-                                   _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
-                                          self.per_channel))
-        self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+        x = self.student.values([layer.use.data])[layer.use.data]
+        y = _target(self.student, layer.rows, self.teacher.next(), stats)
         work = layer.geometry.work(x)
         with blas_threads(work):
             return layer.statistics(x, y, gram), work
@@ -410,14 +485,16 @@ class _Runs:
 
     def output_errors(self, outputs: list[str]) -> tuple[float, float]:
         """The output error against the teacher before and after the layers' changes."""
-        reference = self.teacher.values(outputs)
-        return _output_error(self.before, reference), _output_error(self.student.values(outputs), reference)
+        reference = self.teacher.next()
+        return (_output_error(self.before.result(), reference),
+                _output_error(self.student.values(outputs), reference))
 
     def pieces(self) -> int:
         return self.student.sessions
 
     def close(self) -> None:
-        pass
+        self.teacher.close()
+        self.before_pool.shutdown(cancel_futures=True)
 
 
 class _ShardedRuns:

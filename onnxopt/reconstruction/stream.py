@@ -111,20 +111,50 @@ class LayerwiseRunner:
             self.initializers = {t.name: t for t in self.model.graph.initializer}
         return self.initializers.get(name)
 
-    def _ancestors(self, names: Sequence[str]) -> list[int]:
-        """Pending nodes the names need, in topological order."""
+    def plan(self, asks: Sequence[str], checks: Sequence[str | None]) -> list[bool]:
+        """Whether each ``checks[i]`` will be :meth:`ready` once ``asks[: i + 1]`` have been asked for in order
+        (None: False); nothing runs. What a caller will decide as it goes, known before: another thread
+        can then work ahead of it (:mod:`onnxopt.passes.distill`'s teacher)."""
+        pending, known = set(self.pending), []
+        for ask, check in zip(asks, checks):
+            pending.difference_update(self._ancestors([ask], pending))
+            known.append(check is not None and not self._ancestors([check], pending))
+        return known
+
+    def later(self, names: Sequence[str]) -> Callable[[], dict[str, list[np.ndarray]]]:
+        """:meth:`values` as the model is now, computed when the returned function is called, in any thread:
+        the piece (its nodes and constants) is copied here, so the model may change meanwhile (a model's
+        outputs before a pass changes it, computed beside the pass). Ask nothing else of this runner until
+        the function has returned."""
+        piece = self._ancestors(names)
+        prepared = self._prepare(piece, names) if piece else None
+
+        def compute() -> dict[str, list[np.ndarray]]:
+            if prepared is not None:
+                self._execute(*prepared)
+            return {name: self._value(name) for name in names}
+
+        return compute
+
+    def _ancestors(self, names: Sequence[str], pending: set[int] | None = None) -> list[int]:
+        """Pending nodes the names need, in topological order (``pending``: instead of the runner's)."""
+        pending = self.pending if pending is None else pending
         needed, todo = set(), [self.index.producer[n] for n in names if n in self.index.producer]
         while todo:
             i = todo.pop()
-            if i in needed or i not in self.pending:
+            if i in needed or i not in pending:
                 continue
             needed.add(i)
             todo.extend(self.index.producer[n] for n in self.index.uses[i] if n in self.index.producer)
         return sorted(needed, key=self.position.__getitem__)
 
     def _run(self, piece: list[int], asked: Sequence[str]) -> None:
-        if not piece:
-            return
+        if piece:
+            self._execute(*self._prepare(piece, asked))
+
+    def _prepare(self, piece: list[int], asked: Sequence[str]) -> tuple:
+        """The piece as a model of its own (nodes and constants copied), marked as run; what
+        :meth:`_execute` needs to run it."""
         self.pending.difference_update(piece)
         self.readers.subtract(n for i in piece for n in self.index.uses[i])
         produced = {o for i in piece for o in self.index.nodes[i].output if o}
@@ -139,7 +169,11 @@ class LayerwiseRunner:
             initializer=[self._initializer(n) for n in read if self._initializer(n) is not None])
         sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         sub.functions.extend(self.model.functions)
-        columns = {n: self._value(n) for n in inputs}
+        return sub, piece, inputs, kept, asked, {n: self._value(n) for n in inputs}
+
+    def _execute(self, sub: onnx.ModelProto, piece: list[int], inputs: list[str], kept: list[str],
+                 asked: Sequence[str], columns: dict[str, list[np.ndarray]]) -> None:
+        """Run a prepared piece over every batch; its values join the frontier."""
         results: dict[str, list[np.ndarray]] = {n: [] for n in kept}
         if self.shared_sessions is None:
             session = Session(sub, optimize=True)
