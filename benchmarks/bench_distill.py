@@ -2,7 +2,7 @@
 onnxsim's apply_sparsegpt_pruning; distill's wall time against fp32 passes; learned vs nearest int8 rounding.
 
     python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples] [--skip-onnxsim]
-                                       [--skip-rounding] [--sample-data 1024]
+                                       [--skip-rounding] [--sample-data 1024] [--baseline ../main]
 
 Every shared model and sample with eval data, 50 % unstructured, all in one run. Scores on the EVAL
 file (never seen by prune or distill): top-1 accuracy where labels exist, minilm_l3's sentence
@@ -16,6 +16,8 @@ over the calibration data (onnxruntime, 1 thread, graph optimizations off, measu
 before and after), and so is its process CPU time (robust to load from other processes).
 Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned`, and int4 weight-only
 `quantize-weights` (block 32, tables left float) RTN / RTN + learned / GPTQ / GPTQ + learned (same scores).
+``--baseline``: another checkout's distill runs right after this one's on the same pruned models (same
+load): its time in fp32 passes beside ours, and whether both return the same model, byte for byte.
 Prints markdown tables and writes benchmarks/out/bench_distill.json.
 """
 
@@ -80,12 +82,28 @@ def fp32_pass_seconds(model, calib) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def distill_seconds(pruned, teacher, calib, threads) -> tuple[onnx.ModelProto, float, dict, float]:
-    """(repaired model, wall s, stats, process CPU s)."""
+def distill_seconds(pruned, teacher, calib, threads, package=None) -> tuple[onnx.ModelProto, float, dict, float]:
+    """(repaired model, wall s, stats, process CPU s); ``package``: another checkout's onnxopt
+    (:func:`checkout`) instead of this one."""
+    distill, context = (Distill, PassContext) if package is None else package
     start, cpu = time.perf_counter(), time.process_time()
     with threadpool_limits(limits=threads, user_api="blas"):
-        result = Distill(None, PassContext(calib=calib, teacher=lambda: teacher))(copy_model(pruned))
+        result = distill(None, context(calib=calib, teacher=lambda: teacher))(copy_model(pruned))
     return result.model, time.perf_counter() - start, result.stats, time.process_time() - cpu
+
+
+def checkout(root: Path) -> tuple[type, type]:
+    """(Distill, PassContext) of the onnxopt in another checkout, imported beside this one as
+    ``onnxopt_baseline`` (its imports are relative): both distill in one run, under the same load."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("onnxopt_baseline", root / "onnxopt" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "onnxopt")])
+    sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[spec.name])
+    return (importlib.import_module("onnxopt_baseline.passes.distill").Distill,
+            importlib.import_module("onnxopt_baseline.passes.base").PassContext)
 
 
 def sample_data(name: str, samples: int, folder: Path) -> tuple[Path, Path, np.ndarray | None]:
@@ -103,7 +121,8 @@ def sample_data(name: str, samples: int, folder: Path) -> tuple[Path, Path, np.n
     return calib, evals, sample.labels
 
 
-def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip_rounding: bool) -> dict:
+def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip_rounding: bool,
+             baseline=None) -> dict:
     model = onnx.load(path)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     evals = name_positional_inputs(load_feeds(eval_path), model)
@@ -120,6 +139,12 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
             repaired, seconds, stats, cpu = distill_seconds(pruned, model, calib, threads)
             row[f"{method}_distill_s_{threads or 'all'}_threads"] = seconds
             row[f"{method}_distill_cpu_s_{threads or 'all'}_threads"] = cpu
+            if baseline is not None:  # right after, under the same load
+                theirs, seconds, _, cpu = distill_seconds(pruned, model, calib, threads, baseline)
+                row[f"{method}_baseline_distill_s_{threads or 'all'}_threads"] = seconds
+                row[f"{method}_baseline_distill_cpu_s_{threads or 'all'}_threads"] = cpu
+                row[f"{method}_baseline_same_model"] = (row.get(f"{method}_baseline_same_model", True)
+                                                       and theirs.SerializeToString() == repaired.SerializeToString())
         row[f"{method}+distill"] = task(dense, outputs(repaired, evals, optimize=False))
         row[f"{method}_distill_stats"] = stats
     passes.append(fp32_pass_seconds(model, calib))
@@ -170,6 +195,17 @@ def table(rows: list[dict]) -> str:
             f"{r['sparsegpt']:.4f} | {r['sparsegpt+distill']:.4f} | {fmt(r['recovered'], 2)} | {sim} | "
             f"{r['fp32_pass_s']:.2f} | {one:.2f} / {every:.2f} | {max(one, every) / r['fp32_pass_s']:.1f} | "
             f"{r['sparsegpt_distill_cpu_s_1_threads'] / r['fp32_pass_cpu_s']:.1f} |")
+    if any("sparsegpt_baseline_same_model" in r for r in rows):
+        lines += ["", "| model | distill / fp32 pass, 1 / all BLAS threads (wall) | baseline | "
+                      "CPU, 1 thread | baseline CPU | same model as the baseline (wanda, sparsegpt) |", "|---" * 6 + "|"]
+        for r in rows:
+            if "sparsegpt_baseline_same_model" in r:
+                ours, theirs = ([r[f"sparsegpt{k}_distill_s_{t}_threads"] / r["fp32_pass_s"] for t in (1, "all")]
+                                for k in ("", "_baseline"))
+                cpu = [r[f"sparsegpt{k}_distill_cpu_s_1_threads"] / r["fp32_pass_cpu_s"] for k in ("", "_baseline")]
+                lines.append(f"| {r['model']} | {ours[0]:.1f} / {ours[1]:.1f} | {theirs[0]:.1f} / {theirs[1]:.1f} | "
+                             f"{cpu[0]:.1f} | {cpu[1]:.1f} | {r['wanda_baseline_same_model']}, "
+                             f"{r['sparsegpt_baseline_same_model']} |")
     if any("int8_nearest" in r for r in rows):
         lines += ["", "| model | metric | int8 nearest | int8 learned | rel err nearest | rel err learned | "
                       "quantize s nearest / learned |", "|---" * 7 + "|"]
@@ -194,16 +230,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
     parser.add_argument("--skip-onnxsim", action="store_true")
     parser.add_argument("--skip-rounding", action="store_true")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout (its root): its distill "
+                        "runs right after this one's on the same pruned models, timed and compared")
     parser.add_argument("--sample-data", type=int, default=1024, help="calibration and eval samples drawn for "
                         "the sample models (0: their 64-sample files)")
     args = parser.parse_args()
     rows = []
+    baseline = checkout(args.baseline) if args.baseline else None
     out = ROOT / "benchmarks" / "out"
     for name, *case in cases(args.models, args.samples, only=args.only):
         print(name, file=sys.stderr)
         if name.startswith("samples/") and args.sample_data:
             case[1], case[2], case[3] = sample_data(name.split("/", 1)[1], args.sample_data, out / "sample_data")
-        rows.append(rows_for(name, *case, args.skip_onnxsim, args.skip_rounding))
+        rows.append(rows_for(name, *case, args.skip_onnxsim, args.skip_rounding, baseline))
         print(table(rows[-1:]), file=sys.stderr)
     print(table(rows))
     out.mkdir(parents=True, exist_ok=True)
