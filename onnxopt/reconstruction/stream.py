@@ -163,11 +163,13 @@ class LayerwiseRunner:
         kept = [n for n in dict.fromkeys([*asked, *sorted(produced)])
                 if n in produced and (self.readers[n] > 0 or n in asked or n in self.outputs)]
         inputs = [n for n in read if self._initializer(n) is None]
-        graph = onnx.helper.make_graph(
-            [self.index.nodes[i] for i in piece], "piece",
-            [_value_info(n, self._value(n)[0]) for n in inputs], [onnx.ValueInfoProto(name=n) for n in kept],
-            initializer=[self._initializer(n) for n in read if self._initializer(n) is not None])
-        sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        # the graph built in place: make_graph then make_model would copy every constant twice
+        sub = onnx.helper.make_model(onnx.GraphProto(name="piece"), opset_imports=self.model.opset_import,
+                                     ir_version=self.model.ir_version)
+        sub.graph.node.extend(self.index.nodes[i] for i in piece)
+        sub.graph.input.extend(_value_info(n, self._value(n)[0]) for n in inputs)
+        sub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in kept)
+        sub.graph.initializer.extend(self._initializer(n) for n in read if self._initializer(n) is not None)
         sub.functions.extend(self.model.functions)
         return sub, piece, inputs, kept, asked, {n: self._value(n) for n in inputs}
 
