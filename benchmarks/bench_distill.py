@@ -17,7 +17,8 @@ before and after), and so is its process CPU time (robust to load from other pro
 Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned`, and int4 weight-only
 `quantize-weights` (block 32, tables left float) RTN / RTN + learned / GPTQ / GPTQ + learned (same scores).
 ``--baseline``: another checkout's distill runs right after this one's on the same pruned models (same
-load): its time in fp32 passes beside ours, and whether both return the same model, byte for byte.
+load): its time in fp32 passes beside ours, whether both return the same model, byte for byte, and
+both repaired models' scores.
 Prints markdown tables and writes benchmarks/out/bench_distill.json.
 """
 
@@ -145,6 +146,8 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
                 row[f"{method}_baseline_distill_cpu_s_{threads or 'all'}_threads"] = cpu
                 row[f"{method}_baseline_same_model"] = (row.get(f"{method}_baseline_same_model", True)
                                                        and theirs.SerializeToString() == repaired.SerializeToString())
+        if baseline is not None:
+            row[f"{method}+baseline_distill"] = task(dense, outputs(theirs, evals, optimize=False))
         row[f"{method}+distill"] = task(dense, outputs(repaired, evals, optimize=False))
         row[f"{method}_distill_stats"] = stats
     passes.append(fp32_pass_seconds(model, calib))
@@ -197,7 +200,8 @@ def table(rows: list[dict]) -> str:
             f"{r['sparsegpt_distill_cpu_s_1_threads'] / r['fp32_pass_cpu_s']:.1f} |")
     if any("sparsegpt_baseline_same_model" in r for r in rows):
         lines += ["", "| model | distill / fp32 pass, 1 / all BLAS threads (wall) | baseline | "
-                      "CPU, 1 thread | baseline CPU | same model as the baseline (wanda, sparsegpt) |", "|---" * 6 + "|"]
+                      "CPU, 1 thread | baseline CPU | same model as the baseline (wanda, sparsegpt) | "
+                      "wanda + distill, baseline | sparsegpt + distill, baseline |", "|---" * 8 + "|"]
         for r in rows:
             if "sparsegpt_baseline_same_model" in r:
                 ours, theirs = ([r[f"sparsegpt{k}_distill_s_{t}_threads"] / r["fp32_pass_s"] for t in (1, "all")]
@@ -205,7 +209,9 @@ def table(rows: list[dict]) -> str:
                 cpu = [r[f"sparsegpt{k}_distill_cpu_s_1_threads"] / r["fp32_pass_cpu_s"] for k in ("", "_baseline")]
                 lines.append(f"| {r['model']} | {ours[0]:.1f} / {ours[1]:.1f} | {theirs[0]:.1f} / {theirs[1]:.1f} | "
                              f"{cpu[0]:.1f} | {cpu[1]:.1f} | {r['wanda_baseline_same_model']}, "
-                             f"{r['sparsegpt_baseline_same_model']} |")
+                             f"{r['sparsegpt_baseline_same_model']} | {r['wanda+distill']:.4f}, "
+                             f"{r['wanda+baseline_distill']:.4f} | {r['sparsegpt+distill']:.4f}, "
+                             f"{r['sparsegpt+baseline_distill']:.4f} |")
     if any("int8_nearest" in r for r in rows):
         lines += ["", "| model | metric | int8 nearest | int8 learned | rel err nearest | rel err learned | "
                       "quantize s nearest / learned |", "|---" * 7 + "|"]

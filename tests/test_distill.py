@@ -510,3 +510,23 @@ def test_an_error_in_a_layer_stops_the_teachers_thread(monkeypatch):
     with pytest.raises(InputError, match="fit failed"):
         distill(student, teacher)
     assert not _threads_left()
+
+
+def test_bench_distill_runs_another_checkouts_distill_beside_this_one():
+    """``bench_distill.py --baseline``: a checkout's onnxopt imported beside this one (here: this same
+    checkout) distills the same pruned model to the same bytes, through its own classes."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from bench_distill import checkout, distill_seconds
+
+    baseline = checkout(root)
+    assert baseline[0] is not Distill and baseline[0].__module__ == "onnxopt_baseline.passes.distill"
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    ours, *_ = distill_seconds(pruned, teacher, CALIB, 1)
+    theirs, *_ = distill_seconds(pruned, teacher, CALIB, 1, baseline)
+    assert ours.SerializeToString() == theirs.SerializeToString()
+    assert ours.SerializeToString() != pruned.SerializeToString()

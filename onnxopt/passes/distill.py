@@ -9,7 +9,10 @@ unfolded inputs (grouped and depthwise too); a Conv without a bias gets one.
 Student and teacher each run once over the calibration data, piece by piece
 (:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input is computed just
 before it is fit, and the layer itself runs with its new weights; the teacher, which does not
-change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). With an
+change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). In this
+process the teacher's pieces run in a thread ahead of the layers (:class:`_Teacher`: the same asks in
+the same order, so the same values), and so does the unchanged student's end-to-end run for the
+keep-the-better check below: on two cores, statistics and fits here overlap both. With an
 executor, each calibration shard's runners live on one worker
 (:class:`~onnxopt.reconstruction.stream.ShardedRunner`), which sums the shard's statistics; the fits
 run here. Statistics are float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of
