@@ -265,15 +265,6 @@ def _shifted_sums(geometry: LayerGeometry, x: np.ndarray, target: np.ndarray | N
     lines = (height + top + bottom - (k0 - 1) * d0 - 1) // s0 + 1
     columns = (width + left + right - (k1 - 1) * d1 - 1) // s1 + 1
     x = x.reshape(n, g, m, height, width)
-    # one channel per group (depthwise): samples last, so that each product reduces a contiguous axis
-    # (1.7x faster; slower with more channels per group)
-    lanes = np.ascontiguousarray(np.moveaxis(x, 0, -1)) if m == 1 else x
-    pair, cross_pair = (("guijn,gvijn->guvij", "guijn,goijn->guo") if m == 1 else
-                        ("nguij,ngvij->guvij", "nguij,ngoij->guo"))
-
-    def window(values: np.ndarray, lines_at: slice, columns_at: slice) -> np.ndarray:
-        return values[:, :, lines_at, columns_at] if m == 1 else values[:, :, :, lines_at, columns_at]
-
     rows_read = _reads(k0, d0, s0, lines, top, height)
     columns_read = _reads(k1, d1, s1, columns, left, width)
     block = None
@@ -285,8 +276,8 @@ def _shifted_sums(geometry: LayerGeometry, x: np.ndarray, target: np.ndarray | N
                 lo, hi = max(0, -c), width - max(0, c)  # columns j with j and j + c inside
                 if (da == 0 and db < 0) or r >= height or hi <= lo:  # a mirror of a lag summed, or padding only
                     continue
-                products = np.einsum(pair, window(lanes, slice(0, height - r), slice(lo, hi)),
-                                     window(lanes, slice(r, None), slice(lo + c, hi + c)))
+                products = np.einsum("nguij,ngvij->guvij", x[:, :, :, : height - r, lo: hi],
+                                     x[:, :, :, r:, lo + c: hi + c])
                 sums = rows_read[:, : height - r] @ products @ columns_read[:, lo: hi].T  # (g, m, m, k0, k1)
                 a, b = np.arange(k0 - da)[:, None], np.arange(max(0, -db), k1 - max(0, db))[None, :]
                 part = np.moveaxis(sums[..., : k0 - da, max(0, -db): k1 - max(0, db)], (3, 4), (0, 1))
@@ -300,12 +291,11 @@ def _shifted_sums(geometry: LayerGeometry, x: np.ndarray, target: np.ndarray | N
         return block, sums, None, None, 0.0
     outs = geometry.outputs
     y = np.asarray(target, np.float32).reshape(n, g, outs, lines, columns)
-    y_lanes = np.ascontiguousarray(np.moveaxis(y, 0, -1)) if m == 1 else y
     cross = np.zeros((g, k0, k1, m, outs))
     for a, b in np.ndindex(k0, k1):
         (rows_in, rows_out), (columns_in, columns_out) = (_window(a * d0, s0, lines, top, height),
                                                           _window(b * d1, s1, columns, left, width))
-        cross[:, a, b] = np.einsum(cross_pair, window(lanes, rows_in, columns_in), window(y_lanes, rows_out, columns_out))
+        cross[:, a, b] = np.einsum("nguij,ngoij->guo", x[:, :, :, rows_in, columns_in], y[..., rows_out, columns_out])
     flat = y.reshape(-1)
     return (block, sums, cross.reshape(g, -1, outs), y.sum(axis=(0, 3, 4), dtype=np.float64).reshape(g, outs),
             float(np.dot(flat, flat)))
@@ -369,10 +359,7 @@ class LayerStatistics:
             self.sample_noise += sample_noise(units)
             self.samples += len(units)
         for at in geometry.columns(x):
-            # column sums by BLAS against ones, float32 like the products (a float64 reduction costs 2-10x
-            # more; along the rows of a transposed MatMul input, as much as the gram itself for K < 30)
-            ones = np.ones(at.shape[2], np.float32) if self.bias else None
-            sums = at @ ones if self.bias and gram else None  # the gram's bias row
+            sums = at.sum(axis=2, dtype=np.float64) if self.bias and gram else None  # the gram's bias row
             if noise:
                 squares = at * at  # per row Σ_{i≠j} x_i² x_j² = |x|⁴ - Σ x_i⁴
                 norms = squares.sum(axis=1, dtype=np.float64)
@@ -390,7 +377,7 @@ class LayerStatistics:
                 t = next(targets)
                 self.cross[:, :k] += at @ t
                 if self.bias:
-                    self.cross[:, k] += ones @ t
+                    self.cross[:, k] += t.sum(axis=1, dtype=np.float64)
                 self.target_sq += _square_sum(t)
         return True
 
