@@ -530,3 +530,35 @@ def test_bench_distill_runs_another_checkouts_distill_beside_this_one():
     theirs, *_ = distill_seconds(pruned, teacher, CALIB, 1, baseline)
     assert ours.SerializeToString() == theirs.SerializeToString()
     assert ours.SerializeToString() != pruned.SerializeToString()
+
+
+def test_pieces_hand_their_big_weights_to_onnxruntime_as_arrays_and_compute_the_same(monkeypatch):
+    """Weights from IN_MEMORY_BYTES up reach onnxruntime as arrays beside the piece (not copied into it nor
+    serialized); the values equal those of pieces that hold every weight inline, to the bit."""
+    from onnxopt.reconstruction import stream
+
+    model = mlp()
+    inline = LayerwiseRunner(model, CALIB).values(["h2", "y"])
+    monkeypatch.setattr(stream, "IN_MEMORY_BYTES", 1 << 10)  # w1 (2 KiB) and w2 (3 KiB); not w3 (576 B)
+    runner = LayerwiseRunner(model, CALIB)
+    sub, arrays, *_ = runner._prepare(runner._ancestors(["y"]), ["y"])
+    assert set(arrays) == {"w1", "w2"}
+    stubs = {t.name: t for t in sub.graph.initializer}
+    assert all(not stubs[n].raw_data and stubs[n].data_location == onnx.TensorProto.EXTERNAL for n in arrays)
+    assert stubs["w3"].raw_data and stubs["b1"].raw_data
+    np.testing.assert_array_equal(arrays["w2"], weights(model)["w2"])
+    handed = LayerwiseRunner(model, CALIB).values(["h2", "y"])
+    for name in ("h2", "y"):
+        np.testing.assert_array_equal(np.concatenate(handed[name]), np.concatenate(inline[name]))
+
+
+def test_pieces_reading_external_data_keep_their_constants_as_they_are():
+    from onnxopt.reconstruction.stream import _in_memory
+
+    big = numpy_helper.from_array(np.ones((64, 64), np.float32), "big")
+    external = onnx.TensorProto(name="ext", data_type=onnx.TensorProto.FLOAT, dims=[64, 64],
+                                data_location=onnx.TensorProto.EXTERNAL)
+    external.external_data.add(key="location", value="weights.bin")
+    assert _in_memory([big, external]) == ([big, external], {})
+    kept, arrays = _in_memory([big])
+    assert list(arrays) == ["big"] and not kept[0].raw_data

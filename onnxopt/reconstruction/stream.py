@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,11 +29,16 @@ from ..data import FeedSet
 from ..errors import InputError
 from ..executor import Executor, ModelHandle, Shard, WorkerCache, fetch, split
 from ..graph import GraphIndex, node_uses
+from ..tensors import is_external
 from ..validate import Session, batched, dynamic_batch
 from .solvers import blas_threads
 from .statistics import LayerGeometry, LayerStatistics
 
 JOINED = 16  # samples per run when the model's batch axis is dynamic
+IN_MEMORY_BYTES = 1 << 12  # constants from this size reach onnxruntime as arrays, not inside the piece
+IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                   onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+                   onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT64: np.int64}
 
 
 class LayerwiseRunner:
@@ -169,19 +175,20 @@ class LayerwiseRunner:
         sub.graph.node.extend(self.index.nodes[i] for i in piece)
         sub.graph.input.extend(_value_info(n, self._value(n)[0]) for n in inputs)
         sub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in kept)
-        sub.graph.initializer.extend(self._initializer(n) for n in read if self._initializer(n) is not None)
+        constants, in_memory = _in_memory([self._initializer(n) for n in read if self._initializer(n) is not None])
+        sub.graph.initializer.extend(constants)
         sub.functions.extend(self.model.functions)
-        return sub, piece, inputs, kept, asked, {n: self._value(n) for n in inputs}
+        return sub, in_memory, piece, inputs, kept, asked, {n: self._value(n) for n in inputs}
 
-    def _execute(self, sub: onnx.ModelProto, piece: list[int], inputs: list[str], kept: list[str],
-                 asked: Sequence[str], columns: dict[str, list[np.ndarray]]) -> None:
+    def _execute(self, sub: onnx.ModelProto, in_memory: dict[str, np.ndarray], piece: list[int], inputs: list[str],
+                 kept: list[str], asked: Sequence[str], columns: dict[str, list[np.ndarray]]) -> None:
         """Run a prepared piece over every batch; its values join the frontier."""
         results: dict[str, list[np.ndarray]] = {n: [] for n in kept}
         if self.shared_sessions is None:
-            session = Session(sub, optimize=True)
+            session = Session(sub, optimize=True, initializers=in_memory)
         else:  # runs of one piece on other shards follow on this worker: open it once (closed when evicted)
             session = self.shared_sessions.get(("piece", id(self.model), self.version, tuple(piece), tuple(kept)),
-                                               lambda: Session(sub, optimize=True))
+                                               lambda: Session(sub, optimize=True, initializers=in_memory))
         self.sessions += 1
         try:
             for b in range(len(self.batches)):
@@ -195,6 +202,31 @@ class LayerwiseRunner:
         for name in [n for n in self.frontier if self.readers[n] <= 0 and n not in self.outputs]:
             if name not in asked and name not in self.held:
                 del self.frontier[name]
+
+
+def _in_memory(constants: list[onnx.TensorProto]) -> tuple[list[onnx.TensorProto], dict[str, np.ndarray]]:
+    """A piece's constants as the piece model holds them, and the arrays handed to onnxruntime beside it.
+
+    Weights of ``IN_MEMORY_BYTES`` and more become external-data entries without a file, their bytes
+    handed over as arrays (:class:`~onnxopt.validate.Session`): copying them into the piece and
+    serializing it would cost more than the arithmetic of a piece of a transformer (MiniLM-L3: 0.4 s of
+    65 MB copied twice per model run, holding the GIL that the statistics need meanwhile). Pieces that
+    read data already external (a model saved beside its data) are left as they are."""
+    if any(is_external(t) for t in constants):
+        return constants, {}
+    kept, arrays = [], {}
+    for tensor in constants:
+        dtype = IN_MEMORY_TYPES.get(tensor.data_type)
+        if dtype is None or not tensor.HasField("raw_data") or \
+                math.prod(tensor.dims) * np.dtype(dtype).itemsize < IN_MEMORY_BYTES:
+            kept.append(tensor)
+            continue
+        arrays[tensor.name] = np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))  # one copy
+        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="in-memory")
+        kept.append(stub)
+    return kept, arrays
 
 
 def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
