@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--sample-data", type=int, default=1024, help="calibration and eval samples drawn for "
                         "the sample models (0: their 64-sample files)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, not {args.repeat}")
     rows = []
     baseline = checkout(args.baseline) if args.baseline else None
     out = ROOT / "benchmarks" / "out"
