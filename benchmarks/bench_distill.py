@@ -2,7 +2,8 @@
 onnxsim's apply_sparsegpt_pruning; distill's wall time against fp32 passes; learned vs nearest int8 rounding.
 
     python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples] [--skip-onnxsim]
-                                       [--skip-rounding] [--sample-data 1024] [--baseline ../main] [--repeat 3]
+                                       [--skip-rounding] [--sections prune,int8,int4] [--sample-data 1024]
+                                       [--baseline ../main] [--repeat 3]
 
 Every shared model and sample with eval data, 50 % unstructured, all in one run. Scores on the EVAL
 file (never seen by prune or distill): top-1 accuracy where labels exist, minilm_l3's sentence
@@ -14,12 +15,14 @@ calibration and eval samples drawn by samples/build_samples.py from the files' o
 Distill runs with numpy's BLAS limited to 1 thread and unlimited; its wall time is given in fp32 passes
 over the calibration data (onnxruntime, 1 thread, graph optimizations off, measured in the same run,
 before and after), and so is its process CPU time (robust to load from other processes).
-Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned`, and int4 weight-only
+Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned` (with its held-out check: learned
+rounding's statistics come from 3/4 of the calibration samples, and its weights are kept only where the model
+is no worse than with nearest rounding on the other quarter), and int4 weight-only
 `quantize-weights` (block 32, tables left float) RTN / RTN + learned / GPTQ / GPTQ + learned (same scores).
 ``--repeat N``: distill N times per thread setting and the fp32 pass N times before and after, the
-fastest of each kept (steadier on a loaded machine). ``--baseline``: another checkout's distill runs right after this one's on the same pruned models (same
-load): its time in fp32 passes beside ours, whether both return the same model, byte for byte, and
-both repaired models' scores.
+fastest of each kept (steadier on a loaded machine). ``--baseline``: another checkout's distill runs right
+after this one's on the same pruned models (same load): its time in fp32 passes beside ours, whether both
+return the same model, byte for byte, and both repaired models' scores.
 Prints markdown tables and writes benchmarks/out/bench_distill.json.
 """
 
@@ -130,15 +133,10 @@ def fastest(row: dict, key: str, threads, seconds: float, cpu: float) -> None:
         row[name] = min(row.get(name, value), value)
 
 
-def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip_rounding: bool,
-             baseline=None, repeat: int = 1) -> dict:
-    model = onnx.load(path)
-    calib = name_positional_inputs(load_feeds(calib_path), model)
-    evals = name_positional_inputs(load_feeds(eval_path), model)
-    metric, task = scorer(name, Path(path).parent, labels)
-    dense = outputs(model, evals, optimize=False)
+def prune_rows(row: dict, model, calib, evals, dense, task, baseline=None, repeat: int = 1) -> None:
+    """Wanda and SparseGPT, each alone and + distill (1 and all BLAS threads), into ``row``; the ``baseline``
+    checkout's distill beside ours."""
     passes = [fp32_pass_seconds(model, calib) for _ in range(repeat)]
-    row = {"model": name, "metric": metric, "dense": task(dense, dense)}
     for method, pipeline in PRUNE.items():
         start = time.perf_counter()
         pruned = onnxopt.optimize(model, pipeline, calib=calib, validate=False).model
@@ -161,6 +159,20 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
     passes += [fp32_pass_seconds(model, calib) for _ in range(repeat)]
     # one pass before and one after: their mean; with repeats, the fastest, as distill's
     row["fp32_pass_s"], row["fp32_pass_cpu_s"] = (float(np.mean(c) if repeat == 1 else np.min(c)) for c in zip(*passes))
+    lost = row["dense"] - row["wanda"]
+    row["recovered"] = (row["sparsegpt+distill"] - row["wanda"]) / lost if lost > 0 else None
+
+
+def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, sections: set[str], baseline=None,
+             repeat: int = 1) -> dict:
+    model = onnx.load(path)
+    calib = name_positional_inputs(load_feeds(calib_path), model)
+    evals = name_positional_inputs(load_feeds(eval_path), model)
+    metric, task = scorer(name, Path(path).parent, labels)
+    dense = outputs(model, evals, optimize=False)
+    row = {"model": name, "metric": metric, "dense": task(dense, dense)}
+    if "prune" in sections:
+        prune_rows(row, model, calib, evals, dense, task, baseline, repeat)
     if not skip_onnxsim:
         start = time.perf_counter()
         try:
@@ -171,14 +183,21 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
         except Exception as exc:  # a peer failing is a result, not a crash
             row["onnxsim_sparsegpt"] = f"{type(exc).__name__}: {str(exc)[:60]}"
         row["onnxsim_s"] = time.perf_counter() - start
-    if not skip_rounding:
+    if "int8" in sections:
+        # auto mode picks its plan by measured latency, which varies from run to run (minilm_l3: cosine 0.9990 or
+        # 0.9992 with nearest rounding alone): both roundings run on the mode the default chose, pinned
+        chosen = onnxopt.optimize(model, "quantize", calib=calib, validate=False).report.steps[-1].stats
+        row["int8_mode"] = "dynamic" if chosen.get("mode_dynamic") else "static"
         for rounding in ("nearest", "learned"):
             start = time.perf_counter()
-            quantized = onnxopt.optimize(model, f"quantize(rounding={rounding})", calib=calib, validate=False)
+            quantized = onnxopt.optimize(model, f"quantize(mode={row['int8_mode']},rounding={rounding})",
+                                         calib=calib, validate=False)
             row[f"int8_{rounding}_s"] = time.perf_counter() - start
             out = outputs(quantized.model, evals, optimize=False)
             row[f"int8_{rounding}"] = task(dense, out)
             row[f"int8_{rounding}_rel_err"] = output_metrics(list(dense), list(out), Tolerances()).rel_l2
+            row[f"int8_{rounding}_holdout"] = quantized.report.steps[-1].details.get("rounding_holdout")
+    if "int4" in sections:
         for method, rounding in WEIGHT_ONLY:
             start = time.perf_counter()
             with threadpool_limits(limits=1, user_api="blas"):
@@ -187,17 +206,25 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, skip
             row[f"int4_{method}_{rounding}_s"] = time.perf_counter() - start
             if quantized.report.steps[-1].stats.get("layers_quantized"):
                 row[f"int4_{method}_{rounding}"] = task(dense, outputs(quantized.model, evals, optimize=False))
-    lost = row["dense"] - row["wanda"]
-    row["recovered"] = (row["sparsegpt+distill"] - row["wanda"]) / lost if lost > 0 else None
     return row
 
 
+def holdout(check: dict | None) -> tuple[str, str]:
+    """Learned rounding's held-out check as two table cells: the errors (and samples), and what was kept."""
+    if not check:
+        return "—", "—"
+    return (f"{check['nearest']['rel_l2']:.4f} / {check['learned']['rel_l2']:.4f} ({check['samples']})",
+            check["kept"])
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | metric | dense | wanda | wanda + distill | sparsegpt | sparsegpt + distill | recovered | "
-             "onnxsim sparsegpt | fp32 pass s | distill s (1 / all BLAS threads) | distill / fp32 pass (wall) | "
-             "distill / fp32 pass (CPU, 1 thread) |",
-             "|---" * 13 + "|"]
-    for r in rows:
+    lines = []
+    if any("wanda" in r for r in rows):
+        lines += ["| model | metric | dense | wanda | wanda + distill | sparsegpt | sparsegpt + distill | recovered | "
+                  "onnxsim sparsegpt | fp32 pass s | distill s (1 / all BLAS threads) | distill / fp32 pass (wall) | "
+                  "distill / fp32 pass (CPU, 1 thread) |",
+                  "|---" * 13 + "|"]
+    for r in (r for r in rows if "wanda" in r):
         sim = r.get("onnxsim_sparsegpt")
         sim = "—" if sim is None else sim if isinstance(sim, str) else \
             f"{sim:.4f}{' (0 zeros)' if not r.get('onnxsim_zeros') else ''} in {r['onnxsim_s']:.1f} s"
@@ -222,11 +249,13 @@ def table(rows: list[dict]) -> str:
                              f"{r['wanda+baseline_distill']:.4f} | {r['sparsegpt+distill']:.4f}, "
                              f"{r['sparsegpt+baseline_distill']:.4f} |")
     if any("int8_nearest" in r for r in rows):
-        lines += ["", "| model | metric | int8 nearest | int8 learned | rel err nearest | rel err learned | "
-                      "quantize s nearest / learned |", "|---" * 7 + "|"]
-        lines += [f"| {r['model']} | {r['metric']} | {r['int8_nearest']:.4f} | {r['int8_learned']:.4f} | "
-                  f"{r['int8_nearest_rel_err']:.4f} | {r['int8_learned_rel_err']:.4f} | "
-                  f"{r['int8_nearest_s']:.1f} / {r['int8_learned_s']:.1f} |" for r in rows if "int8_nearest" in r]
+        lines += ["", "| model | metric | mode | dense | int8 nearest | int8 learned | rel err nearest | rel err learned | "
+                      "held-out rel err nearest / learned (samples) | kept | quantize s nearest / learned |",
+                  "|---" * 11 + "|"]
+        lines += [f"| {r['model']} | {r['metric']} | {r['int8_mode']} | {r['dense']:.4f} | {r['int8_nearest']:.4f} | "
+                  f"{r['int8_learned']:.4f} | {r['int8_nearest_rel_err']:.4f} | {r['int8_learned_rel_err']:.4f} | "
+                  f"{' | '.join(holdout(r['int8_learned_holdout']))} | {r['int8_nearest_s']:.1f} / {r['int8_learned_s']:.1f} |"
+                  for r in rows if "int8_nearest" in r]
     if any("int4_rtn_nearest" in r for r in rows):
         names = [f"{m}{' + learned' if r == 'learned' else ''}" for m, r in WEIGHT_ONLY]
         lines += ["", f"| model | metric | int4 {' | int4 '.join(names)} | seconds (same order) |",
@@ -235,7 +264,7 @@ def table(rows: list[dict]) -> str:
                   + " | ".join(fmt(r.get(f"int4_{m}_{o}")) for m, o in WEIGHT_ONLY) + " | "
                   + " / ".join(f"{r[f'int4_{m}_{o}_s']:.1f}" for m, o in WEIGHT_ONLY) + " |"
                   for r in rows if "int4_rtn_nearest" in r]
-    return "\n".join(lines)
+    return "\n".join(lines).strip("\n")
 
 
 def main() -> None:
@@ -244,24 +273,28 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=SAMPLES)
     parser.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
     parser.add_argument("--skip-onnxsim", action="store_true")
-    parser.add_argument("--skip-rounding", action="store_true")
+    parser.add_argument("--skip-rounding", action="store_true", help="leave out the int8 and int4 sections")
+    parser.add_argument("--sections", default="prune,int8,int4",
+                        help="comma-separated: prune (Wanda / SparseGPT / distill), int8 (learned vs nearest "
+                             "rounding), int4 (weight-only RTN / GPTQ, with and without learned rounding)")
+    parser.add_argument("--sample-data", type=int, default=1024, help="calibration and eval samples drawn for "
+                        "the sample models (0: their 64-sample files)")
     parser.add_argument("--repeat", type=int, default=1, help="distill runs per thread setting (the fastest "
                         "kept, wall and CPU apart): steadier on a loaded machine")
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout (its root): its distill "
                         "runs right after this one's on the same pruned models, timed and compared")
-    parser.add_argument("--sample-data", type=int, default=1024, help="calibration and eval samples drawn for "
-                        "the sample models (0: their 64-sample files)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, not {args.repeat}")
-    rows = []
     baseline = checkout(args.baseline) if args.baseline else None
+    sections = set(args.sections.split(",")) - ({"int8", "int4"} if args.skip_rounding else set())
+    rows = []
     out = ROOT / "benchmarks" / "out"
     for name, *case in cases(args.models, args.samples, only=args.only):
         print(name, file=sys.stderr)
         if name.startswith("samples/") and args.sample_data:
             case[1], case[2], case[3] = sample_data(name.split("/", 1)[1], args.sample_data, out / "sample_data")
-        rows.append(rows_for(name, *case, args.skip_onnxsim, args.skip_rounding, baseline, args.repeat))
+        rows.append(rows_for(name, *case, args.skip_onnxsim, sections, baseline, args.repeat))
         print(table(rows[-1:]), file=sys.stderr)
     print(table(rows))
     out.mkdir(parents=True, exist_ok=True)

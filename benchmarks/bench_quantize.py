@@ -48,11 +48,11 @@ def outputs(path: Path, feeds: FeedSet) -> list[np.ndarray]:
     return [s.run(None, {k: np.asarray(v) for k, v in f.items()})[0] for f in feeds]
 
 
-def latencies_ms(paths: dict[str, Path], feed: dict, runs: int) -> dict[str, float]:
+def latencies_ms(paths: dict[str, Path], feed: dict, runs: int, threads: int = 1) -> dict[str, float]:
     """Median latency per model, warm, as quantize's auto mode measures it: the models take turns in blocks of
     BLOCK runs (the first of a block not counted: it finds the caches the other models used), each round
-    starting at the next model, until every model has ``runs`` counted runs."""
-    sessions = {name: session(path, optimize=True) for name, path in paths.items()}
+    starting at the next model, until every model has ``runs`` counted runs (``threads``: intra-op)."""
+    sessions = {name: session(path, optimize=True, threads=threads) for name, path in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
     names = list(sessions)
     for r in range(-(-runs // (BLOCK - 1))):

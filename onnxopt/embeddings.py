@@ -6,7 +6,8 @@ are turned back into float after the Gather. The grid is :mod:`onnxopt.blockquan
 ``MatMulNBits`` weights use: a table ``(V, D)`` is the ``(N, K)`` form of a weight, blocks along a row.
 
 - ``bits=8, block_size=0``: int8 per row (one block the width of the row, symmetric), in standard ONNX
-  ops any runtime has: ``Gather(int8 table) -> Cast -> Mul(Unsqueeze(Gather(row scales)))``.
+  ops any runtime has: ``Gather(int8 table) -> Cast -> Mul(Gather(row scales))``, the scales stored ``(V, 1)``
+  so that the gathered ones broadcast over the row as they are (no Unsqueeze node: one node less on every run).
 - ``block_size > 0`` (bits 4 or 8): onnxruntime's ``com.microsoft.GatherBlockQuantized``, one scale
   (and, asymmetric, one zero point) per ``block_size`` values of a row: :func:`table_data`,
   :func:`table_zero_points` and
@@ -115,9 +116,7 @@ def quantize_embeddings(model: onnx.ModelProto, graph: onnx.GraphProto, index: G
     problem = check_format(bits, block_size)
     if problem:
         raise ValueError(problem)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     replacements: dict[int, list[onnx.NodeProto]] = {}
-    axes = ""  # Unsqueeze axes [-1] (opset >= 13), one initializer for all tables
     written: dict[str, tuple[str, str, str | None]] = {}  # table -> (codes, scales, zero points)
     rows: list[dict] = []
     for i, node in enumerate(index.nodes):
@@ -139,10 +138,7 @@ def quantize_embeddings(model: onnx.ModelProto, graph: onnx.GraphProto, index: G
         if table_name not in written:
             written[table_name], row = _write_table(graph, index, store, make_name, table_name, bits, block_size)
             rows.append(row)
-        if not axes and opset >= 13 and not block_size:
-            axes = make_name("embedding_scale_axes")
-            store.add_initializer(axes, np.array([-1], np.int64))
-        replacements[i] = _gather_nodes(node, written[table_name], make_name, bits, block_size, axes)
+        replacements[i] = _gather_nodes(node, written[table_name], make_name, bits, block_size)
     if not replacements:
         return rows
     if block_size and not any(o.domain == MS_DOMAIN for o in model.opset_import):
@@ -168,7 +164,7 @@ def _write_table(graph, index: GraphIndex, store: WeightStore, make_name, table_
         scale = q.scales
     else:
         codes, scale = row_codes(q)
-        tensor = numpy_helper.from_array(codes, stored)
+        tensor, scale = numpy_helper.from_array(codes, stored), scale[:, None]  # (V, 1): gathered, they broadcast
     if store.is_constant_node(table_name):
         node = index.producer_node(table_name)
         del node.attribute[:]
@@ -183,19 +179,15 @@ def _write_table(graph, index: GraphIndex, store: WeightStore, make_name, table_
                                          "format": layout, "params": int(table.size), "weight_rel_err": error}
 
 
-def _gather_nodes(node: onnx.NodeProto, table: tuple[str, str, str | None], make_name, bits: int, block_size: int,
-                  axes: str) -> list[onnx.NodeProto]:
-    """The nodes that replace one Gather: same indices in, same float rows out (``axes``: the Unsqueeze
-    axes input; empty below opset 13, where axes are an attribute)."""
+def _gather_nodes(node: onnx.NodeProto, table: tuple[str, str, str | None], make_name, bits: int,
+                  block_size: int) -> list[onnx.NodeProto]:
+    """The nodes that replace one Gather: same indices in, same float rows out."""
     codes, scale, zero_point = table
     ids, out = node.input[1], node.output[0]
     if block_size:
         return [gather_block_quantized(codes, ids, scale, zero_point, [out], node.name, bits, block_size)]
-    rows, row_scale, shaped, as_float = (make_name(f"{out}_{part}") for part in ("q", "scale", "scale_col", "float"))
-    unsqueeze = (onnx.helper.make_node("Unsqueeze", [row_scale, axes], [shaped]) if axes
-                 else onnx.helper.make_node("Unsqueeze", [row_scale], [shaped], axes=[-1]))
+    rows, row_scale, as_float = (make_name(f"{out}_{part}") for part in ("q", "scale", "float"))
     return [onnx.helper.make_node("Gather", [codes, ids], [rows], name=node.name),
             onnx.helper.make_node("Gather", [scale, ids], [row_scale]),
-            unsqueeze,
             onnx.helper.make_node("Cast", [rows], [as_float], to=onnx.TensorProto.FLOAT),
-            onnx.helper.make_node("Mul", [as_float, shaped], [out])]
+            onnx.helper.make_node("Mul", [as_float, row_scale], [out])]

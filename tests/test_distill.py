@@ -471,11 +471,11 @@ def test_the_teachers_values_from_its_thread_equal_asking_in_order():
     try:
         direct = LayerwiseRunner(teacher, CALIB)
         for layer in layers:
-            queued, asked = runs.teacher.next(), direct.values(layer.rows.teacher_values)
+            queued, asked = runs.taught().next(), direct.values(layer.rows.teacher_values)
             assert set(queued) == set(layer.rows.teacher_values)  # fc_out's stream sum too: h is known then
             for name in queued:
                 np.testing.assert_array_equal(np.concatenate(queued[name]), np.concatenate(asked[name]))
-        np.testing.assert_array_equal(np.concatenate(runs.teacher.next()["y"]), np.concatenate(direct.values(["y"])["y"]))
+        np.testing.assert_array_equal(np.concatenate(runs.taught().next()["y"]), np.concatenate(direct.values(["y"])["y"]))
     finally:
         runs.close()
     assert not _threads_left()

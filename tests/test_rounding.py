@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from conftest import make_model, run, tensor, value
 from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
 from onnxopt.passes.base import PassContext
-from onnxopt.passes.quantize import QuantizePass
+from onnxopt.passes.quantize import HOLDOUT_MAX_SAMPLES, QuantizePass, _holdout, _top1_flips
 from onnxopt.reconstruction import Schedule, learned_rounding
 from onnxopt.reconstruction.rounding import layer_error, refine_codes
 
@@ -150,7 +150,78 @@ def test_quantize_learned_rounding_lowers_the_error_and_reports_loss_curves(opti
 
 @pytest.mark.parametrize("options, message", [({"rounding": "stochastic"}, "rounding must be nearest|learned"),
                                                ({"lr_schedule": "linear"}, "lr_schedule"),
-                                               ({"rounding_steps": 0}, "rounding_steps >= 1")])
+                                               ({"rounding_steps": 0}, "rounding_steps >= 1"),
+                                               ({"rounding_holdout": 1.0}, "rounding_holdout must be in")])
 def test_bad_rounding_options_are_input_errors(options, message):
     with pytest.raises(InputError, match=message):
         QuantizePass.Options(**options)
+
+
+@settings(max_examples=40, deadline=None)
+@given(samples=st.integers(1, 700), fraction=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9]))
+def test_holdout_splits_the_calibration_samples_into_disjoint_parts(samples, fraction):
+    """Fitting and held-out samples never overlap and cover the set; the held-out ones are spread over it."""
+    feeds = FeedSet({"x": np.arange(samples, dtype=np.float32)[:, None]}, "ids")
+    fit, held = _holdout(feeds, fraction)
+    if held is None:
+        assert fit is feeds and (fraction == 0 or round(samples * fraction) < 1 or samples == 1)
+        return
+    fit_ids, held_ids = ([int(f["x"][0]) for f in part] for part in (fit, held))
+    assert sorted(fit_ids + held_ids) == list(range(samples)) and fit_ids and held_ids
+    assert len(held_ids) == min(round(samples * fraction), HOLDOUT_MAX_SAMPLES, samples - 1)
+    if len(held_ids) >= 4:
+        assert max(held_ids) == samples - 1 and min(held_ids) < samples // 4 + 1  # the tails of 4 runs
+
+
+def test_holdout_of_a_plain_iterable_takes_every_nth_sample():
+    feeds = [{"x": np.full((1, 2), i, np.float32)} for i in range(10)]
+    fit, held = _holdout(feeds, 0.25)
+    assert [int(f["x"][0, 0]) for f in held] == [3, 7] and len(list(fit)) == 8
+
+
+def drifting_mlp(held_like_fit: bool):
+    """correlated_mlp with calibration samples whose fitting part lies near a 2-dimensional subspace: learned
+    rounding, fitted there, is free in the other directions. The held-out samples (the last 4 of every 16:
+    the tails of the 4 runs) either come from that subspace too or span every direction."""
+    model, _ = correlated_mlp()
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, 2)) @ rng.standard_normal((2, 32)) * 3).astype(np.float32)
+    if not held_like_fit:
+        held = np.arange(64) % 16 >= 12
+        x[held] = 3 * rng.standard_normal((int(held.sum()), 32))
+    return model, FeedSet({"x": x[:, None, :]}, "drifting")
+
+
+@pytest.mark.parametrize("held_like_fit", [True, False])
+def test_learned_rounding_is_kept_only_where_it_wins_on_held_out_samples(held_like_fit):
+    """Positive and negative twin: where the held-out samples look like the fitting ones, learned rounding
+    wins there and is kept; where they span directions the fitting samples never showed, it loses there
+    and the model is exactly the nearest-rounding one."""
+    model, feeds = drifting_mlp(held_like_fit)
+    options = {"mode": "static", "rounding_steps": 150}
+    learned = QuantizePass(QuantizePass.Options(**options, rounding="learned"), PassContext(calib=feeds))(model.__deepcopy__())
+    nearest = QuantizePass(QuantizePass.Options(**options), PassContext(calib=feeds))(model.__deepcopy__())
+    check = learned.details["rounding_holdout"]
+    assert check["samples"] == 16 and learned.stats["rounding_holdout_samples"] == 16
+    assert (check["learned"]["rel_l2"] < check["nearest"]["rel_l2"]) == held_like_fit
+    assert check["kept"] == ("learned" if held_like_fit else "nearest")
+    assert learned.stats["rounding_holdout_kept_learned"] == int(held_like_fit)
+    weights = {t.name: t for t in nearest.model.graph.initializer}
+    differs = any(not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(weights[t.name]))
+                  for t in learned.model.graph.initializer if t.name in weights)
+    assert differs == held_like_fit
+
+
+def test_no_holdout_learns_from_every_sample_without_a_check():
+    model, feeds = correlated_mlp()
+    result = QuantizePass(QuantizePass.Options(mode="static", rounding="learned", rounding_holdout=0.0),
+                          PassContext(calib=feeds))(model.__deepcopy__())
+    assert "rounding_holdout" not in result.details and result.stats["rounding_holdout_skipped"] == 1
+    assert result.stats["rounding_learned"] == 2
+
+
+def test_top1_flips_count_positions_lost_and_won_on_class_scores_only():
+    reference = {"scores": [np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])], "value": [np.array([1.0])]}
+    before = {"scores": [np.array([[3.0, 1.0, 0.0], [0.0, 0.0, 1.0]])], "value": [np.array([2.0])]}
+    after = {"scores": [np.array([[0.0, 1.0, 0.0], [0.0, 2.0, 1.0]])], "value": [np.array([0.0])]}
+    assert _top1_flips(reference, before, after) == (1, 1) and _top1_flips(reference, before, before) == (0, 0)

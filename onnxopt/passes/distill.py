@@ -11,8 +11,9 @@ Student and teacher each run once over the calibration data, piece by piece
 before it is fit, and the layer itself runs with its new weights; the teacher, which does not
 change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). In this
 process the teacher's pieces run in a thread ahead of the layers (:class:`_Teacher`: the same asks in
-the same order, so the same values), and so does the unchanged student's end-to-end run for the
-keep-the-better check below: on two cores, statistics and fits here overlap both. With an
+the same order, so the same values; not when attention pairs ask the teacher for scores between the
+layers), and so does the unchanged student's end-to-end run for the keep-the-better check below: on
+two cores, statistics and fits here overlap both. With an
 executor, each calibration shard's runners live on one worker
 (:class:`~onnxopt.reconstruction.stream.ShardedRunner`), which sums the shard's statistics; the fits
 run here. Statistics are float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of
@@ -21,7 +22,9 @@ samples beyond the values at the current cut.
 The ridge pulls toward the current weights, not toward zero: with fewer calibration rows than
 inputs, the directions the data does not see keep the student's values instead of collapsing.
 Zeros from pruning stay zero (each output column is solved over its nonzero inputs, all columns at
-once; an all-zero column, a pruned neuron, is left alone, bias included). A layer's change is kept
+once; an all-zero column, a pruned neuron, is left alone, bias included). A query / key pair feeding one
+softmax attention is then refit together to the teacher's attention scores
+(:mod:`onnxopt.reconstruction.attention`): what matters of their error is what reaches the softmax. A layer's change is kept
 only if it lowers the layer's own error against the teacher; and the whole repair is kept only if
 the model's output error against the teacher on the calibration data goes down: otherwise the
 student is returned unchanged (``reverted_whole``), so distill never makes a model worse on it.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import itertools
 import queue
 import threading
 import time
@@ -43,9 +47,11 @@ import onnx
 
 from ..data import FeedSet
 from ..errors import InputError
-from ..graph import (STANDARD_DOMAINS, GraphIndex, WeightStore, defined_names, node_subgraphs,
-                     unique_name_factory, walk_nodes)
+from ..graph import (STANDARD_DOMAINS, ConstantResolver, GraphIndex, WeightStore, defined_names, node_subgraphs,
+                     opset_version, unique_name_factory, walk_nodes)
 from ..reconstruction import LayerGeometry, LayerStatistics, blas_threads, masked_refit
+from ..reconstruction.attention import (AttentionScores, find_attention, layout_matches, local_scores,
+                                        refit_query_key)
 from ..reconstruction.stream import LayerwiseRunner, ShardedRunner, ShardRunners
 from ..tensors import FLOAT_TYPES
 from ..validate import numeric_values
@@ -188,6 +194,8 @@ class Distill(Pass):
         exclude: tuple[str, ...] = ()
         max_layers: int = 0
         batch_size: int = 0  # samples per run; 0: joined when the batch axis is dynamic
+        attention: bool = True  # refit query / key pairs to the teacher's attention scores (softmax metric)
+        attention_steps: int = 10  # conjugate-gradient steps per side
 
         def __post_init__(self) -> None:
             if not self.damping > 0:
@@ -200,6 +208,8 @@ class Distill(Pass):
                 raise InputError(f"distill: max_layers must be >= 0 (0 = all), not {self.max_layers}")
             if self.batch_size < 0:
                 raise InputError(f"distill: batch_size must be >= 0 (0 = automatic), not {self.batch_size}")
+            if self.attention_steps < 1:
+                raise InputError(f"distill: attention_steps must be >= 1, not {self.attention_steps}")
 
     def requires(self, model: onnx.ModelProto) -> None:
         self.context.calibration_feeds(self.name)
@@ -223,6 +233,7 @@ class Distill(Pass):
         outputs = [o.name for o in model.graph.output]
         undo: list[Callable[[], None]] = []
         rows = []
+        pairs = self._attention_pairs(model, layers, runs, stats) if self.options.attention else {}
         shared = None  # (reads, gram) of the last layer: the next one reuses the gram when it reads the same input
         for number, layer in enumerate(layers, 1):
             start = time.perf_counter()
@@ -242,12 +253,16 @@ class Distill(Pass):
                 undo.append(change)
                 runs.changed(layer.use.node, [layer.bias] if layer.bias else [])
             rows.append({**row, "seconds": round(time.perf_counter() - start, 4)})
+            if layer in pairs:
+                rows.append(self._fit_attention(*pairs[layer], runs, stats, undo))
             if self.context.progress:
                 import click
 
-                click.echo(f"distill: layer {number}/{len(layers)} {row['name']}: {row['result']} "
-                           f"({row['rel_err_before']:.4f} -> {row.get('rel_err_after', row['rel_err_before']):.4f}, "
-                           f"{rows[-1]['seconds']:.2f} s)", err=True)
+                for done in rows[-1 - (layer in pairs):]:  # the layer's row, and its attention's
+                    before = done.get("rel_err_before", float("nan"))
+                    click.echo(f"distill: layer {number}/{len(layers)} {done['name']}: {done['result']} "
+                               f"({before:.4f} -> {done.get('rel_err_after', before):.4f}, {done['seconds']:.2f} s)",
+                               err=True)
         stats["calib_rel_err_before"], stats["calib_rel_err_after"] = error, _ = runs.output_errors(outputs)
         if undo and not stats["calib_rel_err_after"] < error:
             for change in reversed(undo):
@@ -257,6 +272,52 @@ class Distill(Pass):
             undo = []
         stats["pieces_run"] = runs.pieces()
         return PassResult(model, bool(undo), stats, {"layers": rows})
+
+    def _attention_pairs(self, model: onnx.ModelProto, layers: list[Layer], runs, stats) -> dict:
+        """``{the later of a query / key pair: (query layer, key layer, attention)}``; their rows are kept."""
+        by_target = {layer.target: layer for layer in layers  # rows in order: features on the last axis
+                     if not layer.geometry.is_conv and (layer.use.data_axis == -1 or (
+                         layer.use.node.op_type == "Gemm" and not attribute(layer.use.node, "transA", 0)))}
+        index = GraphIndex(model.graph)
+        found = find_attention(index, ConstantResolver(index, WeightStore(model.graph), opset_version(model)),
+                               {target: layer.width for target, layer in by_target.items()})
+        position = {layer: i for i, layer in enumerate(layers)}
+        pairs = {}
+        for attention in found:
+            query, key = by_target[attention.query], by_target[attention.key]
+            pairs[max(query, key, key=position.__getitem__)] = (query, key, attention)
+            runs.keep_rows.update((query.target, key.target))
+        runs.hold_teacher([n for a in found for n in (a.scores, a.probabilities)])
+        return pairs
+
+    def _fit_attention(self, query: Layer, key: Layer, attention: AttentionScores, runs, stats, undo) -> dict:
+        """Refit the key, then the query, to the teacher's scores (:mod:`onnxopt.reconstruction.attention`);
+        kept when the Fisher-weighted score error goes down. The report row."""
+        start = time.perf_counter()
+        row = {"name": f"attention {attention.scores}", "op": "Attention", "seconds": 0.0}
+        problem, work = runs.attention(_AttentionPair(query.rows, key.rows, query.use.node.output[0],
+                                                      key.use.node.output[0], attention))
+        if isinstance(problem, str):
+            count(stats, f"attention_{problem}")
+            return {**row, "result": "skipped"}
+        (old_q, wq), (old_k, wk) = query.current(), key.current()
+        keep = tuple(w[0] != 0 if self.options.keep_zeros else np.ones(w[0].shape, bool) for w in (wq, wk))
+        if query.with_bias:
+            keep[0][-1] = keep[0][:-1].any(axis=0)
+        if key.with_bias:
+            keep[1][-1] = False  # a key bias shifts a query's whole row of scores: the softmax ignores it
+        with blas_threads(work * self.options.attention_steps):
+            fit = refit_query_key(problem, (wq[0], wk[0]), keep, self.options.attention_steps)
+        row.update(rel_err_before=fit.error_before, rel_err_after=fit.error_after,
+                   seconds=round(time.perf_counter() - start, 4))
+        if not fit.error_after < fit.error_before:
+            count(stats, "attention_reverted")
+            return {**row, "result": "reverted"}
+        for layer, solved, old in ((query, fit.query, old_q), (key, fit.key, old_k)):
+            undo.append(layer.write(solved[None], old))
+            runs.changed(layer.use.node, [layer.bias] if layer.bias else [])
+        count(stats, "attention_refit")
+        return {**row, "result": "refit"}
 
     def _layers(self, model: onnx.ModelProto, teacher: onnx.ModelProto, stats) -> list:
         """The student's repairable layers in topological order; every other candidate counted as a skip."""
@@ -337,6 +398,14 @@ def _ahead(layers: Iterable[Layer], per_channel: int) -> list[str]:
     return names
 
 
+def _rows(layer: _LayerRows, values: list[np.ndarray], width: int = 0) -> np.ndarray:
+    """A linear layer's input rows over every batch, float32, with a ones column when it has a bias
+    (``width``: its output rows instead)."""
+    rows = np.concatenate([np.reshape(v, (-1, width or layer.geometry.inputs)) for v in values]).astype(
+        np.float32, copy=False)
+    return np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1) if layer.with_bias and not width else rows
+
+
 def _output_error(student: dict[str, list[np.ndarray]], teacher: dict[str, list[np.ndarray]]) -> float:
     """The student's output error relative to the teacher's (L2 over every numeric output and batch)."""
     return _relative_error(*_error_sums(student, teacher))
@@ -376,6 +445,35 @@ class _LayerRows:
     def teacher_values(self) -> list[str]:
         """What the layer may ask of the teacher: its target, and the residual stream's sum."""
         return [self.target, *self.stream[:1]] if self.stream else [self.target]
+
+
+@dataclass(frozen=True)
+class _AttentionPair:
+    """What a worker needs to gather a query / key pair's data: both layers' rows and outputs, the attention."""
+
+    query: _LayerRows
+    key: _LayerRows
+    query_output: str  # the layers' node outputs: still to run, or the fit comes too late
+    key_output: str
+    attention: AttentionScores
+
+
+def _attention_data(student: LayerwiseRunner, teacher: LayerwiseRunner, rows: dict, pair: _AttentionPair):
+    """``(inputs, target scores, probabilities)`` of a pair over the runners' batches (``rows``: the layers'
+    inputs and targets by target, kept as they were fit; taken), or why there are none."""
+    (xq, yq), (xk, yk) = rows.pop(pair.query.target), rows.pop(pair.key.target)
+    if student.ready(pair.query_output) or student.ready(pair.key_output):
+        return "skipped_already_run"
+    attention = pair.attention
+    taught = teacher.values([attention.scores, attention.probabilities])
+    target, probabilities = (np.concatenate([v.reshape(-1, attention.heads, *v.shape[-2:]) for v in taught[n]])
+                             .astype(np.float32) for n in (attention.scores, attention.probabilities))
+    inputs = (_rows(pair.query, xq), _rows(pair.key, xk))
+    outputs = (_rows(pair.query, yq, pair.query.geometry.outputs), _rows(pair.key, yk, pair.key.geometry.outputs))
+    if (probabilities.shape != target.shape or any(len(x) != len(y) for x, y in zip(inputs, outputs))
+            or not layout_matches(attention, *outputs, target)):
+        return "layout_mismatch"
+    return inputs, target, probabilities
 
 
 def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, layer: _LayerRows, stats,
@@ -463,32 +561,68 @@ class _Teacher:
 
 
 class _Runs:
-    """Student and teacher run piece by piece in this process. The teacher's values and the student's outputs
-    before any change (for the keep-the-better check) are computed in threads beside the layers."""
+    """Student and teacher run piece by piece in this process. The student's outputs before any change (for the
+    keep-the-better check) are computed in a thread beside the layers, and so are the teacher's values
+    (:class:`_Teacher`), unless attention pairs ask the teacher for scores between layers: the teacher then
+    answers here, in order (its thread would have to know those asks ahead)."""
 
     def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
         self.outputs = [o.name for o in model.graph.output]
         self.student = LayerwiseRunner(model, feeds, batch_size)
-        rows = [layer.rows for layer in layers]
-        streams = self.student.plan([r.data for r in rows], [r.stream[1] if r.stream else None for r in rows])
+        self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
+        self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+        self.keep_rows: set[str] = set()  # layers (targets) whose inputs and targets a later fit needs (attention)
+        self.rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         self.before_pool = ThreadPoolExecutor(1, thread_name_prefix="distill-before")
         self.before = self.before_pool.submit(LayerwiseRunner(model, feeds, batch_size).later(self.outputs))
-        self.teacher = _Teacher(LayerwiseRunner(teacher, feeds, batch_size), layers, streams, self.outputs)
+        self.runner = LayerwiseRunner(teacher, feeds, batch_size)  # the teacher's
+        self.teacher: _Teacher | None = None  # its thread, started by the first layer
+        self.in_order = False  # the teacher asked here, as the layers come
+
+    def taught(self) -> _Teacher:
+        """The teacher's thread, started before the student has run anything (what each layer will ask of
+        the teacher is planned from that state)."""
+        if self.teacher is None:
+            rows = [layer.rows for layer in self.layers]
+            streams = self.student.plan([r.data for r in rows], [r.stream[1] if r.stream else None for r in rows])
+            self.teacher = _Teacher(self.runner, self.layers, streams, self.outputs)
+        return self.teacher
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
         """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
-        x = self.student.values([layer.use.data])[layer.use.data]
-        y = _target(self.student, layer.rows, self.teacher.next(), stats)
+        if self.in_order:
+            x, y = _inputs_and_targets(self.student, self.runner, layer.rows, stats,
+                                       _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
+                                              self.per_channel))
+            self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+        else:
+            x = self.student.values([layer.use.data])[layer.use.data]
+            y = _target(self.student, layer.rows, self.taught().next(), stats)
+        if layer.target in self.keep_rows:
+            self.rows[layer.target] = (x, y)
         work = layer.geometry.work(x)
         with blas_threads(work):
             return layer.statistics(x, y, gram), work
+
+    def hold_teacher(self, names: list[str]) -> None:
+        if names:
+            self.runner.hold(names)
+            self.in_order = True
+
+    def attention(self, pair: _AttentionPair) -> tuple[Callable | str, float]:
+        """``(key, other weights) -> ScoreProblem`` for the pair (or why not), and the work of one step."""
+        data = _attention_data(self.student, self.runner, self.rows, pair)
+        if isinstance(data, str):
+            return data, 0.0
+        inputs = data[0]
+        return local_scores(pair.attention, *data), 2.0 * sum(rows.size for rows in inputs) * pair.query.geometry.outputs
 
     def changed(self, node: onnx.NodeProto, constants: list[str]) -> None:
         """The student runs the model in place: nothing to send."""
 
     def output_errors(self, outputs: list[str]) -> tuple[float, float]:
         """The output error against the teacher before and after the layers' changes."""
-        reference = self.teacher.next()
+        reference = self.runner.values(outputs) if self.in_order else self.taught().next()
         return (_output_error(self.before.result(), reference),
                 _output_error(self.student.values(outputs), reference))
 
@@ -496,7 +630,8 @@ class _Runs:
         return self.student.sessions
 
     def close(self) -> None:
-        self.teacher.close()
+        if self.teacher is not None:
+            self.teacher.close()
         self.before_pool.shutdown(cancel_futures=True)
 
 
@@ -508,9 +643,21 @@ class _ShardedRuns:
     def __init__(self, executor, model, teacher, feeds: FeedSet, batch_size: int) -> None:
         self.runner = ShardedRunner(executor, model, feeds, batch_size, teacher=teacher)
         self.runner.map(_keep_outputs_before, [o.name for o in model.graph.output])
+        self.keep_rows: set[str] = set()
+
+    def hold_teacher(self, names: list[str]) -> None:
+        if names:
+            self.runner.map(_hold_teacher, names)
+
+    def attention(self, pair: _AttentionPair) -> tuple[Callable | str, float]:
+        """The pair's score problems summed over the shards (each shard's part where its rows are), or why not."""
+        reasons = [r for r in self.runner.map(_shard_attention_data, pair) if r is not None]
+        if reasons:
+            return reasons[0], 0.0
+        return functools.partial(_ShardedScores, self.runner), 0.0
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
-        partials = self.runner.map(_shard_statistics, layer.rows, gram is None)
+        partials = self.runner.map(_shard_statistics, layer.rows, gram is None, layer.target in self.keep_rows)
         for key, n in partials[0][1].items():  # counted once per layer, as in this process
             count(stats, key, n)
         if any(sums is None for sums, _ in partials):
@@ -542,14 +689,57 @@ def _keep_outputs_before(runners: ShardRunners, outputs: list[str]) -> None:
     runners.kept["before"] = LayerwiseRunner(runners.model.model, runners.model.batches, 1).values(outputs)
 
 
-def _shard_statistics(runners: ShardRunners, layer: _LayerRows, gram: bool):
-    """One shard's statistics of a layer (without the gram when another layer's is reused), and the counts."""
+def _shard_statistics(runners: ShardRunners, layer: _LayerRows, gram: bool, keep: bool = False):
+    """One shard's statistics of a layer (without the gram when another layer's is reused), and the counts
+    (``keep``: its rows are kept for the attention fit)."""
     counts: dict = {}
     x, y = _inputs_and_targets(runners.model, runners.teacher, layer, counts)
+    if keep:
+        runners.kept.setdefault("attention_rows", {})[layer.target] = (x, y)
     sums = LayerStatistics.empty(layer.geometry, bias=layer.with_bias, target=True)
     fitted = sums.update_batches(layer.geometry, x, y, gram=gram)
     runners.kept["rows"] = (x, y) if fitted else None  # for the exact error of the current weights
     return (sums if fitted else None), counts
+
+
+def _hold_teacher(runners: ShardRunners, names: list[str]) -> None:
+    runners.teacher.hold(names)
+
+
+def _shard_attention_data(runners: ShardRunners, pair: _AttentionPair) -> str | None:
+    """Gather a shard's rows, scores and probabilities for the pair's fit (None), or say why not."""
+    data = _attention_data(runners.model, runners.teacher, runners.kept.setdefault("attention_rows", {}), pair)
+    if isinstance(data, str):
+        return data
+    runners.kept["attention"] = local_scores(pair.attention, *data)
+    return None
+
+
+def _shard_score_problem(runners: ShardRunners, key: bool, other: np.ndarray) -> None:
+    runners.kept["scores"] = runners.kept["attention"](key, other)
+
+
+def _shard_scores(runners: ShardRunners, method: str, *args):
+    problem = runners.kept["scores"]
+    return problem.gradient(args[0], residual=args[1]) if method == "gradient" else getattr(problem, method)(*args)
+
+
+class _ShardedScores:
+    """One side's score problem as sums over the calibration shards, in shard order (:class:`Scores`)."""
+
+    def __init__(self, runner: ShardedRunner, key: bool, other: np.ndarray) -> None:
+        self.runner = runner
+        runner.map(_shard_score_problem, key, other)
+
+    def gradient(self, weights: np.ndarray, *, residual: bool = False) -> np.ndarray:
+        return functools.reduce(np.add, self.runner.map(_shard_scores, "gradient", weights, residual))
+
+    def error(self, weights: np.ndarray) -> float:
+        return sum(self.runner.map(_shard_scores, "error", weights))
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = self.runner.map(_shard_scores, "factors")
+        return tuple(functools.reduce(np.add, (p[i] for p in parts)) for i in range(2))
 
 
 def _shard_start_error(runners: ShardRunners, geometry: LayerGeometry, start: np.ndarray) -> float:

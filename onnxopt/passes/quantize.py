@@ -65,14 +65,15 @@ import onnx
 from onnx import numpy_helper
 
 from ..calibration import TensorStats, collect, load_stats, model_fingerprint, save_stats
-from ..data import FeedSet
+from ..data import ChainedRows, FeedSet
 from ..embeddings import quantize_embeddings
 from ..errors import InputError
 from ..graph import (GraphIndex, WeightStore, model_graphs, opset_version, replace_nodes,
                      unique_name_factory, walk_graphs)
 from ..sharded import TrialScorer
+from ..tensors import tensor_to_array
 from ..smoothing import fold_inverse_scale, smoothing_scale
-from ..validate import Session, Tolerances, compare_outputs, run_model
+from ..validate import Session, Tolerances, compare_outputs, output_metrics, run_model, top1_counts
 from .base import Pass, PassResult, count
 from .bias_rewrite import fold_batchnorm, fuse_bias
 from ..reconstruction import SCHEDULES, LayerGeometry, LayerStatistics, Schedule, learned_rounding
@@ -102,6 +103,17 @@ AUTO_MUL_TRIALS = 24  # auto mode: migration Muls tried without, one input tenso
 # 1.4 of its 3.2 ms of QLinearConv), and the Q/DQ and NHWC transposes around it cost more; auto mode also
 # measures a candidate that keeps them float
 NARROW_CONV_REDUCTION = 32
+# float16_constants: a constant is halved where that saves more than its Cast node costs (this many bytes and
+# its name twice), and only where every reader is one of these (op, input positions), where 11 bits of mantissa
+# are far below the int8 noise around them (None: any position)
+HALF_CAST_BYTES = 32
+HALF_READERS = {"Add": None, "Sub": None, "Mul": None, "Div": None, "LayerNormalization": (1, 2),
+                "SkipLayerNormalization": (2, 3, 4), "InstanceNormalization": (1, 2), "Gemm": (2,), "Conv": (2,)}
+# float16's normal range for a constant's largest value: every value then keeps an error <= 2^-11 of that value
+# (or 2^-25 absolute in the subnormals, far below 2^-11 of the largest)
+HALF_RANGE = (2.0**-14, 65504.0)
+HOLDOUT_BLOCKS = 4  # learned rounding's held-out samples: tails of this many runs of the calibration data
+HOLDOUT_MAX_SAMPLES = 256  # at most this many held out (the rest fit the statistics)
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,10 @@ class QuantizeOptions:
     rounding: str = "nearest"  # nearest | learned (AdaRound on each layer's input statistics)
     lr_schedule: str = "constant"  # learned rounding: cosine | step | exponential | constant
     rounding_steps: int = 100
+    # learned rounding: this share of the calibration samples is held out of its statistics, and the learned
+    # weights are kept only where they beat nearest rounding end to end on those samples (0: no check)
+    rounding_holdout: float = 0.25
+    float16_constants: bool = True  # small float constants (biases, norm parameters, scales) stored as float16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -159,6 +175,9 @@ class QuantizeOptions:
         if self.rounding not in ("nearest", "learned") or self.lr_schedule not in SCHEDULES or self.rounding_steps < 1:
             raise InputError(f"quantize: rounding must be nearest|learned, lr_schedule {'|'.join(SCHEDULES)} and "
                              f"rounding_steps >= 1, not {self.rounding}, {self.lr_schedule}, {self.rounding_steps}")
+        if not 0.0 <= self.rounding_holdout < 1.0:
+            raise InputError(f"quantize: rounding_holdout must be in [0, 1) (0: no held-out check), "
+                             f"not {self.rounding_holdout}")
 
 
 @dataclass
@@ -300,9 +319,9 @@ class QuantizePass(Pass):
             finally:
                 trials.close()
         if opt.rounding == "learned":  # after the choices above, which measure nearest rounding (see the notes)
-            quantized.learn(input_statistics(model, feeds, {u.use.data: _geometry(u, request.store)
-                                                            for u in plan.units if u.use is not None},
-                                             executor=self.context.executor))
+            holdout = self._learn_rounding(request, plan, quantized, feeds, stats)
+            if holdout is not None:
+                details["rounding_holdout"] = holdout
         layers = _apply(model, request.store, plan, request.subgraphs, quantized, request.make_name, stats,
                         request.index)
         stats.update(quantized.rounding_stats)
@@ -316,7 +335,37 @@ class QuantizePass(Pass):
             details["sensitivity"] = [{"name": n, "cosine_alone": c, "kept_float": n in kept_float}
                                       for n, c in sorted(sensitivity.items(), key=lambda item: item[1])]
         details["layers"] = layers + self._embeddings(model, request, stats)
+        if opt.float16_constants:
+            _half_constants(model.graph, request.make_name, stats)
         return PassResult(model, True, stats, details)
+
+    def _learn_rounding(self, request: CalibrationRequest, plan: _Plan, quantized: _Quantized, feeds,
+                        stats: dict) -> dict | None:
+        """Learn the plan's weight rounding from the statistics of the fitting samples, and keep it only if the
+        whole model is not worse than with nearest rounding on the held-out samples, against the float model:
+        a layer's output error on calibration data is not the task (a lower one lost 2 of 1024 eval samples on
+        samples/mlp). The comparison for the report, or None without held-out samples."""
+        fit, held = _holdout(feeds, self.options.rounding_holdout)
+        layers = {u.use.data: _geometry(u, request.store) for u in plan.units if u.use is not None}
+        trials = None if held is None else _Trials(request, quantized, held, samples=HOLDOUT_MAX_SAMPLES)
+        nearest_model = None if trials is None else trials.model(plan)  # built before learn: nearest rounding
+        quantized.learn(input_statistics(request.model, fit, layers, executor=self.context.executor))
+        if trials is None:
+            count(stats, "rounding_holdout_skipped")
+            return None
+        outputs = {"nearest": run_model(nearest_model, trials.subset), "learned": run_model(trials.model(plan),
+                                                                                           trials.subset)}
+        scores = {name: _holdout_score(trials.reference, out) for name, out in outputs.items()}
+        # argmax flips: an output's top-1 agreement is a task score for class scores and noise for hidden states
+        # (minilm_l3's tokens: 8 of 2048 flipped either way); a loss counts where it is beyond chance (McNemar)
+        lost, won = _top1_flips(trials.reference, outputs["nearest"], outputs["learned"])
+        kept = ("learned" if scores["learned"]["rel_l2"] <= scores["nearest"]["rel_l2"]
+                and lost - won <= 2 * np.sqrt(lost + won) else "nearest")
+        if kept == "nearest":
+            quantized.learn({})  # every weight rounds to nearest again (both forms are cached)
+        stats["rounding_holdout_samples"] = len(trials.subset)
+        stats["rounding_holdout_kept_learned"] = int(kept == "learned")
+        return {"samples": len(trials.subset), **scores, "top1_lost": lost, "top1_won": won, "kept": kept}
 
     def _embeddings(self, model: onnx.ModelProto, request: CalibrationRequest, stats: dict) -> list[dict]:
         """Embedding tables of the main graph to integers (rows for the report)."""
@@ -350,6 +399,74 @@ class QuantizePass(Pass):
             save_stats(cache, result, fingerprint)
         stats["calib_cache_hit"] = 0
         return result
+
+
+# --------------------------------------------------------------------------- held-out samples
+
+
+def _holdout(feeds, fraction: float):
+    """(fitting samples, held-out samples or None). A FeedSet's held-out samples are the tails of
+    HOLDOUT_BLOCKS equal runs (calibration files are often ordered: by class, by source), at most
+    HOLDOUT_MAX_SAMPLES, windows over the same arrays (nothing copied or read); other iterables hold out
+    every ``round(1 / fraction)``-th sample. None when ``fraction`` is 0 or leaves no sample on either side."""
+    if not fraction:
+        return feeds, None
+    if not isinstance(feeds, FeedSet):
+        period = max(2, round(1 / fraction))
+        return _EveryNth(feeds, period, held=False), _EveryNth(feeds, period, held=True)
+    n = len(feeds)
+    held = min(round(n * fraction), HOLDOUT_MAX_SAMPLES, n - 1)
+    if held < 1:
+        return feeds, None
+    blocks = min(HOLDOUT_BLOCKS, held)
+    ends = [(b + 1) * n // blocks for b in range(blocks)]
+    sizes = [held // blocks + (b < held % blocks) for b in range(blocks)]
+    held_runs = [(end - size, end) for end, size in zip(ends, sizes)]
+    fit_runs = [(0 if b == 0 else ends[b - 1], start) for b, (start, _) in enumerate(held_runs)]
+    return _runs(feeds, fit_runs), _runs(feeds, held_runs)
+
+
+def _runs(feeds: FeedSet, runs: list[tuple[int, int]]) -> FeedSet:
+    """The samples of ``runs`` ([start, stop) each) as one FeedSet of windows."""
+    parts = [feeds.window(start, stop) for start, stop in runs if stop > start]
+    return FeedSet({name: ChainedRows([p.arrays[name] for p in parts], feeds.origin) for name in feeds.arrays},
+                   f"{feeds.origin} samples {', '.join(f'{a}..{b - 1}' for a, b in runs if b > a)}")
+
+
+class _EveryNth:
+    """Every ``period``-th sample of a re-iterable (``held``), or all the others."""
+
+    def __init__(self, feeds, period: int, held: bool) -> None:
+        self.feeds, self.period, self.held = feeds, period, held
+
+    def __iter__(self):
+        for i, feed in enumerate(self.feeds):
+            if (i % self.period == self.period - 1) == self.held:
+                yield feed
+
+
+def _top1_flips(reference: dict[str, list], before: dict[str, list], after: dict[str, list]) -> tuple[int, int]:
+    """(positions whose argmax ``after`` no longer agrees with the reference's where ``before`` did, and the
+    reverse), over the outputs that look like class scores (:func:`onnxopt.validate.top1_counts`)."""
+    lost = won = 0
+    for name, ref in reference.items():
+        if top1_counts(ref, before[name]) is None:
+            continue
+        for r, b, a in zip(ref, before[name], after[name]):
+            target = np.asarray(r).argmax(axis=-1)
+            hit_before, hit_after = np.asarray(b).argmax(axis=-1) == target, np.asarray(a).argmax(axis=-1) == target
+            lost += int(np.count_nonzero(hit_before & ~hit_after))
+            won += int(np.count_nonzero(hit_after & ~hit_before))
+    return lost, won
+
+
+def _holdout_score(reference: dict[str, list], candidate: dict[str, list]) -> dict:
+    """A candidate's outputs against the float model's on held-out samples: mean top-1 agreement (None where
+    no output is class scores), mean relative L2 error and worst cosine over the outputs."""
+    metrics = [output_metrics(reference[name], candidate[name], Tolerances()) for name in reference]
+    agreement = [m.top1_agreement for m in metrics if m.top1_agreement is not None]
+    return {"top1_agreement": float(np.mean(agreement)) if agreement else None,
+            "rel_l2": float(np.mean([m.rel_l2 for m in metrics])), "worst_cosine": min(m.cosine for m in metrics)}
 
 
 # --------------------------------------------------------------------------- model preparation
@@ -1006,6 +1123,41 @@ def _rebuild(graph: onnx.GraphProto, writer: _Writer, rename: dict[str, str]) ->
     replace_nodes(graph, nodes)
 
 
+def _half_constants(graph: onnx.GraphProto, make_name, stats: dict) -> None:
+    """Store the small float32 initializers that int8 leaves around the integer weights (biases, LayerNorm gamma
+    and beta, per-column weight scales: 3 % of the sample transformer's int8 file each, next to 24 % of int8
+    weights) as float16 behind a Cast. onnxruntime folds the Cast at load time, before its fusions, so the
+    session runs as before (checked: the same fused graph); without graph optimizations the Casts run on
+    every call, a few hundred values. Only constants that are read where an 11-bit mantissa is far below the
+    int8 noise (HALF_READERS), and only where the largest value is in float16's range (HALF_RANGE): never weights of
+    float layers or tables, nor Q/DQ parameters."""
+    readers: dict[str, set[tuple[str, int]]] = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, set()).add((node.op_type, position))
+    inputs = {i.name for i in graph.input} | {o.name for o in graph.output}
+    casts, saved = [], 0
+    for tensor in graph.initializer:
+        uses = readers.get(tensor.name)
+        if (tensor.data_type != onnx.TensorProto.FLOAT or not uses
+                or 2 * int(np.prod(tensor.dims)) <= HALF_CAST_BYTES + 2 * len(tensor.name.encode())
+                or tensor.name in inputs or not all(op in HALF_READERS and (HALF_READERS[op] is None or position
+                                                                            in HALF_READERS[op]) for op, position in uses)):
+            continue
+        values = tensor_to_array(tensor)
+        largest = float(np.max(np.abs(values)))  # NaN with any NaN
+        if not HALF_RANGE[0] <= largest <= HALF_RANGE[1]:
+            count(stats, "float16_constants_skipped_range")
+            continue
+        name, half = tensor.name, make_name(f"{tensor.name}_f16")
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float16), half))
+        casts.append(onnx.helper.make_node("Cast", [half], [name], to=onnx.TensorProto.FLOAT))
+        saved += 2 * values.size
+    if casts:
+        replace_nodes(graph, [*casts, *graph.node])
+        stats["float16_constants"], stats["float16_bytes_saved"] = len(casts), saved
+
+
 # --------------------------------------------------------------------------- accuracy-aware mode
 
 
@@ -1015,9 +1167,11 @@ class _Trials:
     quantized once; trial names only need to be unique in the trial. With an ``executor`` (and the
     data a FeedSet), :meth:`cosines` scores its trials on the executor's workers."""
 
-    def __init__(self, request: CalibrationRequest, quantized: _Quantized, feeds, executor=None) -> None:
+    def __init__(self, request: CalibrationRequest, quantized: _Quantized, feeds, executor=None,
+                 samples: int = 0) -> None:
+        """``samples``: how many of ``feeds`` the trials run (0: ``sensitivity_samples``)."""
         self.request, self.quantized = request, quantized
-        samples = quantized.opt.sensitivity_samples
+        samples = samples or quantized.opt.sensitivity_samples
         self.scorer = None
         if executor is not None and isinstance(feeds, FeedSet):
             self.scorer = TrialScorer(executor, request.model, feeds.window(0, samples))
@@ -1085,8 +1239,8 @@ def _latency_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int) -> di
 
 
 def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stats: dict, details: dict) -> _Plan:
-    """Auto mode: of the candidate plans (static, static with narrow Convs float, dynamic, dynamic with
-    migration Muls, in order of simplicity) those that keep accuracy, by measured worst cosine on calibration
+    """Auto mode: of the candidate plans (static, static with narrow Convs float, dynamic, dynamic with the
+    migration Muls that pay, dynamic with all of them, in order of simplicity) those that keep accuracy, by measured worst cosine on calibration
     samples (within AUTO_ERROR_SLACK / AUTO_ERROR_FLOOR of the best), and of
     those the fastest by measured latency, unless a simpler one is within AUTO_LATENCY_MARGIN of it."""
     trials = _Trials(request, quantized, feeds)
@@ -1103,7 +1257,11 @@ def _choose_mode(request: CalibrationRequest, quantized: _Quantized, feeds, stat
         if fewer is not None:
             plans["dynamic+some_mul"], models["dynamic+some_mul"], cosines["dynamic+some_mul"] = fewer
     latency = _latency_ms(models, trials.subset[0], quantized.opt.latency_runs)
-    close = [n for n in plans if 1.0 - cosines[n] <= budget]
+    # simplest first: every migration Mul is a node on every run, so the plan with all of them comes last (it
+    # came before the one with fewer: within the latency margin, minilm_l3 kept 12 Muls where 3 did as well,
+    # 4.3 % of its kernel time against 1.4 %)
+    order = [n for n in plans if n != "dynamic+mul"] + ["dynamic+mul"] * ("dynamic+mul" in plans)
+    close = [n for n in order if 1.0 - cosines[n] <= budget]
     fastest = min(latency[n] for n in close)
     chosen = next(n for n in close if latency[n] <= fastest * (1 + AUTO_LATENCY_MARGIN))
     details["candidates"] = [{"name": n, "calib_worst_cosine": cosines[n], "latency_ms": latency[n],

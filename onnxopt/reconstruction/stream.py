@@ -80,6 +80,10 @@ class LayerwiseRunner:
         self.held.difference_update(names)
         return {name: self._value(name) for name in names}
 
+    def hold(self, names: Iterable[str]) -> None:
+        """Keep these values once computed (even when no pending node reads them) until asked for or released."""
+        self.held.update(names)
+
     def release(self, names: Iterable[str]) -> None:
         """Values held ahead that will not be asked for after all."""
         for name in names:
@@ -167,7 +171,7 @@ class LayerwiseRunner:
         # uses read afresh: a layer may have gained an input (a new bias) since the index was built
         read = list(dict.fromkeys(n for i in piece for n in node_uses(self.index.nodes[i]) if n not in produced))
         kept = [n for n in dict.fromkeys([*asked, *sorted(produced)])
-                if n in produced and (self.readers[n] > 0 or n in asked or n in self.outputs)]
+                if n in produced and (self.readers[n] > 0 or n in asked or n in self.outputs or n in self.held)]
         inputs = [n for n in read if self._initializer(n) is None]
         # the graph built in place: make_graph then make_model would copy every constant twice
         sub = onnx.helper.make_model(onnx.GraphProto(name="piece"), opset_imports=self.model.opset_import,
