@@ -38,6 +38,7 @@ OURS = {
     DEFAULT: lambda p, c, o: ours(p, c, o),
     "onnxopt static": lambda p, c, o: ours(p, c, o, mode="static"),
     "onnxopt dynamic": lambda p, c, o: ours(p, c, o, mode="dynamic"),
+    "onnxopt dynamic smooth_mul=false": lambda p, c, o: ours(p, c, o, mode="dynamic", smooth_mul=False),
 }
 DYNAMIC = "ort quantize_dynamic"  # issue 9's latency peer for transformers, accurate or not
 PEERS = {
@@ -72,6 +73,9 @@ def main() -> None:
     args = parser.parse_args()
     only = args.only.split(",") if args.only else None
     chosen_names = args.quantizers.split(",") if args.quantizers else [*OURS, *PEERS]
+    unknown = set(chosen_names) - {*OURS, *PEERS}
+    if unknown:
+        parser.error(f"unknown quantizers: {', '.join(sorted(unknown))}")
     ours_now = {k: v for k, v in OURS.items() if k in chosen_names}
     peers_now = {k: v for k, v in PEERS.items() if k in chosen_names}
     threads = [int(t) for t in args.threads.split(",")]

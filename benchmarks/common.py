@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -46,6 +47,24 @@ def session(model: onnx.ModelProto | Path, optimize: bool = True, threads: int =
         options.enable_profiling, options.profile_file_prefix = True, profile
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def interleaved_times(runs: Sequence[tuple[ort.InferenceSession, dict]], rounds: int, warmup: int = 10
+                      ) -> np.ndarray:
+    """(rounds, len(runs)) seconds of ``session.run(None, feed)`` per (session, feed): every round runs
+    each once, in turn, starting one further along each round, so that neither load from elsewhere
+    nor a place in the round (first after the others' runs, say) favours one of them."""
+    for s, feed in runs:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times = np.zeros((rounds, len(runs)))
+    for r in range(rounds):
+        for i in np.roll(np.arange(len(runs)), -r):
+            s, feed = runs[i]
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[r, i] = time.perf_counter() - start
+    return times
 
 
 def outputs(model: onnx.ModelProto | Path, feeds: Iterable[dict], optimize: bool = True) -> list[np.ndarray]:
