@@ -716,11 +716,11 @@ def _shard_attention_data(runners: ShardRunners, pair: _AttentionPair) -> str | 
 
 
 def _shard_score_problem(runners: ShardRunners, key: bool, other: np.ndarray) -> None:
-    runners.kept["scores"] = runners.kept["attention"](key, other)
+    runners.kept["scores"] = runners.held("attention")(key, other)
 
 
 def _shard_scores(runners: ShardRunners, method: str, *args):
-    problem = runners.kept["scores"]
+    problem = runners.held("scores")
     return problem.gradient(args[0], residual=args[1]) if method == "gradient" else getattr(problem, method)(*args)
 
 
@@ -743,13 +743,13 @@ class _ShardedScores:
 
 
 def _shard_start_error(runners: ShardRunners, geometry: LayerGeometry, start: np.ndarray) -> float:
-    x, y = runners.kept["rows"]
+    x, y = runners.held("rows")
     return LayerStatistics.empty(geometry, bias=start.shape[1] > geometry.inputs).start_error(geometry, x, y, start)
 
 
 def _shard_output_errors(runners: ShardRunners, outputs: list[str]) -> tuple[float, float, float]:
     reference = runners.teacher.values(outputs)
-    before, ref = _error_sums(runners.kept.pop("before"), reference)
+    before, ref = _error_sums(runners.held("before", pop=True), reference)
     after, _ = _error_sums(runners.model.values(outputs), reference)
     return before, after, ref
 

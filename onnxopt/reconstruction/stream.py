@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ..data import FeedSet
-from ..errors import InputError
+from ..errors import InputError, OnnxoptError
 from ..executor import Executor, ModelHandle, Shard, WorkerCache, fetch, split
 from ..graph import GraphIndex, node_uses
 from ..tensors import is_external
@@ -325,6 +325,14 @@ class ShardRunners:
     model: LayerwiseRunner
     teacher: LayerwiseRunner | None
     kept: dict
+
+    def held(self, key: str, *, pop: bool = False):
+        """What an earlier task of this pass left in ``kept``; a worker restarted since has lost it, and
+        the pass cannot rebuild it from the changes it replays, so it stops with one clear message."""
+        if key not in self.kept:
+            raise OnnxoptError(f"a worker restarted in the middle of a layer and lost its shard's {key!r}; "
+                               "run again (or without --executor)")
+        return self.kept.pop(key) if pop else self.kept[key]
 
 
 class ShardedRunner:
