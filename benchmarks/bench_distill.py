@@ -3,6 +3,7 @@ onnxsim's apply_sparsegpt_pruning; distill's wall time against fp32 passes; lear
 
     python benchmarks/bench_distill.py [--models ../shared/models] [--samples samples] [--skip-onnxsim]
                                        [--skip-rounding] [--sections prune,int8,int4] [--sample-data 1024]
+                                       [--baseline ../main] [--repeat 3]
 
 Every shared model and sample with eval data, 50 % unstructured, all in one run. Scores on the EVAL
 file (never seen by prune or distill): top-1 accuracy where labels exist, minilm_l3's sentence
@@ -18,6 +19,10 @@ Rounding: int8 `quantize` with `rounding=nearest` vs `rounding=learned` (with it
 rounding's statistics come from 3/4 of the calibration samples, and its weights are kept only where the model
 is no worse than with nearest rounding on the other quarter), and int4 weight-only
 `quantize-weights` (block 32, tables left float) RTN / RTN + learned / GPTQ / GPTQ + learned (same scores).
+``--repeat N``: distill N times per thread setting and the fp32 pass N times before and after, the
+fastest of each kept (steadier on a loaded machine). ``--baseline``: another checkout's distill runs right
+after this one's on the same pruned models (same load): its time in fp32 passes beside ours, whether both
+return the same model, byte for byte, and both repaired models' scores.
 Prints markdown tables and writes benchmarks/out/bench_distill.json.
 """
 
@@ -82,12 +87,28 @@ def fp32_pass_seconds(model, calib) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def distill_seconds(pruned, teacher, calib, threads) -> tuple[onnx.ModelProto, float, dict, float]:
-    """(repaired model, wall s, stats, process CPU s)."""
+def distill_seconds(pruned, teacher, calib, threads, package=None) -> tuple[onnx.ModelProto, float, dict, float]:
+    """(repaired model, wall s, stats, process CPU s); ``package``: another checkout's onnxopt
+    (:func:`checkout`) instead of this one."""
+    distill, context = (Distill, PassContext) if package is None else package
     start, cpu = time.perf_counter(), time.process_time()
     with threadpool_limits(limits=threads, user_api="blas"):
-        result = Distill(None, PassContext(calib=calib, teacher=lambda: teacher))(copy_model(pruned))
+        result = distill(None, context(calib=calib, teacher=lambda: teacher))(copy_model(pruned))
     return result.model, time.perf_counter() - start, result.stats, time.process_time() - cpu
+
+
+def checkout(root: Path) -> tuple[type, type]:
+    """(Distill, PassContext) of the onnxopt in another checkout, imported beside this one as
+    ``onnxopt_baseline`` (its imports are relative): both distill in one run, under the same load."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("onnxopt_baseline", root / "onnxopt" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "onnxopt")])
+    sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[spec.name])
+    return (importlib.import_module("onnxopt_baseline.passes.distill").Distill,
+            importlib.import_module("onnxopt_baseline.passes.base").PassContext)
 
 
 def sample_data(name: str, samples: int, folder: Path) -> tuple[Path, Path, np.ndarray | None]:
@@ -105,27 +126,45 @@ def sample_data(name: str, samples: int, folder: Path) -> tuple[Path, Path, np.n
     return calib, evals, sample.labels
 
 
-def prune_rows(row: dict, model, calib, evals, dense, task) -> None:
-    """Wanda and SparseGPT, each alone and + distill (1 and all BLAS threads), into ``row``."""
-    passes = [fp32_pass_seconds(model, calib)]
+def fastest(row: dict, key: str, threads, seconds: float, cpu: float) -> None:
+    """Keep the smallest wall and CPU seconds seen under ``key`` for the thread setting."""
+    for kind, value in (("s", seconds), ("cpu_s", cpu)):
+        name = f"{key}_{kind}_{threads or 'all'}_threads"
+        row[name] = min(row.get(name, value), value)
+
+
+def prune_rows(row: dict, model, calib, evals, dense, task, baseline=None, repeat: int = 1) -> None:
+    """Wanda and SparseGPT, each alone and + distill (1 and all BLAS threads), into ``row``; the ``baseline``
+    checkout's distill beside ours."""
+    passes = [fp32_pass_seconds(model, calib) for _ in range(repeat)]
     for method, pipeline in PRUNE.items():
         start = time.perf_counter()
         pruned = onnxopt.optimize(model, pipeline, calib=calib, validate=False).model
         row[f"{method}_prune_s"] = time.perf_counter() - start
         row[method] = task(dense, outputs(pruned, evals, optimize=False))
         for threads in (1, None):
-            repaired, seconds, stats, cpu = distill_seconds(pruned, model, calib, threads)
-            row[f"{method}_distill_s_{threads or 'all'}_threads"] = seconds
-            row[f"{method}_distill_cpu_s_{threads or 'all'}_threads"] = cpu
+            for _ in range(repeat):  # the fastest of the repeats: what the load took least from
+                repaired, seconds, stats, cpu = distill_seconds(pruned, model, calib, threads)
+                fastest(row, f"{method}_distill", threads, seconds, cpu)
+                if baseline is not None:  # right after, under the same load
+                    theirs, seconds, _, cpu = distill_seconds(pruned, model, calib, threads, baseline)
+                    fastest(row, f"{method}_baseline_distill", threads, seconds, cpu)
+                    row[f"{method}_baseline_same_model"] = (
+                        row.get(f"{method}_baseline_same_model", True)
+                        and theirs.SerializeToString() == repaired.SerializeToString())
+        if baseline is not None:
+            row[f"{method}+baseline_distill"] = task(dense, outputs(theirs, evals, optimize=False))
         row[f"{method}+distill"] = task(dense, outputs(repaired, evals, optimize=False))
         row[f"{method}_distill_stats"] = stats
-    passes.append(fp32_pass_seconds(model, calib))
-    row["fp32_pass_s"], row["fp32_pass_cpu_s"] = (float(np.mean(column)) for column in zip(*passes))
+    passes += [fp32_pass_seconds(model, calib) for _ in range(repeat)]
+    # one pass before and one after: their mean; with repeats, the fastest, as distill's
+    row["fp32_pass_s"], row["fp32_pass_cpu_s"] = (float(np.mean(c) if repeat == 1 else np.min(c)) for c in zip(*passes))
     lost = row["dense"] - row["wanda"]
     row["recovered"] = (row["sparsegpt+distill"] - row["wanda"]) / lost if lost > 0 else None
 
 
-def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, sections: set[str]) -> dict:
+def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, sections: set[str], baseline=None,
+             repeat: int = 1) -> dict:
     model = onnx.load(path)
     calib = name_positional_inputs(load_feeds(calib_path), model)
     evals = name_positional_inputs(load_feeds(eval_path), model)
@@ -133,7 +172,7 @@ def rows_for(name, path, calib_path, eval_path, labels, skip_onnxsim: bool, sect
     dense = outputs(model, evals, optimize=False)
     row = {"model": name, "metric": metric, "dense": task(dense, dense)}
     if "prune" in sections:
-        prune_rows(row, model, calib, evals, dense, task)
+        prune_rows(row, model, calib, evals, dense, task, baseline, repeat)
     if not skip_onnxsim:
         start = time.perf_counter()
         try:
@@ -195,6 +234,20 @@ def table(rows: list[dict]) -> str:
             f"{r['sparsegpt']:.4f} | {r['sparsegpt+distill']:.4f} | {fmt(r['recovered'], 2)} | {sim} | "
             f"{r['fp32_pass_s']:.2f} | {one:.2f} / {every:.2f} | {max(one, every) / r['fp32_pass_s']:.1f} | "
             f"{r['sparsegpt_distill_cpu_s_1_threads'] / r['fp32_pass_cpu_s']:.1f} |")
+    if any("sparsegpt_baseline_same_model" in r for r in rows):
+        lines += ["", "| model | distill / fp32 pass, 1 / all BLAS threads (wall) | baseline | "
+                      "CPU, 1 thread | baseline CPU | same model as the baseline (wanda, sparsegpt) | "
+                      "wanda + distill, baseline | sparsegpt + distill, baseline |", "|---" * 8 + "|"]
+        for r in rows:
+            if "sparsegpt_baseline_same_model" in r:
+                ours, theirs = ([r[f"sparsegpt{k}_distill_s_{t}_threads"] / r["fp32_pass_s"] for t in (1, "all")]
+                                for k in ("", "_baseline"))
+                cpu = [r[f"sparsegpt{k}_distill_cpu_s_1_threads"] / r["fp32_pass_cpu_s"] for k in ("", "_baseline")]
+                lines.append(f"| {r['model']} | {ours[0]:.1f} / {ours[1]:.1f} | {theirs[0]:.1f} / {theirs[1]:.1f} | "
+                             f"{cpu[0]:.1f} | {cpu[1]:.1f} | {r['wanda_baseline_same_model']}, "
+                             f"{r['sparsegpt_baseline_same_model']} | {r['wanda+distill']:.4f}, "
+                             f"{r['wanda+baseline_distill']:.4f} | {r['sparsegpt+distill']:.4f}, "
+                             f"{r['sparsegpt+baseline_distill']:.4f} |")
     if any("int8_nearest" in r for r in rows):
         lines += ["", "| model | metric | mode | dense | int8 nearest | int8 learned | rel err nearest | rel err learned | "
                       "held-out rel err nearest / learned (samples) | kept | quantize s nearest / learned |",
@@ -226,7 +279,14 @@ def main() -> None:
                              "rounding), int4 (weight-only RTN / GPTQ, with and without learned rounding)")
     parser.add_argument("--sample-data", type=int, default=1024, help="calibration and eval samples drawn for "
                         "the sample models (0: their 64-sample files)")
+    parser.add_argument("--repeat", type=int, default=1, help="distill runs per thread setting (the fastest "
+                        "kept, wall and CPU apart): steadier on a loaded machine")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout (its root): its distill "
+                        "runs right after this one's on the same pruned models, timed and compared")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, not {args.repeat}")
+    baseline = checkout(args.baseline) if args.baseline else None
     sections = set(args.sections.split(",")) - ({"int8", "int4"} if args.skip_rounding else set())
     rows = []
     out = ROOT / "benchmarks" / "out"
@@ -234,7 +294,7 @@ def main() -> None:
         print(name, file=sys.stderr)
         if name.startswith("samples/") and args.sample_data:
             case[1], case[2], case[3] = sample_data(name.split("/", 1)[1], args.sample_data, out / "sample_data")
-        rows.append(rows_for(name, *case, args.skip_onnxsim, sections))
+        rows.append(rows_for(name, *case, args.skip_onnxsim, sections, baseline, args.repeat))
         print(table(rows[-1:]), file=sys.stderr)
     print(table(rows))
     out.mkdir(parents=True, exist_ok=True)

@@ -78,12 +78,14 @@ class Session:
         optimize: bool = False,
         threads: int = 1,
         prepack: bool = True,
+        initializers: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """``threads``: intra-op threads (1 by default, so results and timings do not depend on the
         machine; 0 for onnxruntime's default, one per physical core). ``prepack=False`` leaves MatMul /
         Conv weights as they are instead of packing a copy of each at load: validation runs a few
         batches, and a multi-GB model's external data is then used where onnxruntime maps it (the
-        session opens in milliseconds instead of seconds per GB)."""
+        session opens in milliseconds instead of seconds per GB). ``initializers``: the data of the model's
+        tensors stored as external data without a file, handed over in memory (not serialized)."""
         options = ort.SessionOptions()
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -94,6 +96,9 @@ class Session:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        self._initializers = [ort.OrtValue.ortvalue_from_numpy(a) for a in (initializers or {}).values()]
+        if initializers:  # kept alive with the session, which reads them where they are
+            options.add_external_initializers(list(initializers), self._initializers)
         options.log_severity_level = 4  # failures reach the user as our own one-line error
         from_file = isinstance(model, (str, os.PathLike))  # a benchmark opens the file as a deployment would
         added = 0 if from_file else _add_outputs(model, extra_outputs)
@@ -101,7 +106,7 @@ class Session:
         try:
             if from_file:
                 self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-            elif needs_file(model):
+            elif not initializers and needs_file(model):
                 self._tmp = tempfile.TemporaryDirectory(prefix="onnxopt-session-")
                 path = Path(self._tmp.name) / "model.onnx"
                 save_scratch(model, path)

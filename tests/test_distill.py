@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +16,7 @@ from onnxopt.data import FeedSet
 from onnxopt.errors import InputError
 from onnxopt.passes.base import PassContext
 from onnxopt.graph import GraphIndex, WeightStore, unique_name_factory
+from onnxopt.passes import distill as distill_module
 from onnxopt.passes.distill import Distill, Layer
 from onnxopt.reconstruction import LayerGeometry, LayerStatistics
 from onnxopt.reconstruction.stream import LayerwiseRunner
@@ -427,3 +431,134 @@ def test_distill_asks_the_teacher_for_later_layers_in_few_pieces():
     assert result.stats["layers_refit"] >= 1
     # the first layer's target alone (no size known yet), then the two later layers' in one piece
     assert sum(1 for m in sessions if m is teacher) == 2
+
+
+# --------------------------------------------------------------------------- the teacher and the outputs before, in threads
+
+
+def test_plan_says_ahead_what_ready_will_say_after_the_same_asks():
+    """What the teacher's thread decides for each layer (ask for the stream's sum or not) before the student
+    has run anything equals what the student says when it gets there."""
+    for model, asks, checks in [(residual_block(), ["x", "r", "r"], ["h", "h", "y"]),
+                                (mlp(), ["x", "r1", "r2"], ["r1", "h1", None])]:
+        planned = LayerwiseRunner(model, CALIB).plan(asks, checks)
+        runner, seen = LayerwiseRunner(model, CALIB), []
+        for ask, check in zip(asks, checks):
+            runner.values([ask])
+            seen.append(check is not None and runner.ready(check))
+        assert planned == seen and True in seen and False in seen
+
+
+def test_later_computes_the_values_of_the_model_as_it_was_when_asked():
+    """The outputs before a change, computed in a thread after the change was made."""
+    teacher = mlp()
+    model = copy(teacher)
+    compute = LayerwiseRunner(model, CALIB).later(["y"])
+    model.graph.initializer[2].CopyFrom(tensor("w2", np.zeros((32, 24), np.float32)))
+    with ThreadPoolExecutor(1) as pool:
+        before = pool.submit(compute).result()["y"]
+    np.testing.assert_array_equal(np.concatenate(before), np.concatenate(run_model(teacher, CALIB, optimize=True)["y"]))
+    assert not np.array_equal(np.concatenate(before), np.concatenate(run_model(model, CALIB, optimize=True)["y"]))
+
+
+def test_the_teachers_values_from_its_thread_equal_asking_in_order():
+    """Per layer, the values the thread queues are those the layer would ask for one at a time."""
+    teacher = residual_block()
+    student = Prune(Prune.Options(sparsity=0.75))(copy(teacher)).model
+    stats: dict = {}
+    layers = Distill(None, PassContext(calib=CALIB, teacher=lambda: teacher))._layers(student, teacher, stats)
+    runs = distill_module._Runs(student, teacher, CALIB, 0, layers)
+    try:
+        direct = LayerwiseRunner(teacher, CALIB)
+        for layer in layers:
+            queued, asked = runs.taught().next(), direct.values(layer.rows.teacher_values)
+            assert set(queued) == set(layer.rows.teacher_values)  # fc_out's stream sum too: h is known then
+            for name in queued:
+                np.testing.assert_array_equal(np.concatenate(queued[name]), np.concatenate(asked[name]))
+        np.testing.assert_array_equal(np.concatenate(runs.taught().next()["y"]), np.concatenate(direct.values(["y"])["y"]))
+    finally:
+        runs.close()
+    assert not _threads_left()
+
+
+def _threads_left() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("distill-")]
+
+
+def test_an_error_in_the_teachers_thread_is_raised_by_distill_and_no_thread_is_left(monkeypatch):
+    teacher = mlp()
+    student = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+
+    def failing(*args):
+        raise InputError("onnxruntime failed to run the model: teacher")
+
+    monkeypatch.setattr(distill_module, "_teacher_values", failing)
+    with pytest.raises(InputError, match="teacher"):
+        distill(student, teacher)
+    assert not _threads_left()
+
+
+def test_an_error_in_a_layer_stops_the_teachers_thread(monkeypatch):
+    """The thread is waiting to queue later layers' values when the first layer's fit fails: closed, it ends."""
+    teacher = mlp()
+    student = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+
+    def failing(self, sums, options):
+        raise InputError("fit failed")
+
+    monkeypatch.setattr(Layer, "fit", failing)
+    with pytest.raises(InputError, match="fit failed"):
+        distill(student, teacher)
+    assert not _threads_left()
+
+
+def test_bench_distill_runs_another_checkouts_distill_beside_this_one():
+    """``bench_distill.py --baseline``: a checkout's onnxopt imported beside this one (here: this same
+    checkout) distills the same pruned model to the same bytes, through its own classes."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    from bench_distill import checkout, distill_seconds
+
+    baseline = checkout(root)
+    assert baseline[0] is not Distill and baseline[0].__module__ == "onnxopt_baseline.passes.distill"
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    ours, *_ = distill_seconds(pruned, teacher, CALIB, 1)
+    theirs, *_ = distill_seconds(pruned, teacher, CALIB, 1, baseline)
+    assert ours.SerializeToString() == theirs.SerializeToString()
+    assert ours.SerializeToString() != pruned.SerializeToString()
+
+
+def test_pieces_hand_their_big_weights_to_onnxruntime_as_arrays_and_compute_the_same(monkeypatch):
+    """Weights from IN_MEMORY_BYTES up reach onnxruntime as arrays beside the piece (not copied into it nor
+    serialized); the values equal those of pieces that hold every weight inline, to the bit."""
+    from onnxopt.reconstruction import stream
+
+    model = mlp()
+    inline = LayerwiseRunner(model, CALIB).values(["h2", "y"])
+    monkeypatch.setattr(stream, "IN_MEMORY_BYTES", 1 << 10)  # w1 (2 KiB) and w2 (3 KiB); not w3 (576 B)
+    runner = LayerwiseRunner(model, CALIB)
+    sub, arrays, *_ = runner._prepare(runner._ancestors(["y"]), ["y"])
+    assert set(arrays) == {"w1", "w2"}
+    stubs = {t.name: t for t in sub.graph.initializer}
+    assert all(not stubs[n].raw_data and stubs[n].data_location == onnx.TensorProto.EXTERNAL for n in arrays)
+    assert stubs["w3"].raw_data and stubs["b1"].raw_data
+    np.testing.assert_array_equal(arrays["w2"], weights(model)["w2"])
+    handed = LayerwiseRunner(model, CALIB).values(["h2", "y"])
+    for name in ("h2", "y"):
+        np.testing.assert_array_equal(np.concatenate(handed[name]), np.concatenate(inline[name]))
+
+
+def test_pieces_reading_external_data_keep_their_constants_as_they_are():
+    from onnxopt.reconstruction.stream import _in_memory
+
+    big = numpy_helper.from_array(np.ones((64, 64), np.float32), "big")
+    external = onnx.TensorProto(name="ext", data_type=onnx.TensorProto.FLOAT, dims=[64, 64],
+                                data_location=onnx.TensorProto.EXTERNAL)
+    external.external_data.add(key="location", value="weights.bin")
+    assert _in_memory([big, external]) == ([big, external], {})
+    kept, arrays = _in_memory([big])
+    assert list(arrays) == ["big"] and not kept[0].raw_data

@@ -213,3 +213,16 @@ def test_accuracy_aware_trials_through_the_executor_choose_what_the_default_choo
     assert [r["cosine_alone"] for r in sharded.details["sensitivity"]] == pytest.approx(
         [r["cosine_alone"] for r in default.details["sensitivity"]], abs=1e-6)
     assert sharded.model == accuracy_aware(model, feeds, Shuffled(1, workers)).model
+
+
+def test_what_a_restarted_worker_lost_stops_the_pass_with_one_clear_message():
+    """``ShardRunners.held``: an earlier task's rows come back (and ``pop`` takes them); rows a restarted
+    worker no longer holds raise the readable error, not a KeyError from deep inside a task."""
+    from onnxopt.errors import OnnxoptError
+    from onnxopt.reconstruction.stream import ShardRunners
+
+    runners = ShardRunners(None, None, {"rows": (1, 2)})
+    assert runners.held("rows") == (1, 2) and "rows" in runners.kept
+    assert runners.held("rows", pop=True) == (1, 2) and "rows" not in runners.kept
+    with pytest.raises(OnnxoptError, match="restarted .* lost its shard's 'rows'"):
+        runners.held("rows")

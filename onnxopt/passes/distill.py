@@ -9,7 +9,11 @@ unfolded inputs (grouped and depthwise too); a Conv without a bias gets one.
 Student and teacher each run once over the calibration data, piece by piece
 (:class:`~onnxopt.reconstruction.stream.LayerwiseRunner`): each layer's input is computed just
 before it is fit, and the layer itself runs with its new weights; the teacher, which does not
-change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). With an
+change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES`` held). In this
+process the teacher's pieces run in a thread ahead of the layers (:class:`_Teacher`: the same asks in
+the same order, so the same values; not when attention pairs ask the teacher for scores between the
+layers), and so does the unchanged student's end-to-end run for the keep-the-better check below: on
+two cores, statistics and fits here overlap both. With an
 executor, each calibration shard's runners live on one worker
 (:class:`~onnxopt.reconstruction.stream.ShardedRunner`), which sums the shard's statistics; the fits
 run here. Statistics are float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of
@@ -31,8 +35,11 @@ from __future__ import annotations
 import fnmatch
 import functools
 import itertools
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,11 +219,18 @@ class Distill(Pass):
         feeds = self.context.calibration_feeds(self.name)
         stats: dict[str, int | float] = {"layers_refit": 0, "layers_reverted": 0}
         layers = self._layers(model, teacher, stats)
-        outputs = [o.name for o in model.graph.output]
         executor = self.context.executor
         runs = (_ShardedRuns(executor, model, teacher, feeds, self.options.batch_size)
                 if executor is not None and isinstance(feeds, FeedSet) else
                 _Runs(model, teacher, feeds, self.options.batch_size, layers))
+        try:
+            return self._repair(model, layers, runs, stats)
+        finally:
+            runs.close()  # the in-process runs' threads too, when a layer failed
+
+    def _repair(self, model: onnx.ModelProto, layers: list[Layer], runs, stats: dict) -> PassResult:
+        """Refit the layers in order; keep the whole repair only if the output error went down."""
+        outputs = [o.name for o in model.graph.output]
         undo: list[Callable[[], None]] = []
         rows = []
         pairs = self._attention_pairs(model, layers, runs, stats) if self.options.attention else {}
@@ -257,7 +271,6 @@ class Distill(Pass):
             stats["calib_rel_err_after"] = error
             undo = []
         stats["pieces_run"] = runs.pieces()
-        runs.close()
         return PassResult(model, bool(undo), stats, {"layers": rows})
 
     def _attention_pairs(self, model: onnx.ModelProto, layers: list[Layer], runs, stats) -> dict:
@@ -469,36 +482,122 @@ def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, laye
     student's stream to reach the teacher's sum) per batch. ``ahead``: later layers' teacher values to
     compute in the same piece (:func:`_ahead`)."""
     x = student.values([layer.data])[layer.data]
-    stream = layer.stream if layer.stream is not None and student.ready(layer.stream[1]) else None
-    if layer.stream is not None and stream is None:
-        count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
-    taught = teacher.values([layer.target, *stream[:1]] if stream else [layer.target], ahead or ())  # one piece
+    stream = layer.stream is not None and student.ready(layer.stream[1])
+    taught = _teacher_values(teacher, layer, stream, ahead or ())
+    return x, _target(student, layer, taught, stats)
+
+
+def _teacher_values(teacher: LayerwiseRunner, layer: _LayerRows, stream: bool, ahead: Sequence[str]
+                    ) -> dict[str, list[np.ndarray]]:
+    """What the layer asks of the teacher, in one piece with the ``ahead`` values: its target, and the residual
+    stream's sum when the student's residual is known (``stream``)."""
+    taught = teacher.values(layer.teacher_values if stream else [layer.target], ahead)
     teacher.release(layer.teacher_values)  # a stream sum computed ahead but not used
-    y = taught[layer.target]
-    if stream:
-        y = _stream_target(y, taught[stream[0]], student.values([stream[1]])[stream[1]], stats)
-    return x, y
+    return taught
+
+
+def _target(student: LayerwiseRunner, layer: _LayerRows, taught: dict[str, list[np.ndarray]], stats) -> list:
+    """The layer's target from the teacher's values: through the residual stream when the teacher's sum
+    is there (:func:`_stream_target`)."""
+    if layer.stream is None:
+        return taught[layer.target]
+    total, residual = layer.stream
+    if total not in taught:
+        count(stats, "stream_residual_not_computed_yet")  # computing it would run later layers early
+        return taught[layer.target]
+    return _stream_target(taught[layer.target], taught[total], student.values([residual])[residual], stats)
+
+
+class _Teacher:
+    """The teacher's values for each layer in order, then its outputs, computed in a thread ahead of the
+    layers: the teacher never changes, so its pieces overlap the student's pieces, statistics and fits
+    here. The same asks, in the same order, as one at a time (the same pieces: the same values); at most
+    ``QUEUED`` layers' values wait beside the pieces computed ahead."""
+
+    QUEUED = 2
+
+    def __init__(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str]
+                 ) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(runner, layers, streams, outputs),
+                                       name="distill-teacher", daemon=True)
+        self.thread.start()
+
+    def _produce(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str]
+                 ) -> None:
+        try:
+            per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+            for position, (layer, stream) in enumerate(zip(layers, streams)):
+                rows = layer.rows
+                taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel))
+                per_channel = sum(np.asarray(v).nbytes for v in taught[rows.target]) // layer.width
+                if not self._put(taught):
+                    return
+            self._put(runner.values(outputs))
+        except BaseException as exc:  # noqa: BLE001 - raised again where the values are taken
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        """Queue the item; False when closed meanwhile."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> dict[str, list[np.ndarray]]:
+        """The next layer's values (after the last layer: the outputs); an error of the thread raised here."""
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 class _Runs:
-    """Student and teacher run piece by piece in this process; the student's outputs before any change kept."""
+    """Student and teacher run piece by piece in this process. The student's outputs before any change (for the
+    keep-the-better check) are computed in a thread beside the layers, and so are the teacher's values
+    (:class:`_Teacher`), unless attention pairs ask the teacher for scores between layers: the teacher then
+    answers here, in order (its thread would have to know those asks ahead)."""
 
     def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
-        outputs = [o.name for o in model.graph.output]
-        self.teacher = LayerwiseRunner(teacher, feeds, batch_size)
-        self.before = LayerwiseRunner(model, feeds, batch_size).values(outputs)
+        self.outputs = [o.name for o in model.graph.output]
         self.student = LayerwiseRunner(model, feeds, batch_size)
         self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
         self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
         self.keep_rows: set[str] = set()  # layers (targets) whose inputs and targets a later fit needs (attention)
         self.rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.before_pool = ThreadPoolExecutor(1, thread_name_prefix="distill-before")
+        self.before = self.before_pool.submit(LayerwiseRunner(model, feeds, batch_size).later(self.outputs))
+        self.runner = LayerwiseRunner(teacher, feeds, batch_size)  # the teacher's
+        self.teacher: _Teacher | None = None  # its thread, started by the first layer
+        self.in_order = False  # the teacher asked here, as the layers come
+
+    def taught(self) -> _Teacher:
+        """The teacher's thread, started before the student has run anything (what each layer will ask of
+        the teacher is planned from that state)."""
+        if self.teacher is None:
+            rows = [layer.rows for layer in self.layers]
+            streams = self.student.plan([r.data for r in rows], [r.stream[1] if r.stream else None for r in rows])
+            self.teacher = _Teacher(self.runner, self.layers, streams, self.outputs)
+        return self.teacher
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
         """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
-        x, y = _inputs_and_targets(self.student, self.teacher, layer.rows, stats,
-                                   _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
-                                          self.per_channel))
-        self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+        if self.in_order:
+            x, y = _inputs_and_targets(self.student, self.runner, layer.rows, stats,
+                                       _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
+                                              self.per_channel))
+            self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+        else:
+            x = self.student.values([layer.use.data])[layer.use.data]
+            y = _target(self.student, layer.rows, self.taught().next(), stats)
         if layer.target in self.keep_rows:
             self.rows[layer.target] = (x, y)
         work = layer.geometry.work(x)
@@ -506,11 +605,13 @@ class _Runs:
             return layer.statistics(x, y, gram), work
 
     def hold_teacher(self, names: list[str]) -> None:
-        self.teacher.hold(names)
+        if names:
+            self.runner.hold(names)
+            self.in_order = True
 
     def attention(self, pair: _AttentionPair) -> tuple[Callable | str, float]:
         """``(key, other weights) -> ScoreProblem`` for the pair (or why not), and the work of one step."""
-        data = _attention_data(self.student, self.teacher, self.rows, pair)
+        data = _attention_data(self.student, self.runner, self.rows, pair)
         if isinstance(data, str):
             return data, 0.0
         inputs = data[0]
@@ -521,14 +622,17 @@ class _Runs:
 
     def output_errors(self, outputs: list[str]) -> tuple[float, float]:
         """The output error against the teacher before and after the layers' changes."""
-        reference = self.teacher.values(outputs)
-        return _output_error(self.before, reference), _output_error(self.student.values(outputs), reference)
+        reference = self.runner.values(outputs) if self.in_order else self.taught().next()
+        return (_output_error(self.before.result(), reference),
+                _output_error(self.student.values(outputs), reference))
 
     def pieces(self) -> int:
         return self.student.sessions
 
     def close(self) -> None:
-        pass
+        if self.teacher is not None:
+            self.teacher.close()
+        self.before_pool.shutdown(cancel_futures=True)
 
 
 class _ShardedRuns:
@@ -612,11 +716,11 @@ def _shard_attention_data(runners: ShardRunners, pair: _AttentionPair) -> str | 
 
 
 def _shard_score_problem(runners: ShardRunners, key: bool, other: np.ndarray) -> None:
-    runners.kept["scores"] = runners.kept["attention"](key, other)
+    runners.kept["scores"] = runners.held("attention")(key, other)
 
 
 def _shard_scores(runners: ShardRunners, method: str, *args):
-    problem = runners.kept["scores"]
+    problem = runners.held("scores")
     return problem.gradient(args[0], residual=args[1]) if method == "gradient" else getattr(problem, method)(*args)
 
 
@@ -639,13 +743,13 @@ class _ShardedScores:
 
 
 def _shard_start_error(runners: ShardRunners, geometry: LayerGeometry, start: np.ndarray) -> float:
-    x, y = runners.kept["rows"]
+    x, y = runners.held("rows")
     return LayerStatistics.empty(geometry, bias=start.shape[1] > geometry.inputs).start_error(geometry, x, y, start)
 
 
 def _shard_output_errors(runners: ShardRunners, outputs: list[str]) -> tuple[float, float, float]:
     reference = runners.teacher.values(outputs)
-    before, ref = _error_sums(runners.kept.pop("before"), reference)
+    before, ref = _error_sums(runners.held("before", pop=True), reference)
     after, _ = _error_sums(runners.model.values(outputs), reference)
     return before, after, ref
 

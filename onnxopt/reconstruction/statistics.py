@@ -359,7 +359,7 @@ class LayerStatistics:
             self.sample_noise += sample_noise(units)
             self.samples += len(units)
         for at in geometry.columns(x):
-            sums = at.sum(axis=2, dtype=np.float64) if self.bias else None
+            sums = at.sum(axis=2, dtype=np.float64) if self.bias and gram else None  # the gram's bias row
             if noise:
                 squares = at * at  # per row Σ_{i≠j} x_i² x_j² = |x|⁴ - Σ x_i⁴
                 norms = squares.sum(axis=1, dtype=np.float64)

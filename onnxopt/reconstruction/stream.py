@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,14 +26,19 @@ import numpy as np
 import onnx
 
 from ..data import FeedSet
-from ..errors import InputError
+from ..errors import InputError, OnnxoptError
 from ..executor import Executor, ModelHandle, Shard, WorkerCache, fetch, split
 from ..graph import GraphIndex, node_uses
+from ..tensors import is_external
 from ..validate import Session, batched, dynamic_batch
 from .solvers import blas_threads
 from .statistics import LayerGeometry, LayerStatistics
 
 JOINED = 16  # samples per run when the model's batch axis is dynamic
+IN_MEMORY_BYTES = 1 << 12  # constants from this size reach onnxruntime as arrays, not inside the piece
+IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                   onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+                   onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT64: np.int64}
 
 
 class LayerwiseRunner:
@@ -115,20 +121,50 @@ class LayerwiseRunner:
             self.initializers = {t.name: t for t in self.model.graph.initializer}
         return self.initializers.get(name)
 
-    def _ancestors(self, names: Sequence[str]) -> list[int]:
-        """Pending nodes the names need, in topological order."""
+    def plan(self, asks: Sequence[str], checks: Sequence[str | None]) -> list[bool]:
+        """Whether each ``checks[i]`` will be :meth:`ready` once ``asks[: i + 1]`` have been asked for in order
+        (None: False); nothing runs. What a caller will decide as it goes, known before: another thread
+        can then work ahead of it (:mod:`onnxopt.passes.distill`'s teacher)."""
+        pending, known = set(self.pending), []
+        for ask, check in zip(asks, checks):
+            pending.difference_update(self._ancestors([ask], pending))
+            known.append(check is not None and not self._ancestors([check], pending))
+        return known
+
+    def later(self, names: Sequence[str]) -> Callable[[], dict[str, list[np.ndarray]]]:
+        """:meth:`values` as the model is now, computed when the returned function is called, in any thread:
+        the piece (its nodes and constants) is copied here, so the model may change meanwhile (a model's
+        outputs before a pass changes it, computed beside the pass). Ask nothing else of this runner until
+        the function has returned."""
+        piece = self._ancestors(names)
+        prepared = self._prepare(piece, names) if piece else None
+
+        def compute() -> dict[str, list[np.ndarray]]:
+            if prepared is not None:
+                self._execute(*prepared)
+            return {name: self._value(name) for name in names}
+
+        return compute
+
+    def _ancestors(self, names: Sequence[str], pending: set[int] | None = None) -> list[int]:
+        """Pending nodes the names need, in topological order (``pending``: instead of the runner's)."""
+        pending = self.pending if pending is None else pending
         needed, todo = set(), [self.index.producer[n] for n in names if n in self.index.producer]
         while todo:
             i = todo.pop()
-            if i in needed or i not in self.pending:
+            if i in needed or i not in pending:
                 continue
             needed.add(i)
             todo.extend(self.index.producer[n] for n in self.index.uses[i] if n in self.index.producer)
         return sorted(needed, key=self.position.__getitem__)
 
     def _run(self, piece: list[int], asked: Sequence[str]) -> None:
-        if not piece:
-            return
+        if piece:
+            self._execute(*self._prepare(piece, asked))
+
+    def _prepare(self, piece: list[int], asked: Sequence[str]) -> tuple:
+        """The piece as a model of its own (nodes and constants copied), marked as run; what
+        :meth:`_execute` needs to run it."""
         self.pending.difference_update(piece)
         self.readers.subtract(n for i in piece for n in self.index.uses[i])
         produced = {o for i in piece for o in self.index.nodes[i].output if o}
@@ -137,19 +173,26 @@ class LayerwiseRunner:
         kept = [n for n in dict.fromkeys([*asked, *sorted(produced)])
                 if n in produced and (self.readers[n] > 0 or n in asked or n in self.outputs or n in self.held)]
         inputs = [n for n in read if self._initializer(n) is None]
-        graph = onnx.helper.make_graph(
-            [self.index.nodes[i] for i in piece], "piece",
-            [_value_info(n, self._value(n)[0]) for n in inputs], [onnx.ValueInfoProto(name=n) for n in kept],
-            initializer=[self._initializer(n) for n in read if self._initializer(n) is not None])
-        sub = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        # the graph built in place: make_graph then make_model would copy every constant twice
+        sub = onnx.helper.make_model(onnx.GraphProto(name="piece"), opset_imports=self.model.opset_import,
+                                     ir_version=self.model.ir_version)
+        sub.graph.node.extend(self.index.nodes[i] for i in piece)
+        sub.graph.input.extend(_value_info(n, self._value(n)[0]) for n in inputs)
+        sub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in kept)
+        constants, in_memory = _in_memory([self._initializer(n) for n in read if self._initializer(n) is not None])
+        sub.graph.initializer.extend(constants)
         sub.functions.extend(self.model.functions)
-        columns = {n: self._value(n) for n in inputs}
+        return sub, in_memory, piece, inputs, kept, asked, {n: self._value(n) for n in inputs}
+
+    def _execute(self, sub: onnx.ModelProto, in_memory: dict[str, np.ndarray], piece: list[int], inputs: list[str],
+                 kept: list[str], asked: Sequence[str], columns: dict[str, list[np.ndarray]]) -> None:
+        """Run a prepared piece over every batch; its values join the frontier."""
         results: dict[str, list[np.ndarray]] = {n: [] for n in kept}
         if self.shared_sessions is None:
-            session = Session(sub, optimize=True)
+            session = Session(sub, optimize=True, initializers=in_memory)
         else:  # runs of one piece on other shards follow on this worker: open it once (closed when evicted)
             session = self.shared_sessions.get(("piece", id(self.model), self.version, tuple(piece), tuple(kept)),
-                                               lambda: Session(sub, optimize=True))
+                                               lambda: Session(sub, optimize=True, initializers=in_memory))
         self.sessions += 1
         try:
             for b in range(len(self.batches)):
@@ -163,6 +206,31 @@ class LayerwiseRunner:
         for name in [n for n in self.frontier if self.readers[n] <= 0 and n not in self.outputs]:
             if name not in asked and name not in self.held:
                 del self.frontier[name]
+
+
+def _in_memory(constants: list[onnx.TensorProto]) -> tuple[list[onnx.TensorProto], dict[str, np.ndarray]]:
+    """A piece's constants as the piece model holds them, and the arrays handed to onnxruntime beside it.
+
+    Weights of ``IN_MEMORY_BYTES`` and more become external-data entries without a file, their bytes
+    handed over as arrays (:class:`~onnxopt.validate.Session`): copying them into the piece and
+    serializing it would cost more than the arithmetic of a piece of a transformer (MiniLM-L3: 0.4 s of
+    65 MB copied twice per model run, holding the GIL that the statistics need meanwhile). Pieces that
+    read data already external (a model saved beside its data) are left as they are."""
+    if any(is_external(t) for t in constants):
+        return constants, {}
+    kept, arrays = [], {}
+    for tensor in constants:
+        dtype = IN_MEMORY_TYPES.get(tensor.data_type)
+        if dtype is None or not tensor.HasField("raw_data") or \
+                math.prod(tensor.dims) * np.dtype(dtype).itemsize < IN_MEMORY_BYTES:
+            kept.append(tensor)
+            continue
+        arrays[tensor.name] = np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))  # one copy
+        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="in-memory")
+        kept.append(stub)
+    return kept, arrays
 
 
 def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
@@ -257,6 +325,14 @@ class ShardRunners:
     model: LayerwiseRunner
     teacher: LayerwiseRunner | None
     kept: dict
+
+    def held(self, key: str, *, pop: bool = False):
+        """What an earlier task of this pass left in ``kept``; a worker restarted since has lost it, and
+        the pass cannot rebuild it from the changes it replays, so it stops with one clear message."""
+        if key not in self.kept:
+            raise OnnxoptError(f"a worker restarted in the middle of a layer and lost its shard's {key!r}; "
+                               "run again (or without --executor)")
+        return self.kept.pop(key) if pop else self.kept[key]
 
 
 class ShardedRunner:
