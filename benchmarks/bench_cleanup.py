@@ -1,6 +1,6 @@
 """Graph clean-up side by side: onnxopt vs onnx-simplifier vs onnxslim.
 
-    python benchmarks/bench_cleanup.py [--pipeline "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"]
+    python benchmarks/bench_cleanup.py [--pipeline "lift-constants,flush-subnormals,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"]
                                        [--runs 200] [--validate] [--no-wheel] [--keep DIR]
                                        [--rapidocr DIR] [--extra NAME=MODEL,EVAL ...]
 
@@ -72,7 +72,7 @@ from bench_core import _failure_line, timed_child
 
 PY = sys.executable
 OUT_DIR = HERE / "out"
-DEFAULT_PIPELINE = "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"
+DEFAULT_PIPELINE = "lift-constants,flush-subnormals,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce"
 TOOLS = ("onnxopt", "onnxsim", "onnxslim")
 CHECKING_TOOLS = ("onnxsim-check",)  # with --validate: the peers' own result checks
 RAPIDOCR_DIR = Path("/tmp/rapidocr/rapidocr_onnxruntime/models")

@@ -6,6 +6,7 @@ from .passes.base import Pass
 from .passes.cse import CommonSubexpressionElimination
 from .passes.dce import DeadCodeElimination
 from .passes.distill import Distill
+from .passes.flush_subnormals import FlushSubnormals
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_constants import FoldConstants
 from .passes.fuse_bias import FuseBias
@@ -22,6 +23,7 @@ PASSES: dict[str, type[Pass]] = {
     for p in (
         DeadCodeElimination,
         LiftConstants,
+        FlushSubnormals,
         FoldConstants,
         RemoveNoops,
         CommonSubexpressionElimination,
@@ -38,7 +40,8 @@ PASSES: dict[str, type[Pass]] = {
 
 # Named pipelines a step may name instead of a pass (expanded in place; they take no options).
 # cleanup: no-ops go before folding (a CastLike to the same type would block it) and again after it
-# (an inlined If branch brings its own), cse after the fusions (they can make equal biases), dce last.
+# (an inlined If branch brings its own), cse after the fusions (they can make equal biases), dce last;
+# flush-subnormals right after lift-constants, so it sees every weight before folding multiplies them in.
 PRESETS: dict[str, str] = {
-    "cleanup": "lift-constants,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce",
+    "cleanup": "lift-constants,flush-subnormals,remove-noops,fold-constants,remove-noops,fold-batchnorm,fuse-bias,cse,dce",
 }
