@@ -281,13 +281,18 @@ def save_scratch(model: onnx.ModelProto, path: Path, *, placeholders: bool = Fal
 
     Only the graph is written; each external-data file is hard-linked beside it (copied where a
     link is impossible) and tensors keep their offsets. The checker reads no weights but refuses
-    hard links, so for it ``placeholders`` writes sparse files of the same sizes instead. A model
-    too big to serialize inline first moves its big inline tensors to the spill file.
+    hard links, so for it ``placeholders`` writes sparse files of the same sizes instead; onnxruntime
+    runs the checker on node attributes (Constant values, If / Loop bodies), so a file that such a
+    tensor reads is copied, not linked. A model too big to serialize inline first moves its big
+    inline tensors to the spill file.
     """
     if model.ByteSize() >= TWO_GB - 2**24:
         for tensor in model_tensors(model):
             if not is_external(tensor) and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
                 spill_tensor(tensor)
+    top_level = {id(t) for t in model.graph.initializer}
+    checked = {external_info(t)["location"] for t in model_tensors(model)
+               if id(t) not in top_level and is_external(t)}
     links: dict[str, str] = {}
     moved: list[tuple[onnx.TensorProto, str]] = []
     for tensor in model_tensors(model):
@@ -300,6 +305,9 @@ def save_scratch(model: onnx.ModelProto, path: Path, *, placeholders: bool = Fal
             if placeholders:
                 with open(target, "wb") as f:
                     f.truncate(Path(source).stat().st_size)
+            elif source in checked:
+                target.unlink(missing_ok=True)
+                shutil.copyfile(source, target)
             else:
                 _link_or_copy(Path(source), target)
         moved.append((tensor, source))

@@ -192,6 +192,50 @@ def test_optimize_validates_external_data_models_without_copying_their_weights(t
     assert_same_outputs(model, onnx.load(str(tmp_path / "out.onnx")), feeds_for(model))
 
 
+def if_model_with_branch_weight() -> onnx.ModelProto:
+    """x -> MatMul(w1) -> If(cond: MatMul(a Constant w2 in the then-branch), else: Relu) -> y."""
+    rng = np.random.default_rng(0)
+    w2 = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w2")
+    then_graph = helper.make_graph([helper.make_node("Constant", [], ["w2"], value=w2),
+                                    helper.make_node("MatMul", ["h", "w2"], ["then_y"])], "then", [],
+                                   [helper.make_tensor_value_info("then_y", TensorProto.FLOAT, ["b", 64])])
+    else_graph = helper.make_graph([helper.make_node("Relu", ["h"], ["else_y"])], "else", [],
+                                   [helper.make_tensor_value_info("else_y", TensorProto.FLOAT, ["b", 64])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 64])],
+        [numpy_helper.from_array(rng.standard_normal((4, 64)).astype(np.float32), "w1")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_external_weights_inside_an_if_branch_are_validated_from_memory(tmp_path):
+    """onnxruntime checks node attributes (a branch's Constant) and refuses a hard-linked data file there:
+    the scratch copy copies that file instead; the twin shows a plain link is refused."""
+    import onnxopt
+    from onnxopt.validate import run_model
+
+    model = if_model_with_branch_weight()
+    save_model(model, tmp_path / "in.onnx", external=True)  # onnx's writer leaves branches inline
+    loaded = load_model(tmp_path / "in.onnx")
+    then_branch = next(a.g for a in loaded.graph.node[1].attribute if a.name == "then_branch")
+    assert is_external(then_branch.node[0].attribute[0].t)
+    feed = {"x": np.ones((2, 4), np.float32), "cond": np.array(True)}
+    before = (tmp_path / "in.onnx.data").read_bytes()
+    expected = run_model(model, [feed])["y"][0]
+    np.testing.assert_array_equal(run_model(loaded, [feed])["y"][0], expected)
+    result = onnxopt.optimize(tmp_path / "in.onnx", "dce", data=[feed], output=tmp_path / "out.onnx")
+    assert result.report.passed, result.report.failure
+    assert (tmp_path / "in.onnx.data").read_bytes() == before
+
+    os.link(tmp_path / "in.onnx.data", tmp_path / "linked.data")  # the twin: what a linked scratch copy meets
+    import onnxruntime
+    with pytest.raises(Exception, match="hard link"):
+        onnxruntime.InferenceSession(str(tmp_path / "in.onnx"), providers=["CPUExecutionProvider"])
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9, 0.999, 1.0, 1.001, 1.5])
 def test_serialized_size_above_agrees_with_protobuf_near_the_limit(fraction):
     """Decided from tensor sizes far from the limit, measured near it: the same answer as ByteSize."""
