@@ -23,6 +23,7 @@ from .tensors import (ALIGNMENT, SPILL, copy_external_bytes, external_info, is_e
                       spill_tensor, tensor_nbytes)
 
 TWO_GB = 2**31
+ATTRIBUTE_DATA = "attributes.data"  # a scratch copy's file for the external bytes of node attributes
 EXTERNAL_THRESHOLD = 1024  # bytes: tensors at least this large go to the data file when saving externally
 SPILL_WASTE = 0.25  # the spill file becomes the output's data file when at most this share of it is stale
 
@@ -281,42 +282,52 @@ def save_scratch(model: onnx.ModelProto, path: Path, *, placeholders: bool = Fal
 
     Only the graph is written; each external-data file is hard-linked beside it (copied where a
     link is impossible) and tensors keep their offsets. The checker reads no weights but refuses
-    hard links, so for it ``placeholders`` writes sparse files of the same sizes instead; onnxruntime
-    runs the checker on node attributes (Constant values, If / Loop bodies), so a file that such a
-    tensor reads is copied, not linked. A model too big to serialize inline first moves its big
-    inline tensors to the spill file.
+    hard links, so for it ``placeholders`` writes sparse files of the same sizes instead. onnxruntime
+    runs the checker on node attributes (Constant values, If / Loop bodies) too, so the bytes of
+    those tensors (not whole files) are copied into a file of their own. A model too big to
+    serialize inline first moves its big inline tensors to the spill file.
     """
     if model.ByteSize() >= TWO_GB - 2**24:
         for tensor in model_tensors(model):
             if not is_external(tensor) and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
                 spill_tensor(tensor)
     top_level = {id(t) for t in model.graph.initializer}
-    checked = {external_info(t)["location"] for t in model_tensors(model)
-               if id(t) not in top_level and is_external(t)}
     links: dict[str, str] = {}
-    moved: list[tuple[onnx.TensorProto, str]] = []
-    for tensor in model_tensors(model):
-        if not is_external(tensor):
-            continue
-        source = external_info(tensor)["location"]
-        if source not in links:
-            links[source] = f"{len(links)}_{Path(source).name}"
-            target = path.parent / links[source]
-            if placeholders:
-                with open(target, "wb") as f:
-                    f.truncate(Path(source).stat().st_size)
-            elif source in checked:
-                target.unlink(missing_ok=True)
-                shutil.copyfile(source, target)
-            else:
-                _link_or_copy(Path(source), target)
-        moved.append((tensor, source))
-        set_external_location(tensor, links[source])
+    moved: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
+    attributes = None
     try:
+        for tensor in model_tensors(model):
+            if not is_external(tensor):
+                continue
+            moved.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
+            source = external_info(tensor)["location"]
+            if id(tensor) not in top_level and not placeholders:
+                if attributes is None:
+                    attributes = open(path.parent / ATTRIBUTE_DATA, "wb")
+                offset = attributes.seek(0, os.SEEK_END)
+                length = copy_external_bytes(tensor, attributes)
+                set_external_location(tensor, ATTRIBUTE_DATA, offset, length)
+                continue
+            if source not in links:
+                links[source] = f"{len(links)}_{Path(source).name}"
+                target = path.parent / links[source]
+                if placeholders:
+                    with open(target, "wb") as f:
+                        f.truncate(Path(source).stat().st_size)
+                else:
+                    _link_or_copy(Path(source), target)
+            set_external_location(tensor, links[source])
+        if attributes is not None:
+            attributes.close()  # complete before onnxruntime reads it
         path.write_bytes(model.SerializeToString())
     finally:
-        for tensor, source in moved:
-            set_external_location(tensor, source)
+        if attributes is not None:
+            attributes.close()
+        for tensor, entries in moved:
+            del tensor.external_data[:]
+            for key, value in entries:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

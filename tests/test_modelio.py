@@ -213,7 +213,7 @@ def if_model_with_branch_weight() -> onnx.ModelProto:
 
 def test_external_weights_inside_an_if_branch_are_validated_from_memory(tmp_path):
     """onnxruntime checks node attributes (a branch's Constant) and refuses a hard-linked data file there:
-    the scratch copy copies that file instead; the twin shows a plain link is refused."""
+    the scratch copy copies those bytes into a file of its own; the twin shows a plain link is refused."""
     import onnxopt
     from onnxopt.validate import run_model
 
