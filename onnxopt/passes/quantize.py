@@ -420,7 +420,10 @@ def _holdout(feeds, fraction: float):
         return feeds, None
     blocks = min(HOLDOUT_BLOCKS, held)
     ends = [(b + 1) * n // blocks for b in range(blocks)]
-    sizes = [held // blocks + (b < held % blocks) for b in range(blocks)]
+    lengths = [end - (0 if b == 0 else ends[b - 1]) for b, end in enumerate(ends)]
+    sizes = [min(held // blocks + (b < held % blocks), length) for b, length in enumerate(lengths)]
+    for b, length in enumerate(lengths):  # what a short run cannot hold goes to the runs with room
+        sizes[b] += min(held - sum(sizes), length - sizes[b])
     held_runs = [(end - size, end) for end, size in zip(ends, sizes)]
     fit_runs = [(0 if b == 0 else ends[b - 1], start) for b, (start, _) in enumerate(held_runs)]
     return _runs(feeds, fit_runs), _runs(feeds, held_runs)
