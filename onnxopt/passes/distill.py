@@ -398,6 +398,11 @@ def _ahead(layers: Iterable[Layer], per_channel: int) -> list[str]:
     return names
 
 
+def _channel_bytes(target: list[np.ndarray], width: int) -> int:
+    """Bytes of one output channel of a layer's target over all batches: what :func:`_ahead` sizes by."""
+    return sum(np.asarray(v).nbytes for v in target) // width
+
+
 def _rows(layer: _LayerRows, values: list[np.ndarray], width: int = 0) -> np.ndarray:
     """A linear layer's input rows over every batch, float32, with a ones column when it has a bias
     (``width``: its output rows instead)."""
@@ -531,7 +536,7 @@ class _Teacher:
             for position, (layer, stream) in enumerate(zip(layers, streams)):
                 rows = layer.rows
                 taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel))
-                per_channel = sum(np.asarray(v).nbytes for v in taught[rows.target]) // layer.width
+                per_channel = _channel_bytes(taught[rows.target], layer.width)
                 if not self._put(taught):
                     return
             self._put(runner.values(outputs))
@@ -594,7 +599,7 @@ class _Runs:
             x, y = _inputs_and_targets(self.student, self.runner, layer.rows, stats,
                                        _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
                                               self.per_channel))
-            self.per_channel = sum(np.asarray(v).nbytes for v in y) // layer.width
+            self.per_channel = _channel_bytes(y, layer.width)
         else:
             x = self.student.values([layer.use.data])[layer.use.data]
             y = _target(self.student, layer.rows, self.taught().next(), stats)
