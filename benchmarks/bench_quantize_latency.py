@@ -52,8 +52,12 @@ OURS = {
     "onnxopt residual_sum=false": lambda p, c, o: ours(p, c, o, residual_sum=False),
 }
 DYNAMIC = "ort quantize_dynamic"  # issue 9's latency peer for transformers, accurate or not
+# the A/A control: a second file and session of the same quantize_dynamic model; its ratio to the first shows
+# what the bootstrap interval cannot, a session's own fixed bias (where its buffers landed), so the noise floor
+TWIN = "ort quantize_dynamic twin"
 PEERS = {
     DYNAMIC: ort_dynamic,
+    TWIN: ort_dynamic,
     "ort static MinMax": ort_static("MinMax"),
     "ort static Percentile": ort_static("Percentile"),
     "ort static Entropy": ort_static("Entropy"),
@@ -115,7 +119,7 @@ def main() -> None:
             quality = {k: scored(p) for k, p in paths.items()}
             feed = {k: np.asarray(v) for k, v in next(iter(evals)).items()}
             rounds = paired_rounds(paths, feed, threads, args.rounds, args.block)
-            accurate = [k for k in peers_now if keeps_accuracy(quality[k], quality["fp32"])]
+            accurate = [k for k in peers_now if k != TWIN and keeps_accuracy(quality[k], quality["fp32"])]
             sizes = {k: p.stat().st_size / model_path.stat().st_size for k, p in paths.items()}
             for t in threads:
                 tables[t].append(row(name, list(paths), rounds[t], sizes, quality, accurate, chosen))
