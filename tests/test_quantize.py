@@ -113,7 +113,8 @@ def test_cnn_qdq_structure_stats_and_fusion(tmp_path):
     result = quantize(model, method="minmax")
     assert result.modified
     assert result.stats == {"nodes_quantized": 2, "weights_quantized": 2, "activations_quantized": 4,
-                            "batchnorm_folded": 1, "biases_fused": 0, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2}
+                            "batchnorm_folded": 1, "biases_fused": 0, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2,
+                            "norm_biases_folded": 0, "names_shortened": 21}
     q = result.model
     assert check_structure(q) is None and check_interface(model, q) == []
     ops = Counter(n.op_type for n in q.graph.node)
@@ -583,28 +584,49 @@ def test_smoothing_folds_into_layernorm_only_when_nothing_else_reads_it(residual
 
 
 def test_small_float_constants_are_stored_as_float16_and_run_as_before(tmp_path):
-    """Biases and per-column scales as float16 behind a Cast: a smaller file, the same fused onnxruntime graph
-    (the Casts are folded at load) and outputs within float16 rounding of the float32 form's. The twins:
-    float16_constants=false keeps them float32, and constants too small to pay for a Cast (gamma, beta: 16
-    values) stay float32."""
+    """Biases and per-column scales as one float16 tensor behind one Cast and one Split that give back each
+    float32 name: a smaller file, the same fused onnxruntime graph (both nodes are folded at load) and outputs
+    within float16 rounding of the float32 form's. The twins: float16_constants=false keeps them float32, and
+    constants too small to pay for it (gamma, beta: 16 values) stay float32."""
     model = encoder_block(residual=True)
     feeds = encoder_feeds(model)
-    half = quantize(model, feeds, mode="dynamic")
-    full = quantize(model, feeds, mode="dynamic", float16_constants=False)
-    halved = {t.name for t in half.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    assert "b1_f16" in halved and half.stats["float16_constants"] == len(halved) >= 2
-    assert not {"gamma_f16", "beta_f16", "b2_f16"} & halved
+    half = quantize(model, feeds, mode="dynamic", short_names=False)
+    full = quantize(model, feeds, mode="dynamic", float16_constants=False, short_names=False)
+    halved = [t for t in half.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halved) == 1 and halved[0].dims[0] == half.stats["float16_bytes_saved"] // 2
+    split = next(n for n in half.model.graph.node if n.op_type == "Split")
+    cast = next(n for n in half.model.graph.node if n.op_type == "Cast" and n.input[0] == halved[0].name)
+    assert split.input[0] == cast.output[0] and "b1" in split.output
+    assert half.stats["float16_constants"] == half.stats["float16_constants_joined"] == len(split.output) >= 2
+    assert not {"gamma", "beta", "b2"} & set(split.output)
     assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in full.model.graph.initializer)
     assert "float16_constants" not in full.stats
     saved = len(full.model.SerializeToString()) - len(half.model.SerializeToString())
-    assert 0 < saved < half.stats["float16_bytes_saved"]  # the Casts cost a little of it
-    casts = [n for n in half.model.graph.node if n.op_type == "Cast" and n.input[0] in halved]
-    assert len(casts) == len(halved) and "b1" in {n.output[0] for n in casts}
-    assert fused_ops(half.model, tmp_path) - Counter({"Cast": len(casts)}) == fused_ops(full.model, tmp_path)
+    assert 0 < saved < half.stats["float16_bytes_saved"]  # the two nodes and the lengths cost a little of it
+    assert fused_ops(half.model, tmp_path) == fused_ops(full.model, tmp_path)
+    assert check_interface(model, half.model) == [] and check_structure(half.model) is None
     a = np.concatenate([run(half.model, f)[0].ravel() for f in feeds])
     b = np.concatenate([run(full.model, f)[0].ravel() for f in feeds])
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-3
     assert cosine(model, half.model, feeds) > cosine(model, full.model, feeds) - 1e-4
+
+
+def test_float16_constants_of_other_ranks_keep_their_own_cast():
+    """Only 1-D constants are joined (a Split along axis 0 gives them back without a Reshape): fc1's bias and
+    scales are, a [64, 4] multiplier after fc2 gets its own Cast."""
+    model = mlp(hidden=64)
+    model.graph.node.append(helper.make_node("Mul", ["y", "k"], ["y2"]))
+    model.graph.initializer.append(tensor("k", np.random.default_rng(0).uniform(1, 2, (64, 4)).astype(np.float32)))
+    model.graph.output[0].name = "y2"
+    feeds = samples(model)
+    result = quantize(model, feeds, mode="dynamic", short_names=False, exclude_nodes=("fc2",))
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    halves = [t for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert "b1" in split.output and len(split.output) == result.stats["float16_constants_joined"] == 2
+    assert sorted(tuple(t.dims) for t in halves) == [(64, 4), (128,)] and result.stats["float16_constants"] == 3
+    own = next(n for n in result.model.graph.node if n.op_type == "Cast" and n.output[0] == "k")
+    assert own.input[0] in {t.name for t in halves}
+    assert cosine(model, result.model, feeds) > 0.999
 
 
 def test_float16_constants_leave_float_layers_tables_and_large_values_alone():
