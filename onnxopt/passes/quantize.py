@@ -47,6 +47,11 @@ learn every candidate's weights); learned rounding then applies to the plan they
 subgraphs and embedding tables keep nearest rounding (their inputs are not observed). The loss curves
 go to ``details["loss_curves"]``.
 
+The file: small float constants around the int8 weights are float16 (``float16_constants``; the 1-D ones
+joined in one tensor behind one Cast and one Split, which onnxruntime folds at load), a LayerNorm's beta goes
+into the biases of the layers that alone read it (``fold_norm_bias``), and the values the pass adds get the
+shortest free names (``short_names``): 0.277x -> 0.269x of the sample transformer's fp32 file.
+
 ``PassResult.details["layers"]`` lists every quantized (or deliberately float) layer with its
 mode, weight rounding error, smoothing and, where measured, the cosine with that layer alone
 quantized: where the error comes from. ``details["candidates"]`` holds auto mode's measurements.
@@ -259,8 +264,9 @@ class QuantizePass(Pass):
             stats["batchnorm_folded"] = sum(fold_batchnorm(g, make_name, opset) for g in model_graphs(model))
         if opt.fuse_bias:  # Add(Conv, per-channel constant) becomes the Conv's own (int32) bias: no Q/DQ between
             stats["biases_fused"] = sum(fuse_bias(g, make_name, opset) for g in model_graphs(model))
-        if opt.fold_norm_bias:
-            stats["norm_biases_folded"] = sum(fold_norm_bias(g, make_name, opset, stats) for g in model_graphs(model))
+        if opt.fold_norm_bias:  # counts norm_biases_folded and skipped_norm_* into stats
+            for g in model_graphs(model):
+                fold_norm_bias(g, make_name, opset, stats)
         index, store = GraphIndex(model.graph), WeightStore(model.graph)
         excluded = set(opt.exclude_nodes)
         plan = _plan(index, store, opt, excluded, stats, dynamic=opt.mode == "dynamic", smooth_mul=opt.smooth_mul)
