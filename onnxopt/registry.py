@@ -16,6 +16,7 @@ from .passes.prune_neurons import PruneNeurons
 from .passes.quantize import QuantizePass
 from .passes.quantize_weights import QuantizeWeights
 from .passes.remove_noops import RemoveNoops
+from .passes.residual_sum import ResidualSum
 from .passes.zero_rows import ZeroRows
 
 PASSES: dict[str, type[Pass]] = {
@@ -29,6 +30,7 @@ PASSES: dict[str, type[Pass]] = {
         CommonSubexpressionElimination,
         FoldBatchNorm,
         FuseBias,
+        ResidualSum,
         Prune,
         PruneNeurons,
         ZeroRows,

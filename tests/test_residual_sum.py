@@ -145,3 +145,42 @@ def test_quantize_writes_the_residual_sum_unless_told_not_to(tmp_path):
     feed = {"x": feeds.arrays["x"][0]}
     np.testing.assert_allclose(outputs(results[True].model, feed)[0], outputs(results[False].model, feed)[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_the_residual_sum_pass_from_the_api_and_the_cli(tmp_path):
+    """The pass on a float model: the exact gate passes, the step counts the rewrite, the input file is untouched;
+    a model without a LayerNorm is reported unmodified (the twin)."""
+    from click.testing import CliRunner
+
+    from onnxopt.api import optimize
+    from onnxopt.cli import main
+
+    model = residual_block()
+    feed = {"x": np.random.default_rng(3).standard_normal((4, 1, 8, HIDDEN)).astype(np.float32)}  # 4 samples
+    result = optimize(model, "residual-sum", data=feed)
+    step = result.report.steps[0]
+    assert step.exact and step.stats == {"residual_sums": 1} and result.report.failure is None
+    assert [n.op_type for n in result.model.graph.node if n.name == "residual"] == ["Sum"]
+    plain = make_model([helper.make_node("Add", ["x", "x"], ["y"])], [value("x", [1, 8, HIDDEN])],
+                       [value("y", [1, 8, HIDDEN])], [])
+    assert optimize(plain, "residual-sum", data=feed).report.steps[0].stats == {"residual_sums": 0}
+
+    path, out, data = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "feeds.npz"
+    onnx.save(model, path)
+    np.savez(data, x=feed["x"])
+    ran = CliRunner().invoke(main, ["optimize", str(path), "-o", str(out), "-p", "residual-sum", "--data", str(data)])
+    assert ran.exit_code == 0, ran.output
+    assert optimized_ops(onnx.load(out), tmp_path)["SkipLayerNormalization"] == 0
+    assert path.read_bytes() == model.SerializeToString()
+
+
+@pytest.mark.slow
+def test_minilm_fp32_keeps_its_outputs_and_loses_its_fused_skip_norms(shared_models, tmp_path):
+    from onnxopt.api import optimize
+    from onnxopt.data import load_feeds
+
+    folder = shared_models / "minilm_l3"
+    model = onnx.load(folder / "model.onnx")
+    result = optimize(model, "residual-sum", data=load_feeds(folder / "eval.npz"))
+    assert result.report.failure is None and result.report.steps[0].stats == {"residual_sums": 7}
+    assert optimized_ops(result.model, tmp_path)["SkipLayerNormalization"] == 0
