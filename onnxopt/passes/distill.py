@@ -195,7 +195,7 @@ class Distill(Pass):
         max_layers: int = 0
         batch_size: int = 0  # samples per run; 0: joined when the batch axis is dynamic
         attention: bool = True  # refit query / key pairs to the teacher's attention scores (softmax metric)
-        attention_steps: int = 10  # conjugate-gradient steps per side
+        attention_steps: int = 2  # flexible conjugate-gradient steps per side (at most: a step that gains little ends it)
 
         def __post_init__(self) -> None:
             if not self.damping > 0:
@@ -725,8 +725,7 @@ def _shard_score_problem(runners: ShardRunners, key: bool, other: np.ndarray) ->
 
 
 def _shard_scores(runners: ShardRunners, method: str, *args):
-    problem = runners.held("scores")
-    return problem.gradient(args[0], residual=args[1]) if method == "gradient" else getattr(problem, method)(*args)
+    return getattr(runners.held("scores"), method)(*args)
 
 
 class _ShardedScores:
@@ -736,8 +735,12 @@ class _ShardedScores:
         self.runner = runner
         runner.map(_shard_score_problem, key, other)
 
-    def gradient(self, weights: np.ndarray, *, residual: bool = False) -> np.ndarray:
-        return functools.reduce(np.add, self.runner.map(_shard_scores, "gradient", weights, residual))
+    def product(self, direction: np.ndarray) -> np.ndarray:
+        return functools.reduce(np.add, self.runner.map(_shard_scores, "product", direction))
+
+    def residual(self, weights: np.ndarray) -> tuple[np.ndarray, float]:
+        parts = self.runner.map(_shard_scores, "residual", weights)
+        return functools.reduce(np.add, (p[0] for p in parts)), sum(p[1] for p in parts)
 
     def error(self, weights: np.ndarray) -> float:
         return sum(self.runner.map(_shard_scores, "error", weights))
