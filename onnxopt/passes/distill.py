@@ -470,12 +470,16 @@ def _attention_data(student: LayerwiseRunner, taught: dict[str, list[np.ndarray]
     if student.ready(pair.query_output) or student.ready(pair.key_output):
         return "skipped_already_run"
     attention = pair.attention
-    target, probabilities = (np.concatenate([v.reshape(-1, attention.heads, *v.shape[-2:]) for v in taught[n]])
-                             .astype(np.float32) for n in (attention.scores, attention.probabilities))
-    inputs = (_rows(pair.query, xq), _rows(pair.key, xk))
-    outputs = (_rows(pair.query, yq, pair.query.geometry.outputs), _rows(pair.key, yk, pair.key.geometry.outputs))
-    if (probabilities.shape != target.shape or any(len(x) != len(y) for x, y in zip(inputs, outputs))
-            or not layout_matches(attention, *outputs, target)):
+    target, probabilities = (np.concatenate([v.reshape(-1, attention.heads, *v.shape[-2:]) for v in taught[n]],
+                                            dtype=np.float32) for n in (attention.scores, attention.probabilities))
+    queries = _rows(pair.query, xq)
+    same = (pair.key.data, pair.key.with_bias) == (pair.query.data, pair.query.with_bias)  # Q and K read one input
+    inputs = (queries, queries if same else _rows(pair.key, xk))
+    first = np.size(taught[attention.scores][0]) // (attention.heads * target.shape[-1] * target.shape[-2])
+    outputs = (_rows(pair.query, yq[:1], pair.query.geometry.outputs),  # the layout is checked on the first batch
+               _rows(pair.key, yk[:1], pair.key.geometry.outputs))
+    if (probabilities.shape != target.shape or any(len(x) != target.shape[0] * target.shape[-1] for x in inputs)
+            or not layout_matches(attention, *outputs, target[:first])):
         return "layout_mismatch"
     return inputs, target, probabilities
 

@@ -201,13 +201,13 @@ class ScoreProblem:
     visible: np.ndarray | None = None
 
     def heads(self, weights: np.ndarray) -> np.ndarray:
-        """This side's heads ``(S, H, L, d)`` under ``weights`` (contiguous: the batched products run on BLAS)."""
+        """This side's heads ``(S, H, L, d)`` under ``weights``."""
         s, h, length, size = self.other.shape
         rows = self.inputs @ weights.astype(np.float32)
         if self.positions is not None:
             rows, placed = np.zeros((s * length, h * size), np.float32), rows
             rows[self.positions] = placed
-        return np.ascontiguousarray(rows.reshape(s, length, h, size).transpose(0, 2, 1, 3))
+        return rows.reshape(s, length, h, size).transpose(0, 2, 1, 3)
 
     def parts(self) -> list[slice]:
         """Sequences in chunks whose scores take at most ``CHUNK_BYTES``: the work arrays stay bounded."""
