@@ -7,9 +7,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import InputError
-from onnxopt.graph import GraphIndex, WeightStore, free_names, unique_name_factory, walk_graphs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import make_model, mlp, tensor, value
+from onnxopt.graph import (GraphIndex, WeightStore, free_names, model_names, shorten_names, unique_name_factory,
+                           walk_graphs)
+
+from conftest import make_model, mlp, run, tensor, value
 
 
 def test_index_knows_producers_and_consumers():
@@ -104,3 +108,49 @@ def test_infer_shapes_on_the_skeleton_matches_onnx_and_leaves_the_model_alone():
     assert list(ours.graph.value_info) == list(theirs.graph.value_info) and list(ours.graph.output) == list(
         theirs.graph.output)
     assert [d.dim_value for d in ours.graph.output[0].type.tensor_type.shape.dim] == [2, 4, 8]
+
+
+NAME_PARTS = st.sampled_from(["_0", "_1", "_a", "_10", "v", "w", "tmp", "_", "0"])  # never x or y (the interface)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(NAME_PARTS, min_size=1, max_size=3).map("".join), min_size=6, max_size=6, unique=True),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_shortened_names_are_unique_keep_the_kept_and_compute_the_same(names, kept_flags):
+    """A chain x -> Add(c0) -> Neg -> Add(c1) -> Relu -> y with arbitrary value names (some already of the
+    short form): whatever is not kept gets a short name, nothing collides, and onnxruntime computes the same."""
+    a, c0, b, c, c1, d = names
+    nodes = [helper.make_node("Add", ["x", c0], [a], name="add0"), helper.make_node("Neg", [a], [b]),
+             helper.make_node("Add", [b, c1], [c]), helper.make_node("Relu", [c], [d]),
+             helper.make_node("Identity", [d], ["y"])]
+    rng = np.random.default_rng(0)
+    model = make_model(nodes, [value("x", [2, 3])], [value("y", [2, 3])],
+                       [tensor(c0, rng.standard_normal(3).astype(np.float32)),
+                        tensor(c1, rng.standard_normal(3).astype(np.float32))])
+    kept = {n for n, k in zip(names, kept_flags) if k}
+    before = run(model, {"x": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    renamed = shorten_names(model, kept)
+    after_names = model_names(model)
+    onnx.checker.check_model(model)
+    assert renamed == len(set(names) - kept) and kept <= after_names and {"x", "y"} <= after_names
+    assert len(after_names) == len(set(names)) + 2  # unique: no two values merged
+    assert all(n in kept or n in ("x", "y") or (n.startswith("_") and len(n) <= 2) for n in after_names)
+    assert model.graph.node[0].name == "add0"  # node names are not values
+    np.testing.assert_array_equal(run(model, {"x": np.arange(6, dtype=np.float32).reshape(2, 3)})[0], before[0])
+
+
+def test_shortened_names_reach_into_bodies_and_leave_the_interface():
+    then_branch = helper.make_graph([helper.make_node("Add", ["x", "long_outer_value"], ["then_long_out"])], "then", [],
+                                    [value("then_long_out", [2])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["x"], ["else_long_out"])], "else", [],
+                                    [value("else_long_out", [2])])
+    nodes = [helper.make_node("Abs", ["x"], ["long_outer_value"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    model = make_model(nodes, [value("x", [2]), value("cond", [], TensorProto.BOOL)], [value("y", [2])])
+    feed = {"x": np.array([-1.0, 2.0], np.float32), "cond": np.array(True)}
+    before = run(model, feed)
+    assert shorten_names(model, set()) == 3
+    onnx.checker.check_model(model)
+    assert [v.name for v in model.graph.input] == ["x", "cond"] and model.graph.output[0].name == "y"
+    assert "long_outer_value" not in model_names(model)
+    np.testing.assert_array_equal(run(model, feed)[0], before[0])

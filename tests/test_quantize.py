@@ -13,6 +13,8 @@ from onnx import helper, numpy_helper
 from onnxopt.data import FeedSet, load_feeds
 from onnxopt.errors import InputError
 from onnxopt.passes.base import PassContext
+from onnxopt.graph import unique_name_factory
+from onnxopt.passes.bias_rewrite import fold_norm_bias
 from onnxopt.passes.quantize import QuantizePass
 from onnxopt.validate import check_interface, check_structure
 
@@ -113,7 +115,8 @@ def test_cnn_qdq_structure_stats_and_fusion(tmp_path):
     result = quantize(model, method="minmax")
     assert result.modified
     assert result.stats == {"nodes_quantized": 2, "weights_quantized": 2, "activations_quantized": 4,
-                            "batchnorm_folded": 1, "biases_fused": 0, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2}
+                            "batchnorm_folded": 1, "biases_fused": 0, "calib_cache_hit": 0, "bias_corrected": 2, "biases_int32": 2,
+                            "norm_biases_folded": 0, "names_shortened": 21}
     q = result.model
     assert check_structure(q) is None and check_interface(model, q) == []
     ops = Counter(n.op_type for n in q.graph.node)
@@ -583,28 +586,49 @@ def test_smoothing_folds_into_layernorm_only_when_nothing_else_reads_it(residual
 
 
 def test_small_float_constants_are_stored_as_float16_and_run_as_before(tmp_path):
-    """Biases and per-column scales as float16 behind a Cast: a smaller file, the same fused onnxruntime graph
-    (the Casts are folded at load) and outputs within float16 rounding of the float32 form's. The twins:
-    float16_constants=false keeps them float32, and constants too small to pay for a Cast (gamma, beta: 16
-    values) stay float32."""
+    """Biases and per-column scales as one float16 tensor behind one Cast and one Split that give back each
+    float32 name: a smaller file, the same fused onnxruntime graph (both nodes are folded at load) and outputs
+    within float16 rounding of the float32 form's. The twins: float16_constants=false keeps them float32, and
+    constants too small to pay for it (gamma, beta: 16 values) stay float32."""
     model = encoder_block(residual=True)
     feeds = encoder_feeds(model)
-    half = quantize(model, feeds, mode="dynamic")
-    full = quantize(model, feeds, mode="dynamic", float16_constants=False)
-    halved = {t.name for t in half.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    assert "b1_f16" in halved and half.stats["float16_constants"] == len(halved) >= 2
-    assert not {"gamma_f16", "beta_f16", "b2_f16"} & halved
+    half = quantize(model, feeds, mode="dynamic", short_names=False)
+    full = quantize(model, feeds, mode="dynamic", float16_constants=False, short_names=False)
+    halved = [t for t in half.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halved) == 1 and halved[0].dims[0] == half.stats["float16_bytes_saved"] // 2
+    split = next(n for n in half.model.graph.node if n.op_type == "Split")
+    cast = next(n for n in half.model.graph.node if n.op_type == "Cast" and n.input[0] == halved[0].name)
+    assert split.input[0] == cast.output[0] and "b1" in split.output
+    assert half.stats["float16_constants"] == half.stats["float16_constants_joined"] == len(split.output) >= 2
+    assert not {"gamma", "beta", "b2"} & set(split.output)
     assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in full.model.graph.initializer)
     assert "float16_constants" not in full.stats
     saved = len(full.model.SerializeToString()) - len(half.model.SerializeToString())
-    assert 0 < saved < half.stats["float16_bytes_saved"]  # the Casts cost a little of it
-    casts = [n for n in half.model.graph.node if n.op_type == "Cast" and n.input[0] in halved]
-    assert len(casts) == len(halved) and "b1" in {n.output[0] for n in casts}
-    assert fused_ops(half.model, tmp_path) - Counter({"Cast": len(casts)}) == fused_ops(full.model, tmp_path)
+    assert 0 < saved < half.stats["float16_bytes_saved"]  # the two nodes and the lengths cost a little of it
+    assert fused_ops(half.model, tmp_path) == fused_ops(full.model, tmp_path)
+    assert check_interface(model, half.model) == [] and check_structure(half.model) is None
     a = np.concatenate([run(half.model, f)[0].ravel() for f in feeds])
     b = np.concatenate([run(full.model, f)[0].ravel() for f in feeds])
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 2e-3
     assert cosine(model, half.model, feeds) > cosine(model, full.model, feeds) - 1e-4
+
+
+def test_float16_constants_of_other_ranks_keep_their_own_cast():
+    """Only 1-D constants are joined (a Split along axis 0 gives them back without a Reshape): fc1's bias and
+    scales are, a [64, 4] multiplier after fc2 gets its own Cast."""
+    model = mlp(hidden=64)
+    model.graph.node.append(helper.make_node("Mul", ["y", "k"], ["y2"]))
+    model.graph.initializer.append(tensor("k", np.random.default_rng(0).uniform(1, 2, (64, 4)).astype(np.float32)))
+    model.graph.output[0].name = "y2"
+    feeds = samples(model)
+    result = quantize(model, feeds, mode="dynamic", short_names=False, exclude_nodes=("fc2",))
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    halves = [t for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert "b1" in split.output and len(split.output) == result.stats["float16_constants_joined"] == 2
+    assert sorted(tuple(t.dims) for t in halves) == [(64, 4), (128,)] and result.stats["float16_constants"] == 3
+    own = next(n for n in result.model.graph.node if n.op_type == "Cast" and n.output[0] == "k")
+    assert own.input[0] in {t.name for t in halves}
+    assert cosine(model, result.model, feeds) > 0.999
 
 
 def test_float16_constants_leave_float_layers_tables_and_large_values_alone():
@@ -894,3 +918,90 @@ def test_auto_mode_drops_the_migration_muls_that_buy_no_accuracy(monkeypatch, ex
     rows = {r["name"]: r for r in result.details["layers"] if r.get("mode") == "dynamic"}
     assert rows["outlier_mm"]["smoothing"] == "mul" and rows["plain_mm"]["smoothing"] != "mul"
     assert check_interface(model, result.model) == [] and cosine(model, result.model, feeds) > 0.9999
+
+
+# --------------------------------------------------------------------------- what the int8 file holds
+
+
+def norm_block(reader="add", seed=0, width=16):
+    """x[batch,16] -> LayerNorm -> three layers reading its output: MatMul + Add bias (q), MatMul + Add bias (k),
+    Gemm(transB) with C (g) -> y = q + k + g. ``reader``: what else reads the LayerNorm output or replaces a
+    layer's bias ("add": nothing else; "residual": an Add with x, a second output; "no_bias": q has no Add)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["n", "wq"], ["mq"], name="q"),
+             helper.make_node("MatMul", ["n", "wk"], ["mk"], name="k"),
+             helper.make_node("Add", ["mk", "bk"], ["k_out"]),
+             helper.make_node("Gemm", ["n", "wg", "bg"], ["g_out"], transB=1, name="g"),
+             helper.make_node("Add", ["q_out", "k_out"], ["qk"]),
+             helper.make_node("Add", ["qk", "g_out"], ["y"])]
+    nodes.insert(2, helper.make_node("Add", ["bq", "mq"], ["q_out"]) if reader != "no_bias"
+                 else helper.make_node("Identity", ["mq"], ["q_out"]))
+    outputs = [value("y", ["batch", 8])]
+    if reader == "residual":
+        nodes.append(helper.make_node("Add", ["n", "x"], ["r"]))
+        outputs.append(value("r", ["batch", width]))
+    inits = [tensor("gamma", rng.uniform(0.5, 2, width).astype(np.float32)),
+             tensor("beta", rng.standard_normal(width).astype(np.float32)),
+             tensor("wq", rng.standard_normal((width, 8)).astype(np.float32) / 4),
+             tensor("wk", rng.standard_normal((width, 8)).astype(np.float32) / 4),
+             tensor("wg", rng.standard_normal((8, width)).astype(np.float32) / 4),
+             tensor("bq", rng.standard_normal(8).astype(np.float32)),
+             tensor("bk", rng.standard_normal(8).astype(np.float32)),
+             tensor("bg", rng.standard_normal(8).astype(np.float32))]
+    return make_model(nodes, [value("x", ["batch", width])], outputs, inits)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([4, 16, 33]), st.floats(0.01, 100.0))
+def test_norm_bias_fold_is_exact_in_float(seed, width, beta_scale):
+    """(x̂γ + β) W + b = x̂γ W + (βW + b): the fold alone computes what the model did, to float rounding,
+    whatever β's size; the norm loses its bias and the file its vector."""
+    model = norm_block(seed=seed, width=width)
+    beta = next(t for t in model.graph.initializer if t.name == "beta")
+    beta.CopyFrom(tensor("beta", numpy_helper.to_array(beta) * np.float32(beta_scale)))
+    folded = copy(model)
+    stats = {}
+    assert fold_norm_bias(folded.graph, unique_name_factory(folded), 17, stats) == 1
+    assert list(folded.graph.node[0].input) == ["x", "gamma"] and "beta" not in initializers(folded)
+    assert stats["norm_biases_folded"] == 1 and check_interface(model, folded) == []
+    x = np.random.default_rng(seed).standard_normal((5, width)).astype(np.float32)
+    ref, out = run(model, {"x": x})[0], run(folded, {"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * (1 + beta_scale) * width)
+
+
+@pytest.mark.parametrize("reader, reason", [("residual", "norm_read_by_other_op"),
+                                            ("no_bias", "norm_read_by_layer_without_bias")])
+def test_norm_bias_stays_where_another_reader_or_a_biasless_layer_needs_it(reader, reason):
+    """The twins: the LayerNorm output also read by a residual Add, or one layer without a bias to absorb βW:
+    the beta stays, and why is counted."""
+    model = norm_block(reader)
+    folded = copy(model)
+    stats = {}
+    assert fold_norm_bias(folded.graph, unique_name_factory(folded), 17, stats) == 0
+    assert stats[f"skipped_{reason}"] == 1 and list(folded.graph.node[0].input) == ["x", "gamma", "beta"]
+    assert initializers(folded).keys() == initializers(model).keys()
+
+
+def test_quantize_folds_the_norm_bias_and_names_what_it_adds_shortly():
+    """Default quantize on the norm block: beta folded, every value it added named _<base 36>, the user's names
+    and the interface as they were, outputs as accurate as without either, and the file smaller. The twins
+    (fold_norm_bias=false, short_names=false) keep beta and the descriptive names."""
+    model = norm_block()
+    feeds = FeedSet({"x": np.random.default_rng(5).standard_normal((32, 4, 16)).astype(np.float32)}, "c")
+    small = quantize(model, feeds, mode="dynamic")
+    plain = quantize(model, feeds, mode="dynamic", fold_norm_bias=False, short_names=False)
+    q = small.model
+    assert check_interface(model, q) == [] and check_structure(q) is None
+    assert small.stats["norm_biases_folded"] == 1 and "norm_biases_folded" not in plain.stats
+    norms = [n for n in q.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms[0].input) == 2
+    assert len(next(n for n in plain.model.graph.node if n.op_type == "LayerNormalization").input) == 3
+    original = {n for node in model.graph.node for n in [*node.input, *node.output]} | set(initializers(model))
+    new = {n for node in q.graph.node for n in [*node.input, *node.output]} - original
+    assert new and small.stats["names_shortened"] == len(new | (set(initializers(q)) - original))
+    assert all(n.startswith("_") and len(n) <= 3 for n in new)
+    assert any(n.endswith("_int32") for node in plain.model.graph.node for n in node.output)
+    assert {n.name for n in q.graph.node if n.name} == {"ln", "q", "k", "g"}
+    assert len(q.SerializeToString()) < len(plain.model.SerializeToString())
+    assert cosine(model, q, feeds) > 0.999 and cosine(model, plain.model, feeds) > 0.999

@@ -466,3 +466,74 @@ def _scaled_weight(node: onnx.NodeProto, layout: Layout, weight: np.ndarray, fac
     else:  # Gemm (K, N) or MatMul (K, N)
         w = w * factor[None, :]
     return w.astype(layout.dtype)
+
+
+# --------------------------------------------------------------------------- LayerNorm beta into the layers after it
+
+
+def fold_norm_bias(graph: onnx.GraphProto, make_name, opset: int, stats: dict[str, int | float] | None = None,
+                   rank: Rank | None = None) -> int:
+    """Fold the beta of every LayerNormalization whose output only MatMul / Gemm layers with a constant weight
+    and a bias read into those biases: (x̂γ + β) W + b = x̂γ W + (βW + b), exact in real arithmetic (one
+    graph, its bodies not entered; how many were folded). The norm loses its optional bias input, and the
+    file a float vector per norm; quantize runs it first, so that the int8 weight no longer carries β's
+    product (it is added in float) and calibration sees the tensor the layers will read."""
+    return rewrite_graph(graph, make_name, opset, stats, rank, "norm_biases_folded", _visit_layernorm)
+
+
+def _visit_layernorm(norm: onnx.NodeProto, i: int, rw: Rewrite) -> bool | str:
+    if (norm.op_type != "LayerNormalization" or norm.domain not in STANDARD_DOMAINS or len(norm.input) < 3
+            or not norm.input[2]):
+        return False
+    out = norm.output[0]
+    beta = rw.constants.value(norm.input[2])
+    if beta is None:
+        return "runtime_norm_bias"
+    if beta.ndim != 1 or beta.dtype.kind != "f":
+        return "norm_bias_shape"
+    axis, rank = int(attribute(norm, "axis", -1)), rw.rank(out)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return "norm_not_last_axis"
+    if rw.index.is_graph_output(out) or not rw.index.consumer_nodes(out):
+        return "norm_output_is_graph_output"
+    targets = []
+    for reader in rw.index.consumer_nodes(out):
+        target = _bias_target(reader, out, beta, rw)
+        if isinstance(target, str):
+            return target
+        targets.append(target)
+    for node, position, weight_kn, old in targets:
+        delta = beta.astype(np.float64) @ weight_kn.astype(np.float64)
+        write_input(node, position, (old.astype(np.float64) + delta).astype(old.dtype), rw.store, rw.edit,
+                    rw.make_name, f"{node.name or node.output[0]}_bias")
+    rw.edit.release(norm.input[2])
+    del norm.input[2]
+    return True
+
+
+def _bias_target(reader: onnx.NodeProto, out: str, beta: np.ndarray, rw: Rewrite
+                 ) -> tuple[onnx.NodeProto, int, np.ndarray, np.ndarray] | str:
+    """Where a reader of a LayerNorm output adds its bias: (node, input position, weight as [K, N], bias [N]),
+    for ``x @ W (+ Add b)`` and ``Gemm(x, W, b)`` with W a float constant; else why not."""
+    if reader.op_type not in ("MatMul", "Gemm") or reader.domain not in STANDARD_DOMAINS or reader.input[0] != out:
+        return "norm_read_by_other_op"
+    weight = rw.constants.value(reader.input[1]) if len(reader.input) > 1 and reader.input[1] != out else None
+    if weight is None or weight.ndim != 2 or weight.dtype != beta.dtype:
+        return "norm_read_by_dynamic_weight"
+    if reader.op_type == "Gemm":
+        if attribute(reader, "transA", 0) or attribute(reader, "alpha", 1.0) != 1.0 or attribute(reader, "beta", 1.0) != 1.0:
+            return "norm_read_by_scaled_gemm"
+        weight_kn = weight.T if attribute(reader, "transB", 0) else weight
+        node, position = reader, 2
+        bias = rw.constants.value(reader.input[2]) if len(reader.input) > 2 and reader.input[2] else None
+    else:
+        weight_kn = weight
+        after = rw.index.consumer_nodes(reader.output[0])
+        if len(after) != 1 or after[0].op_type != "Add" or rw.index.is_graph_output(reader.output[0]):
+            return "norm_read_by_layer_without_bias"
+        node = after[0]
+        position = 1 if node.input[0] == reader.output[0] else 0
+        bias = rw.constants.value(node.input[position])
+    if weight_kn.shape[0] != beta.size or bias is None or bias.shape != (weight_kn.shape[1],) or bias.dtype != beta.dtype:
+        return "norm_read_by_layer_without_bias"
+    return node, position, weight_kn, bias
