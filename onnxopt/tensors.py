@@ -29,6 +29,34 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.
                          onnx.TensorProto.DOUBLE})
 
 
+# data type -> (unsigned view, exponent bits, mantissa bits) of its IEEE-style bit pattern
+SUBNORMAL_LAYOUTS = {
+    onnx.TensorProto.FLOAT: (np.uint32, 0x7F800000, 0x007FFFFF),
+    onnx.TensorProto.BFLOAT16: (np.uint16, 0x7F80, 0x007F),
+    onnx.TensorProto.DOUBLE: (np.uint64, 0x7FF0000000000000, 0x000FFFFFFFFFFFFF),
+}
+
+
+def flush_subnormal_values(array: np.ndarray, data_type: int) -> tuple[np.ndarray, int]:
+    """``array`` with its subnormal values replaced by a zero of the same sign, and how many there were.
+
+    Returns ``array`` itself (untouched) when it holds none; otherwise a writable array (the input
+    when it was writable and contiguous, else a copy).
+    """
+    view_type, exponent, mantissa = SUBNORMAL_LAYOUTS[data_type]
+    bits = np.ascontiguousarray(array).view(view_type)
+    magnitude_less_one = bits & view_type(exponent | mantissa)
+    magnitude_less_one -= view_type(1)  # +-0 wraps around to the largest value
+    subnormal = magnitude_less_one < view_type(mantissa)  # magnitude in 1 .. mantissa: exponent 0, mantissa not
+    flushed = int(np.count_nonzero(subnormal))
+    if not flushed:
+        return array, 0
+    if not bits.flags.writeable:
+        bits = bits.copy()
+    bits[subnormal] &= ~view_type(exponent | mantissa)  # only the sign bit stays
+    return bits.view(array.dtype).reshape(array.shape), flushed
+
+
 def is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 

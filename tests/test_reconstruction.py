@@ -288,6 +288,61 @@ def test_ungrouped_and_wide_group_convs_keep_the_unfolded_rows():
     assert not LayerGeometry.linear(8, 4).direct
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.tuples(*[st.integers(1, 3)] * 2),
+       st.tuples(*[st.integers(1, 2)] * 2), st.tuples(*[st.integers(1, 2)] * 2), st.tuples(*[st.integers(0, 2)] * 4),
+       st.sampled_from(["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]), st.tuples(*[st.integers(1, 8)] * 2),
+       st.lists(st.integers(1, 3), min_size=1, max_size=3), st.sampled_from([0, 1, 5]), st.integers(0, 10**6))
+def test_conv_rows_unfolded_from_the_batches_equal_those_of_the_joined_padded_input(
+        groups, per_group, outs, kernel, strides, dilations, pads, auto_pad, size, batches, chunk_rows, seed):
+    """A Conv's rows and targets come straight from its list of batches (no joined or padded copy): the same
+    chunks, bit for bit, as unfolding the joined, padded input (chunks of whole samples or, when a chunk holds
+    ``chunk_rows`` rows, fewer than a sample's, runs of output lines)."""
+    import onnxopt.reconstruction.statistics as statistics
+
+    geometry = LayerGeometry(groups, per_group * kernel[0] * kernel[1], outs, 1, kernel, strides, dilations, pads,
+                             auto_pad)
+    spatial_pads = geometry._pads(size)
+    lines = [(n + a + b - (k - 1) * d - 1) // s + 1 for n, (a, b), k, d, s
+             in zip(size, spatial_pads, kernel, dilations, strides)]
+    if min(lines) < 1:
+        return
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal((n, groups * per_group, *size)).astype(np.float32) for n in batches]
+    ys = [rng.standard_normal((n, groups * outs, *lines)).astype(np.float32) for n in batches]
+    joined_x, joined_y = np.concatenate(xs), np.concatenate(ys)
+    features = geometry.inputs * groups
+    limit = 4 * features * chunk_rows if chunk_rows else statistics.CHUNK_BYTES
+    original = statistics.CHUNK_BYTES
+    statistics.CHUNK_BYTES = limit
+    try:
+        columns, targets = list(geometry.columns(xs)), list(geometry.targets(ys))
+        padded = list(geometry._line_columns(joined_x, spatial_pads))
+        reference = [np.moveaxis(p.reshape(len(p), groups, outs, -1), 1, 0).swapaxes(2, 3).reshape(groups, -1, outs)
+                     for p in statistics._chunks(joined_y, joined_y.shape[2:], features)]
+    finally:
+        statistics.CHUNK_BYTES = original
+    assert len(columns) == len(padded) == len(targets) == len(reference)
+    for new, old in zip(columns + targets, padded + reference):
+        np.testing.assert_array_equal(new, old)
+    assert sum(c.shape[2] for c in columns) == geometry.input_rows(xs) == geometry.output_rows(ys)
+
+
+@pytest.mark.parametrize("shape,axis,transposed", [((2, 5, 1000), -1, False), ((2, 700, 3), -2, False),
+                                                   ((1, 9, 300), -2, True), ((1, 4, 100), -1, False),
+                                                   ((1, 3, 0), -1, False)])
+def test_row_sums_by_blocks_are_float64_sums_to_float32_rounding_of_a_block(shape, axis, transposed):
+    from onnxopt.reconstruction.statistics import _row_sums
+
+    values = np.random.default_rng(3).standard_normal(shape).astype(np.float32) + 0.5
+    if transposed:  # a linear layer's rows: the transposed view
+        values = np.swapaxes(values, 1, 2)
+    sums = _row_sums(values, axis)
+    exact = values.sum(axis=axis, dtype=np.float64)
+    assert sums.dtype == np.float64 and sums.shape == exact.shape
+    np.testing.assert_allclose(sums, exact, rtol=0, atol=1e-6 * max(np.abs(values).sum(), 1.0))
+
+
 def test_masked_refit_of_a_stack_equals_one_call_per_group():
     rng = np.random.default_rng(11)
     grams, crosses, starts, keeps = [], [], [], []

@@ -24,36 +24,8 @@ import numpy as np
 import onnx
 
 from ..graph import STANDARD_DOMAINS, walk_graphs
-from ..tensors import set_tensor_array, tensor_to_array
+from ..tensors import SUBNORMAL_LAYOUTS, flush_subnormal_values, set_tensor_array, tensor_to_array
 from .base import Pass, PassResult, count
-
-# data type -> (unsigned view, exponent bits, mantissa bits) of its IEEE-style bit pattern
-_LAYOUTS = {
-    onnx.TensorProto.FLOAT: (np.uint32, 0x7F800000, 0x007FFFFF),
-    onnx.TensorProto.BFLOAT16: (np.uint16, 0x7F80, 0x007F),
-    onnx.TensorProto.DOUBLE: (np.uint64, 0x7FF0000000000000, 0x000FFFFFFFFFFFFF),
-}
-
-
-def flush_subnormal_values(array: np.ndarray, data_type: int) -> tuple[np.ndarray, int]:
-    """``array`` with its subnormal values replaced by a zero of the same sign, and how many there were.
-
-    Returns ``array`` itself (untouched) when it holds none; otherwise a writable array (the input
-    when it was writable and contiguous, else a copy).
-    """
-    view_type, exponent, mantissa = _LAYOUTS[data_type]
-    bits = np.ascontiguousarray(array).view(view_type)
-    magnitude_less_one = bits & view_type(exponent | mantissa)
-    magnitude_less_one -= view_type(1)  # +-0 wraps around to the largest value
-    subnormal = magnitude_less_one < view_type(mantissa)  # magnitude in 1 .. mantissa: exponent 0, mantissa not
-    flushed = int(np.count_nonzero(subnormal))
-    if not flushed:
-        return array, 0
-    if not bits.flags.writeable:
-        bits = bits.copy()
-    bits[subnormal] &= ~view_type(exponent | mantissa)  # only the sign bit stays
-    return bits.view(array.dtype).reshape(array.shape), flushed
-
 
 class FlushSubnormals(Pass):
     name = "flush-subnormals"
@@ -75,7 +47,7 @@ class FlushSubnormals(Pass):
     def _flush(self, tensor: onnx.TensorProto, stats: dict[str, int | float]) -> None:
         if tensor.data_type == onnx.TensorProto.FLOAT16:
             count(stats, "skipped_float16")
-        if tensor.data_type not in _LAYOUTS:
+        if tensor.data_type not in SUBNORMAL_LAYOUTS:
             return
         array, flushed = flush_subnormal_values(tensor_to_array(tensor), tensor.data_type)
         if flushed:

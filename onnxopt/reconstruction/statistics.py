@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 CHUNK_BYTES = 32 << 20  # unfolded rows per chunk (float32)
+SUM_BLOCK = 256  # rows summed in float32 before the float64 total (:func:`_row_sums`)
 DIRECT_CHANNELS = 4  # grouped 2-D Conv: statistics from shifted products up to this many channels per group
 
 
@@ -99,11 +100,13 @@ class LayerGeometry:
             return [(0, 0)] * n
         return list(zip(self.pads[:n], self.pads[n:]))
 
-    def columns(self, x: np.ndarray) -> Iterator[np.ndarray]:
+    def columns(self, x: np.ndarray | list[np.ndarray]) -> Iterator[np.ndarray]:
         """The input's rows, transposed: float32 ``(groups, inputs, R)`` in chunks of bounded size.
 
         Transposed because a Conv's unfolding (im2col) then writes each kernel offset's values
-        contiguously; BLAS multiplies the transpose at no cost.
+        contiguously; BLAS multiplies the transpose at no cost. A Conv's input may be a list of batches
+        (consecutive ones of a run, :func:`_joined`): each chunk's samples are unfolded straight from
+        them, padding as zeros, with no joined or padded copy of the input first (the same rows).
         """
         if not self.is_conv:
             flat = np.moveaxis(np.asarray(x), self.data_axis, -1).reshape(-1, self.inputs)
@@ -111,9 +114,38 @@ class LayerGeometry:
             for start in range(0, len(flat), step):
                 yield flat[start: start + step].astype(np.float32, copy=False).T[None]
             return
-        x = np.asarray(x, dtype=np.float32)
+        batches = [np.asarray(b, dtype=np.float32) for b in (x if isinstance(x, list) else [x])]
+        groups, spatial = self.groups, batches[0].shape[2:]
+        pads = self._pads(spatial)
+        out = tuple((size + a + b - (k - 1) * d - 1) // s + 1
+                    for size, (a, b), k, d, s in zip(spatial, pads, self.kernel, self.dilations, self.strides))
+        step = CHUNK_BYTES // max(4 * self.inputs * groups * math.prod(out), 1)
+        if not step:  # a sample's rows exceed a chunk: runs of its output lines, from the padded input
+            yield from self._line_columns(np.concatenate(batches) if len(batches) > 1 else batches[0], pads)
+            return
+        spans = {offset: [_window(o * d, s, m, a, size) for o, d, s, m, (a, _), size
+                          in zip(offset, self.dilations, self.strides, out, pads, spatial)]
+                 for offset in np.ndindex(*self.kernel)}
+        total = sum(len(b) for b in batches)
+        for start in range(0, total, step):
+            n = min(step, total - start)
+            cols = np.empty((groups, *self.kernel, batches[0].shape[1] // groups, n, *out), np.float32)
+            for offset, windows in spans.items():  # one strided copy per kernel offset and batch
+                block = cols[(slice(None), *offset)]
+                _zero_outside(block, [written for _, written in windows])
+                if any(written.stop <= written.start for _, written in windows):
+                    continue
+                at = 0
+                for part in _samples(batches, start, start + n):
+                    source = part[(slice(None), slice(None), *(read for read, _ in windows))]
+                    block[(slice(None), slice(None), slice(at, at + len(part)), *(w for _, w in windows))] = \
+                        np.moveaxis(source.reshape(len(part), groups, -1, *source.shape[2:]), 0, 2)
+                    at += len(part)
+            yield cols.reshape(groups, self.inputs, -1)
+
+    def _line_columns(self, x: np.ndarray, pads: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """:meth:`columns` of samples too big for one chunk: runs of output lines of the padded input."""
         groups = self.groups
-        pads = self._pads(x.shape[2:])
         padded = np.pad(x, [(0, 0), (0, 0), *pads]) if any(a or b for a, b in pads) else x
         reach = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations)]
         out = tuple((size - r) // s + 1 for size, r, s in zip(padded.shape[2:], reach, self.strides))
@@ -127,31 +159,52 @@ class LayerGeometry:
                 cols[(slice(None), *offset)] = np.moveaxis(source.reshape(n, groups, -1, *lines), 0, 2)
             yield cols.reshape(groups, self.inputs, -1)
 
-    def targets(self, y: np.ndarray) -> Iterator[np.ndarray]:
-        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`columns`."""
-        y = np.asarray(y)
+    def targets(self, y: np.ndarray | list[np.ndarray]) -> Iterator[np.ndarray]:
+        """The layer's output (or its teacher's) as rows ``(groups, R, outputs)``, chunked like :meth:`columns`
+        (a Conv's output may be a list of batches, as its input)."""
         if not self.is_conv:
-            flat = y.reshape(-1, self.outputs)
+            flat = np.asarray(y).reshape(-1, self.outputs)
             step = max(1, CHUNK_BYTES // (4 * self.inputs))
             for start in range(0, len(flat), step):
                 yield flat[start: start + step].astype(np.float32, copy=False)[None]
             return
-        for part in _chunks(y, y.shape[2:], self.inputs * self.groups):
-            part = part.reshape(len(part), self.groups, self.outputs, -1)
-            yield np.moveaxis(part, 1, 0).swapaxes(2, 3).reshape(self.groups, -1, self.outputs).astype(
-                np.float32, copy=False)
+        batches = [np.asarray(b) for b in (y if isinstance(y, list) else [y])]
+        positions = batches[0].shape[2:]
+        step = CHUNK_BYTES // max(4 * self.inputs * self.groups * math.prod(positions), 1)
+        if not step:
+            whole = np.concatenate(batches) if len(batches) > 1 else batches[0]
+            for part in _chunks(whole, positions, self.inputs * self.groups):
+                part = part.reshape(len(part), self.groups, self.outputs, -1)
+                yield np.moveaxis(part, 1, 0).swapaxes(2, 3).reshape(self.groups, -1, self.outputs).astype(
+                    np.float32, copy=False)
+            return
+        total = sum(len(b) for b in batches)
+        for start in range(0, total, step):
+            n = min(step, total - start)
+            rows = np.empty((self.groups, n, math.prod(positions), self.outputs), np.float32)
+            at = 0
+            for part in _samples(batches, start, start + n):  # one transposing copy per batch
+                rows[:, at: at + len(part)] = part.reshape(len(part), self.groups, self.outputs, -1).transpose(
+                    1, 0, 3, 2)
+                at += len(part)
+            yield rows.reshape(self.groups, -1, self.outputs)
 
     def work(self, batches: list[np.ndarray]) -> float:
         """Multiply-adds of the layer's gram over these input batches: what decides BLAS threads."""
         rows = sum(max(self.input_rows(b), 0) for b in batches)
         return float(rows) * self.inputs * self.inputs * self.groups
 
-    def output_rows(self, y: np.ndarray) -> int:
+    def output_rows(self, y: np.ndarray | list[np.ndarray]) -> int:
         """How many rows an output holds (to check a target against the input's rows)."""
+        if isinstance(y, list):
+            return sum(self.output_rows(b) for b in y)
         y = np.asarray(y)
         return y.size // (self.outputs * self.groups)
 
-    def input_rows(self, x: np.ndarray) -> int:
+    def input_rows(self, x: np.ndarray | list[np.ndarray]) -> int:
+        if isinstance(x, list):
+            rows = [self.input_rows(b) for b in x]
+            return -1 if min(rows) < 0 else sum(rows)
         x = np.asarray(x)
         if not self.is_conv:
             return x.size // self.inputs if x.ndim and x.shape[self.data_axis] == self.inputs else -1
@@ -159,6 +212,25 @@ class LayerGeometry:
         out = [(size + a + b - (k - 1) * d - 1) // s + 1
                for size, (a, b), k, d, s in zip(x.shape[2:], pads, self.kernel, self.dilations, self.strides)]
         return x.shape[0] * math.prod(out)
+
+
+def _row_sums(values: np.ndarray, axis: int) -> np.ndarray:
+    """float64 sums of a 3-D float32 array along ``axis`` (-1 or -2, as laid out: rows of a linear layer are
+    the transposed view): runs of ``SUM_BLOCK`` summed in float32 by BLAS against ones, the runs in float64.
+    Within 1e-7 of a float64 sum (each run rounds like ``SUM_BLOCK`` terms) at a quarter of its time: numpy
+    converts every value to float64 first (a 144-input layer over 262k rows: 35 ms against the gram's 78)."""
+    if values.strides[-1] != values.itemsize and values.strides[-2] == values.itemsize:
+        return _row_sums(np.swapaxes(values, -1, -2), -1 if axis % 3 == 1 else -2)
+    length = values.shape[axis]
+    whole = length - length % SUM_BLOCK
+    ones = np.ones(SUM_BLOCK, values.dtype)
+    if axis % 3 == 2:
+        runs = values[..., :whole].reshape(*values.shape[:-1], -1, SUM_BLOCK) @ ones
+        tail = values[..., whole:]
+    else:
+        runs = ones @ values[:, :whole].reshape(len(values), -1, SUM_BLOCK, values.shape[-1])
+        tail = values[:, whole:]
+    return runs.sum(axis=axis, dtype=np.float64) + tail.sum(axis=axis, dtype=np.float64)
 
 
 def _square_sum(values: np.ndarray) -> float:
@@ -210,7 +282,8 @@ def _chunks(array: np.ndarray, positions: tuple[int, ...], features: int, stride
 def _joined(geometry: LayerGeometry, xs: list[np.ndarray], others: list[np.ndarray | None]
             ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """``(x, other)`` batches, consecutive ones joined along the batch axis up to ``CHUNK_BYTES`` of ``x``
-    (``others``: arrays that line up with them, or None)."""
+    (``others``: arrays that line up with them, or None); for an unfolded Conv, lists of the batches
+    instead of their concatenation (:meth:`LayerGeometry.columns` reads them where they are)."""
     x_axis = 1 if not geometry.is_conv and np.ndim(xs[0]) > 1 and geometry.data_axis % np.ndim(xs[0]) == 0 else 0
     start = 0
     while start < len(xs):
@@ -219,10 +292,31 @@ def _joined(geometry: LayerGeometry, xs: list[np.ndarray], others: list[np.ndarr
                 and np.shape(xs[stop])[1 - x_axis:] == np.shape(xs[start])[1 - x_axis:] and x_axis == 0:
             size += np.size(xs[stop])
             stop += 1
-        x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
-        other = others[start] if stop == start + 1 or others[start] is None else np.concatenate(others[start:stop])
-        yield x, other
+        if geometry.is_conv and not geometry.direct:  # unfolded straight from the batches (LayerGeometry.columns)
+            yield xs[start:stop], (None if others[start] is None else others[start:stop])
+        else:
+            x = xs[start] if stop == start + 1 else np.concatenate(xs[start:stop])
+            other = others[start] if stop == start + 1 or others[start] is None else np.concatenate(others[start:stop])
+            yield x, other
         start = stop
+
+
+def _samples(batches: list[np.ndarray], start: int, stop: int) -> Iterator[np.ndarray]:
+    """Samples ``start .. stop`` of the batches joined along axis 0, as views of the batches."""
+    for batch in batches:
+        if start < len(batch) and stop > 0:
+            yield batch[max(start, 0): min(stop, len(batch))]
+        start, stop = start - len(batch), stop - len(batch)
+
+
+def _zero_outside(block: np.ndarray, written: list[slice]) -> None:
+    """Zero a ``(g, C/g, n, *out)`` block outside the output positions a kernel offset reads from the
+    input (per spatial axis ``written``): there it reads padding."""
+    for axis, span in enumerate(written, start=3):
+        size = block.shape[axis]
+        for region in (slice(0, min(span.start, size)), slice(max(span.stop, span.start), size)):
+            if region.stop > region.start:
+                block[(slice(None),) * axis + (region,)] = 0
 
 
 def _reads(kernel: int, dilation: int, stride: int, outputs: int, pad: int, length: int) -> np.ndarray:
@@ -344,8 +438,10 @@ class LayerStatistics:
         if rows < 0:
             return False
         if self.cross is not None:
-            if y is None or np.ndim(y) == 0 or geometry.output_rows(y) != rows or \
-                    (np.shape(y)[-1 if not geometry.is_conv else 1] != geometry.outputs * geometry.groups):
+            first = y[0] if isinstance(y, list) else y
+            if y is None or np.ndim(first) == 0 or geometry.output_rows(y) != rows or \
+                    (np.shape(first)[-1 if not geometry.is_conv else 1] != geometry.outputs * geometry.groups) or \
+                    (isinstance(y, list) and any(np.shape(b)[1:] != np.shape(first)[1:] for b in y)):
                 return False
             targets = geometry.targets(y)
         if geometry.direct:
@@ -359,7 +455,7 @@ class LayerStatistics:
             self.sample_noise += sample_noise(units)
             self.samples += len(units)
         for at in geometry.columns(x):
-            sums = at.sum(axis=2, dtype=np.float64) if self.bias and gram else None  # the gram's bias row
+            sums = _row_sums(at, -1) if self.bias and gram else None  # the gram's bias row
             if noise:
                 squares = at * at  # per row Σ_{i≠j} x_i² x_j² = |x|⁴ - Σ x_i⁴
                 norms = squares.sum(axis=1, dtype=np.float64)
@@ -377,7 +473,7 @@ class LayerStatistics:
                 t = next(targets)
                 self.cross[:, :k] += at @ t
                 if self.bias:
-                    self.cross[:, k] += t.sum(axis=1, dtype=np.float64)
+                    self.cross[:, k] += _row_sums(t, -2)
                 self.target_sq += _square_sum(t)
         return True
 
