@@ -19,7 +19,8 @@ from onnxopt.passes.base import PassContext
 from onnxopt.passes.distill import Distill
 from onnxopt.passes.prune import Prune
 from onnxopt.reconstruction import attention as attention_module
-from onnxopt.reconstruction.attention import ScoreProblem, find_attention, fisher_weight
+from onnxopt.reconstruction.attention import (ScoreProblem, conjugate_gradients, find_attention, fisher_weight,
+                                             local_scores, masked_preconditioner)
 from onnxopt.validate import run_model
 
 LENGTH, WIDTH, HEADS, SIZE = 8, 16, 2, 8
@@ -174,7 +175,7 @@ def test_conjugate_gradients_reach_the_normal_equations_solution_and_keep_zeros(
     start = rng.standard_normal((6, 6))
     keep = rng.random((6, 6)) < 0.6
     start[~keep] = 0
-    fitted = task.fit(start, keep, steps=200)
+    fitted = task.fit(start, keep, steps=200, tolerance=0)
     assert np.all(fitted[~keep] == 0)
     free = np.flatnonzero(keep)
 
@@ -183,9 +184,9 @@ def test_conjugate_gradients_reach_the_normal_equations_solution_and_keep_zeros(
     for i in free:  # the normal equations' matrix, one column per kept weight
         unit[:] = 0
         unit[i] = 1
-        columns.append(task.gradient(unit.reshape(6, 6)).reshape(-1)[free])
+        columns.append(task.product(unit.reshape(6, 6)).reshape(-1)[free])
     hessian = np.stack(columns, axis=1)
-    rhs = task.gradient(np.zeros((6, 6)), residual=True).reshape(-1)[free]
+    rhs = task.residual(np.zeros((6, 6)))[0].reshape(-1)[free]
     exact = np.zeros(36)
     exact[free] = np.linalg.lstsq(hessian, rhs, rcond=None)[0]
     assert task.error(fitted) <= task.error(exact.reshape(6, 6)) * (1 + 1e-4) + 1e-6
@@ -208,6 +209,64 @@ def test_every_step_count_lowers_the_error_from_any_start(seed, steps, key):
     start = np.random.default_rng(seed + 1).standard_normal((6, 6))
     keep = np.random.default_rng(seed + 2).random((6, 6)) < 0.5
     assert task.error(task.fit(start, keep, steps)) <= task.error(start) * (1 + 1e-5)
+
+
+def test_the_solver_tracks_the_error_it_reaches_and_stops_when_a_step_gains_little():
+    task = problem(6, False)
+    rng = np.random.default_rng(7)
+    keep = rng.random((6, 6)) < 0.6
+    start = np.where(keep, rng.standard_normal((6, 6)), 0)
+    solved = conjugate_gradients(task, start, keep, 4, tolerance=0)
+    assert solved.error_before == pytest.approx(task.error(start), rel=1e-5)
+    assert solved.error_after == pytest.approx(task.error(solved.weights), rel=1e-4)
+    first = conjugate_gradients(task, start, keep, 1, tolerance=0)
+    stopped = conjugate_gradients(task, start, keep, 4, tolerance=1.5)  # the second step cannot gain 1.5x the first
+    np.testing.assert_array_equal(stopped.weights, first.weights)
+    assert solved.error_after < first.error_after
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_the_preconditioner_solves_the_kronecker_system_over_the_kept_weights(seed):
+    """``mask ⊙ (G Z Qₕ) = R`` per head, with Z zero outside the mask (each factor damped as the solver does)."""
+    rng = np.random.default_rng(seed)
+    inputs, heads, size = 7, 2, 3
+    a, b = rng.standard_normal((20, inputs)), rng.standard_normal((heads, 10, size))
+    left, right = a.T @ a, np.einsum("hrd,hre->hde", b, b)
+    keep = rng.random((inputs, heads * size)) < 0.6
+    residual = np.where(keep, rng.standard_normal(keep.shape), 0)
+    solved = masked_preconditioner((left, right), keep, iterations=200)(residual)
+    assert np.all(solved[~keep] == 0)
+    damp = attention_module.PRECONDITIONER_DAMPING
+    left = left + damp * np.mean(np.diag(left)) * np.eye(inputs)
+    right = right + damp * np.mean(np.diagonal(right, axis1=1, axis2=2), axis=1)[:, None, None] * np.eye(size)
+    applied = np.concatenate([left @ solved[:, h * size:(h + 1) * size] @ right[h] for h in range(heads)], axis=1)
+    np.testing.assert_allclose(np.where(keep, applied, 0), residual, atol=2e-3 * np.abs(residual).max())
+
+
+def test_hidden_keys_leave_the_key_side_and_change_nothing(monkeypatch):
+    """Key positions no query attends to (padding behind an additive mask) weigh nothing: the key side drops
+    their rows, and the fit is the one over every row."""
+    rng = np.random.default_rng(8)
+    sequences, heads, length, size, inputs = 4, 2, 5, 3, 6
+    logits = rng.standard_normal((sequences, heads, length, length))
+    logits[:, :, :, 3:] -= 40  # the last two positions are padding
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    target = rng.standard_normal(p.shape).astype(np.float32)
+    rows = tuple(rng.standard_normal((sequences * length, inputs)).astype(np.float32) for _ in range(2))
+    attention = attention_module.AttentionScores("q", "k", "s", "p", heads, size, 0.5)
+    weights = rng.standard_normal((inputs, heads * size))
+    keep = rng.random(weights.shape) < 0.5
+    start = np.where(keep, rng.standard_normal(weights.shape), 0)
+    compact = local_scores(attention, rows, target, p.astype(np.float32))(True, weights)
+    assert len(compact.inputs) == sequences * 3
+    monkeypatch.setattr(attention_module, "HIDDEN", -1.0)  # every position visible
+    whole = local_scores(attention, rows, target, p.astype(np.float32))(True, weights)
+    assert len(whole.inputs) == sequences * length
+    assert compact.error(start) == pytest.approx(whole.error(start), rel=1e-5)
+    np.testing.assert_allclose(compact.product(start), whole.product(start), rtol=1e-4, atol=1e-4)
+    fitted = compact.fit(start, keep, 200, 0)
+    assert whole.error(fitted) <= whole.error(whole.fit(start, keep, 200, 0)) * (1 + 1e-4) + 1e-6
 
 
 def test_fisher_weight_ignores_a_shift_of_a_row_and_masked_positions():

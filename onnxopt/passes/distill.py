@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import itertools
 import queue
 import threading
 import time
@@ -195,7 +194,7 @@ class Distill(Pass):
         max_layers: int = 0
         batch_size: int = 0  # samples per run; 0: joined when the batch axis is dynamic
         attention: bool = True  # refit query / key pairs to the teacher's attention scores (softmax metric)
-        attention_steps: int = 10  # conjugate-gradient steps per side
+        attention_steps: int = 2  # flexible conjugate-gradient steps per side (at most: a step that gains little ends it)
 
         def __post_init__(self) -> None:
             if not self.damping > 0:
@@ -287,7 +286,7 @@ class Distill(Pass):
             query, key = by_target[attention.query], by_target[attention.key]
             pairs[max(query, key, key=position.__getitem__)] = (query, key, attention)
             runs.keep_rows.update((query.target, key.target))
-        runs.hold_teacher([n for a in found for n in (a.scores, a.probabilities)])
+        runs.hold_teacher({later: [pair[2].scores, pair[2].probabilities] for later, pair in pairs.items()})
         return pairs
 
     def _fit_attention(self, query: Layer, key: Layer, attention: AttentionScores, runs, stats, undo) -> dict:
@@ -463,40 +462,42 @@ class _AttentionPair:
     attention: AttentionScores
 
 
-def _attention_data(student: LayerwiseRunner, teacher: LayerwiseRunner, rows: dict, pair: _AttentionPair):
-    """``(inputs, target scores, probabilities)`` of a pair over the runners' batches (``rows``: the layers'
-    inputs and targets by target, kept as they were fit; taken), or why there are none."""
+def _attention_data(student: LayerwiseRunner, taught: dict[str, list[np.ndarray]], rows: dict, pair: _AttentionPair):
+    """``(inputs, target scores, probabilities)`` of a pair over the runners' batches (``taught``: the teacher's
+    scores and probabilities; ``rows``: the layers' inputs and targets by target, kept as they were fit; taken),
+    or why there are none."""
     (xq, yq), (xk, yk) = rows.pop(pair.query.target), rows.pop(pair.key.target)
     if student.ready(pair.query_output) or student.ready(pair.key_output):
         return "skipped_already_run"
     attention = pair.attention
-    taught = teacher.values([attention.scores, attention.probabilities])
-    target, probabilities = (np.concatenate([v.reshape(-1, attention.heads, *v.shape[-2:]) for v in taught[n]])
-                             .astype(np.float32) for n in (attention.scores, attention.probabilities))
-    inputs = (_rows(pair.query, xq), _rows(pair.key, xk))
-    outputs = (_rows(pair.query, yq, pair.query.geometry.outputs), _rows(pair.key, yk, pair.key.geometry.outputs))
-    if (probabilities.shape != target.shape or any(len(x) != len(y) for x, y in zip(inputs, outputs))
-            or not layout_matches(attention, *outputs, target)):
+    target, probabilities = (np.concatenate([v.reshape(-1, attention.heads, *v.shape[-2:]) for v in taught[n]],
+                                            dtype=np.float32) for n in (attention.scores, attention.probabilities))
+    queries = _rows(pair.query, xq)
+    same = (pair.key.data, pair.key.with_bias) == (pair.query.data, pair.query.with_bias)  # Q and K read one input
+    inputs = (queries, queries if same else _rows(pair.key, xk))
+    first = np.size(taught[attention.scores][0]) // (attention.heads * target.shape[-1] * target.shape[-2])
+    outputs = (_rows(pair.query, yq[:1], pair.query.geometry.outputs),  # the layout is checked on the first batch
+               _rows(pair.key, yk[:1], pair.key.geometry.outputs))
+    if (probabilities.shape != target.shape or any(len(x) != target.shape[0] * target.shape[-1] for x in inputs)
+            or not layout_matches(attention, *outputs, target[:first])):
         return "layout_mismatch"
     return inputs, target, probabilities
 
 
-def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, layer: _LayerRows, stats,
-                        ahead: list[str] | None = None) -> tuple:
+def _inputs_and_targets(student: LayerwiseRunner, teacher: LayerwiseRunner, layer: _LayerRows, stats) -> tuple:
     """The layer's input (student) and target (teacher; with a residual stream, what the layer must add to the
-    student's stream to reach the teacher's sum) per batch. ``ahead``: later layers' teacher values to
-    compute in the same piece (:func:`_ahead`)."""
+    student's stream to reach the teacher's sum) per batch."""
     x = student.values([layer.data])[layer.data]
     stream = layer.stream is not None and student.ready(layer.stream[1])
-    taught = _teacher_values(teacher, layer, stream, ahead or ())
+    taught = _teacher_values(teacher, layer, stream, ())
     return x, _target(student, layer, taught, stats)
 
 
-def _teacher_values(teacher: LayerwiseRunner, layer: _LayerRows, stream: bool, ahead: Sequence[str]
-                    ) -> dict[str, list[np.ndarray]]:
-    """What the layer asks of the teacher, in one piece with the ``ahead`` values: its target, and the residual
-    stream's sum when the student's residual is known (``stream``)."""
-    taught = teacher.values(layer.teacher_values if stream else [layer.target], ahead)
+def _teacher_values(teacher: LayerwiseRunner, layer: _LayerRows, stream: bool, ahead: Sequence[str],
+                    also: Sequence[str] = ()) -> dict[str, list[np.ndarray]]:
+    """What the layer asks of the teacher, in one piece with the ``ahead`` values: its target, the residual
+    stream's sum when the student's residual is known (``stream``), and ``also`` (an attention's scores)."""
+    taught = teacher.values([*(layer.teacher_values if stream else [layer.target]), *also], ahead)
     teacher.release(layer.teacher_values)  # a stream sum computed ahead but not used
     return taught
 
@@ -517,25 +518,27 @@ class _Teacher:
     """The teacher's values for each layer in order, then its outputs, computed in a thread ahead of the
     layers: the teacher never changes, so its pieces overlap the student's pieces, statistics and fits
     here. The same asks, in the same order, as one at a time (the same pieces: the same values); at most
-    ``QUEUED`` layers' values wait beside the pieces computed ahead."""
+    ``QUEUED`` layers' values wait beside the pieces computed ahead. ``also``: what a layer asks beyond its
+    own values (the later layer of a query / key pair: the attention's scores and probabilities)."""
 
     QUEUED = 2
 
-    def __init__(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str]
-                 ) -> None:
+    def __init__(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str],
+                 also: dict[Layer, list[str]]) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._produce, args=(runner, layers, streams, outputs),
+        self.thread = threading.Thread(target=self._produce, args=(runner, layers, streams, outputs, also),
                                        name="distill-teacher", daemon=True)
         self.thread.start()
 
-    def _produce(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str]
-                 ) -> None:
+    def _produce(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str],
+                 also: dict[Layer, list[str]]) -> None:
         try:
             per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
             for position, (layer, stream) in enumerate(zip(layers, streams)):
                 rows = layer.rows
-                taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel))
+                taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel),
+                                         also.get(layer, ()))
                 per_channel = _channel_bytes(taught[rows.target], layer.width)
                 if not self._put(taught):
                     return
@@ -568,21 +571,20 @@ class _Teacher:
 class _Runs:
     """Student and teacher run piece by piece in this process. The student's outputs before any change (for the
     keep-the-better check) are computed in a thread beside the layers, and so are the teacher's values
-    (:class:`_Teacher`), unless attention pairs ask the teacher for scores between layers: the teacher then
-    answers here, in order (its thread would have to know those asks ahead)."""
+    (:class:`_Teacher`), an attention's scores and probabilities with the later layer of its pair."""
 
     def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
         self.outputs = [o.name for o in model.graph.output]
         self.student = LayerwiseRunner(model, feeds, batch_size)
-        self.layers, self.position = layers, {layer: i for i, layer in enumerate(layers)}
-        self.per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+        self.layers = layers
         self.keep_rows: set[str] = set()  # layers (targets) whose inputs and targets a later fit needs (attention)
         self.rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.also: dict[Layer, list[str]] = {}  # the teacher's values a layer asks beyond its own (attention)
+        self.scores: dict[str, list[np.ndarray]] = {}  # those of the last such layer, until its attention is fit
         self.before_pool = ThreadPoolExecutor(1, thread_name_prefix="distill-before")
         self.before = self.before_pool.submit(LayerwiseRunner(model, feeds, batch_size).later(self.outputs))
         self.runner = LayerwiseRunner(teacher, feeds, batch_size)  # the teacher's
         self.teacher: _Teacher | None = None  # its thread, started by the first layer
-        self.in_order = False  # the teacher asked here, as the layers come
 
     def taught(self) -> _Teacher:
         """The teacher's thread, started before the student has run anything (what each layer will ask of
@@ -590,33 +592,31 @@ class _Runs:
         if self.teacher is None:
             rows = [layer.rows for layer in self.layers]
             streams = self.student.plan([r.data for r in rows], [r.stream[1] if r.stream else None for r in rows])
-            self.teacher = _Teacher(self.runner, self.layers, streams, self.outputs)
+            self.teacher = _Teacher(self.runner, self.layers, streams, self.outputs, self.also)
         return self.teacher
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
         """The layer's statistics (None: the target does not fit it) and their work (for BLAS threads)."""
-        if self.in_order:
-            x, y = _inputs_and_targets(self.student, self.runner, layer.rows, stats,
-                                       _ahead(itertools.islice(self.layers, self.position[layer] + 1, None),
-                                              self.per_channel))
-            self.per_channel = _channel_bytes(y, layer.width)
-        else:
-            x = self.student.values([layer.use.data])[layer.use.data]
-            y = _target(self.student, layer.rows, self.taught().next(), stats)
+        x = self.student.values([layer.use.data])[layer.use.data]
+        taught = self.taught().next()
+        y = _target(self.student, layer.rows, taught, stats)
+        if layer in self.also:
+            self.scores = {name: taught[name] for name in self.also[layer]}
         if layer.target in self.keep_rows:
             self.rows[layer.target] = (x, y)
         work = layer.geometry.work(x)
         with blas_threads(work):
             return layer.statistics(x, y, gram), work
 
-    def hold_teacher(self, names: list[str]) -> None:
-        if names:
-            self.runner.hold(names)
-            self.in_order = True
+    def hold_teacher(self, also: dict[Layer, list[str]]) -> None:
+        """What layers will ask of the teacher beyond their own values (before the first layer's)."""
+        self.runner.hold(n for names in also.values() for n in names)
+        self.also.update(also)
 
     def attention(self, pair: _AttentionPair) -> tuple[Callable | str, float]:
         """``(key, other weights) -> ScoreProblem`` for the pair (or why not), and the work of one step."""
-        data = _attention_data(self.student, self.runner, self.rows, pair)
+        data = _attention_data(self.student, self.scores, self.rows, pair)
+        self.scores = {}
         if isinstance(data, str):
             return data, 0.0
         inputs = data[0]
@@ -627,7 +627,7 @@ class _Runs:
 
     def output_errors(self, outputs: list[str]) -> tuple[float, float]:
         """The output error against the teacher before and after the layers' changes."""
-        reference = self.runner.values(outputs) if self.in_order else self.taught().next()
+        reference = self.taught().next()
         return (_output_error(self.before.result(), reference),
                 _output_error(self.student.values(outputs), reference))
 
@@ -650,7 +650,8 @@ class _ShardedRuns:
         self.runner.map(_keep_outputs_before, [o.name for o in model.graph.output])
         self.keep_rows: set[str] = set()
 
-    def hold_teacher(self, names: list[str]) -> None:
+    def hold_teacher(self, also: dict[Layer, list[str]]) -> None:
+        names = [n for names in also.values() for n in names]
         if names:
             self.runner.map(_hold_teacher, names)
 
@@ -713,7 +714,9 @@ def _hold_teacher(runners: ShardRunners, names: list[str]) -> None:
 
 def _shard_attention_data(runners: ShardRunners, pair: _AttentionPair) -> str | None:
     """Gather a shard's rows, scores and probabilities for the pair's fit (None), or say why not."""
-    data = _attention_data(runners.model, runners.teacher, runners.kept.setdefault("attention_rows", {}), pair)
+    attention = pair.attention
+    data = _attention_data(runners.model, runners.teacher.values([attention.scores, attention.probabilities]),
+                           runners.kept.setdefault("attention_rows", {}), pair)
     if isinstance(data, str):
         return data
     runners.kept["attention"] = local_scores(pair.attention, *data)
@@ -725,8 +728,7 @@ def _shard_score_problem(runners: ShardRunners, key: bool, other: np.ndarray) ->
 
 
 def _shard_scores(runners: ShardRunners, method: str, *args):
-    problem = runners.held("scores")
-    return problem.gradient(args[0], residual=args[1]) if method == "gradient" else getattr(problem, method)(*args)
+    return getattr(runners.held("scores"), method)(*args)
 
 
 class _ShardedScores:
@@ -736,8 +738,12 @@ class _ShardedScores:
         self.runner = runner
         runner.map(_shard_score_problem, key, other)
 
-    def gradient(self, weights: np.ndarray, *, residual: bool = False) -> np.ndarray:
-        return functools.reduce(np.add, self.runner.map(_shard_scores, "gradient", weights, residual))
+    def product(self, direction: np.ndarray) -> np.ndarray:
+        return functools.reduce(np.add, self.runner.map(_shard_scores, "product", direction))
+
+    def residual(self, weights: np.ndarray) -> tuple[np.ndarray, float]:
+        parts = self.runner.map(_shard_scores, "residual", weights)
+        return functools.reduce(np.add, (p[0] for p in parts)), sum(p[1] for p in parts)
 
     def error(self, weights: np.ndarray) -> float:
         return sum(self.runner.map(_shard_scores, "error", weights))
