@@ -36,12 +36,13 @@ def cases(models: Path = SHARED_MODELS, samples: Path = SAMPLES, only: Sequence[
 
 def session(model: onnx.ModelProto | Path, optimize: bool = True, threads: int = 1,
             profile: str | None = None) -> ort.InferenceSession:
-    """One thread (intra op) unless told, as deployed latency is compared: all graph optimizations unless
-    ``optimize=False``; ``profile``: onnxruntime's profiler on, its JSON file named with this prefix."""
+    """One thread (intra op; inter op always 1) unless told, as deployed latency is compared: all graph
+    optimizations unless ``optimize=False``; ``profile``: onnxruntime's profiler on, its JSON file named with
+    this prefix."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
     if profile:
         options.enable_profiling, options.profile_file_prefix = True, profile

@@ -19,7 +19,7 @@ TIERS = [
     {"manager", "benchmark"},
     {"pipeline", "registry"},
     {"passes"},
-    {"reconstruction", "smoothing", "embeddings", "blockquant", "synthetic", "sharded"},
+    {"reconstruction", "smoothing", "embeddings", "blockquant", "synthetic", "sharded", "residual_sum"},
     {"calibration", "validate", "report", "report_html", "executor"},
     {"modelio"},
     {"graph"},

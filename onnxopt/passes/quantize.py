@@ -37,7 +37,9 @@ dynamic one with migration Muls, measures them on calibration samples (worst cos
 1-thread onnxruntime latency, interleaved) and keeps the fastest of those about as accurate as the most
 accurate. Embedding tables
 (``Gather`` on a big constant) become int8 per row (``embeddings``, :mod:`onnxopt.embeddings`):
-the file shrinks by the vocabulary too.
+the file shrinks by the vocabulary too. Residual Adds read by a LayerNormalization are written as
+``Sum`` (``residual_sum``, :mod:`onnxopt.residual_sum`): onnxruntime would fuse each pair into its
+SkipLayerNormalization, whose float CPU kernel runs 6x slower than the unfused pair.
 
 ``rounding=learned`` rounds each static or dynamic layer's int8 weight by learned rounding (AdaRound,
 :mod:`onnxopt.reconstruction`) against the XᵀX of its input (for a smoothed dynamic layer, of the
@@ -75,6 +77,7 @@ from ..embeddings import quantize_embeddings
 from ..errors import InputError
 from ..graph import (GraphIndex, WeightStore, filter_field, model_graphs, model_names, opset_version, replace_nodes,
                      shorten_names, unique_name_factory, walk_graphs)
+from ..residual_sum import residual_adds_as_sum
 from ..sharded import TrialScorer
 from ..tensors import tensor_to_array
 from ..smoothing import fold_inverse_scale, smoothing_scale
@@ -153,6 +156,9 @@ class QuantizeOptions:
     rounding_holdout: float = 0.25
     float16_constants: bool = True  # small float constants (biases, norm parameters, scales) stored as float16
     short_names: bool = True  # the values the pass adds get the shortest free names (_0, _1, ...)
+    # residual Adds read by a LayerNormalization written as Sum: onnxruntime then keeps the pair unfused instead of
+    # its SkipLayerNormalization, whose float CPU kernel measured 6x slower (see onnxopt.residual_sum)
+    residual_sum: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -355,6 +361,9 @@ class QuantizePass(Pass):
         details["layers"] = layers + self._embeddings(model, request, stats)
         if opt.float16_constants:
             _half_constants(model.graph, request.make_name, stats)
+        summed = residual_adds_as_sum(model) if opt.residual_sum else 0
+        if summed:
+            stats["residual_sums"] = summed
         return PassResult(model, True, stats, details)
 
     def _learn_rounding(self, request: CalibrationRequest, plan: _Plan, quantized: _Quantized, feeds,
