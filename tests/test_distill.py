@@ -19,12 +19,13 @@ from onnxopt.graph import GraphIndex, WeightStore, unique_name_factory
 from onnxopt.passes import distill as distill_module
 from onnxopt.passes.distill import Distill, Layer
 from onnxopt.reconstruction import LayerGeometry, LayerStatistics
+from onnxopt.reconstruction import stream as stream_module
 from onnxopt.reconstruction.stream import LayerwiseRunner
 from onnxopt.passes.prune import Prune
 from onnxopt.passes.prune_neurons import PruneNeurons
 from onnxopt.passes.weights import weight_use
 from onnxopt.passes.zero_rows import ZeroRows
-from onnxopt.validate import run_model
+from onnxopt.validate import Session, run_model
 
 
 def mlp(seed: int = 0) -> onnx.ModelProto:
@@ -213,6 +214,40 @@ def test_batch_size_and_shards_do_not_change_the_result():
     for name in one:
         np.testing.assert_allclose(four[name], one[name], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(sharded[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def test_small_matmul_pieces_run_without_graph_optimizations_and_distill_the_same_model(monkeypatch):
+    """A small model's pieces skip onnxruntime's graph optimizations (their cost per session is most of a piece's
+    run): the repaired model is the same to the byte as with every piece optimized."""
+    teacher = mlp()
+    pruned = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    opened = []
+
+    def recording(model, *args, optimize=False, **kwargs):
+        opened.append(optimize)
+        return Session(model, *args, optimize=optimize, **kwargs)
+
+    monkeypatch.setattr(stream_module, "Session", recording)
+    lean = distill(pruned, teacher).model
+    assert opened and not any(opened)
+    opened.clear()
+    monkeypatch.setattr(stream_module, "OPTIMIZED_PIECE_BYTES", 0)  # every piece optimized
+    optimized = distill(pruned, teacher).model
+    assert opened and all(opened)
+    assert lean.SerializeToString() == optimized.SerializeToString()
+
+
+def test_conv_pieces_and_large_pieces_keep_graph_optimizations():
+    rng = np.random.default_rng(4)
+
+    def piece(op: str, shape: tuple[int, ...]) -> onnx.ModelProto:
+        return make_model([helper.make_node(op, ["x", "w"], ["y"])], [value("x", [1, shape[1], 3, 3])],
+                          [value("y", None)], [tensor("w", rng.standard_normal(shape).astype(np.float32))])
+
+    assert not stream_module.graph_optimized(piece("MatMul", (16, 8)), {})
+    assert stream_module.graph_optimized(piece("Conv", (4, 2, 1, 1)), {})  # NCHWc layouts, whatever the size
+    assert stream_module.graph_optimized(piece("MatMul", (512, 256)), {})  # 512 KiB inside the piece
+    assert stream_module.graph_optimized(piece("MatMul", (1, 1)), {"w": np.zeros((512, 256), np.float32)})
 
 
 def test_undoing_a_conv_bias_leaves_no_trace_in_the_store():

@@ -37,6 +37,8 @@ from .statistics import LayerGeometry, LayerStatistics
 
 JOINED = 16  # samples per run when the model's batch axis is dynamic
 IN_MEMORY_BYTES = 1 << 12  # constants from this size reach onnxruntime as arrays, not inside the piece
+OPTIMIZED_PIECE_BYTES = 256 << 10  # pieces from this size (constants included) get onnxruntime's graph optimizations
+LAYOUT_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv"})  # ... and pieces with these, any size
 IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                    onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
                    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT64: np.int64}
@@ -189,11 +191,12 @@ class LayerwiseRunner:
                  kept: list[str], asked: Sequence[str], columns: dict[str, list[np.ndarray]]) -> None:
         """Run a prepared piece over every batch; its values join the frontier."""
         results: dict[str, list[np.ndarray]] = {n: [] for n in kept}
+        optimize = graph_optimized(sub, in_memory)
         if self.shared_sessions is None:
-            session = Session(sub, optimize=True, initializers=in_memory)
+            session = Session(sub, optimize=optimize, initializers=in_memory)
         else:  # runs of one piece on other shards follow on this worker: open it once (closed when evicted)
             session = self.shared_sessions.get(("piece", id(self.model), self.version, tuple(piece), tuple(kept)),
-                                               lambda: Session(sub, optimize=True, initializers=in_memory))
+                                               lambda: Session(sub, optimize=optimize, initializers=in_memory))
         self.sessions += 1
         try:
             for b in range(len(self.batches)):
@@ -207,6 +210,17 @@ class LayerwiseRunner:
         for name in [n for n in self.frontier if self.readers[n] <= 0 and n not in self.outputs]:
             if name not in asked and name not in self.held:
                 del self.frontier[name]
+
+
+def graph_optimized(piece: onnx.ModelProto, in_memory: Mapping[str, np.ndarray]) -> bool:
+    """Whether a piece's session gets onnxruntime's graph optimizations: they cost ~0.25 ms per session and
+    pay only on pieces with work, so a small piece of MatMul / Gemm layers runs as it is (digits_mlp's distill
+    opens 6 such sessions: 10 % of its time, the same model to the byte), while Conv pieces keep them
+    (NCHWc layouts and fusions: ppocr_cls's distill 4 % slower without) and so do pieces of
+    ``OPTIMIZED_PIECE_BYTES`` and more (a transformer's layers, whose fusions change its numbers)."""
+    if any(node.op_type in LAYOUT_OPS for node in piece.graph.node):
+        return True
+    return piece.ByteSize() + sum(a.nbytes for a in in_memory.values()) >= OPTIMIZED_PIECE_BYTES
 
 
 def _in_memory(constants: list[onnx.TensorProto]) -> tuple[list[onnx.TensorProto], dict[str, np.ndarray]]:
