@@ -496,7 +496,13 @@ def test_later_computes_the_values_of_the_model_as_it_was_when_asked():
     assert not np.array_equal(np.concatenate(before), np.concatenate(run_model(model, CALIB, optimize=True)["y"]))
 
 
-def test_the_teachers_values_from_its_thread_equal_asking_in_order():
+@pytest.fixture
+def threaded(monkeypatch):
+    """Every model's teacher and unchanged student in threads, however small (``THREADED_TEACHER_WORK``)."""
+    monkeypatch.setattr(distill_module, "THREADED_TEACHER_WORK", 0)
+
+
+def test_the_teachers_values_from_its_thread_equal_asking_in_order(threaded):
     """Per layer, the values the thread queues are those the layer would ask for one at a time."""
     teacher = residual_block()
     student = Prune(Prune.Options(sparsity=0.75))(copy(teacher)).model
@@ -520,7 +526,9 @@ def _threads_left() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("distill-")]
 
 
-def test_an_error_in_the_teachers_thread_is_raised_by_distill_and_no_thread_is_left(monkeypatch):
+@pytest.mark.parametrize("threshold", [0, distill_module.THREADED_TEACHER_WORK])  # in a thread; in this one
+def test_an_error_in_the_teachers_thread_is_raised_by_distill_and_no_thread_is_left(monkeypatch, threshold):
+    monkeypatch.setattr(distill_module, "THREADED_TEACHER_WORK", threshold)
     teacher = mlp()
     student = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
 
@@ -533,7 +541,7 @@ def test_an_error_in_the_teachers_thread_is_raised_by_distill_and_no_thread_is_l
     assert not _threads_left()
 
 
-def test_an_error_in_a_layer_stops_the_teachers_thread(monkeypatch):
+def test_an_error_in_a_layer_stops_the_teachers_thread(monkeypatch, threaded):
     """The thread is waiting to queue later layers' values when the first layer's fit fails: closed, it ends."""
     teacher = mlp()
     student = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
@@ -544,6 +552,27 @@ def test_an_error_in_a_layer_stops_the_teachers_thread(monkeypatch):
     monkeypatch.setattr(Layer, "fit", failing)
     with pytest.raises(InputError, match="fit failed"):
         distill(student, teacher)
+    assert not _threads_left()
+
+
+def test_small_models_start_no_thread_and_distill_to_the_same_bytes_as_with_threads(monkeypatch):
+    """Below ``THREADED_TEACHER_WORK`` (the mlp: 1.5 k weights times 256 samples) the teacher and the unchanged
+    student run in this thread when needed: no thread start-up or GIL hand-off to pay for work smaller than
+    them; with the threshold at 0, the twin starts both threads. The same asks in the same order: the same bytes."""
+    teacher = mlp()
+    student = Prune(Prune.Options(sparsity=0.5))(copy(teacher)).model
+    started: list[str] = []
+    start = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread.name), start(thread))[1])
+    layers = Distill(None, PassContext(calib=CALIB, teacher=lambda: teacher))._layers(copy(student), teacher, {})
+    assert 0 < distill_module._teacher_work(layers, LayerwiseRunner(student, CALIB).batches) \
+        < distill_module.THREADED_TEACHER_WORK
+    inline = distill(copy(student), teacher).model
+    assert not [name for name in started if name.startswith("distill-")]
+    monkeypatch.setattr(distill_module, "THREADED_TEACHER_WORK", 0)
+    in_threads = distill(copy(student), teacher).model
+    assert {name.split("_")[0] for name in started} >= {"distill-teacher", "distill-before"}
+    assert inline.SerializeToString() == in_threads.SerializeToString() != student.SerializeToString()
     assert not _threads_left()
 
 

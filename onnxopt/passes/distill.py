@@ -13,7 +13,8 @@ change, computes the targets of several layers per piece (up to ``PREFETCH_BYTES
 process the teacher's pieces run in a thread ahead of the layers (:class:`_Teacher`: the same asks in
 the same order, so the same values; not when attention pairs ask the teacher for scores between the
 layers), and so does the unchanged student's end-to-end run for the keep-the-better check below: on
-two cores, statistics and fits here overlap both. With an
+two cores, statistics and fits here overlap both (small models, whose threads would cost more than they
+overlap, run both here when needed). With an
 executor, each calibration shard's runners live on one worker
 (:class:`~onnxopt.reconstruction.stream.ShardedRunner`), which sums the shard's statistics; the fits
 run here. Statistics are float64 sums (``XᵀX``, ``XᵀY``), so memory does not grow with the number of
@@ -37,7 +38,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ LAYER_OPS = ("MatMul", "Gemm", "Conv")
 MATCHED = 1e-5  # relative error below which a layer already reproduces its target (float32 rounding)
 PREFETCH_BYTES = 128 << 20  # teacher values computed ahead of their layers (fewer onnxruntime pieces)
 NEAR = 0.01  # relative error (from the sums) below which the current weights' error is measured exactly
+THREADED_TEACHER_WORK = 1e8  # multiply-adds (at least) from which the teacher and the unchanged student get threads
 
 
 @dataclass(eq=False)
@@ -514,35 +516,42 @@ def _target(student: LayerwiseRunner, layer: _LayerRows, taught: dict[str, list[
     return _stream_target(taught[layer.target], taught[total], student.values([residual])[residual], stats)
 
 
-class _Teacher:
-    """The teacher's values for each layer in order, then its outputs, computed in a thread ahead of the
-    layers: the teacher never changes, so its pieces overlap the student's pieces, statistics and fits
-    here. The same asks, in the same order, as one at a time (the same pieces: the same values); at most
-    ``QUEUED`` layers' values wait beside the pieces computed ahead. ``also``: what a layer asks beyond its
+def _teacher_steps(runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str],
+                   also: dict[Layer, list[str]]) -> Iterator[dict[str, list[np.ndarray]]]:
+    """The teacher's values for each layer in order, then its outputs. ``also``: what a layer asks beyond its
     own values (the later layer of a query / key pair: the attention's scores and probabilities)."""
+    per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
+    for position, (layer, stream) in enumerate(zip(layers, streams)):
+        rows = layer.rows
+        taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel),
+                                 also.get(layer, ()))
+        per_channel = _channel_bytes(taught[rows.target], layer.width)
+        yield taught
+    yield runner.values(outputs)
+
+
+class _Teacher:
+    """:func:`_teacher_steps` computed in a thread ahead of the layers (``threaded``), or each when asked for:
+    the teacher never changes, so its pieces overlap the student's pieces, statistics and fits here. The
+    same asks, in the same order, as one at a time (the same pieces: the same values); at most ``QUEUED``
+    layers' values wait beside the pieces computed ahead."""
 
     QUEUED = 2
 
-    def __init__(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str],
-                 also: dict[Layer, list[str]]) -> None:
-        self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._produce, args=(runner, layers, streams, outputs, also),
-                                       name="distill-teacher", daemon=True)
-        self.thread.start()
+    def __init__(self, steps: Iterator[dict[str, list[np.ndarray]]], threaded: bool) -> None:
+        self.steps = steps
+        self.thread = None
+        if threaded:
+            self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._produce, name="distill-teacher", daemon=True)
+            self.thread.start()
 
-    def _produce(self, runner: LayerwiseRunner, layers: list[Layer], streams: list[bool], outputs: list[str],
-                 also: dict[Layer, list[str]]) -> None:
+    def _produce(self) -> None:
         try:
-            per_channel = 0  # bytes of one output channel of the last target (all batches); 0: none yet
-            for position, (layer, stream) in enumerate(zip(layers, streams)):
-                rows = layer.rows
-                taught = _teacher_values(runner, rows, stream, _ahead(layers[position + 1:], per_channel),
-                                         also.get(layer, ()))
-                per_channel = _channel_bytes(taught[rows.target], layer.width)
-                if not self._put(taught):
+            for item in self.steps:
+                if not self._put(item):
                     return
-            self._put(runner.values(outputs))
         except BaseException as exc:  # noqa: BLE001 - raised again where the values are taken
             self._put(exc)
 
@@ -558,20 +567,35 @@ class _Teacher:
 
     def next(self) -> dict[str, list[np.ndarray]]:
         """The next layer's values (after the last layer: the outputs); an error of the thread raised here."""
+        if self.thread is None:
+            return next(self.steps)
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+
+
+def _teacher_work(layers: Sequence[Layer], batches: Sequence[dict[str, np.ndarray]]) -> float:
+    """A lower bound of the multiply-adds of the layers over the calibration data: weights times samples (a
+    Conv's output positions and a sequence's tokens multiply it further). Below ``THREADED_TEACHER_WORK``
+    a thread costs more than it overlaps: digits_mlp's teacher and unchanged student (17 k weights, 128
+    samples) ran 0.7 ms slower at best and 1.7 ms in the median in threads (thread start-up and GIL
+    hand-offs: a thread waiting for the GIL waits up to the 5 ms switch interval), of a 9.7 ms distill."""
+    samples = sum(len(np.atleast_1d(next(iter(feed.values())))) for feed in batches)
+    return float(sum(layer.geometry.inputs * layer.geometry.outputs * layer.geometry.groups for layer in layers)
+                 * samples)
 
 
 class _Runs:
     """Student and teacher run piece by piece in this process. The student's outputs before any change (for the
     keep-the-better check) are computed in a thread beside the layers, and so are the teacher's values
-    (:class:`_Teacher`), an attention's scores and probabilities with the later layer of its pair."""
+    (:class:`_Teacher`), an attention's scores and probabilities with the later layer of its pair; for
+    layers of less than ``THREADED_TEACHER_WORK`` (:func:`_teacher_work`), both in this thread when needed."""
 
     def __init__(self, model, teacher, feeds, batch_size: int, layers: list[Layer]) -> None:
         self.outputs = [o.name for o in model.graph.output]
@@ -581,8 +605,10 @@ class _Runs:
         self.rows: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         self.also: dict[Layer, list[str]] = {}  # the teacher's values a layer asks beyond its own (attention)
         self.scores: dict[str, list[np.ndarray]] = {}  # those of the last such layer, until its attention is fit
-        self.before_pool = ThreadPoolExecutor(1, thread_name_prefix="distill-before")
-        self.before = self.before_pool.submit(LayerwiseRunner(model, feeds, batch_size).later(self.outputs))
+        self.threaded = _teacher_work(layers, self.student.batches) >= THREADED_TEACHER_WORK
+        before = LayerwiseRunner(model, feeds, batch_size).later(self.outputs)
+        self.before_pool = ThreadPoolExecutor(1, thread_name_prefix="distill-before") if self.threaded else None
+        self.before = self.before_pool.submit(before).result if self.threaded else before
         self.runner = LayerwiseRunner(teacher, feeds, batch_size)  # the teacher's
         self.teacher: _Teacher | None = None  # its thread, started by the first layer
 
@@ -592,7 +618,8 @@ class _Runs:
         if self.teacher is None:
             rows = [layer.rows for layer in self.layers]
             streams = self.student.plan([r.data for r in rows], [r.stream[1] if r.stream else None for r in rows])
-            self.teacher = _Teacher(self.runner, self.layers, streams, self.outputs, self.also)
+            self.teacher = _Teacher(_teacher_steps(self.runner, self.layers, streams, self.outputs, self.also),
+                                    self.threaded)
         return self.teacher
 
     def statistics(self, layer: Layer, gram: np.ndarray | None, stats) -> tuple[LayerStatistics | None, float]:
@@ -628,7 +655,7 @@ class _Runs:
     def output_errors(self, outputs: list[str]) -> tuple[float, float]:
         """The output error against the teacher before and after the layers' changes."""
         reference = self.taught().next()
-        return (_output_error(self.before.result(), reference),
+        return (_output_error(self.before(), reference),
                 _output_error(self.student.values(outputs), reference))
 
     def pieces(self) -> int:
@@ -637,7 +664,8 @@ class _Runs:
     def close(self) -> None:
         if self.teacher is not None:
             self.teacher.close()
-        self.before_pool.shutdown(cancel_futures=True)
+        if self.before_pool is not None:
+            self.before_pool.shutdown(cancel_futures=True)
 
 
 class _ShardedRuns:
