@@ -466,3 +466,23 @@ def test_paired_statistics_give_the_reference_inputs_times_the_weight_as_target(
     a, r = (np.concatenate([np.concatenate(list(geometry.columns(v)), axis=2), ones], axis=1) for v in (x, reference))
     np.testing.assert_allclose(paired.cross, a @ np.swapaxes(r, 1, 2), rtol=1e-4, atol=1e-2)
     assert not LayerStatistics.empty(geometry, bias=True).update_pair(geometry, [x], [reference[:, :, 1:]])
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_fit_error_is_the_output_error_up_to_one_constant(paired):
+    """``fit_error`` differs from ``Σ |A W - A_ref R|²`` (rows summed directly) by the same constant for any
+    weights, so it ranks weights as the real error does; without a pair, ``A_ref`` is ``A``."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 40, 6)).astype(np.float32)
+    reference_x = x + 0.2 * rng.standard_normal(x.shape).astype(np.float32) if paired else x
+    geometry = LayerGeometry.linear(6, 3)
+    sums = LayerStatistics.empty(geometry, bias=True)
+    assert sums.update_pair(geometry, list(x), list(reference_x)) if paired else sums.update_batches(geometry, list(x))
+    reference = np.vstack([rng.standard_normal((6, 3)), np.zeros((1, 3))])
+    a, a_ref = (np.concatenate([v.reshape(-1, 6), np.ones((80, 1))], axis=1) for v in (x, reference_x))
+    offsets = []
+    for _ in range(3):
+        w = rng.standard_normal((7, 3))
+        offsets.append(np.sum((a @ w - a_ref @ reference) ** 2) - sums.fit_error(0, w, reference))
+    np.testing.assert_allclose(offsets, offsets[0], rtol=1e-4)
+    np.testing.assert_allclose(offsets[0], np.sum((a_ref @ reference) ** 2), rtol=1e-4)

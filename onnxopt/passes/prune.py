@@ -4,7 +4,9 @@
 pruned in topological order, each from its input's Hessian ``XᵀX`` as computed with the layers
 before it already pruned (:mod:`onnxopt.reconstruction`: one streaming pass over the calibration
 data in all, piece by piece), choosing weights by the OBS saliency ``w² / [H⁻¹]ₖₖ`` and spreading
-each pruned weight's error over the inputs not yet visited. Tied weights and weights inside
+each pruned weight's error over the inputs not yet visited. Each layer's damping is chosen among
+``DAMPING_STEPS`` multiples by 2-fold cross-validation over the calibration batches (``choose_damping``):
+rows that move together, like a sentence's tokens, over-fit a fixed one. Tied weights and weights inside
 subgraphs have no single observable input: they fall back to magnitude and are counted.
 
 Importance is ``|w|`` (magnitude) or ``|w| * ||x_in||_2`` (Wanda: the L2 norm of the input feature
@@ -42,6 +44,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 # overfits the calibration rows (minilm_l3 after distill: 0.9733 instead of 0.9749)
 REFIT_DAMPING = 0.1
 SCOPES = ("layer", "global")
+DAMPING_STEPS = (1, 4, 16)  # sparsegpt: the dampings tried per layer, as multiples of the option's
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -183,6 +186,7 @@ class Prune(Pass):
         bias_correction: bool = True  # wanda and sparsegpt
         damping: float = 0.01  # sparsegpt: relative to the mean input energy, raised when the Hessian is singular
         dense_target: bool = True  # sparsegpt: fit each layer to the unpruned model's output, not its own
+        choose_damping: bool = True  # sparsegpt: per layer, damping x 1, 4 or 16, by 2-fold cross-validation
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.sparsity < 1.0:
@@ -304,28 +308,40 @@ class Prune(Pass):
         dims = tuple(tensor.store.tensor(tensor.name).dims)
         geometry = (LayerGeometry.conv(use.node, dims) if use.node.op_type == "Conv"
                     else LayerGeometry.linear(dims[use.in_axis], dims[use.out_axis], use.data_axis))
-        if dense is not None:
-            x = runner.values([use.data])[use.data]
-            reference = dense.values([use.data, use.node.output[0]])[use.data]
-            if all(np.array_equal(a, b) for a, b in zip(x, reference)):
-                reference = None  # no drift yet (nothing upstream pruned): the layer's own output is the dense one
-            sums = LayerStatistics.empty(geometry, bias=with_bias)
-            with blas_threads(geometry.work(x) * (1 + (reference is not None))):  # small layers: one thread
-                if not (sums.update_pair(geometry, x, reference) if reference is not None
-                        else sums.update_batches(geometry, x)):
-                    sums = None
-        elif isinstance(runner, ShardedRunner) and runner.teacher is not None:
-            sums = runner.pair_statistics(use.data, use.node.output[0], geometry, bias=with_bias)
+        folds = None
+        if isinstance(runner, ShardedRunner):  # sums merged per shard: no folds of them here
+            sums = (runner.pair_statistics(use.data, use.node.output[0], geometry, bias=with_bias)
+                    if runner.teacher is not None else runner.statistics(use.data, geometry, bias=with_bias))
+            if self.options.choose_damping:
+                count(stats, "damping_choice_skipped_executor")
         else:
-            sums = runner.statistics(use.data, geometry, bias=with_bias)
+            x = runner.values([use.data])[use.data]
+            reference = dense.values([use.data, use.node.output[0]])[use.data] if dense is not None else None
+            if reference is not None and all(np.array_equal(a, b) for a, b in zip(x, reference)):
+                reference = None  # no drift yet (nothing upstream pruned): the layer's own output is the dense one
+            # with choose_damping, two folds of the batches (every other one), summed apart and merged
+            halves = self.options.choose_damping and len(x) > 1
+            parts = [x[0::2], x[1::2]] if halves else [x]
+            references = [None] * len(parts) if reference is None else \
+                [reference[0::2], reference[1::2]] if halves else [reference]
+            parts_sums = [LayerStatistics.empty(geometry, bias=with_bias) for _ in parts]
+            with blas_threads(geometry.work(x) * (1 + (reference is not None))):  # small layers: one thread
+                fitted = all(f.update_pair(geometry, p, r) if r is not None else f.update_batches(geometry, p)
+                             for f, p, r in zip(parts_sums, parts, references))
+            sums = None if not fitted else parts_sums[0].merge(parts_sums[1]) if halves else parts_sums[0]
+            folds = parts_sums if fitted and halves else None
         if sums is None:
             count(stats, "sparsegpt_fallback_magnitude_unobservable")
             return _magnitude(tensor, weight, zeros, n_m), None
         with blas_threads(float(sums.rows) * geometry.inputs**2 * geometry.groups):  # small layers on one thread
-            return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias)
+            return self._sparsegpt_groups(tensor, weight, geometry, sums, zeros, n_m, stats, with_bias, folds)
 
-    def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias):
-        """SparseGPT per group from the layer's statistics; see :meth:`_sparsegpt_layer`."""
+    def _sparsegpt_groups(self, tensor, weight, geometry, sums, zeros, n_m, stats, with_bias, folds=None):
+        """SparseGPT per group from the layer's statistics; see :meth:`_sparsegpt_layer`.
+
+        With ``folds`` (two halves of the statistics) the damping is chosen per layer among
+        ``damping x DAMPING_STEPS``: the one whose solutions from each fold fit the other fold best
+        (2-fold cross-validation of the layer's output error)."""
         use = tensor.use
         g = geometry
         per_group = np.swapaxes(weight.reshape(g.groups, g.outputs, g.inputs), 1, 2).astype(np.float64)  # (G, K, N)
@@ -336,20 +352,32 @@ class Prune(Pass):
         # the weights freely along them (overfitting): damp by how far short of the inputs the rows fall
         damping = self.options.damping + max(0.0, g.inputs / max(sums.rows, 1) - 0.5)
         pruned = np.empty(per_group.shape)
+
+        def solve(statistics: LayerStatistics, i: int, budget: int, damping: float) -> tuple[np.ndarray, float]:
+            start = per_group[i]
+            if statistics.cross is not None:  # the dense model's output as the target: zeros stay, the rest refit
+                keep = start != 0
+                keep[g.inputs:] = True
+                start, _ = masked_refit(statistics.gram[i], statistics.cross[i] @ start, start,
+                                        None if keep.all() else keep, max(damping, REFIT_DAMPING))
+            return sparsegpt(start, statistics.gram[i], zeros=budget, n_m=n_m, damping=damping,
+                             fixed_rows=int(with_bias))
+
         for i in range(g.groups):
             budget = splits[i] - (splits[i - 1] if i else 0)
-            start = per_group[i]
             try:
-                if sums.cross is not None:  # the dense model's output as the target: zeros stay, the rest refit
-                    keep = start != 0
-                    keep[g.inputs:] = True
-                    start, _ = masked_refit(sums.gram[i], sums.cross[i] @ start, start, None if keep.all() else keep,
-                                            max(damping, REFIT_DAMPING))
-                pruned[i], used = sparsegpt(start, sums.gram[i], zeros=budget, n_m=n_m,
-                                            damping=damping, fixed_rows=int(with_bias))
+                chosen = damping
+                if folds is not None:
+                    candidates = [damping * step for step in DAMPING_STEPS]
+                    errors = [sum(held.fit_error(i, solve(fit, i, budget, d)[0], per_group[i])
+                                  for fit, held in (folds, folds[::-1])) for d in candidates]
+                    chosen = candidates[int(np.argmin(errors))]
+                    stats["damping_chosen_max"] = max(float(stats.get("damping_chosen_max", 0.0)), chosen)
+                    count(stats, "damping_chosen_above_default", int(chosen > damping))
+                pruned[i], used = solve(sums, i, budget, chosen)
             except SolverError as exc:
                 raise InputError(f"prune: layer '{use.node.name or tensor.name}': {exc}") from None
-            if used > damping:
+            if used > chosen:
                 count(stats, "damping_raised")
         bias = None
         if with_bias:

@@ -593,6 +593,14 @@ class LayerStatistics:
         sums = self.gram[:, :k, k]
         return self.gram[:, :k, :k] - sums[:, :, None] * sums[:, None, :] / max(self.rows, 1)
 
+    def fit_error(self, group: int, weights: np.ndarray, reference: np.ndarray) -> float:
+        """``Σ |A W - A_ref R|²`` of one group's ``weights`` against the ``reference`` weights' output, less its
+        constant ``|A_ref R|²`` (so: to compare weights on the same rows): ``A_ref`` is the paired input of
+        :meth:`update_pair`, or ``A`` itself without one."""
+        gram = self.gram[group]
+        target = (gram if self.cross is None else self.cross[group]) @ reference
+        return float(np.sum(weights * (gram @ weights)) - 2 * np.sum(weights * target))
+
     def residual(self, weights: np.ndarray) -> float:
         """``Σ |A W - Y|²`` from the sums alone; ``weights`` as ``(G, K [+1], N)``.
 
